@@ -1,0 +1,139 @@
+"""Result files: results.json, a markdown table in the paper's layout, a PNG plot.
+
+`write_report(results, out_dir)` takes the dict `strategies.evaluate` returns
+(its "summary" is `metrics.summarize`'s output) and writes
+
+  results.json  everything: config, per-strategy / per-benchmark metrics
+  results.md    accuracy table (one row per strategy, one column per benchmark
+                plus Avg), the same layout for the call ratio (% of response
+                tokens written by the LLM), and a cost table (LLM decode and
+                prefill tokens, FLOPs per sample, router cost reduction)
+  results.png   average accuracy against LLM-token share, one point per
+                strategy, with the random router's line from the SLM (share 0)
+                to the LLM (share 100%)
+
+matplotlib runs headless (Agg); nothing here needs a display.
+"""
+
+import json
+import math
+import os
+
+__all__ = ["markdown_table", "markdown_report", "plot", "write_report"]
+
+_PRETTY = {
+    "math500": "MATH-500", "gsm8k": "GSM8K", "minerva": "Minerva", "olympiadbench": "Olympiad",
+    "aime2024": "AIME24", "aime2025": "AIME25", "mmlu_pro": "MMLU-Pro", "supergpqa": "SuperGPQA",
+    "gpqa_diamond": "GPQA-D", "bbeh": "BBEH",
+}
+
+
+def _benchmarks(summary):
+    seen = []
+    for res in summary.values():
+        for b in res["benchmarks"]:
+            if b not in seen:
+                seen.append(b)
+    return seen
+
+
+def _fmt(v, digits=2):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.{digits}f}"
+
+
+def markdown_table(summary, metric="accuracy", digits=2):
+    """One row per strategy, one column per benchmark plus the average."""
+    benches = _benchmarks(summary)
+    head = "| Strategy | " + " | ".join(_PRETTY.get(b, b) for b in benches) + " | Avg |"
+    sep = "|---|" + "---:|" * (len(benches) + 1)
+    rows = [head, sep]
+    for strategy, res in summary.items():
+        cells = [_fmt(res["benchmarks"].get(b, {}).get(metric), digits) for b in benches]
+        cells.append(_fmt(res["average"].get(metric), digits))
+        rows.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _sci(v):
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3g}"
+
+
+def markdown_report(summary, title="relax evaluation"):
+    cost = ["| Strategy | Acc | Call ratio % | LLM decode tok | LLM prefill tok | Calls | FLOPs SLM | FLOPs LLM "
+            "| Router p* % | Router cost reduction % |", "|---|" + "---:|" * 9]
+    for strategy, res in summary.items():
+        a = res["average"]
+        cost.append(
+            f"| {strategy} | {_fmt(a.get('accuracy'))} | {_fmt(a.get('call_ratio'))} | "
+            f"{_fmt(a.get('llm_decode_tokens'), 1)} | {_fmt(a.get('llm_prefill_tokens'), 1)} | "
+            f"{_fmt(a.get('calls'))} | {_sci(a.get('flops_slm'))} | {_sci(a.get('flops_llm'))} | "
+            f"{_fmt(a.get('router_p_star'))} | {_fmt(a.get('router_cost_reduction'), 1)} |"
+        )
+    return "\n\n".join([
+        f"# {title}",
+        "## Accuracy (%)",
+        markdown_table(summary, "accuracy"),
+        "## Call ratio (% of response tokens written by the LLM)",
+        markdown_table(summary, "call_ratio"),
+        "## Cost (averages per sample over benchmarks)",
+        "\n".join(cost),
+    ]) + "\n"
+
+
+def plot(summary, path, title="Accuracy vs LLM-token share"):
+    """PNG: average accuracy against LLM-token share with the random-router line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    if "slm" in summary and "llm" in summary:
+        a0, a1 = summary["slm"]["average"]["accuracy"], summary["llm"]["average"]["accuracy"]
+        ax.plot([0, 100], [a0, a1], "--", color="gray", label="random router (query-level)")
+    for strategy, res in summary.items():
+        a = res["average"]
+        ax.scatter([a["call_ratio"]], [a["accuracy"]], s=36, zorder=3)
+        ax.annotate(strategy, (a["call_ratio"], a["accuracy"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    ax.set_xscale("symlog", linthresh=1.0)  # relay-like strategies sit near 1%, the LLM at 100%
+    ax.set_xlim(-0.1, 120)
+    ax.set_xlabel("LLM-token share of the response (%)")
+    ax.set_ylabel("Average accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if hasattr(x, "item") and not isinstance(x, (str, bytes)):
+        return _jsonable(x.item())
+    return x
+
+
+def write_report(results, out_dir, title="relax evaluation"):
+    """Write results.json, results.md and results.png into out_dir; return their paths.
+
+    `results` is what `strategies.evaluate` returns (a dict with "summary"), or a
+    bare summary ({strategy: {"benchmarks", "average"}})."""
+    os.makedirs(out_dir, exist_ok=True)
+    summary = results["summary"] if "summary" in results else results
+    paths = {k: os.path.join(out_dir, f"results.{ext}") for k, ext in (("json", "json"), ("md", "md"), ("png", "png"))}
+    with open(paths["json"], "w") as f:
+        json.dump(_jsonable(results), f, indent=2)
+    with open(paths["md"], "w") as f:
+        f.write(markdown_report(summary, title))
+    plot(summary, paths["png"])
+    return paths
