@@ -92,14 +92,17 @@ def plot(summary, path, title="Accuracy vs LLM-token share"):
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
     if "slm" in summary and "llm" in summary:
         a0, a1 = summary["slm"]["average"]["accuracy"], summary["llm"]["average"]["accuracy"]
-        ax.plot([0, 100], [a0, a1], "--", color="gray", label="random router (query-level)")
+        # sampled densely: the router is linear in the share, which the symlog axis bends
+        share = [100.0 * i / 1000 for i in range(1001)]
+        ax.plot(share, [a0 + (a1 - a0) * x / 100.0 for x in share], "--", color="gray",
+                label="random router (query-level)")
     for strategy, res in summary.items():
         a = res["average"]
         ax.scatter([a["call_ratio"]], [a["accuracy"]], s=36, zorder=3)
         ax.annotate(strategy, (a["call_ratio"], a["accuracy"]), textcoords="offset points", xytext=(5, 4),
                     fontsize=8)
     ax.set_xscale("symlog", linthresh=1.0)  # relay-like strategies sit near 1%, the LLM at 100%
-    ax.set_xlim(-0.1, 120)
+    ax.set_xlim(-0.1, 200)
     ax.set_xlabel("LLM-token share of the response (%)")
     ax.set_ylabel("Average accuracy (%)")
     ax.set_title(title)
