@@ -1,0 +1,71 @@
+"""`Model`: the object the rest of relax (and other JAX code) talks to.
+
+It satisfies the model contract of DESIGN.md with two members,
+`init_cache(batch, max_len)` and `apply(params, tokens, positions, cache)`,
+and adds parameter initialisation and shape inspection. It is a frozen,
+hashable dataclass, so it can be passed as a static argument to `jax.jit`.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from relax.models.config import ModelConfig
+from relax.models.transformer import Transformer
+
+Params = Any  # a nested dict of arrays
+Cache = Any  # {"k", "v": [L, B, S, K, H]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A transformer of `config` computing in `dtype` (float32 or bfloat16).
+
+    remat: recompute each layer's activations in the backward pass (saves
+      memory in training; no effect on inference).
+    """
+
+    config: ModelConfig
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    def __post_init__(self):
+        dtype = jnp.dtype(self.dtype)
+        if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+            raise ValueError(f"model dtype must be float32 or bfloat16, got {dtype}")
+        object.__setattr__(self, "dtype", dtype)
+
+    @property
+    def module(self) -> Transformer:
+        return Transformer(self.config, self.dtype, self.remat)
+
+    def init_params(self, key: jax.Array) -> Params:
+        """Random parameters: normal(0.02) weights, unit norms, zero biases."""
+        tokens = jnp.zeros((1, 1), jnp.int32)
+        return self.module.init(key, tokens, tokens, None)["params"]
+
+    def param_shapes(self) -> Params:
+        """The parameter tree as `jax.ShapeDtypeStruct`s, without allocating anything."""
+        return jax.eval_shape(self.init_params, jax.random.key(0))
+
+    def num_params(self) -> int:
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(self.param_shapes()))
+
+    def init_cache(self, batch: int, max_len: int) -> Cache:
+        """An empty KV cache for `batch` rows of up to `max_len` slots."""
+        c = self.config
+        shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+        return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+
+    def apply(self, params: Params, tokens: jax.Array, positions: jax.Array,
+              cache: Cache | None) -> tuple[jax.Array, Cache | None]:
+        """Logits [B, T, V] (float32) and the updated cache.
+
+        tokens, positions: int32 [B, T]. positions < 0 is padding. With
+        `cache=None` the tokens attend causally (by position) to each other
+        only, which is the training forward; the returned cache is None.
+        """
+        return self.module.apply({"params": params}, tokens, positions, cache)

@@ -1,0 +1,191 @@
+"""The decoder-only transformer (qwen3 / qwen2 / llama) as Flax linen modules, used purely.
+
+The KV cache is an explicit input and output of `apply`; there is no mutable
+collection and no hidden state. Layers are stacked with `nn.scan`, so compile
+time does not grow with depth and every layer parameter has a leading L axis.
+
+Axis alphabet, used in every einsum and shape comment of this package:
+  B batch, T query length, S cache length, D model dim, N query heads,
+  K kv heads, G = N // K query heads per kv head, H head dim, F ffw dim,
+  V vocab, L layers.
+
+Numerics: parameters and activations in the model dtype (float32 or
+bfloat16); RMSNorm statistics, RoPE angles, softmax and logits in float32,
+because bfloat16 has 8 bits of mantissa (it rounds 257 to 256, so positions
+and variances lose precision exactly where long contexts need them).
+
+Positions: `positions[b, t]` is the token's slot in this model's own context.
+A position < 0 marks padding: nothing is written to the cache and its logits
+are meaningless (finite, never NaN). A query at position p attends to slots
+0..p of its own row; the caller fills slots contiguously.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from relax.models.config import ModelConfig
+
+_MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite, so padded rows never give NaN
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse RoPE frequencies [H/2] in float32, with the config's scaling applied.
+
+    Computed like `transformers` (float32 powers) so parity holds to float32
+    rounding; it is a trace-time constant.
+    """
+    h = cfg.head_dim
+    exps = np.arange(0, h, 2, dtype=np.int64).astype(np.float32) / np.float32(h)
+    inv = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exps)).astype(np.float32)
+    rs = cfg.rope_scaling
+    if rs.rope_type == "linear":
+        inv = inv / np.float32(rs.factor)
+    elif rs.rope_type == "llama3":
+        old = rs.original_max_position_embeddings
+        low_wavelen = old / rs.low_freq_factor
+        high_wavelen = old / rs.high_freq_factor
+        wavelen = 2 * np.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / rs.factor, inv)
+        smooth = (old / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def rope_angles(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B, T, H] (float32) for `positions` [B, T]; padding gets position 0."""
+    pos = jnp.maximum(positions, 0).astype(jnp.float32)
+    freqs = jnp.einsum("bt,h->bth", pos, jnp.asarray(rope_inv_freq(cfg)),
+                       precision=jax.lax.Precision.HIGHEST)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates x [B, T, heads, H] by the angles (the rotate-half layout of HF checkpoints)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm with statistics in float32, scaled in the input dtype (as HF does)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer: attention then SwiGLU MLP, both residual."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype
+
+    def _param(self, name, shape, init):
+        return self.param(name, init, shape, self.dtype)
+
+    @nn.compact
+    def __call__(self, x, layer_cache, positions, cos, sin):
+        # x [B, T, D]; layer_cache None or {"k","v": [B, S, K, H]}; positions [B, T]
+        cfg = self.cfg
+        d, n, k, h, f = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                         cfg.intermediate_size)
+        g = n // k
+        w_init = nn.initializers.normal(0.02)
+        ones, zeros = nn.initializers.ones, nn.initializers.zeros
+
+        y = rms_norm(x, self._param("attn_norm", (d,), ones), cfg.rms_norm_eps)
+        q = jnp.einsum("btd,dnh->btnh", y, self._param("q", (d, n, h), w_init))
+        kk = jnp.einsum("btd,dkh->btkh", y, self._param("k", (d, k, h), w_init))
+        v = jnp.einsum("btd,dkh->btkh", y, self._param("v", (d, k, h), w_init))
+        if cfg.qkv_bias:
+            q = q + self._param("q_bias", (n, h), zeros)
+            kk = kk + self._param("k_bias", (k, h), zeros)
+            v = v + self._param("v_bias", (k, h), zeros)
+        if cfg.qk_norm:
+            q = rms_norm(q, self._param("q_norm", (h,), ones), cfg.rms_norm_eps)
+            kk = rms_norm(kk, self._param("k_norm", (h,), ones), cfg.rms_norm_eps)
+        q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
+
+        if layer_cache is None:
+            # Self-attention over the given tokens only (training forward).
+            keys, values, key_pos = kk, v, positions  # [B, S=T, K, H], key_pos [B, S]
+            new_cache = None
+        else:
+            b, t = positions.shape
+            s = layer_cache["k"].shape[1]
+            # Padding writes to slot S, which `mode="drop"` discards.
+            slot = jnp.where(positions >= 0, positions, s)
+            rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+            keys = layer_cache["k"].at[rows, slot].set(kk.astype(layer_cache["k"].dtype), mode="drop")
+            values = layer_cache["v"].at[rows, slot].set(v.astype(layer_cache["v"].dtype), mode="drop")
+            key_pos = jnp.broadcast_to(jnp.arange(s)[None, :], (b, s))
+            new_cache = {"k": keys, "v": values}
+
+        # [B, T, S]: slot visible when it holds a real token at or before the query.
+        visible = (key_pos[:, None, :] <= positions[:, :, None]) & (key_pos[:, None, :] >= 0)
+        qg = q.reshape(q.shape[0], q.shape[1], k, g, h)  # [B, T, K, G, H]
+        scores = jnp.einsum("btkgh,bskh->btkgs", qg, keys.astype(self.dtype),
+                            preferred_element_type=jnp.float32) * (h ** -0.5)
+        scores = jnp.where(visible[:, :, None, None, :], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        attn = jnp.einsum("btkgs,bskh->btkgh", probs, values.astype(self.dtype))
+        attn = attn.reshape(attn.shape[0], attn.shape[1], n, h)  # [B, T, N, H]
+        out = jnp.einsum("btnh,nhd->btd", attn, self._param("o", (n, h, d), w_init))
+        if cfg.o_bias:
+            out = out + self._param("o_bias", (d,), zeros)
+        x = x + out
+
+        y = rms_norm(x, self._param("mlp_norm", (d,), ones), cfg.rms_norm_eps)
+        gate = jnp.einsum("btd,df->btf", y, self._param("gate", (d, f), w_init))
+        up = jnp.einsum("btd,df->btf", y, self._param("up", (d, f), w_init))
+        if cfg.mlp_bias:
+            gate = gate + self._param("gate_bias", (f,), zeros)
+            up = up + self._param("up_bias", (f,), zeros)
+        down = jnp.einsum("btf,fd->btd", nn.silu(gate) * up, self._param("down", (f, d), w_init))
+        if cfg.mlp_bias:
+            down = down + self._param("down_bias", (d,), zeros)
+        return x + down, new_cache
+
+
+class Transformer(nn.Module):
+    """Embedding, L scanned blocks, final norm, LM head (tied or not).
+
+    `__call__(tokens [B,T], positions [B,T], cache) -> (logits [B,T,V] float32, cache)`,
+    with `cache` None (no cache: causal attention over the given tokens) or
+    {"k","v": [L, B, S, K, H]}.
+    """
+
+    cfg: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, tokens, positions, cache=None):
+        cfg = self.cfg
+        embed = self.param("embed", nn.initializers.normal(0.02),
+                           (cfg.vocab_size, cfg.hidden_size), self.dtype)
+        x = jnp.take(embed, tokens, axis=0)  # [B, T, D]
+        cos, sin = rope_angles(positions, cfg)
+        block = nn.remat(Block) if self.remat else Block
+        layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+        )(cfg, self.dtype, name="layers")
+        x, cache = layers(x, cache, positions, cos, sin)
+        x = rms_norm(x, self.param("final_norm", nn.initializers.ones, (cfg.hidden_size,),
+                                   self.dtype), cfg.rms_norm_eps)
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, embed, preferred_element_type=jnp.float32)
+        else:
+            head = self.param("lm_head", nn.initializers.normal(0.02),
+                              (cfg.hidden_size, cfg.vocab_size), self.dtype)
+            logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+        return logits, cache
