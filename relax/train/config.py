@@ -1,0 +1,284 @@
+"""Typed training configs, filled from YAML presets and `key=value` overrides.
+
+The dataclasses are the source of truth: a preset in ``configs/`` may only set
+fields that exist here, and an override ``optim.learning_rate=1e-6`` is parsed
+as YAML and checked against the field's type. A preset file holds one section
+per stage (``sft:``, ``filter:``, ``grpo:``); a stage reads its own section.
+
+This module does not build models or optimizers; it only describes them.
+"""
+
+import copy
+import dataclasses
+import types
+import typing
+from typing import Any
+
+import yaml
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then decay, and global-norm gradient clipping.
+
+    Attributes:
+      learning_rate: peak learning rate (paper: 2e-5 warm-up SFT, 1e-6 GRPO).
+      warmup_ratio: fraction of the total optimizer steps spent warming up
+        linearly from 0 (paper SFT: 0.03; GRPO: 0).
+      decay: "cosine", "linear" or "constant" after the warm-up.
+      end_lr_ratio: final learning rate / peak for the decaying schedules.
+      weight_decay: AdamW decoupled weight decay (paper: 0.01).
+      b1, b2, eps: Adam moments.
+      grad_clip: clip the global gradient norm to this (paper: 1.0; 0 = off).
+    """
+
+    learning_rate: float = 2e-5
+    warmup_ratio: float = 0.03
+    decay: str = "cosine"
+    end_lr_ratio: float = 0.0
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclasses.dataclass
+class WarmupDataConfig:
+    """How commands are inserted into the SLM's own solutions.
+
+    Attributes:
+      max_commands: each solution gets k ~ Uniform{0..max_commands} commands
+        at distinct random token boundaries (paper code: 3).
+      mantissa_max, max_exponent: n = m * 10^e with m ~ U{1..mantissa_max},
+        e ~ U{0..max_exponent}, so n spreads over orders of magnitude
+        (default 1..9000). Never the empty ``<call></call>``.
+      template: the command text; ``{n}`` is replaced by n.
+    """
+
+    max_commands: int = 3
+    mantissa_max: int = 9
+    max_exponent: int = 3
+    template: str = "<call>{n}</call>"
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """What every training run shares: paths, devices, checkpoints, logging.
+
+    Attributes:
+      output_dir: checkpoints (``ckpt/``), metrics (``metrics.jsonl``, TensorBoard
+        events) and the exported model (``final/``) go here.
+      seed: one seed for data order, command insertion, rollouts and init.
+      dtype: parameter/compute dtype of the trained model, "float32" or "bfloat16".
+      num_devices: local devices in the pmap (0 = all).
+      micro_batch_size: sequences per device per forward/backward; gradients
+        of a step's micro-batches are accumulated exactly before the update.
+      checkpoint_every: save every this many optimizer steps (0 = only at the end).
+      keep_checkpoints: how many recent checkpoints to keep.
+      log_every: write metrics every this many steps.
+      export: write the final model with ``relax.save_hf`` (+ tokenizer files).
+      kill_at_step: test hook; SIGKILL this process after that step (0 = never).
+    """
+
+    output_dir: str = "runs/train"
+    seed: int = 0
+    dtype: str = "float32"
+    num_devices: int = 0
+    micro_batch_size: int = 1
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    log_every: int = 1
+    export: bool = True
+    kill_at_step: int = 0
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    """Warm-up SFT: cross-entropy on response tokens of command-augmented solutions.
+
+    Attributes:
+      model: HF checkpoint directory of the SLM, or "" to build a random model
+        from ``model_config`` (tiny CPU runs and tests).
+      model_config: ``relax.ModelConfig`` fields for a random model.
+      tokenizer: tokenizer directory ("" = the model directory).
+      data: JSONL of {"question", "response"} (text) or {"prompt_ids",
+        "response_ids"} (pre-tokenized) rows.
+      max_len: prompt + response tokens per sequence; longer rows are dropped.
+      batch_size: sequences per optimizer step, over all devices and hosts
+        (paper: 32).
+      epochs: passes over the data; ``steps`` > 0 caps the optimizer steps.
+    """
+
+    model: str = ""
+    model_config: dict = dataclasses.field(default_factory=dict)
+    tokenizer: str = ""
+    data: str = ""
+    max_len: int = 4096
+    batch_size: int = 32
+    epochs: int = 1
+    steps: int = 0
+    warmup_data: WarmupDataConfig = dataclasses.field(default_factory=WarmupDataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    """GRPO with relay rollouts (symbols of the paper in brackets).
+
+    Attributes:
+      slm: HF directory of the warm-up SLM (the policy pi_theta, also the frozen
+        reference pi_ref of the KL); "" = random ``model_config`` (tests).
+      llm: HF directory of the teacher LLM.
+      tokenizer: tokenizer directory ("" = the slm directory).
+      data: JSONL of {"question", "answer"} rows (filtered problems).
+      group_size: [G] rollouts per prompt (paper: 8).
+      prompts_per_step: prompts per rollout batch (paper: 128).
+      mini_batch_prompts: prompts per optimizer update; a rollout batch gives
+        prompts_per_step / mini_batch_prompts updates (paper: 32 -> 4).
+      max_prompt_len: prompts are left as is up to this many tokens (longer dropped).
+      max_response: [budget] SLM + LLM tokens per rollout (paper: 8192).
+      reward: "difficulty_aware" (paper), "simple" (correct - rho) or "accuracy".
+      clip_low, clip_high: [epsilon_low, epsilon_high] ratio clip (0.2, 0.3).
+      dual_clip: [c] dual-clip bound for negative advantages (3.0).
+      kl_coef: [beta] weight of the k3 KL to pi_ref (0.01).
+      temperature, top_p: SLM sampling in rollouts (paper: 1.0, 1.0).
+      llm_temperature, llm_top_p: teacher sampling (0.7, 1.0).
+      max_calls, max_call_tokens: relay limits (paper RL: 2 calls; n capped at 8192).
+      relay: extra ``relax.RelayConfig`` fields, passed through as given.
+      epochs, steps: passes over the data; ``steps`` > 0 caps rollout steps.
+    """
+
+    slm: str = ""
+    llm: str = ""
+    model_config: dict = dataclasses.field(default_factory=dict)
+    llm_config: dict = dataclasses.field(default_factory=dict)
+    tokenizer: str = ""
+    data: str = ""
+    group_size: int = 8
+    prompts_per_step: int = 128
+    mini_batch_prompts: int = 32
+    max_prompt_len: int = 4096
+    max_response: int = 8192
+    reward: str = "difficulty_aware"
+    clip_low: float = 0.2
+    clip_high: float = 0.3
+    dual_clip: float = 3.0
+    kl_coef: float = 0.01
+    temperature: float = 1.0
+    top_p: float = 1.0
+    llm_temperature: float = 0.7
+    llm_top_p: float = 1.0
+    max_calls: int = 2
+    max_call_tokens: int = 8192
+    relay: dict = dataclasses.field(default_factory=dict)
+    epochs: int = 1
+    steps: int = 0
+    optim: OptimConfig = dataclasses.field(
+        default_factory=lambda: OptimConfig(learning_rate=1e-6, warmup_ratio=0.0, decay="constant")
+    )
+    run: RunConfig = dataclasses.field(default_factory=lambda: RunConfig(output_dir="runs/grpo"))
+
+
+@dataclasses.dataclass
+class FilterConfig:
+    """Teacher filtering: keep problems the LLM solves in more than a share of k samples.
+
+    Attributes:
+      llm: HF directory of the teacher.
+      tokenizer: tokenizer directory ("" = the llm directory).
+      data: JSONL of {"question", "answer"} rows.
+      output: JSONL written with every kept row plus "pass_rate".
+      k: samples per problem (paper: 16).
+      min_pass_rate: keep a problem when pass rate > this (default 0: solved at least once).
+      batch_size: prompts per generate call (each expanded to k rows).
+      max_new_tokens, temperature, top_p: teacher sampling (paper: 8192, 0.7, 0.95).
+      seed: sampling seed.
+      limit: only the first ``limit`` problems (0 = all).
+    """
+
+    llm: str = ""
+    tokenizer: str = ""
+    data: str = ""
+    output: str = "runs/filtered.jsonl"
+    k: int = 16
+    min_pass_rate: float = 0.0
+    batch_size: int = 8
+    max_new_tokens: int = 8192
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 0
+    limit: int = 0
+    dtype: str = "bfloat16"
+
+
+def _coerce(value, tp, where):
+    if tp is Any or typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, (str, int, float)) or (tp is str and value is None):
+        return "" if value is None else str(value)
+    if tp is dict and isinstance(value, dict):
+        return dict(value)
+    raise TypeError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def from_dict(cls, data, where="", base=None):
+    """Build dataclass ``cls`` from a nested dict over its defaults; unknown keys fail."""
+    base = copy.deepcopy(cls() if base is None else base)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - fields
+    if unknown:
+        raise KeyError(f"{where or cls.__name__}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
+    for name, value in data.items():
+        current = getattr(base, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise TypeError(f"{where}{name}: expected a mapping, got {value!r}")
+            value = from_dict(type(current), value, f"{where}{name}.", current)
+        else:
+            value = _coerce(value, hints[name], f"{where}{name}")
+        setattr(base, name, value)
+    return base
+
+
+def _set_path(tree, dotted, value):
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value
+
+
+def load_config(cls, preset=None, section=None, overrides=()):
+    """A ``cls`` config from a YAML preset (its ``section``) plus ``key=value`` overrides.
+
+    Values are parsed as YAML (``steps=10`` is an int, ``relay.llm_trigger_fraction=0.5``
+    a float), dotted keys reach nested sections.
+    """
+    data = {}
+    if preset:
+        with open(preset) as f:
+            doc = yaml.safe_load(f) or {}
+        if section is not None:
+            if section not in doc:
+                raise KeyError(f"{preset}: no '{section}:' section (has {sorted(doc)})")
+            doc = doc[section] or {}
+        data = doc
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        _set_path(data, key.strip(), yaml.safe_load(raw))
+    return from_dict(cls, data)
+
+
+def to_dict(cfg):
+    """The config as a plain nested dict (for logging next to the metrics)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,172 @@
+"""GRPO maths: group advantages, token log-probs, the clipped policy loss with k3 KL.
+
+Pure functions on arrays; the pmapped update that uses them is in
+``relax.train.update`` and the training loop in ``relax.train.grpo_train``.
+
+Shapes: B sequences, T positions, V vocabulary. ``logits[b, t]`` predicts
+``targets[b, t]`` (the caller shifts by one). The loss mask selects the SLM's
+own tokens, commands included (``source`` 2 or 3 of a ``RelayOutput``);
+prompt (1), LLM tokens (4) and padding (0) contribute nothing, not even
+through the normaliser.
+
+Deviations from the paper / official code:
+
+- LLM tokens are masked out of the policy loss, the KL and the token count
+  (the official code leaves them in, scored as if the student sampled them).
+- The token mean is taken over the whole mini-batch on all devices (the
+  caller passes the global token count); the official code rescales
+  per-micro-batch means, which weights micro-batches unevenly.
+"""
+
+import jax
+import jax.numpy as jnp
+
+SLM_SOURCES = (2, 3)  # RelayOutput.source: 2 slm token, 3 command token
+
+
+def group_advantages(rewards, group_size, eps=1e-6):
+    """GRPO advantages A_i = (r_i - mean_g) / (std_g + eps), per prompt group.
+
+    std is unbiased (ddof = 1), as the official code's ``torch.std``. A group
+    of one has no baseline, so its advantage is 0 (not NaN).
+
+    Args:
+      rewards: float [N], prompt-major (rows i*G .. i*G+G-1 share a prompt).
+      group_size: G.
+    Returns: float32 [N].
+    """
+    r = jnp.asarray(rewards, jnp.float32)
+    if r.shape[0] % group_size:
+        raise ValueError(f"{r.shape[0]} rollouts do not split into groups of {group_size}")
+    if group_size == 1:
+        return jnp.zeros_like(r)
+    g = r.reshape(-1, group_size)
+    mean = g.mean(axis=1, keepdims=True)
+    std = g.std(axis=1, ddof=1, keepdims=True)
+    return ((g - mean) / (std + eps)).reshape(-1)
+
+
+def loss_mask_from_source(source):
+    """1.0 where the token is the SLM's own (slm or command), else 0. [B, T] -> [B, T]."""
+    source = jnp.asarray(source)
+    return ((source == SLM_SOURCES[0]) | (source == SLM_SOURCES[1])).astype(jnp.float32)
+
+
+def token_logprobs(logits, targets):
+    """log softmax(logits)[targets]: take_along_axis minus logsumexp, in float32.
+
+    logits [B, T, V], targets int [B, T] -> [B, T].
+    """
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def token_entropy(logits):
+    """Entropy of softmax(logits) per position. [B, T, V] -> [B, T]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+def policy_loss(
+    logp,
+    old_logp,
+    ref_logp,
+    advantages,
+    mask,
+    *,
+    clip_low=0.2,
+    clip_high=0.3,
+    dual_clip=3.0,
+    kl_coef=0.01,
+    num_tokens=None,
+):
+    """Token-mean clipped policy gradient plus k3 KL to the reference policy.
+
+    Per token t of sequence b (A = advantages[b], r = exp(logp - old_logp)):
+
+        l_t  = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))
+        l_t  = min(l_t, -A c)              only where A < 0 (dual clip, c = dual_clip)
+        k3_t = exp(ref - logp) - (ref - logp) - 1,   clamped to [-10, 10]
+        L    = sum_t mask_t (l_t + beta k3_t) / num_tokens
+
+    The log-ratio is clamped to [-20, 20] before exp, as in verl. Args are
+    [B, T] except advantages [B]. ``num_tokens`` defaults to ``mask.sum()``;
+    the pmapped update passes the global count so shards add up exactly.
+
+    Returns (loss, metrics); every metric is a masked sum / num_tokens, so
+    metrics of micro-batches and devices add up like the loss.
+    """
+    mask = mask.astype(jnp.float32)
+    if num_tokens is None:
+        num_tokens = jnp.maximum(mask.sum(), 1.0)
+    adv = advantages.astype(jnp.float32)[:, None]
+    log_ratio = jnp.clip(logp - old_logp, -20.0, 20.0)
+    ratio = jnp.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    pg = jnp.maximum(unclipped, clipped)
+    dual = jnp.minimum(pg, -adv * dual_clip)
+    pg = jnp.where(adv < 0, dual, pg)
+    delta = ref_logp - logp
+    k3 = jnp.clip(jnp.exp(delta) - delta - 1.0, -10.0, 10.0)
+
+    def mean(x):  # where, not x * mask: a masked inf/NaN must not leak into the sum
+        return jnp.sum(jnp.where(mask > 0, x, 0.0)) / num_tokens
+
+    pg_loss = mean(pg)
+    kl = mean(k3)
+    loss = pg_loss + kl_coef * kl
+    clip_frac = mean((clipped > unclipped).astype(jnp.float32))
+    dual_frac = mean(((adv < 0) & (-adv * dual_clip < jnp.maximum(unclipped, clipped))).astype(jnp.float32))
+    metrics = {
+        "pg_loss": pg_loss,
+        "kl": kl,
+        "clip_frac": clip_frac,
+        "dual_clip_frac": dual_frac,
+        "ratio": mean(ratio),
+    }
+    return loss, metrics
+
+
+def grpo_loss_from_logits(logits, batch, cfg, num_tokens=None):
+    """The GRPO loss of one (micro-)batch given the policy's logits.
+
+    ``batch`` holds ``targets`` [B, T], ``loss_mask`` [B, T], ``old_logp``,
+    ``ref_logp`` [B, T] and ``advantages`` [B]; ``cfg`` has clip_low,
+    clip_high, dual_clip and kl_coef (a ``GRPOConfig``). Adds the masked
+    entropy to the metrics.
+    """
+    logp = token_logprobs(logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    if num_tokens is None:
+        num_tokens = jnp.maximum(mask.sum(), 1.0)
+    loss, metrics = policy_loss(
+        logp,
+        batch["old_logp"],
+        batch["ref_logp"],
+        batch["advantages"],
+        mask,
+        clip_low=cfg.clip_low,
+        clip_high=cfg.clip_high,
+        dual_clip=cfg.dual_clip,
+        kl_coef=cfg.kl_coef,
+        num_tokens=num_tokens,
+    )
+    entropy = jax.lax.stop_gradient(token_entropy(logits))
+    metrics["entropy"] = jnp.sum(jnp.where(mask > 0, entropy, 0.0)) / num_tokens
+    return loss, metrics
+
+
+def sequence_inputs(tokens, lengths):
+    """Training-forward inputs of full sequences [B, L] with valid lengths [B].
+
+    Returns (inputs [B, L-1], positions [B, L-1], targets [B, L-1]): input t
+    predicts target t (= token t + 1); inputs past the sequence get position
+    -1 (padding for the model). The caller's loss mask must drop targets past
+    the sequence.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    t = jnp.arange(tokens.shape[1] - 1, dtype=jnp.int32)[None, :]
+    positions = jnp.where(t < jnp.asarray(lengths)[:, None], t, -1)
+    return tokens[:, :-1], positions, tokens[:, 1:]

@@ -1,0 +1,52 @@
+"""Training metrics: one JSON line per logged step plus TensorBoard event files.
+
+``MetricsWriter`` appends ``{"step": s, "time": t, **scalars}`` to
+``metrics.jsonl`` and the same scalars to a tensorboardX ``SummaryWriter``
+(``tensorboard --logdir <output_dir>``). Only process 0 writes in a
+multi-host run. It does not aggregate; callers pass finished scalars.
+"""
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+
+class MetricsWriter:
+    def __init__(self, output_dir, enabled=True, tensorboard=True):
+        self.enabled = enabled
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self._tb = None
+        if enabled:
+            os.makedirs(output_dir, exist_ok=True)
+            if tensorboard:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(logdir=output_dir, flush_secs=30)
+
+    def write(self, step, scalars):
+        if not self.enabled:
+            return
+        row = {"step": int(step), "time": time.time()}
+        for k, v in scalars.items():
+            v = float(np.asarray(v))
+            row[k] = v if math.isfinite(v) else str(v)
+            if self._tb is not None:
+                self._tb.add_scalar(k, v, int(step))
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def close(self):
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(path):
+    """All rows of a metrics.jsonl (file or run directory)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,124 @@
+"""Warm-up SFT: next-token cross-entropy on response tokens only, pmapped AdamW.
+
+``train_sft(model, params, examples, cfg)`` is the Python entry point (the
+CLI and the demo call it). An example is ``{"prompt_ids", "response_ids"}``
+(lists of ints, the response already holding its commands and ending with
+EOS; see ``relax.train.warmup``). Sequences are right-padded to the longest
+row of the data set rounded up to a multiple of 8, so one shape compiles.
+
+Data order is a seeded permutation per epoch; step s of epoch e takes rows
+``[s * batch_size, (s + 1) * batch_size)`` of it (the last partial batch is
+dropped). The step, data position, rng, params and optimizer state are
+checkpointed, so a resumed run replays exactly the same batches.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from relax.train import distributed
+from relax.train.grpo import token_logprobs
+from relax.train.loop import TrainRun
+from relax.train.update import make_optimizer, make_update_step, split_devices
+
+
+def sft_loss_from_logits(logits, targets, mask, num_tokens=None):
+    """Token-mean cross-entropy over ``mask`` (response targets).
+
+    logits [B, T, V], targets [B, T] int, mask [B, T]. Returns (loss, metrics)
+    with masked sums / ``num_tokens`` (default: mask.sum()).
+    """
+    mask = mask.astype(jnp.float32)
+    if num_tokens is None:
+        num_tokens = jnp.maximum(mask.sum(), 1.0)
+    logp = token_logprobs(logits, targets)
+    loss = -jnp.sum(jnp.where(mask > 0, logp, 0.0)) / num_tokens
+    hit = (jnp.argmax(logits, axis=-1) == targets) & (mask > 0)
+    return loss, {"ce": loss, "token_accuracy": jnp.sum(hit.astype(jnp.float32)) / num_tokens}
+
+
+def make_sft_loss(model):
+    def loss_fn(params, mb, num_tokens):
+        logits, _ = model.apply(params, mb["inputs"], mb["positions"], None)
+        return sft_loss_from_logits(logits, mb["targets"], mb["loss_mask"], num_tokens)
+
+    return loss_fn
+
+
+def pack_examples(examples, max_len, pad_id=0):
+    """Right-padded training arrays of (prompt, response) id lists.
+
+    Returns inputs, positions, targets, loss_mask, each [N, L - 1], where L is
+    the longest prompt + response rounded up to a multiple of 8 (capped at
+    ``max_len``; longer rows are dropped). ``loss_mask`` is 1 where the target
+    is a response token.
+    """
+    kept = [e for e in examples if len(e["prompt_ids"]) + len(e["response_ids"]) <= max_len]
+    if not kept:
+        raise ValueError(f"no example fits in max_len={max_len}")
+    longest = max(len(e["prompt_ids"]) + len(e["response_ids"]) for e in kept)
+    width = min(-(-longest // 8) * 8, max(max_len, longest))
+    n = len(kept)
+    tokens = np.full((n, width), pad_id, np.int32)
+    lengths = np.zeros(n, np.int32)
+    mask = np.zeros((n, width - 1), np.float32)
+    for i, e in enumerate(kept):
+        p, r = list(e["prompt_ids"]), list(e["response_ids"])
+        seq = p + r
+        tokens[i, : len(seq)] = seq
+        lengths[i] = len(seq)
+        mask[i, len(p) - 1 : len(seq) - 1] = 1.0  # targets p .. len-1 are response tokens
+    t = np.arange(width - 1)[None, :]
+    return {
+        "inputs": tokens[:, :-1],
+        "positions": np.where(t < lengths[:, None], t, -1).astype(np.int32),
+        "targets": tokens[:, 1:],
+        "loss_mask": mask,
+    }
+
+
+def sft_steps(num_examples, cfg):
+    per_epoch = num_examples // cfg.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{num_examples} examples < batch_size {cfg.batch_size}")
+    total = per_epoch * cfg.epochs
+    return min(total, cfg.steps) if cfg.steps else total
+
+
+def batch_rows(step, num_examples, cfg):
+    """Global row indices of optimizer step ``step`` (0-based)."""
+    per_epoch = num_examples // cfg.batch_size
+    epoch, s = divmod(step, per_epoch)
+    order = np.random.default_rng([cfg.run.seed, epoch]).permutation(num_examples)
+    return order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+
+
+def train_sft(model, params, examples, cfg, pad_id=0, progress=True):
+    """Fine-tune ``params`` on warm-up examples; returns the final host params.
+
+    Resumes from ``cfg.run.output_dir/ckpt`` when it holds a checkpoint. The
+    metrics (loss, ce, token accuracy, grad norm, learning rate, skipped)
+    go to ``metrics.jsonl`` and TensorBoard under ``cfg.run.output_dir``.
+    """
+    data = pack_examples(examples, cfg.max_len, pad_id)
+    n = data["inputs"].shape[0]
+    total = sft_steps(n, cfg)
+    optimizer = make_optimizer(cfg.optim, total)
+    run = TrainRun(cfg.run, params, optimizer, total)
+    step_fn = make_update_step(make_sft_loss(model), optimizer)
+    from relax.train.update import lr_schedule
+
+    schedule = lr_schedule(cfg.optim, total)
+    bar = tqdm(total=total, initial=run.step, desc="sft", disable=not (progress and run.main))
+    while run.step < total:
+        rows = distributed.shard_rows(batch_rows(run.step, n, cfg))
+        batch = split_devices({k: v[rows] for k, v in data.items()}, run.n_dev, cfg.run.micro_batch_size)
+        lr = float(schedule(run.step))
+        run.params, run.opt_state, metrics = step_fn(run.params, run.opt_state, batch)
+        metrics = jax.tree.map(lambda x: np.asarray(x)[0], metrics)
+        metrics = run.end_step(dict(metrics, lr=lr), (run.step + 1) * cfg.batch_size)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+    bar.close()
+    return run.finish()
