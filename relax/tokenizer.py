@@ -1,0 +1,37 @@
+"""Tokenizers (local files only) and the paper's prompt.
+
+The prompt is the question, a newline and the paper's instruction, wrapped in
+the tokenizer's chat template as a user turn with the generation prompt
+appended. Qwen3 templates take `enable_thinking`; relax defaults it to False
+because the paper reports non-thinking mode (the official evaluation script
+forgot to pass it and so ran in thinking mode).
+"""
+
+import os
+
+import transformers
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
+    """Loads a Hugging Face tokenizer from a local folder; never touches the network."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer folder {path!r} does not exist (relax loads "
+                                "tokenizers from local files only)")
+    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def build_prompt(tokenizer, question: str, enable_thinking: bool = False,
+                 instruction: str = INSTRUCTION) -> str:
+    """The chat-formatted prompt text for one question, ending where the model answers."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; relax builds prompts with the "
+                         "tokenizer's chat template (set `chat_template` in tokenizer_config.json)")
+    content = f"{question}\n{instruction}" if instruction else question
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}],
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=enable_thinking,
+    )
