@@ -1,0 +1,111 @@
+"""Warm-up data: the SLM's own correct solutions with `<call>n</call>` commands inserted.
+
+For each solution: tokenize it with the SLM's tokenizer, draw
+k ~ Uniform{0..max_commands}, pick k distinct token boundaries uniformly
+(start and end included), and insert ``<call>n</call>`` there with
+n = m * 10^e (m ~ U{1..9}, e ~ U{0..3} by default: 1..9000, spread over
+orders of magnitude). The text with its commands is then tokenized *as a
+whole*, which is how the SLM would produce it in context: the command's
+characters merge with their neighbours exactly as the tokenizer merges them,
+so ``CallCommand`` recognises every inserted command with its n.
+
+Deviations from the official code: the command carries its number (the
+official data inserts the empty ``<call></call>``, which ends an RL rollout),
+and the instruction is not appended twice.
+
+This module does not train; ``relax.train.sft.train_sft`` does.
+"""
+
+import random
+
+COMMAND_PATTERN = r"<call>\s*(\d+)\s*</call>"  # DESIGN.md, "The relay protocol" 2
+
+
+def sample_n(rng, cfg):
+    """n = m * 10^e, m ~ U{1..mantissa_max}, e ~ U{0..max_exponent}; always >= 1."""
+    return rng.randint(1, cfg.mantissa_max) * 10 ** rng.randint(0, cfg.max_exponent)
+
+
+def token_boundaries(text, tokenizer):
+    """Character offsets of the token boundaries of ``text`` (start and end included).
+
+    A boundary inside a multi-byte character (byte-level BPE can split one)
+    maps to the character's start, and duplicates are dropped.
+    """
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    starts = [start for start, _ in enc["offset_mapping"]]
+    return sorted(set(starts) | {0, len(text)})
+
+
+def insert_commands(text, tokenizer, rng, cfg):
+    """``text`` with 0..max_commands commands at random token boundaries.
+
+    Returns (new_text, ns): the inserted n's in text order.
+    """
+    bounds = token_boundaries(text, tokenizer)
+    k = rng.randint(0, cfg.max_commands)
+    chosen = sorted(rng.sample(bounds, min(k, len(bounds))))
+    ns = [sample_n(rng, cfg) for _ in chosen]
+    pieces, prev = [], 0
+    for pos, n in zip(chosen, ns):
+        pieces += [text[prev:pos], cfg.template.format(n=n)]
+        prev = pos
+    pieces.append(text[prev:])
+    return "".join(pieces), ns
+
+
+def chat_prompt(tokenizer, question):
+    """The SLM's prompt text: ``relax.build_prompt`` (chat template, non-thinking)."""
+    from relax.tokenizer import build_prompt
+
+    return build_prompt(tokenizer, question)
+
+
+def build_warmup_examples(rows, tokenizer, cfg, seed=0, prompt_fn=None):
+    """SFT examples from ``{"question", "response"}`` rows (responses graded correct).
+
+    Each example: ``prompt_ids``, ``response_ids`` (response with commands,
+    then EOS), ``commands`` (the inserted n's) and ``response_text``.
+    ``prompt_fn(tokenizer, question) -> str`` defaults to ``chat_prompt``.
+    Deterministic in ``seed``.
+    """
+    prompt_fn = prompt_fn or chat_prompt
+    rng = random.Random(seed)
+    eos = tokenizer.eos_token_id
+    examples = []
+    for row in rows:
+        text, ns = insert_commands(row["response"], tokenizer, rng, cfg)
+        prompt_ids = tokenizer(prompt_fn(tokenizer, row["question"]), add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if eos is not None:
+            response_ids = response_ids + [eos]
+        examples.append(
+            {"prompt_ids": prompt_ids, "response_ids": response_ids, "commands": ns, "response_text": text}
+        )
+    return examples
+
+
+def self_solutions(model, params, tokenizer, problems, gen_config, verifier, key, batch_size=8, samples=1):
+    """The SLM's own solutions of ``problems`` kept when ``verifier`` grades them correct.
+
+    Samples ``samples`` solutions per problem with ``relax.generate`` and
+    returns ``{"question", "answer", "response"}`` rows ready for
+    ``build_warmup_examples``. ``verifier(response_text, answer) -> bool``
+    is ``relax.grade`` in real runs.
+    """
+    import jax
+
+    from relax.train.rollout import decode_responses, encode_prompts
+
+    import relax
+
+    kept = []
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        rows = [p for p in chunk for _ in range(samples)]
+        prompts, lens = encode_prompts(tokenizer, [p["question"] for p in rows], prompt_fn=chat_prompt)
+        out = relax.generate(model, params, prompts, lens, jax.random.fold_in(key, start), gen_config)
+        for row, text in zip(rows, decode_responses(tokenizer, out)):
+            if verifier(text, row["answer"]):
+                kept.append({"question": row["question"], "answer": row["answer"], "response": text})
+    return kept
