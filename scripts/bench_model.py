@@ -1,0 +1,168 @@
+"""Model benchmarks, measured side by side in one run.
+
+(a) Greedy decode tokens/s of `relax.generate` against `transformers`
+    `generate` (PyTorch, same weights through save_hf), batch 8, 128 new tokens,
+    on a random Qwen3 of about 20M parameters.
+(b) Forward+backward throughput of a ~50M-parameter Qwen3 at sequence 512, as a
+    fraction of this machine's measured float32 matmul peak.
+
+The last line printed is one JSON object with `decode_vs_transformers` and
+`train_flop_utilisation` (plus the raw figures).
+
+    python scripts/bench_model.py                 # CPU, float32, the issue's sizes
+    python scripts/bench_model.py --preset qwen3-0.6b --dtype bfloat16 --skip-train  # accelerator
+"""
+
+import argparse
+import json
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import relax
+from relax.models import Model, ModelConfig
+
+PRESETS = {
+    # ~20M parameters: a small vocabulary keeps the embedding from dominating.
+    "decode-20m": ModelConfig(family="qwen3", vocab_size=8192, hidden_size=512,
+                              intermediate_size=1536, num_layers=6, num_heads=8, num_kv_heads=4,
+                              head_dim=64, tie_embeddings=True),
+    # ~50M parameters for the training throughput.
+    "train-50m": ModelConfig(family="qwen3", vocab_size=8192, hidden_size=640,
+                             intermediate_size=2048, num_layers=8, num_heads=10, num_kv_heads=5,
+                             head_dim=64, tie_embeddings=True),
+    # The real Qwen3-0.6B shape (random weights), for an accelerator run.
+    "qwen3-0.6b": ModelConfig(family="qwen3", vocab_size=151936, hidden_size=1024,
+                              intermediate_size=3072, num_layers=28, num_heads=16, num_kv_heads=8,
+                              head_dim=128, tie_embeddings=True),
+}
+
+
+def timed(fn, repeats):
+    """Best wall time of `repeats` calls after one warm-up call (compilation)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bench_decode(cfg, dtype, batch, prompt_len, new_tokens, repeats, with_torch=True):
+    model = Model(cfg, dtype=dtype)
+    params = model.init_params(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(0, cfg.vocab_size, size=(batch, prompt_len)).astype(np.int32)
+    lens = np.full((batch,), prompt_len, np.int32)
+    greedy = relax.SamplingConfig(greedy=True)
+    config = relax.RelayConfig(max_new_tokens=new_tokens, slm=greedy, llm=greedy,
+                               eos_ids=(cfg.vocab_size + 1,), pad_id=0)
+    key = jax.random.key(1)
+
+    def run_relax():
+        out = relax.generate(model, params, prompts, lens, key, config)
+        return jax.block_until_ready(out.tokens)
+
+    t_relax = timed(run_relax, repeats)
+    result = {"relax_tokens_per_s": batch * new_tokens / t_relax,
+              "params": model.num_params(), "batch": batch, "new_tokens": new_tokens}
+    if not with_torch:
+        return result
+
+    import torch
+    import transformers
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with tempfile.TemporaryDirectory() as path:
+        relax.save_hf(model, params, path)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    inputs = torch.as_tensor(prompts, dtype=torch.long)
+
+    def run_torch():
+        with torch.no_grad():
+            return hf.generate(inputs, attention_mask=torch.ones_like(inputs),
+                               max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               do_sample=False, pad_token_id=0)
+
+    t_torch = timed(run_torch, repeats)
+    ours = np.asarray(run_relax())[:, prompt_len:prompt_len + new_tokens]
+    theirs = run_torch()[:, prompt_len:].numpy()
+    result.update(transformers_tokens_per_s=batch * new_tokens / t_torch,
+                  decode_vs_transformers=t_torch / t_relax,
+                  greedy_token_agreement=float(np.mean(ours == theirs)))
+    return result
+
+
+def matmul_peak_flops(dtype, n=2048, repeats=5):
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    t = timed(lambda: jax.block_until_ready(f(a, a)), repeats)
+    return 2 * n**3 / t
+
+
+def bench_train(cfg, dtype, batch, seq, repeats):
+    model = Model(cfg, dtype=dtype)
+    params = model.init_params(jax.random.key(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq)),
+                         jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+
+    def loss_fn(p):
+        logits, _ = model.apply(p, tokens[:, :-1], positions[:, :-1], None)
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
+
+    step = jax.jit(jax.value_and_grad(loss_fn))
+    t = timed(lambda: jax.block_until_ready(step(params)), repeats)
+    n = model.num_params()
+    c = cfg
+    t_len = seq - 1
+    # 6 N per token for the dense parts (forward 2N, backward 4N), plus the
+    # attention matmuls (QK^T and PV: 4 T^2 N H forward per layer, x3 with backward).
+    flops = 6 * n * batch * t_len + 12 * c.num_layers * batch * t_len**2 * c.num_heads * c.head_dim
+    return {"train_params": n, "train_step_s": t, "train_flops_per_s": flops / t}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="decode-20m", choices=sorted(PRESETS))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--train-batch", type=int, default=4)
+    parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--skip-torch", action="store_true")
+    args = parser.parse_args(argv)
+    dtype = jnp.dtype(args.dtype)
+    print(f"devices: {jax.devices()}")
+
+    decode = bench_decode(PRESETS[args.preset], dtype, args.batch, args.prompt_len,
+                          args.new_tokens, args.repeats, with_torch=not args.skip_torch)
+    print(f"(a) decode, {decode['params'] / 1e6:.1f}M params, batch {args.batch}, "
+          f"{args.new_tokens} new tokens: relax {decode['relax_tokens_per_s']:.0f} tok/s")
+    if "transformers_tokens_per_s" in decode:
+        print(f"    transformers {decode['transformers_tokens_per_s']:.0f} tok/s -> ratio "
+              f"{decode['decode_vs_transformers']:.2f}x (greedy agreement "
+              f"{decode['greedy_token_agreement']:.3f})")
+    result = dict(decode)
+    if not args.skip_train:
+        peak = matmul_peak_flops(dtype)
+        train = bench_train(PRESETS["train-50m"], dtype, args.train_batch, 512, args.repeats)
+        util = train["train_flops_per_s"] / peak
+        print(f"(b) train fwd+bwd, {train['train_params'] / 1e6:.1f}M params, batch "
+              f"{args.train_batch} x 512: {train['train_flops_per_s'] / 1e9:.1f} GFLOP/s of "
+              f"{peak / 1e9:.1f} GFLOP/s matmul peak -> {util:.1%}")
+        result.update(train, matmul_peak_flops_per_s=peak, train_flop_utilisation=util)
+    result.setdefault("decode_vs_transformers", None)
+    result.setdefault("train_flop_utilisation", None)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
