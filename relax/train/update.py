@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS = "data"
 
@@ -91,7 +92,7 @@ def make_update_step(loss_fn, optimizer):
         grads = jax.lax.pmean(grads, AXIS)
         loss = jax.lax.pmean(loss, AXIS)
         metrics = jax.lax.pmean(metrics, AXIS)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
@@ -111,8 +112,18 @@ def local_devices(num_devices=0):
 
 
 def replicate(tree, devices):
-    """Copy a pytree onto every device (leading device axis), as pmap expects."""
-    return jax.device_put_replicated(tree, devices)
+    """Copy a pytree onto every device (leading device axis), as pmap expects.
+
+    Built shard by shard, so the host never holds n_dev copies of the params.
+    """
+    sharding = NamedSharding(Mesh(np.array(devices), (AXIS,)), PartitionSpec(AXIS))
+
+    def rep(x):
+        x = jnp.asarray(x)
+        shards = [jax.device_put(x[None], d) for d in devices]
+        return jax.make_array_from_single_device_arrays((len(devices), *x.shape), sharding, shards)
+
+    return jax.tree.map(rep, tree)
 
 
 def unreplicate(tree):
