@@ -17,17 +17,22 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
     """Loads a Hugging Face tokenizer from a local folder; never touches the network."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer folder {path!r} does not exist (relax loads "
-                                "tokenizers from local files only)")
+        raise FileNotFoundError(
+            f"tokenizer folder {path!r} does not exist (relax loads "
+            "tokenizers from local files only)"
+        )
     return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def build_prompt(tokenizer, question: str, enable_thinking: bool = False,
-                 instruction: str = INSTRUCTION) -> str:
+def build_prompt(
+    tokenizer, question: str, enable_thinking: bool = False, instruction: str = INSTRUCTION
+) -> str:
     """The chat-formatted prompt text for one question, ending where the model answers."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template; relax builds prompts with the "
-                         "tokenizer's chat template (set `chat_template` in tokenizer_config.json)")
+        raise ValueError(
+            "the tokenizer has no chat template; relax builds prompts with the "
+            "tokenizer's chat template (set `chat_template` in tokenizer_config.json)"
+        )
     content = f"{question}\n{instruction}" if instruction else question
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": content}],

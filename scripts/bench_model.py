@@ -27,17 +27,41 @@ from relax.models import Model, ModelConfig
 
 PRESETS = {
     # ~20M parameters: a small vocabulary keeps the embedding from dominating.
-    "decode-20m": ModelConfig(family="qwen3", vocab_size=8192, hidden_size=512,
-                              intermediate_size=1536, num_layers=6, num_heads=8, num_kv_heads=4,
-                              head_dim=64, tie_embeddings=True),
+    "decode-20m": ModelConfig(
+        family="qwen3",
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_layers=6,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=64,
+        tie_embeddings=True,
+    ),
     # ~50M parameters for the training throughput.
-    "train-50m": ModelConfig(family="qwen3", vocab_size=8192, hidden_size=640,
-                             intermediate_size=2048, num_layers=8, num_heads=10, num_kv_heads=5,
-                             head_dim=64, tie_embeddings=True),
+    "train-50m": ModelConfig(
+        family="qwen3",
+        vocab_size=8192,
+        hidden_size=640,
+        intermediate_size=2048,
+        num_layers=8,
+        num_heads=10,
+        num_kv_heads=5,
+        head_dim=64,
+        tie_embeddings=True,
+    ),
     # The real Qwen3-0.6B shape (random weights), for an accelerator run.
-    "qwen3-0.6b": ModelConfig(family="qwen3", vocab_size=151936, hidden_size=1024,
-                              intermediate_size=3072, num_layers=28, num_heads=16, num_kv_heads=8,
-                              head_dim=128, tie_embeddings=True),
+    "qwen3-0.6b": ModelConfig(
+        family="qwen3",
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        tie_embeddings=True,
+    ),
 }
 
 
@@ -59,8 +83,9 @@ def bench_decode(cfg, dtype, batch, prompt_len, new_tokens, repeats, with_torch=
     prompts = rng.integers(0, cfg.vocab_size, size=(batch, prompt_len)).astype(np.int32)
     lens = np.full((batch,), prompt_len, np.int32)
     greedy = relax.SamplingConfig(greedy=True)
-    config = relax.RelayConfig(max_new_tokens=new_tokens, slm=greedy, llm=greedy,
-                               eos_ids=(cfg.vocab_size + 1,), pad_id=0)
+    config = relax.RelayConfig(
+        max_new_tokens=new_tokens, slm=greedy, llm=greedy, eos_ids=(cfg.vocab_size + 1,), pad_id=0
+    )
     key = jax.random.key(1)
 
     def run_relax():
@@ -68,8 +93,12 @@ def bench_decode(cfg, dtype, batch, prompt_len, new_tokens, repeats, with_torch=
         return jax.block_until_ready(out.tokens)
 
     t_relax = timed(run_relax, repeats)
-    result = {"relax_tokens_per_s": batch * new_tokens / t_relax,
-              "params": model.num_params(), "batch": batch, "new_tokens": new_tokens}
+    result = {
+        "relax_tokens_per_s": batch * new_tokens / t_relax,
+        "params": model.num_params(),
+        "batch": batch,
+        "new_tokens": new_tokens,
+    }
     if not with_torch:
         return result
 
@@ -84,16 +113,23 @@ def bench_decode(cfg, dtype, batch, prompt_len, new_tokens, repeats, with_torch=
 
     def run_torch():
         with torch.no_grad():
-            return hf.generate(inputs, attention_mask=torch.ones_like(inputs),
-                               max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                               do_sample=False, pad_token_id=0)
+            return hf.generate(
+                inputs,
+                attention_mask=torch.ones_like(inputs),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
 
     t_torch = timed(run_torch, repeats)
-    ours = np.asarray(run_relax())[:, prompt_len:prompt_len + new_tokens]
+    ours = np.asarray(run_relax())[:, prompt_len : prompt_len + new_tokens]
     theirs = run_torch()[:, prompt_len:].numpy()
-    result.update(transformers_tokens_per_s=batch * new_tokens / t_torch,
-                  decode_vs_transformers=t_torch / t_relax,
-                  greedy_token_agreement=float(np.mean(ours == theirs)))
+    result.update(
+        transformers_tokens_per_s=batch * new_tokens / t_torch,
+        decode_vs_transformers=t_torch / t_relax,
+        greedy_token_agreement=float(np.mean(ours == theirs)),
+    )
     return result
 
 
@@ -107,8 +143,9 @@ def matmul_peak_flops(dtype, n=2048, repeats=5):
 def bench_train(cfg, dtype, batch, seq, repeats):
     model = Model(cfg, dtype=dtype)
     params = model.init_params(jax.random.key(0))
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq)),
-                         jnp.int32)
+    tokens = jnp.asarray(
+        np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq)), jnp.int32
+    )
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
 
     def loss_fn(p):
@@ -142,22 +179,35 @@ def main(argv=None):
     dtype = jnp.dtype(args.dtype)
     print(f"devices: {jax.devices()}")
 
-    decode = bench_decode(PRESETS[args.preset], dtype, args.batch, args.prompt_len,
-                          args.new_tokens, args.repeats, with_torch=not args.skip_torch)
-    print(f"(a) decode, {decode['params'] / 1e6:.1f}M params, batch {args.batch}, "
-          f"{args.new_tokens} new tokens: relax {decode['relax_tokens_per_s']:.0f} tok/s")
+    decode = bench_decode(
+        PRESETS[args.preset],
+        dtype,
+        args.batch,
+        args.prompt_len,
+        args.new_tokens,
+        args.repeats,
+        with_torch=not args.skip_torch,
+    )
+    print(
+        f"(a) decode, {decode['params'] / 1e6:.1f}M params, batch {args.batch}, "
+        f"{args.new_tokens} new tokens: relax {decode['relax_tokens_per_s']:.0f} tok/s"
+    )
     if "transformers_tokens_per_s" in decode:
-        print(f"    transformers {decode['transformers_tokens_per_s']:.0f} tok/s -> ratio "
-              f"{decode['decode_vs_transformers']:.2f}x (greedy agreement "
-              f"{decode['greedy_token_agreement']:.3f})")
+        print(
+            f"    transformers {decode['transformers_tokens_per_s']:.0f} tok/s -> ratio "
+            f"{decode['decode_vs_transformers']:.2f}x (greedy agreement "
+            f"{decode['greedy_token_agreement']:.3f})"
+        )
     result = dict(decode)
     if not args.skip_train:
         peak = matmul_peak_flops(dtype)
         train = bench_train(PRESETS["train-50m"], dtype, args.train_batch, 512, args.repeats)
         util = train["train_flops_per_s"] / peak
-        print(f"(b) train fwd+bwd, {train['train_params'] / 1e6:.1f}M params, batch "
-              f"{args.train_batch} x 512: {train['train_flops_per_s'] / 1e9:.1f} GFLOP/s of "
-              f"{peak / 1e9:.1f} GFLOP/s matmul peak -> {util:.1%}")
+        print(
+            f"(b) train fwd+bwd, {train['train_params'] / 1e6:.1f}M params, batch "
+            f"{args.train_batch} x 512: {train['train_flops_per_s'] / 1e9:.1f} GFLOP/s of "
+            f"{peak / 1e9:.1f} GFLOP/s matmul peak -> {util:.1%}"
+        )
         result.update(train, matmul_peak_flops_per_s=peak, train_flop_utilisation=util)
     result.setdefault("decode_vs_transformers", None)
     result.setdefault("train_flop_utilisation", None)

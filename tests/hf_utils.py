@@ -12,9 +12,17 @@ CONFIG_CLASSES = {
 
 def tiny_hf_model(family: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
     """A random float32 HF model with non-trivial norm weights and biases."""
-    kwargs = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                  max_position_embeddings=256, tie_word_embeddings=False)
+    kwargs = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     kwargs.update(overrides)
     config = CONFIG_CLASSES[family](**kwargs)
     torch.manual_seed(seed)
@@ -32,6 +40,6 @@ def tiny_hf_model(family: str, seed: int = 0, **overrides) -> transformers.PreTr
     return model.eval()
 
 
-def hf_logits(model, tokens) -> "numpy.ndarray":
+def hf_logits(model, tokens):
     with torch.no_grad():
         return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()

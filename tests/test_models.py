@@ -27,17 +27,41 @@ PARITY_CASES = {
     "qwen3-mqa": ("qwen3", dict(num_key_value_heads=1), False),
     "qwen3-mha-sharded": ("qwen3", dict(num_key_value_heads=4, tie_word_embeddings=True), True),
     "qwen2-gqa": ("qwen2", dict(), False),
-    "qwen2-mqa-tied-hd12": ("qwen2", dict(num_key_value_heads=1, head_dim=12,
-                                          tie_word_embeddings=True), False),
+    "qwen2-mqa-tied-hd12": (
+        "qwen2",
+        dict(num_key_value_heads=1, head_dim=12, tie_word_embeddings=True),
+        False,
+    ),
     "qwen2-mha-sharded": ("qwen2", dict(num_key_value_heads=4), True),
-    "llama-gqa-llama3rope": ("llama", dict(rope_scaling=dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=64), rope_theta=500000.0), False),
-    "llama-mqa-linear-bias": ("llama", dict(num_key_value_heads=1, attention_bias=True,
-                                            mlp_bias=True, rope_scaling=dict(
-                                                rope_type="linear", factor=4.0)), False),
-    "llama-mha-tied-hd16-sharded": ("llama", dict(num_key_value_heads=4, head_dim=16,
-                                                  tie_word_embeddings=True), True),
+    "llama-gqa-llama3rope": (
+        "llama",
+        dict(
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+            rope_theta=500000.0,
+        ),
+        False,
+    ),
+    "llama-mqa-linear-bias": (
+        "llama",
+        dict(
+            num_key_value_heads=1,
+            attention_bias=True,
+            mlp_bias=True,
+            rope_scaling=dict(rope_type="linear", factor=4.0),
+        ),
+        False,
+    ),
+    "llama-mha-tied-hd16-sharded": (
+        "llama",
+        dict(num_key_value_heads=4, head_dim=16, tie_word_embeddings=True),
+        True,
+    ),
 }
 
 
@@ -85,7 +109,7 @@ def test_incremental_decode_equals_full_forward(qwen3_tiny, tokens):
     first, cache = model.apply(params, tokens[:, :5], positions[:, :5], cache)
     steps = [first]
     for i in range(5, t):
-        out, cache = model.apply(params, tokens[:, i:i + 1], positions[:, i:i + 1], cache)
+        out, cache = model.apply(params, tokens[:, i : i + 1], positions[:, i : i + 1], cache)
         steps.append(out)
     diff = np.abs(np.concatenate(steps, axis=1) - np.asarray(full)).max()
     assert diff <= TOL, diff
@@ -109,7 +133,7 @@ def test_right_padded_batch_equals_rows_alone(qwen3_tiny, tokens):
     step_pos = np.array([[lengths[0]], [lengths[1]]], np.int32)
     step, cache = model.apply(params, nxt, step_pos, cache)
     for r, n in enumerate(lengths):
-        seq = np.concatenate([tokens[r:r + 1, :n], nxt[r:r + 1]], axis=1)
+        seq = np.concatenate([tokens[r : r + 1, :n], nxt[r : r + 1]], axis=1)
         alone, _ = model.apply(params, seq, np.arange(n + 1, dtype=np.int32)[None], None)
         alone = np.asarray(alone)[0]
         assert np.abs(np.asarray(logits)[r, :n] - alone[:n]).max() <= TOL
@@ -141,20 +165,46 @@ def test_sharded_export_round_trip(tmp_path):
 
 
 REAL_QWEN3 = {
-    "Qwen3-0.6B": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
-    "Qwen3-1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
-    "Qwen3-8B": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    "Qwen3-0.6B": dict(
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "Qwen3-1.7B": dict(
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "Qwen3-8B": dict(
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ),
 }
 
 
 @pytest.mark.parametrize("name", sorted(REAL_QWEN3))
 def test_real_qwen3_parameter_counts(name):
-    hf_config = dict(model_type="qwen3", vocab_size=151936, head_dim=128, hidden_act="silu",
-                     max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                     attention_bias=False, **REAL_QWEN3[name])
+    hf_config = dict(
+        model_type="qwen3",
+        vocab_size=151936,
+        head_dim=128,
+        hidden_act="silu",
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        attention_bias=False,
+        **REAL_QWEN3[name],
+    )
     ours = Model(ModelConfig.from_hf_config(hf_config), dtype=jnp.bfloat16).num_params()
     config = transformers.Qwen3Config(**{k: v for k, v in hf_config.items() if k != "model_type"})
     with torch.device("meta"):
@@ -219,17 +269,27 @@ class TestCheckpointErrors:
 
     def test_missing_tensor(self, ckpt):
         self._edit_tensors(ckpt, lambda t: t.pop("model.layers.1.self_attn.k_norm.weight"))
-        with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.1\.self_attn\.k_norm\.weight'"):
+        with pytest.raises(
+            CheckpointError, match=r"missing tensor 'model\.layers\.1\.self_attn\.k_norm\.weight'"
+        ):
             relax.load_hf(str(ckpt))
 
     def test_unexpected_tensor(self, ckpt):
-        self._edit_tensors(ckpt, lambda t: t.update({"model.layers.0.extra.weight": np.zeros(3, np.float32)}))
-        with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected tensor 'model\.layers\.0\.extra\.weight'"):
+        self._edit_tensors(
+            ckpt, lambda t: t.update({"model.layers.0.extra.weight": np.zeros(3, np.float32)})
+        )
+        with pytest.raises(
+            CheckpointError,
+            match=r"model\.safetensors: unexpected tensor 'model\.layers\.0\.extra\.weight'",
+        ):
             relax.load_hf(str(ckpt))
 
     def test_shape_mismatch(self, ckpt):
         self._edit_config(ckpt, intermediate_size=96)
-        with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.gate_proj\.weight' has shape \(128, 64\), expected \(96, 64\)"):
+        with pytest.raises(
+            CheckpointError,
+            match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.gate_proj\.weight' has shape \(128, 64\), expected \(96, 64\)",
+        ):
             relax.load_hf(str(ckpt))
 
     def test_no_weights(self, ckpt):
@@ -242,8 +302,16 @@ def test_config_errors():
     with pytest.raises(ValueError, match="num_heads .* multiple of num_kv_heads"):
         ModelConfig(num_heads=4, num_kv_heads=3)
     with pytest.raises(ValueError, match="unsupported rope scaling type 'yarn'"):
-        ModelConfig.from_hf_config(dict(model_type="llama", vocab_size=8, hidden_size=8,
-                                        intermediate_size=8, num_hidden_layers=1,
-                                        num_attention_heads=2, rope_scaling={"rope_type": "yarn"}))
+        ModelConfig.from_hf_config(
+            dict(
+                model_type="llama",
+                vocab_size=8,
+                hidden_size=8,
+                intermediate_size=8,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                rope_scaling={"rope_type": "yarn"},
+            )
+        )
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         Model(ModelConfig(), dtype=jnp.float16)

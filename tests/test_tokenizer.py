@@ -23,7 +23,9 @@ def test_prompt_non_thinking_by_default(tok):
     prompt = relax.build_prompt(tok, "What is 2+3?")
     assert prompt.startswith("<|im_start|>user\nWhat is 2+3?\n" + INSTRUCTION + "<|im_end|>")
     assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    assert "\\boxed{}" in prompt and "\\\\boxed" not in prompt  # one backslash, not the raw-string two
+    assert (
+        "\\boxed{}" in prompt and "\\\\boxed" not in prompt
+    )  # one backslash, not the raw-string two
 
 
 def test_prompt_thinking(tok):

@@ -79,8 +79,15 @@ class ModelConfig:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.head_dim % 2:
@@ -160,8 +167,11 @@ class ModelConfig:
 
     def to_hf_config(self, dtype_name: str = "float32") -> dict[str, Any]:
         """The `config.json` dictionary `transformers` loads back to this architecture."""
-        arch = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "llama": "LlamaForCausalLM"}[self.family]
+        arch = {
+            "qwen3": "Qwen3ForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+            "llama": "LlamaForCausalLM",
+        }[self.family]
         rope = {"rope_type": self.rope_scaling.rope_type, "rope_theta": self.rope_theta}
         if self.rope_scaling.rope_type == "linear":
             rope["factor"] = self.rope_scaling.factor

@@ -151,13 +151,17 @@ def load_hf(path: str, dtype=jnp.bfloat16) -> tuple[Model, dict]:
     for hf_name, rpath, layout, layer, shape in _rows(model):
         expected[hf_name] = rpath
         if hf_name not in location:
-            raise CheckpointError(f"{path}: missing tensor {hf_name!r} (model_type "
-                                  f"{config.family}, needed for {'/'.join(rpath)})")
+            raise CheckpointError(
+                f"{path}: missing tensor {hf_name!r} (model_type "
+                f"{config.family}, needed for {'/'.join(rpath)})"
+            )
         w = read(hf_name)
         want = _hf_shape(shape, layout)
         if tuple(w.shape) != tuple(want):
-            raise CheckpointError(f"{location[hf_name]}: tensor {hf_name!r} has shape "
-                                  f"{tuple(w.shape)}, expected {tuple(want)} from config.json")
+            raise CheckpointError(
+                f"{location[hf_name]}: tensor {hf_name!r} has shape "
+                f"{tuple(w.shape)}, expected {tuple(want)} from config.json"
+            )
         x = _to_relax(w, shape, layout).astype(np_dtype)
         node = params
         for key in rpath[:-1]:
@@ -173,13 +177,17 @@ def load_hf(path: str, dtype=jnp.bfloat16) -> tuple[Model, dict]:
         if name == "lm_head.weight" and config.tie_embeddings:
             # Some exporters store the tied head anyway; accept it only if it is the embedding.
             if not np.array_equal(read(name), read("model.embed_tokens.weight")):
-                raise CheckpointError(f"{location[name]}: tensor 'lm_head.weight' differs from "
-                                      "'model.embed_tokens.weight' but config.json ties them")
+                raise CheckpointError(
+                    f"{location[name]}: tensor 'lm_head.weight' differs from "
+                    "'model.embed_tokens.weight' but config.json ties them"
+                )
             continue
         if re.search(r"rotary_emb\.inv_freq$", name):
             continue  # a cached constant some old exporters saved; recomputed from the config
-        raise CheckpointError(f"{location[name]}: unexpected tensor {name!r} for model_type "
-                              f"{config.family} with this config.json")
+        raise CheckpointError(
+            f"{location[name]}: unexpected tensor {name!r} for model_type "
+            f"{config.family} with this config.json"
+        )
     for h in handles.values():
         h.__exit__(None, None, None)
 
@@ -209,8 +217,9 @@ def save_hf(model: Model, params: dict, path: str, max_shard_bytes: int | None =
             node = node[key]
         x = np.asarray(jax.device_get(node if layer is None else node[layer]))
         if tuple(x.shape) != tuple(shape):
-            raise CheckpointError(f"param {'/'.join(rpath)} has shape {x.shape}, "
-                                  f"expected {tuple(shape)}")
+            raise CheckpointError(
+                f"param {'/'.join(rpath)} has shape {x.shape}, expected {tuple(shape)}"
+            )
         tensors[hf_name] = np.ascontiguousarray(_to_hf(x, layout))
     dtype_name = "bfloat16" if model.dtype == jnp.bfloat16 else "float32"
     with open(os.path.join(path, "config.json"), "w") as f:

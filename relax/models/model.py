@@ -60,8 +60,9 @@ class Model:
         shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
         return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
 
-    def apply(self, params: Params, tokens: jax.Array, positions: jax.Array,
-              cache: Cache | None) -> tuple[jax.Array, Cache | None]:
+    def apply(
+        self, params: Params, tokens: jax.Array, positions: jax.Array, cache: Cache | None
+    ) -> tuple[jax.Array, Cache | None]:
         """Logits [B, T, V] (float32) and the updated cache.
 
         tokens, positions: int32 [B, T]. positions < 0 is padding. With

@@ -58,8 +58,9 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
 def rope_angles(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """cos and sin [B, T, H] (float32) for `positions` [B, T]; padding gets position 0."""
     pos = jnp.maximum(positions, 0).astype(jnp.float32)
-    freqs = jnp.einsum("bt,h->bth", pos, jnp.asarray(rope_inv_freq(cfg)),
-                       precision=jax.lax.Precision.HIGHEST)
+    freqs = jnp.einsum(
+        "bt,h->bth", pos, jnp.asarray(rope_inv_freq(cfg)), precision=jax.lax.Precision.HIGHEST
+    )
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
@@ -92,8 +93,13 @@ class Block(nn.Module):
     def __call__(self, x, layer_cache, positions, cos, sin):
         # x [B, T, D]; layer_cache None or {"k","v": [B, S, K, H]}; positions [B, T]
         cfg = self.cfg
-        d, n, k, h, f = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                         cfg.intermediate_size)
+        d, n, k, h, f = (
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.intermediate_size,
+        )
         g = n // k
         w_init = nn.initializers.normal(0.02)
         ones, zeros = nn.initializers.ones, nn.initializers.zeros
@@ -121,16 +127,21 @@ class Block(nn.Module):
             # Padding writes to slot S, which `mode="drop"` discards.
             slot = jnp.where(positions >= 0, positions, s)
             rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-            keys = layer_cache["k"].at[rows, slot].set(kk.astype(layer_cache["k"].dtype), mode="drop")
-            values = layer_cache["v"].at[rows, slot].set(v.astype(layer_cache["v"].dtype), mode="drop")
+            keys = (
+                layer_cache["k"].at[rows, slot].set(kk.astype(layer_cache["k"].dtype), mode="drop")
+            )
+            values = (
+                layer_cache["v"].at[rows, slot].set(v.astype(layer_cache["v"].dtype), mode="drop")
+            )
             key_pos = jnp.broadcast_to(jnp.arange(s)[None, :], (b, s))
             new_cache = {"k": keys, "v": values}
 
         # [B, T, S]: slot visible when it holds a real token at or before the query.
         visible = (key_pos[:, None, :] <= positions[:, :, None]) & (key_pos[:, None, :] >= 0)
         qg = q.reshape(q.shape[0], q.shape[1], k, g, h)  # [B, T, K, G, H]
-        scores = jnp.einsum("btkgh,bskh->btkgs", qg, keys.astype(self.dtype),
-                            preferred_element_type=jnp.float32) * (h ** -0.5)
+        scores = jnp.einsum(
+            "btkgh,bskh->btkgs", qg, keys.astype(self.dtype), preferred_element_type=jnp.float32
+        ) * (h**-0.5)
         scores = jnp.where(visible[:, :, None, None, :], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         attn = jnp.einsum("btkgs,bskh->btkgh", probs, values.astype(self.dtype))
@@ -167,8 +178,9 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens, positions, cache=None):
         cfg = self.cfg
-        embed = self.param("embed", nn.initializers.normal(0.02),
-                           (cfg.vocab_size, cfg.hidden_size), self.dtype)
+        embed = self.param(
+            "embed", nn.initializers.normal(0.02), (cfg.vocab_size, cfg.hidden_size), self.dtype
+        )
         x = jnp.take(embed, tokens, axis=0)  # [B, T, D]
         cos, sin = rope_angles(positions, cfg)
         block = nn.remat(Block) if self.remat else Block
@@ -180,12 +192,19 @@ class Transformer(nn.Module):
             length=cfg.num_layers,
         )(cfg, self.dtype, name="layers")
         x, cache = layers(x, cache, positions, cos, sin)
-        x = rms_norm(x, self.param("final_norm", nn.initializers.ones, (cfg.hidden_size,),
-                                   self.dtype), cfg.rms_norm_eps)
+        x = rms_norm(
+            x,
+            self.param("final_norm", nn.initializers.ones, (cfg.hidden_size,), self.dtype),
+            cfg.rms_norm_eps,
+        )
         if cfg.tie_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, embed, preferred_element_type=jnp.float32)
         else:
-            head = self.param("lm_head", nn.initializers.normal(0.02),
-                              (cfg.hidden_size, cfg.vocab_size), self.dtype)
+            head = self.param(
+                "lm_head",
+                nn.initializers.normal(0.02),
+                (cfg.hidden_size, cfg.vocab_size),
+                self.dtype,
+            )
             logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
         return logits, cache
