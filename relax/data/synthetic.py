@@ -1,0 +1,251 @@
+"""A synthetic reasoning task small enough to train on a CPU, with a tokenizer.
+
+The task is the miniature behind `relax demo`. Each problem is a short word
+problem whose step-by-step solution ends in `\\boxed{}`:
+
+    Question: Ann has 3 coins. She finds 4 more, then spends 2. Then she sells
+              a bivo. How many coins does she have now?
+    Solution: Start 3. 3+4=7. 7-2=5. A bivo sells for 37. 37+5: 7+5=12,
+              carry 1. 3+1=4. So 42. \\boxed{42}
+
+Most steps are easy: one-digit sums that stay below ten and a column
+addition written digit by digit, all copied from or computed on numbers in
+the context. One step per sold item is hard: its price ("37") is world
+knowledge, a fixed seeded catalog of `num_items` made-up item names that no
+prompt contains. A larger model memorises the catalog; a small one does not,
+so its errors concentrate on two or three tokens of a ~60-token solution.
+That is the situation RelayLLM is built for: the SLM should write
+`<call>2</call>` right before the price and let the LLM write it.
+
+`hard_spans` gives the character spans of the hard tokens in each solution,
+so an evaluation can check where the calls land.
+
+The tokenizer is character-level (every printable ASCII character and the
+newline, so any text, the digits of any `<call>n</call>` included, can be
+written), plus whole-word tokens for the template's fixed words and for
+`<call>`/`</call>`, and Qwen-style chat special tokens. It is saved as an
+ordinary Hugging Face tokenizer (tokenizer.json, tokenizer_config.json with a
+chat template) so `relax.load_tokenizer`, prompts, the command automaton and
+grading all run unchanged. What it does not do: it is no general-purpose
+tokenizer (no byte fallback, ASCII only).
+"""
+
+import dataclasses
+import json
+import os
+import random
+import string
+
+# The instruction `relax.build_prompt` appends (DESIGN "Evaluation"); one token.
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+PAD_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END)
+
+# Qwen's chat layout; `enable_thinking` is accepted and ignored (no thinking).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+NAMES = (("Ann", "she"), ("Bob", "he"), ("Cal", "he"), ("Dee", "she"), ("Eve", "she"), ("Max", "he"))
+GAINS = ("finds", "gets", "wins")
+LOSSES = ("spends", "loses", "gives away")
+
+# Fixed words of the templates, tokenised whole (with the space before them)
+# so prompts and solutions stay short; digits and item names stay one
+# character per token, so arithmetic and recall work on single characters.
+WORD_TOKENS = (
+    "<call>",
+    "</call>",
+    INSTRUCTION,
+    "\\boxed{",
+    "user",
+    "assistant",
+    "Start",
+    "Then",
+    "How many coins does she have now?",
+    "How many coins does he have now?",
+    " sells for",
+    " sells a",
+    "How",
+    "She",
+    "He",
+    " has",
+    " coins",
+    " she",
+    " he",
+    " finds",
+    " gets",
+    " wins",
+    " spends",
+    " loses",
+    " gives away",
+    " more",
+    " then",
+    " sells",
+    " for",
+    " and",
+    " many",
+    " does",
+    " have",
+    " now",
+    " carry",
+    " So",
+) + tuple(" " + name for name, _ in NAMES)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """The synthetic task's knobs.
+
+    num_items: size of the price catalog (the hard "knowledge").
+    catalog_seed: seed of the catalog; models only agree on prices under the
+      same catalog, so it is part of the task, not of a data split.
+    min_steps / max_steps: number of easy one-digit steps per problem.
+    max_sold: items sold per problem (hard steps), 1..max_sold.
+    """
+
+    num_items: int = 64
+    catalog_seed: int = 1234
+    min_steps: int = 2
+    max_steps: int = 4
+    max_sold: int = 1
+
+    def __post_init__(self):
+        if not 1 <= self.num_items <= 2000:
+            raise ValueError(f"num_items must be in 1..2000, got {self.num_items}")
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ValueError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
+        if not 1 <= self.max_sold <= 3:
+            raise ValueError(f"max_sold must be in 1..3, got {self.max_sold}")
+
+
+def catalog(task):
+    """The world's price list: {item name: price in 10..99}, fixed by the seed.
+
+    Names are made-up consonant-vowel words (4 letters), distinct, and never
+    one of the template's words.
+    """
+    rng = random.Random(task.catalog_seed)
+    consonants, vowels = "bcdfghjklmnprstvz", "aeiou"
+    names = set()
+    while len(names) < task.num_items:
+        names.add("".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(2)))
+    names = sorted(names)
+    rng.shuffle(names)
+    return {name: rng.randint(10, 99) for name in names}
+
+
+def _column_sum(a, b):
+    """Digit-by-digit text of a + b (a < 1000, b < 100), and the sum."""
+    total = a + b
+    units = a % 10 + b % 10
+    carry = units // 10
+    tens_a, tens_b = a // 10, b // 10
+    tens_sum = tens_a + tens_b + carry
+    tens_terms = "+".join(str(t) for t in (tens_a, tens_b, carry) if t) or "0"
+    text = (
+        f"{a}+{b}: {a % 10}+{b % 10}={units} carry {carry}. "
+        f"{tens_terms}={tens_sum}. So {total}."
+    )
+    return text, total
+
+
+def make_problem(rng, task, prices=None):
+    """One problem: {"question", "solution", "answer", "hard_spans"}.
+
+    rng: a `random.Random`. hard_spans: [(start, end)] character spans of the
+    prices (the hard tokens) inside `solution`.
+    """
+    prices = prices or catalog(task)
+    items = list(prices)
+    name, pronoun = rng.choice(NAMES)
+    value = rng.randint(0, 9)
+    question = [f"{name} has {value} coins."]
+    solution = [f"Start {value}."]
+    steps = rng.randint(task.min_steps, task.max_steps)
+    clauses = []
+    for _ in range(steps):
+        if value == 0 or (value < 9 and rng.random() < 0.5):
+            k = rng.randint(1, 9 - value)
+            clauses.append(f"{rng.choice(GAINS)} {k} more")
+            solution.append(f"{value}+{k}={value + k}.")
+            value += k
+        else:
+            k = rng.randint(1, value)
+            clauses.append(f"{rng.choice(LOSSES)} {k}")
+            solution.append(f"{value}-{k}={value - k}.")
+            value -= k
+    question.append(f"{pronoun.capitalize()} " + ", then ".join(clauses) + ".")
+    sold = rng.sample(items, rng.randint(1, task.max_sold))
+    question.append(f"Then {pronoun} sells " + " and ".join(f"a {item}" for item in sold) + ".")
+    question.append(f"How many coins does {pronoun} have now?")
+    text = " ".join(solution)
+    hard_spans = []
+    for item in sold:
+        text += f" A {item} sells for "
+        hard_spans.append((len(text), len(text) + len(str(prices[item]))))
+        step, value = _column_sum(prices[item], value)
+        text += f"{prices[item]}. {step}"
+    text += f" \\boxed{{{value}}}"
+    return {
+        "question": " ".join(question),
+        "solution": text,
+        "answer": str(value),
+        "hard_spans": hard_spans,
+    }
+
+
+def make_dataset(n, seed, task=None):
+    """n problems from a seeded generator (different seeds, different splits)."""
+    task = task or TaskConfig()
+    prices = catalog(task)
+    rng = random.Random(seed)
+    return [make_problem(rng, task, prices) for _ in range(n)]
+
+
+def build_tokenizer():
+    """The task's `tokenizers.Tokenizer`: characters + whole words + chat specials."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    chars = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in chars:
+        vocab[ch] = len(vocab)
+    # No merges: every character is its own token unless an added token covers it.
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tokenizer.add_tokens([AddedToken(w, special=False, normalized=False) for w in WORD_TOKENS])
+    return tokenizer
+
+
+def save_tokenizer(path):
+    """Write the tokenizer as a Hugging Face tokenizer folder; returns `path`.
+
+    Loadable by `transformers.AutoTokenizer.from_pretrained(path)` and
+    `relax.load_tokenizer(path)`: eos is `<|im_end|>` (ends every answer),
+    pad is `<|endoftext|>`, and the chat template is Qwen's layout.
+    """
+    os.makedirs(path, exist_ok=True)
+    build_tokenizer().save(os.path.join(path, "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": IM_END,
+        "pad_token": PAD_TOKEN,
+        "bos_token": None,
+        "unk_token": None,
+        "model_max_length": 4096,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(path, "special_tokens_map.json"), "w") as f:
+        json.dump({"eos_token": IM_END, "pad_token": PAD_TOKEN}, f, indent=2)
+    return path

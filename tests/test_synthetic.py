@@ -1,0 +1,118 @@
+"""The synthetic task: seeded problems whose solutions grade correct, and the tokenizer.
+
+The tokenizer is checked the way the rest of relax uses it: loaded by
+`relax.load_tokenizer`, prompts through `relax.build_prompt`, every inserted
+`<call>n</call>` recognised by the command automaton with its n.
+"""
+
+import random
+import re
+
+import pytest
+
+from relax.data import synthetic
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    import relax
+
+    path = synthetic.save_tokenizer(str(tmp_path_factory.mktemp("tok")))
+    return relax.load_tokenizer(path)
+
+
+def test_problems_are_seeded_and_splits_differ():
+    a = synthetic.make_dataset(20, seed=1)
+    assert a == synthetic.make_dataset(20, seed=1)
+    assert a != synthetic.make_dataset(20, seed=2)
+
+
+def test_solutions_are_right_and_grade_correct():
+    import relax
+
+    task = synthetic.TaskConfig(num_items=50, max_sold=2)
+    prices = synthetic.catalog(task)
+    for p in synthetic.make_dataset(200, seed=3, task=task):
+        sol = p["solution"]
+        assert sol.endswith(f"\\boxed{{{p['answer']}}}")
+        assert relax.grade(sol, p["answer"])
+        assert not relax.grade(sol, str(int(p["answer"]) + 1))
+        # every arithmetic step written is true
+        for expr, value in re.findall(r"(?<![\d+-])(\d+(?:[+-]\d+)*)=(\d+)", sol):
+            terms = re.findall(r"[+-]?\d+", expr)
+            assert sum(int(t) for t in terms) == int(value), (expr, sol)
+        # the answer: start + gains - losses + prices of the items sold
+        start = int(re.match(r"\w+ has (\d+) coins", p["question"]).group(1))
+        sold = re.findall(r"a (\w+)(?= and|\.)", p["question"].split("sells", 1)[1])
+        easy = sum(int(x) for x in re.findall(r"(?:finds|gets|wins) (\d+) more", p["question"]))
+        easy -= sum(int(x) for x in re.findall(r"(?:spends|loses|gives away) (\d+)", p["question"]))
+        assert int(p["answer"]) == start + easy + sum(prices[s] for s in sold)
+        # the hard spans are exactly the prices, in order, and nothing in the prompt gives them away
+        assert [sol[s:e] for s, e in p["hard_spans"]] == [str(prices[s]) for s in sold]
+        for s in sold:
+            assert str(prices[s]) not in p["question"]
+
+
+def test_catalog_is_fixed_by_its_seed():
+    t = synthetic.TaskConfig(num_items=30)
+    assert synthetic.catalog(t) == synthetic.catalog(t)
+    assert synthetic.catalog(t) != synthetic.catalog(synthetic.TaskConfig(num_items=30, catalog_seed=7))
+    names = list(synthetic.catalog(t))
+    assert len(set(names)) == 30 and all(len(n) == 4 for n in names)
+
+
+def test_task_config_validates():
+    with pytest.raises(ValueError, match="min_steps"):
+        synthetic.TaskConfig(min_steps=3, max_steps=2)
+    with pytest.raises(ValueError, match="num_items"):
+        synthetic.TaskConfig(num_items=0)
+
+
+def test_tokenizer_round_trips_and_chat_prompt(tokenizer):
+    import relax
+
+    p = synthetic.make_dataset(1, seed=4)[0]
+    prompt = relax.build_prompt(tokenizer, p["question"])
+    assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
+    assert synthetic.INSTRUCTION in prompt
+    text = prompt + p["solution"] + "<|im_end|>"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert ids[-1] == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.pad_token_id == tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert len(tokenizer) < 200
+    # digits are single tokens, so prices are a few tokens
+    for d in "0123456789":
+        assert tokenizer(d, add_special_tokens=False)["input_ids"] == [tokenizer.convert_tokens_to_ids(d)]
+    # every id decodes alone to its own text (what the command automaton walks)
+    assert "".join(tokenizer.decode([i]) for i in ids) == text
+
+
+def test_inserted_commands_are_recognised(tokenizer):
+    from relax.relay.command import CallCommand
+    from relax.train import warmup
+    from relax.train.config import WarmupDataConfig
+
+    command = CallCommand.from_tokenizer(tokenizer)
+    rng = random.Random(0)
+    cfg = WarmupDataConfig(max_commands=3, max_exponent=2)
+    for p in synthetic.make_dataset(10, seed=5):
+        text, ns = warmup.insert_commands(p["solution"], tokenizer, rng, cfg)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert "".join(tokenizer.decode([i]) for i in ids) == text
+        assert [int(n) for n in re.findall(warmup.COMMAND_PATTERN, text)] == ns
+        assert _walk(command, ids) == ns
+
+
+def _walk(command, ids):
+    """The n of every command the automaton completes along ids (host-side walk of its tables)."""
+    state, n, found = 0, 0, []
+    for t in ids:
+        c = command.token_class[t]
+        if command.complete[state, c]:
+            cm, ca = int(command.cmul[state, c]), int(command.cadd[state, c])
+            found.append(n * cm + ca if cm else ca)
+        m, a = int(command.mul[state, c]), int(command.add[state, c])
+        n = n * m + a if m else a
+        state = int(command.next_state[state, c])
+    return found
