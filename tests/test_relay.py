@@ -141,18 +141,18 @@ def case():
         sniff=jnp.asarray(sniff),
         alarm=jnp.int32(alarm),
     )
-    return dict(
-        names=[r[0] for r in rows],
-        prompts=arr,
-        lens=lens,
-        slm=ScriptedModel(V),
-        llm=ScriptedModel(V),
-        slm_params=slm_params,
-        llm_params=llm_params,
-        command=command,
-        tok=tok,
-        alarm=alarm,
-    )
+    return {
+        "names": [r[0] for r in rows],
+        "prompts": arr,
+        "lens": lens,
+        "slm": ScriptedModel(V),
+        "llm": ScriptedModel(V),
+        "slm_params": slm_params,
+        "llm_params": llm_params,
+        "command": command,
+        "tok": tok,
+        "alarm": alarm,
+    }
 
 
 def run(case, config=CONFIG, fn=decoder.relay_generate, order=None, key=0):

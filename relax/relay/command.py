@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -195,7 +195,7 @@ class CallCommand:
         return int(self.next_state.shape[1])
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, max_n: int = 1_000_000) -> "CallCommand":
+    def from_tokenizer(cls, tokenizer, max_n: int = 1_000_000) -> CallCommand:
         """Compiles the automaton for a `transformers` tokenizer.
 
         Each id is decoded alone (`skip_special_tokens=False`), which is exact
@@ -214,7 +214,7 @@ class CallCommand:
         return cls._build(texts, max_n, decode)
 
     @classmethod
-    def from_token_texts(cls, texts: Sequence[str], max_n: int = 1_000_000) -> "CallCommand":
+    def from_token_texts(cls, texts: Sequence[str], max_n: int = 1_000_000) -> CallCommand:
         """Compiles the automaton for a vocabulary given as one string per token id."""
         texts = list(texts)
 
@@ -224,7 +224,7 @@ class CallCommand:
         return cls._build(texts, max_n, decode)
 
     @classmethod
-    def _build(cls, texts, max_n, decode) -> "CallCommand":
+    def _build(cls, texts, max_n, decode) -> CallCommand:
         if not 1 <= max_n <= 100_000_000:
             raise ValueError(f"max_n must be in [1, 1e8] (int32 arithmetic), got {max_n}")
         relevant = set("<>/call") | _WS | _DIGITS

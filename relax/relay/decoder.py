@@ -399,7 +399,7 @@ def _run(
         lambda s: _body(loop, slm_params, llm_params, tables, key, prompt_lens, s),
         s,
     )
-    count = lambda k: jnp.sum(s.source == k, axis=1).astype(jnp.int32)  # noqa: E731
+    count = lambda k: jnp.sum(s.source == k, axis=1).astype(jnp.int32)
     out = RelayOutput(
         tokens=s.tokens,
         source=s.source,

@@ -24,7 +24,7 @@ from relax.relay.sampling import sample, token_key
 _sample = jax.jit(sample, static_argnums=2)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward(model):
     return jax.jit(
         lambda params, tokens, positions: model.apply(params, tokens, positions, None)[0]
@@ -119,7 +119,7 @@ def _pack(rows, prompts, config):
     for b, (row, src, lps, fin, ncalls, npre) in enumerate(rows):
         tokens[b, : len(row)], source[b, : len(row)], logprobs[b, : len(row)] = row, src, lps
         lengths[b], finish[b], calls[b], prefill[b] = len(row), fin, ncalls, npre
-    count = lambda k: (source == k).sum(1).astype(np.int32)  # noqa: E731
+    count = lambda k: (source == k).sum(1).astype(np.int32)
     return RelayOutput(
         tokens=tokens,
         source=source,
