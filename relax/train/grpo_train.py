@@ -112,6 +112,7 @@ def train_grpo(
     local_rows = cfg.prompts_per_step * G // procs
     if (cfg.prompts_per_step % procs) or local_rows % n_dev:
         raise ValueError(f"{cfg.prompts_per_step} prompts x G={G} do not split over {procs} x {n_dev} devices")
+    run.check_split(cfg.mini_batch_prompts * G, "mini_batch_prompts x group_size")
     ref_r = replicate(ref_params, run.devices)
     llm_r = replicate(llm_params, run.devices) if llm_params is not None else None
     update_fn = make_update_step(make_grpo_loss(model, cfg), optimizer)

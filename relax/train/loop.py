@@ -43,6 +43,16 @@ class TrainRun:
         self.writer = MetricsWriter(run_cfg.output_dir, enabled=self.main)
         self.skipped_steps = []
 
+    def check_split(self, global_rows, what):
+        """Fail early (before compiling) when a global batch does not split evenly."""
+        parts = jax.process_count() * self.n_dev * self.cfg.micro_batch_size
+        if global_rows % parts:
+            raise ValueError(
+                f"{what} = {global_rows} rows must be a multiple of processes x devices x "
+                f"run.micro_batch_size = {jax.process_count()} x {self.n_dev} x "
+                f"{self.cfg.micro_batch_size}"
+            )
+
     def key(self, *path):
         """A key for this step: fold the step (and optional path ints) into the run rng."""
         key = jax.random.wrap_key_data(np.asarray(self.rng, np.uint32))

@@ -106,6 +106,7 @@ def train_sft(model, params, examples, cfg, pad_id=0, progress=True):
     total = sft_steps(n, cfg)
     optimizer = make_optimizer(cfg.optim, total)
     run = TrainRun(cfg.run, params, optimizer, total)
+    run.check_split(cfg.batch_size, "batch_size")
     step_fn = make_update_step(make_sft_loss(model), optimizer)
     from relax.train.update import lr_schedule
 

@@ -127,8 +127,13 @@ def replicate(tree, devices):
 
 
 def unreplicate(tree):
-    """Device 0's copy of a replicated pytree, fetched to host numpy."""
-    return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+    """Device 0's copy of a replicated pytree, as host numpy arrays that own their memory.
+
+    The explicit copy matters: on CPU, ``np.asarray`` of a device array can
+    alias the device buffer, and the params buffers are donated to the next
+    update, which would rewrite a checkpoint while orbax is still saving it.
+    """
+    return jax.tree.map(lambda x: np.array(x.addressable_shards[0].data[0], copy=True), tree)
 
 
 def split_devices(batch, n_dev, micro_batch_size):

@@ -1,0 +1,177 @@
+"""`relax sft`, `relax grpo`, `relax filter`: YAML preset + key=value overrides -> a run.
+
+    relax sft    --config configs/train-tiny.yaml run.output_dir=runs/sft steps=20
+    relax grpo   --config configs/train-qwen3-1.7b+8b.yaml slm=runs/sft/final
+    relax filter --config configs/train-qwen3-1.7b+8b.yaml data=dapo17k.jsonl
+
+Each stage reads its section (``sft:``, ``grpo:``, ``filter:``) of the
+preset; overrides use the dataclass field names of ``relax.train.config``.
+Data: a JSONL path, or ``synthetic:N[:seed]`` for the CPU task of
+``relax.data.synthetic`` (its solutions serve as the SLM's responses).
+Tokenizer ``synthetic`` writes and loads that task's tokenizer. Launched in
+JAX's distributed environment, each command calls
+``jax.distributed.initialize()`` first (``relax.train.distributed``).
+"""
+
+import argparse
+import json
+import os
+
+from relax.train import config as config_lib
+from relax.train import distributed
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+
+
+def _parse(prog, argv, cls, section):
+    parser = argparse.ArgumentParser(prog=f"relax {prog}", description=cls.__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML preset (path, or a name in configs/ without .yaml)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="key=value (dotted keys for nested sections)")
+    args = parser.parse_args(argv)
+    preset = args.config
+    if preset and not os.path.exists(preset):
+        preset = os.path.join(CONFIG_DIR, preset + ".yaml")
+    cfg = config_lib.load_config(cls, preset, section if preset else None, args.overrides)
+    return cfg, args
+
+
+def read_rows(spec, seed=0):
+    """Rows of a JSONL file, or ``synthetic:N[:seed]`` problems (with ``response``)."""
+    if spec.startswith("synthetic:"):
+        from relax.data.synthetic import make_dataset
+
+        parts = spec.split(":")
+        rows = make_dataset(int(parts[1]), int(parts[2]) if len(parts) > 2 else seed)
+        return [dict(r, response=r["solution"]) for r in rows]
+    with open(spec) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_tokenizer(spec, output_dir):
+    if not spec:
+        return None
+    import relax
+
+    if spec == "synthetic":
+        from relax.data.synthetic import save_tokenizer
+
+        spec = save_tokenizer(os.path.join(output_dir, "tokenizer"))
+    return relax.load_tokenizer(spec)
+
+
+def load_model(path, model_config, dtype_name, seed):
+    """(model, params) from an HF directory, or a random model of ``model_config``."""
+    import jax
+    import jax.numpy as jnp
+
+    import relax
+
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
+    if path:
+        return relax.load_hf(path, dtype=dtype)
+    if not model_config:
+        raise ValueError("set a model path (HF directory) or model_config for a random model")
+    model = relax.Model(relax.ModelConfig(**model_config), dtype=dtype)
+    return model, model.init_params(jax.random.key(seed))
+
+
+def export(model, params, tokenizer, output_dir):
+    """``relax.save_hf`` plus the tokenizer files into ``output_dir/final``."""
+    import relax
+
+    path = os.path.join(output_dir, "final")
+    relax.save_hf(model, params, path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def sft(argv):
+    cfg, args = _parse("sft", argv, config_lib.SFTConfig, "sft")
+    if args.print_config:
+        print(json.dumps(config_lib.to_dict(cfg), indent=2))
+        return 0
+    distributed.maybe_initialize()
+    from relax.train.sft import train_sft
+    from relax.train.warmup import build_warmup_examples
+
+    model, params = load_model(cfg.model, cfg.model_config, cfg.run.dtype, cfg.run.seed)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.run.output_dir)
+    rows = read_rows(cfg.data, cfg.run.seed)
+    if rows and "prompt_ids" in rows[0]:
+        examples = rows
+    else:
+        if tokenizer is None:
+            raise ValueError("text data needs a tokenizer (set tokenizer=...)")
+        examples = build_warmup_examples(rows, tokenizer, cfg.warmup_data, seed=cfg.run.seed)
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
+    params = train_sft(model, params, examples, cfg, pad_id=pad, progress=not args.no_progress)
+    if cfg.run.export and distributed.is_main_process():
+        print(f"exported to {export(model, params, tokenizer, cfg.run.output_dir)}")
+    return 0
+
+
+def grpo(argv):
+    cfg, args = _parse("grpo", argv, config_lib.GRPOConfig, "grpo")
+    if args.print_config:
+        print(json.dumps(config_lib.to_dict(cfg), indent=2))
+        return 0
+    distributed.maybe_initialize()
+    import relax
+    from relax.relay.config import RelayConfig, SamplingConfig
+    from relax.train.grpo_train import train_grpo
+    from relax.train.rollout import make_relay_rollout, text_verifier
+    from relax.train.warmup import chat_prompt
+
+    slm, params = load_model(cfg.slm, cfg.model_config, cfg.run.dtype, cfg.run.seed)
+    llm, llm_params = load_model(cfg.llm, cfg.llm_config, cfg.run.dtype, cfg.run.seed + 1)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.slm, cfg.run.output_dir)
+    if tokenizer is None:
+        raise ValueError("GRPO needs a tokenizer (set tokenizer=...)")
+    eos = tuple(i for i in {tokenizer.eos_token_id, tokenizer.pad_token_id} if i is not None)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    relay_cfg = RelayConfig(
+        max_new_tokens=cfg.max_response,
+        max_calls=cfg.max_calls,
+        max_call_tokens=cfg.max_call_tokens,
+        slm=SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p),
+        llm=SamplingConfig(temperature=cfg.llm_temperature, top_p=cfg.llm_top_p),
+        eos_ids=eos,
+        pad_id=pad,
+        **cfg.relay,
+    )
+    rollout = make_relay_rollout(slm, llm, relay_cfg, relax.CallCommand.from_tokenizer(tokenizer))
+    problems = [r for r in read_rows(cfg.data, cfg.run.seed)]
+
+    def encode(problem):
+        return tokenizer(chat_prompt(tokenizer, problem["question"]), add_special_tokens=False)["input_ids"]
+
+    problems = [p for p in problems if len(encode(p)) <= cfg.max_prompt_len]
+    params = train_grpo(
+        slm, params, problems, cfg, rollout, text_verifier(tokenizer, relax.grade), encode,
+        llm_params=llm_params, pad_id=pad, progress=not args.no_progress,
+    )
+    if cfg.run.export and distributed.is_main_process():
+        print(f"exported to {export(slm, params, tokenizer, cfg.run.output_dir)}")
+    return 0
+
+
+def filter(argv):  # noqa: A001 - the subcommand's name
+    cfg, args = _parse("filter", argv, config_lib.FilterConfig, "filter")
+    if args.print_config:
+        print(json.dumps(config_lib.to_dict(cfg), indent=2))
+        return 0
+    distributed.maybe_initialize()
+    import relax
+    from relax.train.filter import filter_problems
+
+    llm, llm_params = load_model(cfg.llm, {}, cfg.dtype, cfg.seed)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.llm, os.path.dirname(cfg.output) or ".")
+    rows = read_rows(cfg.data, cfg.seed)
+    if cfg.limit:
+        rows = rows[: cfg.limit]
+    kept = filter_problems(llm, llm_params, tokenizer, rows, cfg, relax.grade, progress=not args.no_progress)
+    print(f"kept {len(kept)} of {len(rows)} problems -> {cfg.output}")
+    return 0

@@ -1,0 +1,60 @@
+"""Teacher filtering: keep the training problems the LLM solves often enough.
+
+For every problem, ``k`` samples from the LLM (``relax.generate``, the
+teacher's sampling), graded with ``grade(response_text, answer)``; a problem
+is kept when its pass rate is above ``min_pass_rate`` (default 0: solved at
+least once in k = 16, as the paper). Every problem is written with its
+``pass_rate`` to ``cfg.output`` (JSONL, kept rows only) and the full table to
+``<output>.all.jsonl``. It does not train.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from relax.train.rollout import decode_responses, encode_prompts
+
+
+def pass_rates(llm, llm_params, tokenizer, problems, cfg, grade, progress=True, prompt_fn=None):
+    """Pass rate of each problem over ``cfg.k`` teacher samples. Returns float [len(problems)]."""
+    import relax
+    from relax.relay.config import RelayConfig, SamplingConfig
+
+    eos = tuple(i for i in {tokenizer.eos_token_id, tokenizer.pad_token_id} if i is not None)
+    gen = RelayConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        slm=SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p),
+        eos_ids=eos,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0],
+    )
+    key = jax.random.key(cfg.seed)
+    rates = np.zeros(len(problems), np.float64)
+    bar = tqdm(total=len(problems), desc="filter", disable=not progress)
+    for start in range(0, len(problems), cfg.batch_size):
+        chunk = problems[start : start + cfg.batch_size]
+        questions = [p["question"] for p in chunk for _ in range(cfg.k)]
+        prompts, lens = encode_prompts(tokenizer, questions, prompt_fn=prompt_fn, pad_id=gen.pad_id)
+        out = relax.generate(llm, llm_params, prompts, lens, jax.random.fold_in(key, start), gen)
+        texts = decode_responses(tokenizer, jax.device_get(out))
+        ok = np.array([grade(t, chunk[i // cfg.k]["answer"]) for i, t in enumerate(texts)], bool)
+        rates[start : start + len(chunk)] = ok.reshape(len(chunk), cfg.k).mean(axis=1)
+        bar.update(len(chunk))
+    bar.close()
+    return rates
+
+
+def filter_problems(llm, llm_params, tokenizer, problems, cfg, grade, progress=True, prompt_fn=None):
+    """Problems with pass rate > ``cfg.min_pass_rate`` (each with its ``pass_rate``); writes JSONL."""
+    rates = pass_rates(llm, llm_params, tokenizer, problems, cfg, grade, progress, prompt_fn)
+    rows = [dict(p, pass_rate=float(r)) for p, r in zip(problems, rates)]
+    kept = [r for r in rows if r["pass_rate"] > cfg.min_pass_rate]
+    if jax.process_index() == 0 and cfg.output:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
+        for path, data in ((cfg.output, kept), (cfg.output + ".all.jsonl", rows)):
+            with open(path, "w") as f:
+                for r in data:
+                    f.write(json.dumps(r) + "\n")
+    return kept
