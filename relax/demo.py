@@ -1,0 +1,571 @@
+"""`relax demo`: a miniature RelayLLM, trained and evaluated end to end on a CPU.
+
+The paper's whole pipeline, at toy scale, by the project's own code:
+
+  1. task       the synthetic task and its tokenizer (`relax.data.synthetic`);
+  2. llm, slm   a teacher and a student trained from scratch on reference
+                solutions with `relax.train.sft.train_sft`, saved with
+                `relax.save_hf` and read back with `relax.load_hf`;
+  3. warmup     the student's own correct solutions (`relax.generate`,
+                graded by `relax.grade`) with `<call>n</call>` inserted at
+                random token boundaries, fine-tuned with `train_sft`;
+  4. filter     RL problems kept when the teacher solves one of k samples;
+  5. relay      GRPO from the warm-up SLM with relay rollouts and the
+                difficulty-aware reward (`relax.train.grpo_train.train_grpo`);
+     grpo_slm   GRPO from the base student on accuracy alone, calls not honoured;
+  6. eval       slm, grpo_slm, llm, relay, teacher_free, random_router (at the
+                relay's LLM-token share) and entropy_router on held-out
+                problems (`relax.eval.strategies.evaluate`), then the table,
+                `results.json` and the plot (`relax.eval.report`).
+
+Every stage writes under `--out` (default runs/demo/) and is skipped on the
+next run when its outputs exist and its settings are unchanged; `--fresh`
+retrains everything. `--quick` runs the same stages at toy scale (a CI smoke
+test of the pipeline and files; its numbers mean nothing).
+
+This module only orchestrates: it holds no training, decoding or metric
+logic of its own.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+
+DEFAULT_CONFIG = "demo.yaml"
+QUICK_CONFIG = "demo-quick.yaml"
+
+
+@dataclasses.dataclass
+class TaskSection:
+    """The synthetic task (see `relax.data.synthetic.TaskConfig`)."""
+
+    num_items: int = 64
+    catalog_seed: int = 1234
+    min_steps: int = 2
+    max_steps: int = 4
+    max_sold: int = 1
+
+
+@dataclasses.dataclass
+class ModelSection:
+    """A model size (qwen3 family) and its from-scratch SFT on reference solutions."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int = 16
+    rope_theta: float = 10000.0
+    problems: int = 8192
+    """Reference solutions it is trained on (one pass, batch_size per step)."""
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class WarmupSection:
+    """Warm-up: the SLM's own correct solutions with commands inserted."""
+
+    problems: int = 512
+    samples: int = 2
+    temperature: float = 0.7
+    max_commands: int = 3
+    mantissa_max: int = 9
+    max_exponent: int = 2
+    """n = m * 10^e, m in 1..mantissa_max, e in 0..max_exponent."""
+    epochs: int = 2
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    reference_fallback: bool = False
+    """If the SLM solves fewer than 2 problems, warm up on reference solutions
+    instead of failing (only for the --quick smoke test, whose SLM is untrained)."""
+
+
+@dataclasses.dataclass
+class FilterSection:
+    """Teacher filtering of the RL problems (kept when solved once in k)."""
+
+    problems: int = 512
+    k: int = 8
+    temperature: float = 0.7
+    top_p: float = 0.95
+    allow_unfiltered: bool = False
+    """If the teacher solves too few problems for one GRPO step, use them all
+    unfiltered (only for the --quick smoke test, whose teacher is untrained)."""
+
+
+@dataclasses.dataclass
+class GRPOSection:
+    """Both GRPO runs (relay with the difficulty-aware reward; accuracy-only)."""
+
+    steps: int = 40
+    prompts_per_step: int = 16
+    mini_batch_prompts: int = 16
+    group_size: int = 8
+    learning_rate: float = 1e-4
+    kl_coef: float = 0.01
+    temperature: float = 1.0
+    llm_temperature: float = 0.7
+    max_calls: int = 2
+
+
+@dataclasses.dataclass
+class EvalSection:
+    """Held-out evaluation."""
+
+    problems: int = 500
+    seed: int = 7
+    """Data seed of the held-out problems (training splits use other seeds)."""
+    batch_size: int = 100
+    greedy: bool = True
+    temperature: float = 0.7
+    max_calls: int = 4
+    entropy_tau: float = 1.0
+    entropy_k: int = 4
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """Everything `relax demo` trains and evaluates (preset: configs/demo.yaml)."""
+
+    out: str = "runs/demo"
+    seed: int = 0
+    max_new_tokens: int = 112
+    task: TaskSection = dataclasses.field(default_factory=TaskSection)
+    llm: ModelSection = dataclasses.field(default_factory=ModelSection)
+    slm: ModelSection = dataclasses.field(default_factory=ModelSection)
+    warmup: WarmupSection = dataclasses.field(default_factory=WarmupSection)
+    filter: FilterSection = dataclasses.field(default_factory=FilterSection)
+    grpo: GRPOSection = dataclasses.field(default_factory=GRPOSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+
+
+# Data seeds of the splits: disjoint streams of the same generator.
+SPLIT_SEEDS = {"llm": 101, "slm": 102, "warmup": 103, "rl": 104}
+
+
+def _config_dir():
+    here = os.path.dirname(os.path.abspath(__file__))
+    for cand in (os.path.join(os.getcwd(), "configs"), os.path.join(os.path.dirname(here), "configs")):
+        if os.path.isdir(cand):
+            return cand
+    return os.path.join(os.path.dirname(here), "configs")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="relax demo",
+        description="Train and evaluate a miniature RelayLLM end to end on CPU.",
+    )
+    p.add_argument("--config", default=None, help="YAML preset (default configs/demo.yaml)")
+    p.add_argument("--quick", action="store_true", help="toy scale smoke test (configs/demo-quick.yaml)")
+    p.add_argument("--out", default=None, help="output folder (default runs/demo, runs/demo-quick)")
+    p.add_argument("--fresh", action="store_true", help="retrain every stage, ignoring cached outputs")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grpo.steps=20")
+    return p.parse_args(argv)
+
+
+def load_demo_config(args):
+    from relax.train.config import load_config
+
+    preset = args.config or os.path.join(_config_dir(), QUICK_CONFIG if args.quick else DEFAULT_CONFIG)
+    cfg = load_config(DemoConfig, preset if os.path.exists(preset) else None, None, args.overrides)
+    if args.out:
+        cfg.out = args.out
+    return cfg
+
+
+class Stages:
+    """Stage caching: a stage is done when `<out>/<name>/stage.json` holds its settings."""
+
+    def __init__(self, out, fresh):
+        self.out, self.fresh, self.times = out, fresh, {}
+
+    def path(self, name, *parts):
+        return os.path.join(self.out, name, *parts)
+
+    def done(self, name, settings):
+        marker = self.path(name, "stage.json")
+        if self.fresh or not os.path.exists(marker):
+            return False
+        with open(marker) as f:
+            return json.load(f).get("settings") == _canon(settings)
+
+    def start(self, name):
+        d = self.path(name)
+        if os.path.isdir(d):
+            shutil.rmtree(d)
+        os.makedirs(d)
+        self.times[name] = time.time()
+        print(f"[demo] stage {name}", flush=True)
+
+    def finish(self, name, settings, info=None):
+        seconds = time.time() - self.times.pop(name)
+        with open(self.path(name, "stage.json"), "w") as f:
+            json.dump({"settings": _canon(settings), "seconds": seconds, "info": info or {}}, f, indent=2)
+        print(f"[demo] stage {name} done in {seconds:.0f}s", flush=True)
+
+    def info(self, name):
+        with open(self.path(name, "stage.json")) as f:
+            return json.load(f)
+
+
+def _canon(x):
+    """Settings as plain JSON (dataclasses expanded) so cached runs compare equal."""
+    if dataclasses.is_dataclass(x):
+        x = dataclasses.asdict(x)
+    return json.loads(json.dumps(x, sort_keys=True, default=str))
+
+
+def _digest(x):
+    return hashlib.sha256(json.dumps(_canon(x), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------
+# Stages
+
+
+def stage_task(st, cfg):
+    """The tokenizer folder (shared by both models) and the task config."""
+    from relax.data import synthetic
+
+    task = synthetic.TaskConfig(**dataclasses.asdict(cfg.task))
+    settings = {"task": cfg.task}
+    if not st.done("tokenizer", settings):
+        st.start("tokenizer")
+        synthetic.save_tokenizer(st.path("tokenizer"))
+        with open(st.path("tokenizer", "catalog.json"), "w") as f:
+            json.dump(synthetic.catalog(task), f, indent=1)
+        st.finish("tokenizer", settings)
+    return task, st.path("tokenizer")
+
+
+def _model(sec, tokenizer):
+    from relax.models import Model, ModelConfig
+
+    eos = tokenizer.eos_token_id
+    config = ModelConfig(
+        family="qwen3",
+        vocab_size=len(tokenizer),
+        hidden_size=sec.hidden_size,
+        intermediate_size=sec.intermediate_size,
+        num_layers=sec.num_layers,
+        num_heads=sec.num_heads,
+        num_kv_heads=sec.num_kv_heads,
+        head_dim=sec.head_dim,
+        rope_theta=sec.rope_theta,
+        tie_embeddings=True,
+        eos_token_id=eos,
+    )
+    return Model(config)
+
+
+def _sft_config(out_dir, steps, batch_size, lr, seed, epochs=1, max_len=512):
+    from relax.train.config import OptimConfig, RunConfig, SFTConfig
+
+    return SFTConfig(
+        max_len=max_len,
+        batch_size=batch_size,
+        epochs=epochs,
+        steps=steps,
+        optim=OptimConfig(learning_rate=lr, warmup_ratio=0.05, decay="cosine", end_lr_ratio=0.1),
+        run=RunConfig(
+            output_dir=out_dir, seed=seed, num_devices=1, micro_batch_size=batch_size,
+            checkpoint_every=0, keep_checkpoints=1, export=False,
+        ),
+    )
+
+
+def reference_examples(tokenizer, problems):
+    """SFT examples (prompt ids, response ids + EOS) of reference solutions."""
+    from relax.tokenizer import build_prompt
+
+    eos = tokenizer.eos_token_id
+    out = []
+    for p in problems:
+        prompt = tokenizer(build_prompt(tokenizer, p["question"]), add_special_tokens=False)["input_ids"]
+        response = tokenizer(p["solution"], add_special_tokens=False)["input_ids"] + [eos]
+        out.append({"prompt_ids": prompt, "response_ids": response})
+    return out
+
+
+def stage_pretrain(st, name, sec, cfg, task, tok_dir, tokenizer):
+    """Train one model from scratch on reference solutions; save_hf; return load_hf."""
+    import jax
+
+    import relax
+    from relax.data import synthetic
+    from relax.train.sft import train_sft
+
+    settings = {"model": sec, "task": cfg.task, "split": SPLIT_SEEDS[name]}
+    if not st.done(name, settings):
+        st.start(name)
+        model = _model(sec, tokenizer)
+        params = model.init_params(jax.random.key(sec.seed))
+        problems = synthetic.make_dataset(sec.problems, SPLIT_SEEDS[name], task)
+        examples = reference_examples(tokenizer, problems)
+        steps = len(examples) // sec.batch_size
+        run_cfg = _sft_config(st.path(name, "train"), steps, sec.batch_size, sec.learning_rate, sec.seed)
+        print(f"[demo] {name}: {model.num_params():,} parameters, {steps} steps", flush=True)
+        params = train_sft(model, params, examples, run_cfg, pad_id=tokenizer.pad_token_id)
+        relax.save_hf(model, params, st.path(name, "model"))
+        shutil.copytree(tok_dir, st.path(name, "model"), dirs_exist_ok=True)
+        st.finish(name, settings, {"params": model.num_params(), "steps": steps})
+    return relax.load_hf(st.path(name, "model"), dtype="float32")
+
+
+def _relay_config(tokenizer, cfg, greedy, temperature, llm_temperature=0.7, max_calls=4, llm_greedy=None):
+    from relax.relay.config import RelayConfig, SamplingConfig
+
+    llm_greedy = greedy if llm_greedy is None else llm_greedy
+    return RelayConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        max_calls=max_calls,
+        slm=SamplingConfig(temperature=temperature, greedy=greedy),
+        llm=SamplingConfig(temperature=llm_temperature, greedy=llm_greedy),
+        eos_ids=(tokenizer.eos_token_id,),
+        pad_id=tokenizer.pad_token_id,
+    )
+
+
+def stage_warmup(st, cfg, task, tok_dir, tokenizer, slm, slm_params, slm_digest):
+    """Self-generated correct solutions + inserted commands -> warm-up SFT."""
+    import jax
+
+    import relax
+    from relax.data import synthetic
+    from relax.train import warmup
+    from relax.train.config import WarmupDataConfig
+    from relax.train.sft import train_sft
+
+    sec = cfg.warmup
+    settings = {"warmup": sec, "slm": slm_digest, "max_new_tokens": cfg.max_new_tokens}
+    if not st.done("warmup", settings):
+        st.start("warmup")
+        problems = synthetic.make_dataset(sec.problems, SPLIT_SEEDS["warmup"], task)
+        gen = _relay_config(tokenizer, cfg, greedy=False, temperature=sec.temperature)
+        rows = warmup.self_solutions(
+            slm, slm_params, tokenizer, problems, gen, relax.grade, jax.random.key(cfg.seed),
+            batch_size=128, samples=sec.samples,
+        )
+        if len(rows) < 2 and sec.reference_fallback:
+            print(f"[demo] the SLM solved {len(rows)} problems; warming up on reference solutions", flush=True)
+            rows = [{"question": p["question"], "answer": p["answer"], "response": p["solution"]}
+                    for p in problems]
+        if len(rows) < 2:
+            raise RuntimeError(f"the SLM solved only {len(rows)} warm-up problems; train it longer")
+        data_cfg = WarmupDataConfig(
+            max_commands=sec.max_commands, mantissa_max=sec.mantissa_max, max_exponent=sec.max_exponent
+        )
+        examples = warmup.build_warmup_examples(rows, tokenizer, data_cfg, seed=cfg.seed)
+        with open(st.path("warmup", "examples.jsonl"), "w") as f:
+            for r, e in zip(rows, examples):
+                f.write(json.dumps({"question": r["question"], "response": e["response_text"]}) + "\n")
+        bs = min(sec.batch_size, len(examples))
+        steps = sec.epochs * (len(examples) // bs)
+        run_cfg = _sft_config(st.path("warmup", "train"), steps, bs, sec.learning_rate, cfg.seed, epochs=sec.epochs)
+        params = train_sft(slm, slm_params, examples, run_cfg, pad_id=tokenizer.pad_token_id)
+        relax.save_hf(slm, params, st.path("warmup", "model"))
+        shutil.copytree(tok_dir, st.path("warmup", "model"), dirs_exist_ok=True)
+        st.finish("warmup", settings, {"solutions": len(rows), "generated": sec.problems * sec.samples,
+                                       "steps": steps})
+    return relax.load_hf(st.path("warmup", "model"), dtype="float32")[1]
+
+
+def stage_filter(st, cfg, task, tokenizer, llm, llm_params, llm_digest):
+    """RL problems the teacher solves at least once in k samples."""
+    import relax
+    from relax.data import synthetic
+    from relax.train import filter as teacher_filter
+    from relax.train.config import FilterConfig
+
+    sec = cfg.filter
+    settings = {"filter": sec, "llm": llm_digest, "max_new_tokens": cfg.max_new_tokens}
+    path = st.path("filter", "problems.jsonl")
+    if not st.done("filter", settings):
+        st.start("filter")
+        problems = synthetic.make_dataset(sec.problems, SPLIT_SEEDS["rl"], task)
+        fcfg = FilterConfig(output=path, k=sec.k, batch_size=max(1, 256 // sec.k),
+                            max_new_tokens=cfg.max_new_tokens, temperature=sec.temperature, top_p=sec.top_p,
+                            seed=cfg.seed)
+        kept = teacher_filter.filter_problems(llm, llm_params, tokenizer, problems, fcfg, relax.grade)
+        st.finish("filter", settings, {"kept": len(kept), "of": len(problems)})
+    with open(path) as f:
+        kept = [json.loads(line) for line in f]
+    if len(kept) < cfg.grpo.prompts_per_step and sec.allow_unfiltered:
+        print(f"[demo] the teacher solved {len(kept)} problems; GRPO uses them unfiltered", flush=True)
+        kept = synthetic.make_dataset(sec.problems, SPLIT_SEEDS["rl"], task)
+    return kept
+
+
+def stage_grpo(st, name, cfg, tok_dir, tokenizer, slm, init_params, llm, llm_params, problems, reward,
+               max_calls, digest):
+    """GRPO from `init_params` with relay rollouts; returns the trained params."""
+    import relax
+    from relax.relay.command import CallCommand
+    from relax.tokenizer import build_prompt
+    from relax.train.config import GRPOConfig, OptimConfig, RunConfig
+    from relax.train.grpo_train import train_grpo
+    from relax.train.rollout import make_relay_rollout, text_verifier
+
+    sec = cfg.grpo
+    settings = {"grpo": sec, "reward": reward, "max_calls": max_calls, "from": digest,
+                "problems": len(problems), "max_new_tokens": cfg.max_new_tokens}
+    if not st.done(name, settings):
+        st.start(name)
+        gcfg = GRPOConfig(
+            group_size=sec.group_size,
+            prompts_per_step=sec.prompts_per_step,
+            mini_batch_prompts=sec.mini_batch_prompts,
+            max_response=cfg.max_new_tokens,
+            reward=reward,
+            kl_coef=sec.kl_coef,
+            temperature=sec.temperature,
+            llm_temperature=sec.llm_temperature,
+            max_calls=max_calls,
+            epochs=max(1, -(-sec.steps * sec.prompts_per_step // max(1, len(problems)))),
+            steps=sec.steps,
+            optim=OptimConfig(learning_rate=sec.learning_rate, warmup_ratio=0.0, decay="constant",
+                              weight_decay=0.01, grad_clip=1.0),
+            run=RunConfig(output_dir=st.path(name, "train"), seed=cfg.seed, num_devices=1,
+                          micro_batch_size=sec.mini_batch_prompts * sec.group_size,
+                          checkpoint_every=0, keep_checkpoints=1, export=False),
+        )
+        relay_cfg = _relay_config(tokenizer, cfg, greedy=False, temperature=sec.temperature,
+                                  llm_temperature=sec.llm_temperature, max_calls=max_calls)
+        command = CallCommand.from_tokenizer(tokenizer)
+        rollout = make_relay_rollout(slm, llm, relay_cfg, command)
+        prompt_ids = {}
+
+        def encode(problem):
+            q = problem["question"]
+            if q not in prompt_ids:
+                prompt_ids[q] = tokenizer(build_prompt(tokenizer, q), add_special_tokens=False)["input_ids"]
+            return prompt_ids[q]
+
+        params = train_grpo(
+            slm, init_params, problems, gcfg, rollout, text_verifier(tokenizer, relax.grade), encode,
+            llm_params=llm_params, pad_id=tokenizer.pad_token_id,
+        )
+        relax.save_hf(slm, params, st.path(name, "model"))
+        shutil.copytree(tok_dir, st.path(name, "model"), dirs_exist_ok=True)
+        st.finish(name, settings)
+    return relax.load_hf(st.path(name, "model"), dtype="float32")[1]
+
+
+def stage_eval(st, cfg, task, tokenizer, slm, params, llm, llm_params):
+    """Every strategy on held-out problems; the report files; returns results."""
+    from relax.data import synthetic
+    from relax.data.loaders import Benchmark, Problem
+    from relax.eval.strategies import EvalConfig, evaluate
+
+    sec = cfg.eval
+    problems = synthetic.make_dataset(sec.problems, sec.seed, task)
+    bench = Benchmark(
+        "synthetic", tuple(Problem(id=str(i), question=p["question"], answer=p["answer"], kind="math")
+                           for i, p in enumerate(problems)), 1,
+    )
+    relay_cfg = _relay_config(tokenizer, cfg, greedy=sec.greedy, temperature=sec.temperature,
+                              max_calls=sec.max_calls)
+    ecfg = EvalConfig(relay=relay_cfg, batch_size=sec.batch_size, seed=cfg.seed, entropy_tau=sec.entropy_tau,
+                      entropy_k=sec.entropy_k, prompt_bucket=16)
+    strategies = [
+        ("slm", "slm", {"slm_params": params["slm"]}),
+        ("grpo_slm", "slm", {"slm_params": params["grpo_slm"]}),
+        ("llm", "llm", {}),
+        ("relay", "relay", {"slm_params": params["relay"]}),
+        ("teacher_free", "teacher_free", {"slm_params": params["relay"]}),
+        ("random_router", "random_router", {"slm_params": params["slm"]}),
+        ("entropy_router", "entropy_router", {"slm_params": params["slm"]}),
+    ]
+    results = evaluate(strategies, slm, params["slm"], llm, llm_params, [bench], tokenizer, ecfg)
+    results["hard_step_share"] = _hard_step_share(results["records"].get("relay", []), problems, tokenizer)
+    return results
+
+
+def _hard_step_share(records, problems, tokenizer):
+    """Fraction of the relay's LLM tokens that wrote a hard step (a price), when known."""
+    return None  # needs per-token sources in the records; reported when they are there
+
+
+# ---------------------------------------------------------------------------
+
+
+def summary_table(results, wall):
+    """The paper-style table (strategy, accuracy, LLM-token share, LLM prefill) as text."""
+    avg = {k: v["average"] for k, v in results["summary"].items()}
+    lines = [
+        "| strategy | accuracy (%) | LLM tokens (%) | LLM prefill tokens | calls / answer |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in avg.items():
+        lines.append(
+            f"| {name} | {m['accuracy']:.1f} | {m['call_ratio']:.2f} | {m['llm_prefill_tokens']:.1f} | "
+            f"{m['calls']:.2f} |"
+        )
+    g = results["gap_closed"]
+    lines.append("")
+    lines.append(f"gap closed by relay: {'n/a' if g is None else f'{100 * g:.1f}%'}   wall time: {wall:.0f}s")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    cfg = load_demo_config(args)
+    if args.quick and not args.out and cfg.out == "runs/demo":
+        cfg.out = "runs/demo-quick"
+    t0 = time.time()
+    os.makedirs(cfg.out, exist_ok=True)
+    st = Stages(cfg.out, args.fresh)
+
+    import relax
+    from relax.eval.report import write_report
+
+    task, tok_dir = stage_task(st, cfg)
+    tokenizer = relax.load_tokenizer(tok_dir)
+    llm, llm_params = stage_pretrain(st, "llm", cfg.llm, cfg, task, tok_dir, tokenizer)
+    slm, slm_params = stage_pretrain(st, "slm", cfg.slm, cfg, task, tok_dir, tokenizer)
+    llm_digest = _digest({"llm": cfg.llm, "task": cfg.task})
+    slm_digest = _digest({"slm": cfg.slm, "task": cfg.task})
+    warm_params = stage_warmup(st, cfg, task, tok_dir, tokenizer, slm, slm_params, slm_digest)
+    problems = stage_filter(st, cfg, task, tokenizer, llm, llm_params, llm_digest)
+    warm_digest = _digest({"slm": slm_digest, "warmup": cfg.warmup})
+    relay_params = stage_grpo(st, "relay", cfg, tok_dir, tokenizer, slm, warm_params, llm, llm_params, problems,
+                              "difficulty_aware", cfg.grpo.max_calls, _digest([warm_digest, llm_digest]))
+    grpo_params = stage_grpo(st, "grpo_slm", cfg, tok_dir, tokenizer, slm, slm_params, llm, llm_params, problems,
+                             "accuracy", 0, _digest([slm_digest, llm_digest]))
+
+    print("[demo] stage eval", flush=True)
+    params = {"slm": slm_params, "grpo_slm": grpo_params, "relay": relay_params}
+    results = stage_eval(st, cfg, task, tokenizer, slm, params, llm, llm_params)
+    avg = {k: v["average"] for k, v in results["summary"].items()}
+    acc_slm, acc_llm, acc_relay = (avg[k]["accuracy"] for k in ("slm", "llm", "relay"))
+    results["gap_closed"] = (acc_relay - acc_slm) / (acc_llm - acc_slm) if acc_llm > acc_slm else None
+    wall = time.time() - t0
+    results["wall_time_s"] = wall
+    results["stage_seconds"] = {
+        name: st.info(name)["seconds"]
+        for name in ("tokenizer", "llm", "slm", "warmup", "filter", "relay", "grpo_slm")
+    }
+    results["strategies"] = {
+        name: {
+            "accuracy": m["accuracy"],
+            "llm_token_share": m["call_ratio"],
+            "llm_prefill_tokens": m["llm_prefill_tokens"],
+            "llm_decode_tokens": m["llm_decode_tokens"],
+            "calls": m["calls"],
+        }
+        for name, m in avg.items()
+    }
+    results["demo_config"] = _canon(cfg)
+    paths = write_report(results, cfg.out, title="relax demo (synthetic task)")
+    print(summary_table(results, wall))
+    print(f"[demo] wrote {', '.join(paths.values())}")
+    return 0
