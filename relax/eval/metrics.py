@@ -7,12 +7,14 @@ avg@32), then averaged over benchmarks with equal weight, as the paper reports:
   call_ratio          100 * sum(LLM tokens) / sum(response tokens), token-weighted
                       (response = SLM + command + LLM tokens)
   llm_decode_tokens   mean LLM-generated tokens per sample
-  llm_prefill_tokens  mean tokens the LLM ingests by prefill per sample (prompt
-                      and catch-up); the official code counts only decode tokens,
-                      but an LLM call costs its context too
-  flops_slm/flops_llm 2 * parameters * tokens processed by that model, mean per
-                      sample (the usual forward-pass estimate; attention's
-                      context-length term is left out)
+  llm_prefill_tokens  mean tokens the LLM reads per sample (prompt, catch-up on
+                      the SLM's text, its own tokens fed back), as the relay
+                      decoder counts them; the official code counts only the
+                      tokens the LLM writes, but a call costs its context too
+  flops_slm/flops_llm 2 * parameters * tokens read by that model (SLM: the whole
+                      sequence; LLM: llm_prefill_tokens), mean per sample (the
+                      usual forward-pass estimate; attention's context-length
+                      term is left out)
 
 The random-router equivalence (PAPER_NOTES 4.3): a query-level router that
 sends a fraction p of queries to the LLM has accuracy (1-p) acc_slm + p acc_llm

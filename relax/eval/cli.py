@@ -1,0 +1,197 @@
+"""`relax eval`: evaluate strategies on benchmarks; write results.json, results.md, results.png.
+
+    relax eval --slm runs/relay_slm --llm Qwen3-8B --base-slm Qwen3-1.7B \\
+        --benchmarks math500=data/math500.jsonl,gsm8k=data/gsm8k.parquet,aime2024=data/aime24.jsonl \\
+        --strategies slm,llm,relay,teacher_free,random_router,entropy_router --out runs/eval
+
+Models are Hugging Face checkpoint folders (`relax.load_hf`); the tokenizer is
+read from --tokenizer (default: the --slm folder). --base-slm, when given, is
+the SLM of the training-free strategies (slm, random_router, entropy_router:
+the paper's "Base" row); relay, teacher_free and fixed_n use --slm.
+
+Benchmarks: a name of `relax.data.loaders.BENCHMARKS` (read from the Hugging
+Face hub or its cache), NAME=FILE for a local JSONL/JSON/Parquet file, with an
+optional column mapping NAME=FILE?question=COL&answer=COL&options=COL&id=COL,
+or hf:ORG/NAME / tfds:NAME. Default: the paper's six math benchmarks.
+
+Settings come from the flags, then a YAML file (--config, keys of EvalConfig,
+`relay:` with RelayConfig keys and `slm:`/`llm:` sampling), then trailing
+key=value overrides with dotted keys (relay.max_new_tokens=1024,
+relay.llm.temperature=0.6, batch_size=32). eos and pad ids default to the
+tokenizer's.
+"""
+
+import argparse
+import dataclasses
+import sys
+import time
+
+import yaml
+
+__all__ = ["main", "build_config", "parse_benchmarks"]
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="relax eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--slm", required=True, help="SLM checkpoint folder (the relay-trained student)")
+    p.add_argument("--llm", help="LLM checkpoint folder (needed by every strategy but slm)")
+    p.add_argument("--base-slm", help="SLM of slm / random_router / entropy_router (default: --slm)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: --slm)")
+    p.add_argument("--benchmarks", default="math500,gsm8k,minerva,olympiadbench,aime2024,aime2025")
+    p.add_argument("--strategies", default="slm,llm,relay")
+    p.add_argument("--out", default="runs/eval")
+    p.add_argument("--config", help="YAML file of settings")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--prompt-bucket", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--max-calls", type=int)
+    p.add_argument("--max-call-tokens", type=int)
+    p.add_argument("--prefill-chunk", type=int)
+    p.add_argument("--temperature", type=float, help="both models' sampling temperature")
+    p.add_argument("--top-p", type=float, help="both models' top-p")
+    p.add_argument("--greedy", action="store_true", help="both models decode greedily")
+    p.add_argument("--fixed-n", type=int)
+    p.add_argument("--router-p", type=float, help="random_router's p (default: the relay's LLM-token share)")
+    p.add_argument("--entropy-tau", type=float)
+    p.add_argument("--entropy-k", type=int)
+    p.add_argument("--repeats", type=int, help="samples per problem of repeated benchmarks (AIME avg@k, default 32)")
+    p.add_argument("--limit", type=int, help="first N problems of each benchmark (smoke runs)")
+    p.add_argument("--thinking", action="store_true", help="Qwen3 thinking mode (the paper: off)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value settings (dotted: relay.slm.temperature=1.0)")
+    return p
+
+
+def _coerce(value, like):
+    if isinstance(like, bool):
+        return str(value).lower() in ("1", "true", "yes", "on")
+    if isinstance(like, tuple):
+        return tuple(int(v) for v in str(value).strip("()[]").split(",") if v.strip())
+    if like is None:
+        return yaml.safe_load(str(value))
+    return type(like)(value)
+
+
+def _set(cfg, dotted, value):
+    """A new frozen dataclass with the dotted field set (nested dataclasses rebuilt)."""
+    head, _, rest = dotted.partition(".")
+    names = {f.name for f in dataclasses.fields(cfg)}
+    if head not in names:
+        raise SystemExit(f"relax eval: unknown setting {dotted!r} (fields of {type(cfg).__name__}: "
+                         f"{', '.join(sorted(names))})")
+    cur = getattr(cfg, head)
+    if rest:
+        if not dataclasses.is_dataclass(cur):
+            raise SystemExit(f"relax eval: {head!r} has no field {rest!r}")
+        return dataclasses.replace(cfg, **{head: _set(cur, rest, value)})
+    if isinstance(value, dict) and dataclasses.is_dataclass(cur):
+        for k, v in value.items():
+            cur = _set(cur, k, v)
+        return dataclasses.replace(cfg, **{head: cur})
+    if isinstance(value, str) or not isinstance(value, type(cur)):
+        value = _coerce(value, cur)
+    return dataclasses.replace(cfg, **{head: value})
+
+
+def build_config(args, tokenizer):
+    """EvalConfig from defaults, tokenizer ids, flags, YAML and key=value overrides."""
+    from relax.eval.strategies import EvalConfig
+    from relax.relay.config import RelayConfig
+
+    eos = [i for i in (tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None)) if i is not None]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    cfg = EvalConfig(relay=RelayConfig(eos_ids=tuple(dict.fromkeys(eos)), pad_id=pad))
+    flags = {
+        "seed": args.seed, "batch_size": args.batch_size, "prompt_bucket": args.prompt_bucket,
+        "relay.max_new_tokens": args.max_new_tokens, "relay.max_calls": args.max_calls,
+        "relay.max_call_tokens": args.max_call_tokens, "relay.prefill_chunk": args.prefill_chunk,
+        "fixed_n": args.fixed_n, "router_p": args.router_p, "entropy_tau": args.entropy_tau,
+        "entropy_k": args.entropy_k,
+    }
+    for m in ("slm", "llm"):
+        flags[f"relay.{m}.temperature"] = args.temperature
+        flags[f"relay.{m}.top_p"] = args.top_p
+        flags[f"relay.{m}.greedy"] = True if args.greedy else None
+    if args.thinking:
+        flags["enable_thinking"] = True
+    if args.no_progress:
+        flags["progress"] = False
+    for k, v in flags.items():
+        if v is not None:
+            cfg = _set(cfg, k, v)
+    if args.config:
+        with open(args.config) as f:
+            for k, v in (yaml.safe_load(f) or {}).items():
+                cfg = _set(cfg, k, v)
+    for item in args.overrides:
+        if "=" not in item:
+            raise SystemExit(f"relax eval: expected key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        cfg = _set(cfg, k.strip(), yaml.safe_load(v))
+    return cfg
+
+
+def parse_benchmarks(spec, seed=0, limit=None, repeats=None):
+    """'math500,gsm8k=FILE?question=q&answer=a' -> [Benchmark]."""
+    from relax.data.loaders import load_benchmark
+
+    out = []
+    for item in [s.strip() for s in spec.split(",") if s.strip()]:
+        name, path, fields = item, None, None
+        if "=" in item and not item.startswith(("hf:", "tfds:")):
+            name, path = item.split("=", 1)
+            if "?" in path:
+                path, query = path.split("?", 1)
+                fields = dict(kv.split("=", 1) for kv in query.split("&") if "=" in kv)
+        bench = load_benchmark(name, path=path, fields=fields, limit=limit, seed=seed)
+        if repeats is not None and bench.repeats > 1:
+            bench = dataclasses.replace(bench, repeats=repeats)
+        out.append(bench)
+    return out
+
+
+def main(argv=None):
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    import jax.numpy as jnp
+
+    from relax.data.loaders import BenchmarkUnavailable
+    from relax.eval.report import markdown_table, write_report
+    from relax.eval.strategies import STRATEGIES, evaluate
+    from relax.models.hf import load_hf
+    from relax.tokenizer import load_tokenizer
+
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise SystemExit(f"relax eval: unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+    if args.llm is None and any(s != "slm" for s in strategies):
+        raise SystemExit("relax eval: --llm is needed by every strategy but slm")
+
+    tokenizer = load_tokenizer(args.tokenizer or args.slm)
+    cfg = build_config(args, tokenizer)
+    try:
+        benches = parse_benchmarks(args.benchmarks, seed=cfg.seed, limit=args.limit, repeats=args.repeats)
+    except BenchmarkUnavailable as e:
+        raise SystemExit(f"relax eval: {e}") from None
+
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    slm, slm_params = load_hf(args.slm, dtype=dtype)
+    llm, llm_params = load_hf(args.llm, dtype=dtype) if args.llm else (slm, None)
+    runs = []
+    base = load_hf(args.base_slm, dtype=dtype) if args.base_slm else None
+    for s in strategies:
+        if base is not None and s in ("slm", "random_router", "entropy_router"):
+            runs.append((s, s, {"slm": base[0], "slm_params": base[1]}))
+        else:
+            runs.append(s)
+
+    t0 = time.time()
+    results = evaluate(runs, slm, slm_params, llm, llm_params, benches, tokenizer, cfg)
+    results["config"].update(slm=args.slm, llm=args.llm, base_slm=args.base_slm, dtype=args.dtype,
+                             benchmarks=[b.name for b in benches], wall_seconds=round(time.time() - t0, 1))
+    paths = write_report(results, args.out)
+    print(markdown_table(results["summary"], "accuracy"))
+    print(f"\nwrote {paths['json']}, {paths['md']}, {paths['png']}")
+    return 0

@@ -1,0 +1,218 @@
+"""A training-free token-level router: the LLM writes k tokens whenever the
+SLM's next-token entropy exceeds tau.
+
+The baseline asks what RelayLLM's learned `<call>n</call>` buys over the
+simplest uncertainty trigger. It needs no command and no training: before
+each token the SLM's next-token distribution is inspected; when its entropy
+(nats, of the plain softmax of the logits, temperature 1, so the trigger does
+not depend on the sampling temperature) exceeds `tau` and the row has calls
+left, the LLM writes the next min(k, remaining budget) tokens, then the SLM
+resumes. EOS from either model ends the row.
+
+It is one jitted `lax.while_loop` over the model contract of DESIGN.md, with
+the relay's sampling functions and key schedule (`token_key(key, row, slot)`),
+so a row's draws depend only on its own index and slots. Costs follow the
+relay decoder's accounting:
+
+  * the SLM ingests every token (its own and the LLM's), one per step;
+  * the LLM keeps its own KV cache and ingests lazily, only when a row needs
+    it: a chunked catch-up prefill of the tokens it has not seen (prompt, SLM
+    tokens), then one decode step per token it writes. `llm_prefill_tokens`
+    counts the catch-up tokens (everything the LLM ingests except its own
+    tokens fed back).
+
+Rows are interleaved (the relay's `llm_trigger_fraction = 0`): each step
+advances every active row by one token, from whichever model owns it; the
+LLM's forward runs (under `lax.cond`) only on steps where some row needs it.
+
+What it does not do: parse commands (the SLM's text is plain text here), or
+wait to batch LLM work across rows.
+"""
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from relax.relay.config import RelayConfig
+from relax.relay.sampling import sample_batch, token_key
+
+__all__ = ["EntropyOutput", "entropy_router_generate", "entropy"]
+
+
+@flax.struct.dataclass
+class EntropyOutput:
+    """Same fields as `relax.RelayOutput` (no command tokens here)."""
+
+    tokens: jax.Array  # [B, L] prompt, generated tokens, pad
+    source: jax.Array  # [B, L] 0 pad, 1 prompt, 2 slm, 4 llm
+    lengths: jax.Array  # [B] prompt + generated
+    finish_reason: jax.Array  # [B] 0 eos, 1 budget
+    slm_logprobs: jax.Array  # [B, L] log-prob of each SLM-sampled token
+    slm_tokens: jax.Array  # [B]
+    command_tokens: jax.Array  # [B] always 0
+    llm_tokens: jax.Array  # [B]
+    calls: jax.Array  # [B] LLM segments started
+    llm_prefill_tokens: jax.Array  # [B]
+
+
+@flax.struct.dataclass
+class _State:
+    tokens: jax.Array
+    """[B, L] int32: prompt, then generated tokens, then pad."""
+    source: jax.Array
+    """[B, L] int32: 0 pad, 1 prompt, 2 slm, 4 llm."""
+    logprobs: jax.Array
+    """[B, L] float32: log-prob of each SLM-sampled token."""
+    cur: jax.Array
+    """[B] int32: the next slot to write (the row's length)."""
+    llm_seen: jax.Array
+    """[B] int32: slots the LLM has ingested (its cache holds 0..llm_seen-1)."""
+    llm_left: jax.Array
+    """[B] int32: tokens the LLM still writes in the current segment (0: SLM's turn)."""
+    slm_logits: jax.Array
+    """[B, V] float32: the SLM's next-token logits at slot `cur`."""
+    llm_logits: jax.Array
+    """[B, V] float32: the LLM's next-token logits (valid where llm_seen == cur)."""
+    done: jax.Array
+    """[B] bool: the row has ended."""
+    finish: jax.Array
+    """[B] int32: 0 eos, 1 budget."""
+    slm_tokens: jax.Array
+    """[B] int32: tokens the SLM wrote."""
+    llm_tokens: jax.Array
+    """[B] int32: tokens the LLM wrote."""
+    calls: jax.Array
+    """[B] int32: LLM segments started."""
+    llm_prefill: jax.Array
+    """[B] int32: tokens the LLM ingested (prompt, catch-up, its own fed back)."""
+    slm_cache: object
+    """The SLM's KV cache."""
+    llm_cache: object
+    """The LLM's KV cache."""
+
+
+def entropy(logits):
+    """Entropy (nats) of softmax(logits) over the last axis."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+def _last_logits(logits, positions):
+    """logits [B, T, V] at each row's last valid (position >= 0) column, [B, V]."""
+    idx = jnp.argmax(jnp.where(positions >= 0, positions, -1), axis=1)  # the largest position
+    return jnp.take_along_axis(logits, idx[:, None, None], axis=1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("slm", "llm", "config", "tau", "k"))
+def entropy_router_generate(slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config: RelayConfig,
+                            tau: float, k: int):
+    """Entropy-triggered relay. prompts [B, P] right-padded, prompt_lens [B].
+
+    config supplies max_new_tokens, max_calls (segments per row), prefill_chunk,
+    slm/llm sampling, eos_ids and pad_id; its command and scheduling fields are
+    unused. Each row writes at most max_new_tokens after its own prompt.
+    Returns an `EntropyOutput` with tokens of width P + max_new_tokens.
+    """
+    B, P = prompts.shape
+    L = P + config.max_new_tokens
+    C = min(config.prefill_chunk, L)
+    rows = jnp.arange(B)
+    slots = jnp.arange(L)[None, :]
+    eos_ids = jnp.asarray(config.eos_ids, jnp.int32)
+
+    prompt_lens = prompt_lens.astype(jnp.int32)
+    in_prompt = jnp.arange(P)[None, :] < prompt_lens[:, None]
+    tokens = jnp.full((B, L), config.pad_id, jnp.int32).at[:, :P].set(jnp.where(in_prompt, prompts, config.pad_id))
+    source = jnp.zeros((B, L), jnp.int32).at[:, :P].set(in_prompt.astype(jnp.int32))
+
+    # The SLM reads the prompt at once; the LLM reads nothing until it is needed.
+    positions = jnp.where(in_prompt, jnp.arange(P)[None, :], -1)
+    logits, slm_cache = slm.apply(slm_params, prompts, positions, slm.init_cache(B, L))
+    V = logits.shape[-1]
+
+    state = _State(
+        tokens=tokens, source=source, logprobs=jnp.zeros((B, L), jnp.float32), cur=prompt_lens,
+        llm_seen=jnp.zeros((B,), jnp.int32), llm_left=jnp.zeros((B,), jnp.int32),
+        slm_logits=_last_logits(logits, positions), llm_logits=jnp.zeros((B, V), jnp.float32),
+        done=prompt_lens >= L, finish=jnp.ones((B,), jnp.int32),
+        slm_tokens=jnp.zeros((B,), jnp.int32), llm_tokens=jnp.zeros((B,), jnp.int32),
+        calls=jnp.zeros((B,), jnp.int32), llm_prefill=jnp.zeros((B,), jnp.int32),
+        slm_cache=slm_cache, llm_cache=llm.init_cache(B, L),
+    )
+
+    def llm_ingest(s, need, width):
+        """One LLM forward over up to `width` unseen slots of the rows in `need`."""
+        pos = s.llm_seen[:, None] + jnp.arange(width)[None, :]  # [B, width]
+        valid = need[:, None] & (pos < s.cur[:, None])
+        safe = jnp.minimum(pos, L - 1)
+        toks = jnp.take_along_axis(s.tokens, safe, axis=1)
+        pos = jnp.where(valid, pos, -1)
+        lg, cache = llm.apply(llm_params, toks, pos, s.llm_cache)
+        got = valid.sum(1).astype(jnp.int32)
+        return s.replace(
+            llm_cache=cache,
+            llm_logits=jnp.where((got > 0)[:, None], _last_logits(lg, pos), s.llm_logits),
+            llm_seen=s.llm_seen + got,
+            llm_prefill=s.llm_prefill + got,
+        )
+
+    def llm_catch_up(s, llm_rows):
+        def cond(s):
+            return jnp.any(llm_rows & (s.llm_seen < s.cur))
+
+        def body(s):
+            need = llm_rows & (s.llm_seen < s.cur)
+            behind = jnp.max(jnp.where(need, s.cur - s.llm_seen, 0))
+            # One token behind (its own last token): a decode step, not a C-wide chunk.
+            return jax.lax.cond(behind == 1, lambda s: llm_ingest(s, need, 1),
+                                lambda s: llm_ingest(s, need, C), s)
+
+        return jax.lax.while_loop(cond, body, s)
+
+    def cond(s):
+        return jnp.any(~s.done)
+
+    def body(s):
+        active = ~s.done
+        budget = prompt_lens + config.max_new_tokens - s.cur  # tokens this row may still write
+        start = active & (s.llm_left == 0) & (s.calls < config.max_calls) & (entropy(s.slm_logits) > tau)
+        llm_left = jnp.where(start, jnp.minimum(k, budget), s.llm_left)
+        s = s.replace(llm_left=llm_left, calls=s.calls + start.astype(jnp.int32))
+        llm_rows = active & (s.llm_left > 0)
+        s = jax.lax.cond(jnp.any(llm_rows), lambda s: llm_catch_up(s, llm_rows), lambda s: s, s)
+
+        keys = jax.vmap(lambda r, p: token_key(key, r, p))(rows, s.cur)
+        slm_tok, slm_lp = sample_batch(s.slm_logits, keys, config.slm)
+        llm_tok, _ = sample_batch(s.llm_logits, keys, config.llm)
+        tok = jnp.where(llm_rows, llm_tok, slm_tok)
+        write = active[:, None] & (slots == s.cur[:, None])
+        tokens = jnp.where(write, tok[:, None], s.tokens)
+        source = jnp.where(write, jnp.where(llm_rows, 4, 2)[:, None], s.source)
+        logprobs = jnp.where(write & ~llm_rows[:, None], slm_lp[:, None], s.logprobs)
+
+        eos = jnp.any(tok[:, None] == eos_ids[None, :], axis=1)
+        cur = s.cur + active.astype(jnp.int32)
+        ended = active & (eos | (cur >= prompt_lens + config.max_new_tokens))
+        finish = jnp.where(ended, jnp.where(eos, 0, 1), s.finish)
+
+        # The SLM reads every new token (its own or the LLM's) to stay current.
+        pos = jnp.where(active, s.cur, -1)[:, None]
+        lg, slm_cache = slm.apply(slm_params, tok[:, None], pos, s.slm_cache)
+        return s.replace(
+            tokens=tokens, source=source, logprobs=logprobs, cur=cur,
+            llm_left=s.llm_left - llm_rows.astype(jnp.int32),
+            slm_logits=jnp.where(active[:, None], lg[:, 0], s.slm_logits),
+            done=s.done | ended, finish=finish,
+            slm_tokens=s.slm_tokens + (active & ~llm_rows).astype(jnp.int32),
+            llm_tokens=s.llm_tokens + llm_rows.astype(jnp.int32),
+            slm_cache=slm_cache,
+        )
+
+    s = jax.lax.while_loop(cond, body, state)
+    return EntropyOutput(
+        tokens=s.tokens, source=s.source, lengths=s.cur, finish_reason=s.finish, slm_logprobs=s.logprobs,
+        slm_tokens=s.slm_tokens, command_tokens=jnp.zeros_like(s.slm_tokens), llm_tokens=s.llm_tokens,
+        calls=s.calls, llm_prefill_tokens=s.llm_prefill,
+    )
