@@ -319,3 +319,18 @@ def test_cli_writes_results(setup, tmp_path):
     res = json.load(open(out / "results.json"))
     assert set(res["summary"]) == {"slm", "llm"}
     assert res["summary"]["slm"]["benchmarks"]["mini"]["n"] == 3
+
+
+def test_cli_config_layers(setup):
+    from relax.eval import cli
+
+    args = cli._parser().parse_args(["--slm", "x", "--config", "configs/eval-paper.yaml", "--batch-size", "2",
+                                     "relay.llm.temperature=0.6", "entropy_k=4", "relay.eos_ids=5,6"])
+    cfg = cli.build_config(args, setup["tok"])
+    assert cfg.relay.max_new_tokens == 8192 and cfg.relay.max_calls == 4 and cfg.relay.prefill_chunk == 512
+    assert cfg.relay.llm.temperature == 0.6 and cfg.relay.slm.temperature == 0.7
+    assert cfg.batch_size == 2  # flags override the YAML; key=value overrides both
+    assert cfg.entropy_k == 4 and cfg.router_p is None and cfg.relay.eos_ids == (5, 6)
+    assert cfg.relay.pad_id == setup["tok"].pad_token_id
+    with pytest.raises(SystemExit, match="unknown setting"):
+        cli.build_config(cli._parser().parse_args(["--slm", "x", "relay.nope=1"]), setup["tok"])

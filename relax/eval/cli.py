@@ -14,11 +14,11 @@ Face hub or its cache), NAME=FILE for a local JSONL/JSON/Parquet file, with an
 optional column mapping NAME=FILE?question=COL&answer=COL&options=COL&id=COL,
 or hf:ORG/NAME / tfds:NAME. Default: the paper's six math benchmarks.
 
-Settings come from the flags, then a YAML file (--config, keys of EvalConfig,
-`relay:` with RelayConfig keys and `slm:`/`llm:` sampling), then trailing
-key=value overrides with dotted keys (relay.max_new_tokens=1024,
-relay.llm.temperature=0.6, batch_size=32). eos and pad ids default to the
-tokenizer's.
+Settings, later ones winning: the defaults (eos and pad ids from the
+tokenizer), a YAML file (--config, keys of EvalConfig, `relay:` with
+RelayConfig keys and `slm:`/`llm:` sampling; configs/eval-paper.yaml is the
+paper's setting), the flags, then trailing key=value overrides with dotted
+keys (relay.max_new_tokens=1024 relay.llm.temperature=0.6 batch_size=32).
 """
 
 import argparse
@@ -96,7 +96,7 @@ def _set(cfg, dotted, value):
 
 
 def build_config(args, tokenizer):
-    """EvalConfig from defaults, tokenizer ids, flags, YAML and key=value overrides."""
+    """EvalConfig: defaults (eos/pad from the tokenizer) < YAML < flags < key=value."""
     from relax.eval.strategies import EvalConfig
     from relax.relay.config import RelayConfig
 
@@ -118,13 +118,13 @@ def build_config(args, tokenizer):
         flags["enable_thinking"] = True
     if args.no_progress:
         flags["progress"] = False
-    for k, v in flags.items():
-        if v is not None:
-            cfg = _set(cfg, k, v)
     if args.config:
         with open(args.config) as f:
             for k, v in (yaml.safe_load(f) or {}).items():
                 cfg = _set(cfg, k, v)
+    for k, v in flags.items():
+        if v is not None:
+            cfg = _set(cfg, k, v)
     for item in args.overrides:
         if "=" not in item:
             raise SystemExit(f"relax eval: expected key=value, got {item!r}")
