@@ -67,6 +67,9 @@ class ModelSection:
     batch_size: int = 32
     learning_rate: float = 3e-3
     seed: int = 0
+    known_items: int = 0
+    """Its corpus sells only the first known_items items of the catalog (0 = all):
+    the prices it can know."""
 
 
 @dataclasses.dataclass
@@ -288,12 +291,12 @@ def reference_examples(tokenizer, problems):
     from relax.tokenizer import build_prompt
 
     eos = tokenizer.eos_token_id
-    out = []
-    for p in problems:
-        prompt = tokenizer(build_prompt(tokenizer, p["question"]), add_special_tokens=False)["input_ids"]
-        response = tokenizer(p["solution"], add_special_tokens=False)["input_ids"] + [eos]
-        out.append({"prompt_ids": prompt, "response_ids": response})
-    return out
+    prompts = tokenizer([build_prompt(tokenizer, p["question"]) for p in problems], add_special_tokens=False)
+    responses = tokenizer([p["solution"] for p in problems], add_special_tokens=False)
+    return [
+        {"prompt_ids": list(p), "response_ids": list(r) + [eos]}
+        for p, r in zip(prompts["input_ids"], responses["input_ids"])
+    ]
 
 
 def stage_pretrain(st, name, sec, cfg, task, tok_dir, tokenizer):
@@ -309,7 +312,7 @@ def stage_pretrain(st, name, sec, cfg, task, tok_dir, tokenizer):
         st.start(name)
         model = _model(sec, tokenizer)
         params = model.init_params(jax.random.key(sec.seed))
-        problems = synthetic.make_dataset(sec.problems, SPLIT_SEEDS[name], task)
+        problems = synthetic.make_dataset(sec.problems, SPLIT_SEEDS[name], task, num_known=sec.known_items)
         examples = reference_examples(tokenizer, problems)
         steps = len(examples) // sec.batch_size
         run_cfg = _sft_config(st.path(name, "train"), steps, sec.batch_size, sec.learning_rate, sec.seed)
@@ -486,13 +489,24 @@ def stage_eval(st, cfg, task, tokenizer, slm, params, llm, llm_params):
         ("entropy_router", "entropy_router", {"slm_params": params["slm"]}),
     ]
     results = evaluate(strategies, slm, params["slm"], llm, llm_params, [bench], tokenizer, ecfg)
-    results["hard_step_share"] = _hard_step_share(results["records"].get("relay", []), problems, tokenizer)
+    results["call_placement"] = call_placement(results["records"].get("relay", []))
     return results
 
 
-def _hard_step_share(records, problems, tokenizer):
-    """Fraction of the relay's LLM tokens that wrote a hard step (a price), when known."""
-    return None  # needs per-token sources in the records; reported when they are there
+def call_placement(records):
+    """Where the relay's commands land: how many sit right before a price (the hard step).
+
+    The SLM keeps its commands in its own text, so they are visible in the
+    response: a command at the hard step follows "sells for" directly.
+    """
+    import re
+
+    total = at_hard = 0
+    for r in records:
+        for m in re.finditer(r"<call>\s*\d+\s*</call>", r["response"]):
+            total += 1
+            at_hard += bool(re.search(r"sells for ?$", r["response"][: m.start()]))
+    return {"commands": total, "at_hard_step": at_hard, "share": at_hard / total if total else None}
 
 
 # ---------------------------------------------------------------------------
@@ -511,8 +525,11 @@ def summary_table(results, wall):
             f"{m['calls']:.2f} |"
         )
     g = results["gap_closed"]
+    cp = results.get("call_placement") or {}
     lines.append("")
     lines.append(f"gap closed by relay: {'n/a' if g is None else f'{100 * g:.1f}%'}   wall time: {wall:.0f}s")
+    if cp.get("commands"):
+        lines.append(f"relay commands right before the hard step: {cp['at_hard_step']} of {cp['commands']}")
     return "\n".join(lines)
 
 

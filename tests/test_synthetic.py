@@ -116,3 +116,10 @@ def _walk(command, ids):
         n = n * m + a if m else a
         state = int(command.next_state[state, c])
     return found
+
+
+def test_num_known_restricts_the_items_sold():
+    task = synthetic.TaskConfig(num_items=40)
+    known = list(synthetic.catalog(task))[:5]
+    for p in synthetic.make_dataset(50, seed=6, task=task, num_known=5):
+        assert re.search(r"sells a (\w+)\.", p["question"]).group(1) in known

@@ -16,6 +16,10 @@ prompt contains. A larger model memorises the catalog; a small one does not,
 so its errors concentrate on two or three tokens of a ~60-token solution.
 That is the situation RelayLLM is built for: the SLM should write
 `<call>2</call>` right before the price and let the LLM write it.
+`make_dataset(..., num_known=k)` draws problems that only sell the first k
+items: the demo trains the small model on such a corpus, so it masters the
+easy steps but knows only k prices, while the teacher's corpus covers the
+whole catalog (a smaller model trained on less of the world's knowledge).
 
 `hard_spans` gives the character spans of the hard tokens in each solution,
 so an evaluation can check where the calls land.
@@ -156,14 +160,15 @@ def _column_sum(a, b):
     return text, total
 
 
-def make_problem(rng, task, prices=None):
+def make_problem(rng, task, prices=None, items=None):
     """One problem: {"question", "solution", "answer", "hard_spans"}.
 
-    rng: a `random.Random`. hard_spans: [(start, end)] character spans of the
+    rng: a `random.Random`. items: the item names problems may sell (default
+    the whole catalog). hard_spans: [(start, end)] character spans of the
     prices (the hard tokens) inside `solution`.
     """
     prices = prices or catalog(task)
-    items = list(prices)
+    items = list(items or prices)
     name, pronoun = rng.choice(NAMES)
     value = rng.randint(0, 9)
     question = [f"{name} has {value} coins."]
@@ -201,12 +206,17 @@ def make_problem(rng, task, prices=None):
     }
 
 
-def make_dataset(n, seed, task=None):
-    """n problems from a seeded generator (different seeds, different splits)."""
+def make_dataset(n, seed, task=None, num_known=None):
+    """n problems from a seeded generator (different seeds, different splits).
+
+    num_known: only the first `num_known` items of the catalog are sold (a
+    corpus that covers part of the world's knowledge, e.g. the small model's).
+    """
     task = task or TaskConfig()
     prices = catalog(task)
+    items = list(prices)[:num_known] if num_known else None
     rng = random.Random(seed)
-    return [make_problem(rng, task, prices) for _ in range(n)]
+    return [make_problem(rng, task, prices, items) for _ in range(n)]
 
 
 def build_tokenizer():
