@@ -84,7 +84,7 @@ def bench_decode(cfg, dtype, batch, prompt_len, new_tokens, repeats, with_torch=
     lens = np.full((batch,), prompt_len, np.int32)
     greedy = relax.SamplingConfig(greedy=True)
     config = relax.RelayConfig(
-        max_new_tokens=new_tokens, slm=greedy, llm=greedy, eos_ids=(cfg.vocab_size + 1,), pad_id=0
+        max_new_tokens=new_tokens, slm=greedy, llm=greedy, eos_ids=(), pad_id=0
     )
     key = jax.random.key(1)
 
