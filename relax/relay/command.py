@@ -148,6 +148,22 @@ def _walk(state: int, text: str, max_n: int):
     return state, mul, add, start, lt, complete, cmul, cadd, cstart, completions
 
 
+def _decode_padded(decode, ids, n):
+    """decode(ids), where ids >= n (a model's padded vocabulary rows) read as U+FFFD."""
+    out, run = [], []
+    for i in (int(i) for i in ids):
+        if i < n:
+            run.append(i)
+            continue
+        if run:
+            out.append(decode(run))
+            run = []
+        out.append("\ufffd")
+    if run:
+        out.append(decode(run))
+    return "".join(out)
+
+
 @dataclasses.dataclass(eq=False)
 class CallCommand:
     """The command automaton compiled for one vocabulary.
@@ -207,8 +223,12 @@ class CallCommand:
         texts = [tokenizer.decode([i], skip_special_tokens=False) for i in range(n)]
 
         def decode(ids):
-            return tokenizer.decode(
-                [int(i) for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False
+            return _decode_padded(
+                lambda run: tokenizer.decode(
+                    run, skip_special_tokens=False, clean_up_tokenization_spaces=False
+                ),
+                ids,
+                n,
             )
 
         return cls._build(texts, max_n, decode)
@@ -219,7 +239,7 @@ class CallCommand:
         texts = list(texts)
 
         def decode(ids):
-            return "".join(texts[int(i)] for i in ids)
+            return _decode_padded(lambda run: "".join(texts[i] for i in run), ids, len(texts))
 
         return cls._build(texts, max_n, decode)
 
@@ -265,7 +285,8 @@ class CallCommand:
         """token_class for a model vocabulary of `vocab_size` ids.
 
         Models often pad the embedding past the tokenizer (Qwen3: 151936 rows,
-        151669 tokens); the extra ids are plain text. A model vocabulary
+        151669 tokens); the extra ids are plain text (read as U+FFFD, like
+        `decode` does), never sampled by a trained model. A model vocabulary
         smaller than the tokenizer is an error.
         """
         if vocab_size < self.vocab_size:
