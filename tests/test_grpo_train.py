@@ -66,3 +66,30 @@ def test_tiny_grpo_raises_reward(tmp_path):
     for key in ("accuracy", "call_rate", "llm_token_share", "kl", "clip_frac", "entropy", "grad_norm"):
         assert key in rows[0]
     assert np.mean(rewards[-2:]) >= np.mean(rewards[:2]) + 0.2
+
+
+def test_score_uses_calls_and_llm_share_per_group():
+    """Hand-built RelayOutput, G = 2, two prompts. Row 0: correct, no call. Row 1:
+    correct, one call, 2 of 4 response tokens from the LLM (rho 0.5). Rows 2-3:
+    wrong; row 3 called with rho 0.25. Group 0 is student-solvable -> [1.5, 0.5];
+    group 1 is teacher-unsolvable -> [0, 0.25]. The verifier sees slm+command+llm
+    tokens in order."""
+
+    class Out:
+        tokens = np.array([[9, 4, 5, 6, 7], [9, 4, 5, 6, 7], [9, 3, 5, 6, 7], [9, 3, 5, 6, 7]])
+        source = np.array([[1, 2, 2, 2, 2], [1, 2, 3, 4, 4], [1, 2, 2, 2, 2], [1, 2, 3, 4, 2]])
+        calls = np.array([0, 1, 0, 1])
+        llm_tokens = np.array([0, 2, 0, 1])
+
+    seen = []
+
+    def verifier(ids, ex):
+        seen.append(ids)
+        return ids[0] == 4
+
+    sc = rollout_lib.score(Out, [None] * 4, verifier, 2, "difficulty_aware")
+    np.testing.assert_array_equal(sc["correct"], [1, 1, 0, 0])
+    np.testing.assert_allclose(sc["rho"], [0, 0.5, 0, 0.25])
+    np.testing.assert_allclose(sc["rewards"], [1.5, 0.5, 0.0, 0.25])
+    assert seen[1] == [4, 5, 6, 7]
+    np.testing.assert_allclose(sc["advantages"], [0.7071063, -0.7071063, -0.7071039, 0.7071039], atol=1e-5)
