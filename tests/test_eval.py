@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from relax.data.loaders import Benchmark, Problem, format_choices
+from relax.eval.strategies import EvalConfig, evaluate, run_strategy
 from relax.models import Model, ModelConfig
 from relax.relay.config import RelayConfig, SamplingConfig
 
@@ -47,16 +48,30 @@ def make_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
-    tok.add_tokens([AddedToken(w, special=False, normalized=False) for w in ("<call>", "</call>", INSTRUCTION)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False)
+    tok.add_tokens(
+        [AddedToken(w, special=False, normalized=False) for w in ("<call>", "</call>", INSTRUCTION)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
     assert len(fast) <= VOCAB
     return fast
 
 
 def tiny_config(hidden):
-    return ModelConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_layers=1,
-                       num_heads=2, num_kv_heads=1, head_dim=16)
+    return ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+    )
 
 
 def sharpen(params, factor=6.0):
@@ -87,26 +102,42 @@ class Scripted:
 
 
 def relay_config(tokenizer, **kw):
-    # eos and pad end a row, as `relax eval` sets them from the tokenizer (one compiled decoder for both)
-    base = dict(max_new_tokens=16, max_calls=2, prefill_chunk=16,
-                eos_ids=(tokenizer.eos_token_id, tokenizer.pad_token_id),
-                pad_id=tokenizer.pad_token_id, slm=SamplingConfig(temperature=1.0),
-                llm=SamplingConfig(temperature=1.0))
+    # eos and pad end a row, as `relax eval` sets them from the tokenizer (so both
+    # share one compiled decoder)
+    base = dict(
+        max_new_tokens=16,
+        max_calls=2,
+        prefill_chunk=16,
+        eos_ids=(tokenizer.eos_token_id, tokenizer.pad_token_id),
+        pad_id=tokenizer.pad_token_id,
+        slm=SamplingConfig(temperature=1.0),
+        llm=SamplingConfig(temperature=1.0),
+    )
     base.update(kw)
     return RelayConfig(**base)
 
 
 def benchmarks():
-    math = Benchmark("toy_math", tuple(Problem(f"m{i}", f"What is {i}+{i}?", str(2 * i), "math") for i in range(5)))
-    aime = Benchmark("toy_aime", tuple(Problem(f"a{i}", f"Find {i}.", str(i), "math") for i in range(2)), repeats=3)
-    mc = Benchmark("toy_mc", tuple(Problem(f"c{i}", format_choices(f"Pick {i}", ["x", "y", "z"]), "B", "choice")
-                                   for i in range(3)))
+    math = Benchmark(
+        "toy_math",
+        tuple(Problem(f"m{i}", f"What is {i}+{i}?", str(2 * i), "math") for i in range(5)),
+    )
+    aime = Benchmark(
+        "toy_aime",
+        tuple(Problem(f"a{i}", f"Find {i}.", str(i), "math") for i in range(2)),
+        repeats=3,
+    )
+    mc = Benchmark(
+        "toy_mc",
+        tuple(
+            Problem(f"c{i}", format_choices(f"Pick {i}", ["x", "y", "z"]), "B", "choice")
+            for i in range(3)
+        ),
+    )
     return [math, aime, mc]
 
 
 # ---------------------------------------------------------------------------
-
-from relax.eval.strategies import EvalConfig, evaluate, run_strategy  # noqa: E402
 
 PERIOD = 12
 
@@ -119,8 +150,15 @@ def setup():
     slm = Scripted(slm_base, script, PERIOD)
     sp = sharpen(slm_base.init_params(jax.random.key(0)))
     lp = sharpen(llm.init_params(jax.random.key(1)))
-    cfg = EvalConfig(relay=relay_config(tok), batch_size=4, prompt_bucket=64, fixed_n=2, entropy_tau=2.5,
-                     entropy_k=2, progress=False)
+    cfg = EvalConfig(
+        relay=relay_config(tok),
+        batch_size=4,
+        prompt_bucket=64,
+        fixed_n=2,
+        entropy_tau=2.5,
+        entropy_k=2,
+        progress=False,
+    )
     return dict(tok=tok, slm=slm, sp=sp, llm=llm, lp=lp, cfg=cfg, benches=benchmarks())
 
 
@@ -128,8 +166,17 @@ def _run(setup, kind, **kw):
     # One device unless asked: a jitted decoder compiles once per device it runs on.
     s = setup
     kw.setdefault("devices", jax.devices()[:1])
-    return run_strategy(kind, s["slm"], s["sp"], s["llm"], s["lp"], s["benches"], s["tok"], kw.pop("cfg", s["cfg"]),
-                        **kw)
+    return run_strategy(
+        kind,
+        s["slm"],
+        s["sp"],
+        s["llm"],
+        s["lp"],
+        s["benches"],
+        s["tok"],
+        kw.pop("cfg", s["cfg"]),
+        **kw,
+    )
 
 
 N_SAMPLES = 5 + 2 * 3 + 3
@@ -163,7 +210,9 @@ def test_relay_counters(relay_records):
 def test_teacher_free_never_runs_the_llm(setup):
     recs = _run(setup, "teacher_free")
     _check_counters(recs)
-    assert all(r["llm_tokens"] == 0 and r["calls"] == 0 and r["llm_prefill_tokens"] == 0 for r in recs)
+    assert all(
+        r["llm_tokens"] == 0 and r["calls"] == 0 and r["llm_prefill_tokens"] == 0 for r in recs
+    )
     assert sum(r["command_tokens"] for r in recs) > 0  # the commands are written, not honoured
 
 
@@ -182,7 +231,9 @@ def test_single_models(setup):
     _check_counters(llm)
     assert all(r["llm_tokens"] == 0 and r["llm_prefill_tokens"] == 0 for r in slm)
     assert all(r["slm_tokens"] == 0 and r["llm_tokens"] == r["response_tokens"] for r in llm)
-    assert all(r["llm_prefill_tokens"] == r["prompt_tokens"] + r["response_tokens"] - 1 for r in llm)
+    assert all(
+        r["llm_prefill_tokens"] == r["prompt_tokens"] + r["response_tokens"] - 1 for r in llm
+    )
 
 
 def test_random_router_share_tracks_p(setup):
@@ -207,7 +258,7 @@ def test_entropy_router_counters(setup):
         assert r["calls"] <= 2 and r["llm_tokens"] <= 2 * r["calls"] and r["command_tokens"] == 0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _full_forward_last(slm, llm, width):
     @jax.jit
     def last_logits(params_s, params_l, toks, n):
@@ -258,11 +309,14 @@ def test_entropy_router_matches_eager_oracle(setup):
     prompts = rng.integers(3, 100, (4, 64)).astype(np.int32)
     lens = np.array([64, 2, 30, 45], np.int32)
     key = jax.random.key(3)
-    out = entropy_router_generate(s["slm"], s["sp"], s["llm"], s["lp"], prompts, lens, key, cfg, tau=2.5, k=2)
+    out = entropy_router_generate(
+        s["slm"], s["sp"], s["llm"], s["lp"], prompts, lens, key, cfg, tau=2.5, k=2
+    )
     assert int(out.calls.sum()) > 0 and int(out.slm_tokens.sum()) > 0
     for b in range(4):
-        toks, src, calls = _entropy_oracle(s["slm"], s["sp"], s["llm"], s["lp"], prompts[b, : lens[b]], key, b,
-                                           cfg, 2.5, 2)
+        toks, src, calls = _entropy_oracle(
+            s["slm"], s["sp"], s["llm"], s["lp"], prompts[b, : lens[b]], key, b, cfg, 2.5, 2
+        )
         n = len(toks)
         assert int(out.lengths[b]) == n
         assert np.asarray(out.tokens[b, :n]).tolist() == toks
@@ -281,10 +335,22 @@ def test_evaluate_summary_and_report(setup, relay_records, tmp_path):
     from relax.eval.report import write_report
 
     s = setup
-    res = evaluate(["slm", "llm", "relay", ("relay_again", "relay", {}), "random_router"], s["slm"], s["sp"],
-                   s["llm"], s["lp"], s["benches"], s["tok"], s["cfg"], devices=jax.devices()[:1])
+    res = evaluate(
+        ["slm", "llm", "relay", ("relay_again", "relay", {}), "random_router"],
+        s["slm"],
+        s["sp"],
+        s["llm"],
+        s["lp"],
+        s["benches"],
+        s["tok"],
+        s["cfg"],
+        devices=jax.devices()[:1],
+    )
     assert res["records"]["relay"] == relay_records  # deterministic for a seed
-    strip = lambda recs: [{k: v for k, v in r.items() if k != "strategy"} for r in recs]  # noqa: E731
+
+    def strip(recs):
+        return [{k: v for k, v in r.items() if k != "strategy"} for r in recs]
+
     assert strip(res["records"]["relay_again"]) == strip(relay_records)
     summ = res["summary"]
     assert set(summ) == {"slm", "llm", "relay", "relay_again", "random_router"}
@@ -309,11 +375,36 @@ def test_cli_writes_results(setup, tmp_path):
     with open(tmp_path / "bench.jsonl", "w") as f:
         f.write("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "out"
-    rc = cli.main(["--slm", str(tmp_path / "llm"), "--llm", str(tmp_path / "llm"), "--dtype", "float32",
-                   "--benchmarks", f"mini={tmp_path / 'bench.jsonl'}", "--strategies", "slm,llm",
-                   "--out", str(out), "--batch-size", "4", "--max-new-tokens", "16", "--prompt-bucket", "64",
-                   "--max-calls", "2", "--prefill-chunk", "16", "--temperature", "1.0", "--no-progress",
-                   "seed=0"])
+    rc = cli.main(
+        [
+            "--slm",
+            str(tmp_path / "llm"),
+            "--llm",
+            str(tmp_path / "llm"),
+            "--dtype",
+            "float32",
+            "--benchmarks",
+            f"mini={tmp_path / 'bench.jsonl'}",
+            "--strategies",
+            "slm,llm",
+            "--out",
+            str(out),
+            "--batch-size",
+            "4",
+            "--max-new-tokens",
+            "16",
+            "--prompt-bucket",
+            "64",
+            "--max-calls",
+            "2",
+            "--prefill-chunk",
+            "16",
+            "--temperature",
+            "1.0",
+            "--no-progress",
+            "seed=0",
+        ]
+    )
     assert rc == 0
     assert sorted(os.listdir(out)) == ["results.json", "results.md", "results.png"]
     res = json.load(open(out / "results.json"))
@@ -324,10 +415,25 @@ def test_cli_writes_results(setup, tmp_path):
 def test_cli_config_layers(setup):
     from relax.eval import cli
 
-    args = cli._parser().parse_args(["--slm", "x", "--config", "configs/eval-paper.yaml", "--batch-size", "2",
-                                     "relay.llm.temperature=0.6", "entropy_k=4", "relay.eos_ids=5,6"])
+    args = cli._parser().parse_args(
+        [
+            "--slm",
+            "x",
+            "--config",
+            "configs/eval-paper.yaml",
+            "--batch-size",
+            "2",
+            "relay.llm.temperature=0.6",
+            "entropy_k=4",
+            "relay.eos_ids=5,6",
+        ]
+    )
     cfg = cli.build_config(args, setup["tok"])
-    assert cfg.relay.max_new_tokens == 8192 and cfg.relay.max_calls == 4 and cfg.relay.prefill_chunk == 512
+    assert (
+        cfg.relay.max_new_tokens == 8192
+        and cfg.relay.max_calls == 4
+        and cfg.relay.prefill_chunk == 512
+    )
     assert cfg.relay.llm.temperature == 0.6 and cfg.relay.slm.temperature == 0.7
     assert cfg.batch_size == 2  # flags override the YAML; key=value overrides both
     assert cfg.entropy_k == 4 and cfg.router_p is None and cfg.relay.eos_ids == (5, 6)

@@ -117,8 +117,20 @@ def test_extract_choice_none():
     assert extract_choice(None) is None
 
 
-GARBAGE = [None, 5, 3.5, b"\\boxed{1}", "", "\\boxed{", "}}}}{{{", "\\boxed{\\frac{}{}}",
-           "\\boxed{" + "(" * 500 + "}", "\\boxed{\\sqrt[}", "\x00\xff", ["\\boxed{1}"]]
+GARBAGE = [
+    None,
+    5,
+    3.5,
+    b"\\boxed{1}",
+    "",
+    "\\boxed{",
+    "}}}}{{{",
+    "\\boxed{\\frac{}{}}",
+    "\\boxed{" + "(" * 40 + "}",
+    "\\boxed{\\sqrt[}",
+    "\x00\xff",
+    ["\\boxed{1}"],
+]
 
 
 @pytest.mark.parametrize("junk", GARBAGE)

@@ -11,18 +11,37 @@ from relax.data.loaders import BENCHMARKS, BenchmarkUnavailable, load_benchmark
 
 # One fixture row per benchmark, in the columns of the paper's hub datasets.
 ROWS = {
-    "math500": [{"problem": "What is $1+1$?", "answer": "2", "unique_id": "test/a/1.json"},
-                {"problem": "Half of 1?", "answer": "\\frac{1}{2}", "unique_id": "test/a/2.json"}],
+    "math500": [
+        {"problem": "What is $1+1$?", "answer": "2", "unique_id": "test/a/1.json"},
+        {"problem": "Half of 1?", "answer": "\\frac{1}{2}", "unique_id": "test/a/2.json"},
+    ],
     "gsm8k": [{"question": "Tom has 1,200 apples.", "answer": "He has 1,200.\n#### 1,200"}],
     "minerva": [{"problem": "Speed of light?", "answer": "3e8"}],
     "olympiadbench": [{"id": 7, "question": "Find x.", "final_answer": ["$5$"]}],
     "aime2024": [{"id": 60, "problem": "AIME q", "answer": "204"}],
     "aime2025": [{"id": "I-1", "problem": "AIME q2", "answer": "70"}],
-    "mmlu_pro": [{"question_id": 70, "question": "Pick", "options": ["x", "y", "z"], "answer": "B",
-                  "answer_index": 1}],
-    "supergpqa": [{"uuid": "u1", "question": "Pick one", "options": ["p", "q"], "answer_letter": "A"}],
-    "gpqa_diamond": [{"Record ID": "r1", "Question": "Which?", "Correct Answer": "right",
-                      "Incorrect Answer 1": "w1", "Incorrect Answer 2": "w2", "Incorrect Answer 3": "w3"}],
+    "mmlu_pro": [
+        {
+            "question_id": 70,
+            "question": "Pick",
+            "options": ["x", "y", "z"],
+            "answer": "B",
+            "answer_index": 1,
+        }
+    ],
+    "supergpqa": [
+        {"uuid": "u1", "question": "Pick one", "options": ["p", "q"], "answer_letter": "A"}
+    ],
+    "gpqa_diamond": [
+        {
+            "Record ID": "r1",
+            "Question": "Which?",
+            "Correct Answer": "right",
+            "Incorrect Answer 1": "w1",
+            "Incorrect Answer 2": "w2",
+            "Incorrect Answer 3": "w3",
+        }
+    ],
     "bbeh": [{"question": "Is it true?", "answer": "yes"}],
 }
 EXPECTED = {  # (id, answer, kind) of the first row
@@ -56,8 +75,13 @@ def test_each_benchmark_from_local_file(tmp_path, name, fmt):
     assert bench.name == name
     assert len(bench) == len(ROWS[name])
     p = bench.problems[0]
-    assert p.question.startswith(str(ROWS[name][0].get("problem") or ROWS[name][0].get("question")
-                                     or ROWS[name][0].get("Question")))
+    assert p.question.startswith(
+        str(
+            ROWS[name][0].get("problem")
+            or ROWS[name][0].get("question")
+            or ROWS[name][0].get("Question")
+        )
+    )
     if name == "gpqa_diamond":
         assert p.kind == "choice" and p.id == "r1"
         letter_line = next(line for line in p.question.splitlines() if line.endswith("right"))
@@ -92,8 +116,13 @@ def test_subset_is_seeded_and_sized(tmp_path):
 def test_custom_file_with_field_mapping(tmp_path):
     rows = [{"q": "2+2?", "gold": "4", "key": "k0"}, {"q": "3+3?", "gold": "6", "key": "k1"}]
     path = _write(tmp_path / "mine.parquet", rows, "parquet")
-    bench = load_benchmark("mine", path=path, fields={"question": "q", "answer": "gold", "id": "key"},
-                           limit=1, repeats=4)
+    bench = load_benchmark(
+        "mine",
+        path=path,
+        fields={"question": "q", "answer": "gold", "id": "key"},
+        limit=1,
+        repeats=4,
+    )
     assert bench.problems == (("k0", "2+2?", "4", "math"),)
     assert bench.repeats == 4
 

@@ -6,8 +6,13 @@ import math
 
 import pytest
 
-from relax.eval.metrics import (benchmark_metrics, random_router_accuracy, router_cost_reduction,
-                                router_p_star, summarize)
+from relax.eval.metrics import (
+    benchmark_metrics,
+    random_router_accuracy,
+    router_cost_reduction,
+    router_p_star,
+    summarize,
+)
 from relax.eval.report import markdown_table, write_report
 
 
@@ -27,9 +32,18 @@ def test_router_cost_reduction_reproduces_paper():
 
 def _rec(bench, correct, slm, llm, cmd=0, prefill=0, calls=0, prompt=10):
     resp = slm + llm + cmd
-    return dict(benchmark=bench, correct=correct, response_tokens=resp, slm_tokens=slm, command_tokens=cmd,
-                llm_tokens=llm, llm_prefill_tokens=prefill, calls=calls, slm_processed=prompt + resp,
-                llm_processed=prefill + llm)
+    return dict(
+        benchmark=bench,
+        correct=correct,
+        response_tokens=resp,
+        slm_tokens=slm,
+        command_tokens=cmd,
+        llm_tokens=llm,
+        llm_prefill_tokens=prefill,
+        calls=calls,
+        slm_processed=prompt + resp,
+        llm_processed=prefill + llm,
+    )
 
 
 def test_call_ratio_is_token_weighted():
@@ -45,7 +59,8 @@ def test_call_ratio_is_token_weighted():
 
 def _summary():
     recs = {
-        "slm": [_rec("math500", i < 4, 100, 0) for i in range(10)] + [_rec("gsm8k", i < 6, 50, 0) for i in range(10)],
+        "slm": [_rec("math500", i < 4, 100, 0) for i in range(10)]
+        + [_rec("gsm8k", i < 6, 50, 0) for i in range(10)],
         "llm": [_rec("math500", i < 8, 0, 100, prefill=10) for i in range(10)]
         + [_rec("gsm8k", i < 9, 0, 50, prefill=10) for i in range(10)],
         "relay": [_rec("math500", i < 6, 98, 2, cmd=3, prefill=40, calls=1) for i in range(10)]
@@ -98,7 +113,9 @@ def test_plot_axes_are_labelled(tmp_path, monkeypatch):
 
     def spy(fig=None):
         ax = fig.axes[0]
-        captured.update(x=ax.get_xlabel(), y=ax.get_ylabel(), lines=[l.get_label() for l in ax.get_lines()])
+        captured.update(
+            x=ax.get_xlabel(), y=ax.get_ylabel(), lines=[ln.get_label() for ln in ax.get_lines()]
+        )
         orig(fig)
 
     monkeypatch.setattr(plt, "close", spy)

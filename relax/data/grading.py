@@ -19,7 +19,7 @@ not (no network at evaluation, and a re-check can only raise scores).
 import re
 import threading
 
-__all__ = ["grade", "grade_choice", "last_boxed", "extract_choice", "normalize_answer"]
+__all__ = ["extract_choice", "grade", "grade_choice", "last_boxed", "normalize_answer"]
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 

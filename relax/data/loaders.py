@@ -31,15 +31,15 @@ import random
 from typing import NamedTuple
 
 __all__ = [
-    "Problem",
-    "Benchmark",
-    "BenchmarkSpec",
-    "BenchmarkUnavailable",
     "BENCHMARKS",
     "MATH_BENCHMARKS",
     "TRANSFER_BENCHMARKS",
-    "load_benchmark",
+    "Benchmark",
+    "BenchmarkSpec",
+    "BenchmarkUnavailable",
+    "Problem",
     "format_choices",
+    "load_benchmark",
 ]
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -89,30 +89,123 @@ class BenchmarkSpec:
         return dict(self.fields)
 
 
-def _spec(name, hf_id, config, split, kind="math", answer_format="plain", repeats=1, sample=None, **fields):
-    return BenchmarkSpec(name, hf_id, config, split, tuple(fields.items()), kind, answer_format, repeats, sample)
+def _spec(
+    name, hf_id, config, split, kind="math", answer_format="plain", repeats=1, sample=None, **fields
+):
+    return BenchmarkSpec(
+        name, hf_id, config, split, tuple(fields.items()), kind, answer_format, repeats, sample
+    )
 
 
 BENCHMARKS = {
     s.name: s
     for s in [
-        _spec("math500", "HuggingFaceH4/MATH-500", None, "test", question="problem", answer="answer", id="unique_id"),
-        _spec("gsm8k", "openai/gsm8k", "main", "test", answer_format="gsm8k", question="question", answer="answer"),
-        _spec("minerva", "zwhe99/simplerl-minerva-math", None, "test", question="problem", answer="answer"),
-        _spec("olympiadbench", "zwhe99/simplerl-OlympiadBench", None, "test", answer_format="first",
-              question="question", answer="final_answer", id="id"),
-        _spec("aime2024", "HuggingFaceH4/aime_2024", None, "train", repeats=32, question="problem", answer="answer",
-              id="id"),
-        _spec("aime2025", "yentinglin/aime_2025", "default", "train", repeats=32, question="problem",
-              answer="answer", id="id"),
-        _spec("mmlu_pro", "TIGER-Lab/MMLU-Pro", None, "test", kind="choice", answer_format="letter", sample=1000,
-              question="question", options="options", answer="answer", id="question_id"),
-        _spec("supergpqa", "m-a-p/SuperGPQA", None, "train", kind="choice", answer_format="letter", sample=1000,
-              question="question", options="options", answer="answer_letter", id="uuid"),
-        _spec("gpqa_diamond", "Idavidrein/gpqa", "gpqa_diamond", "train", kind="choice",
-              question="Question", id="Record ID",
-              choices=("Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")),
-        _spec("bbeh", "MrLight/bbeh-eval", None, "train", sample=1000, question="question", answer="answer"),
+        _spec(
+            "math500",
+            "HuggingFaceH4/MATH-500",
+            None,
+            "test",
+            question="problem",
+            answer="answer",
+            id="unique_id",
+        ),
+        _spec(
+            "gsm8k",
+            "openai/gsm8k",
+            "main",
+            "test",
+            answer_format="gsm8k",
+            question="question",
+            answer="answer",
+        ),
+        _spec(
+            "minerva",
+            "zwhe99/simplerl-minerva-math",
+            None,
+            "test",
+            question="problem",
+            answer="answer",
+        ),
+        _spec(
+            "olympiadbench",
+            "zwhe99/simplerl-OlympiadBench",
+            None,
+            "test",
+            answer_format="first",
+            question="question",
+            answer="final_answer",
+            id="id",
+        ),
+        _spec(
+            "aime2024",
+            "HuggingFaceH4/aime_2024",
+            None,
+            "train",
+            repeats=32,
+            question="problem",
+            answer="answer",
+            id="id",
+        ),
+        _spec(
+            "aime2025",
+            "yentinglin/aime_2025",
+            "default",
+            "train",
+            repeats=32,
+            question="problem",
+            answer="answer",
+            id="id",
+        ),
+        _spec(
+            "mmlu_pro",
+            "TIGER-Lab/MMLU-Pro",
+            None,
+            "test",
+            kind="choice",
+            answer_format="letter",
+            sample=1000,
+            question="question",
+            options="options",
+            answer="answer",
+            id="question_id",
+        ),
+        _spec(
+            "supergpqa",
+            "m-a-p/SuperGPQA",
+            None,
+            "train",
+            kind="choice",
+            answer_format="letter",
+            sample=1000,
+            question="question",
+            options="options",
+            answer="answer_letter",
+            id="uuid",
+        ),
+        _spec(
+            "gpqa_diamond",
+            "Idavidrein/gpqa",
+            "gpqa_diamond",
+            "train",
+            kind="choice",
+            question="Question",
+            id="Record ID",
+            choices=(
+                "Correct Answer",
+                "Incorrect Answer 1",
+                "Incorrect Answer 2",
+                "Incorrect Answer 3",
+            ),
+        ),
+        _spec(
+            "bbeh",
+            "MrLight/bbeh-eval",
+            None,
+            "train",
+            sample=1000,
+            question="question",
+            answer="answer",
+        ),
     ]
 }
 MATH_BENCHMARKS = ("math500", "gsm8k", "minerva", "olympiadbench", "aime2024", "aime2025")
@@ -142,7 +235,9 @@ def _format_answer(value, fmt):
     if fmt == "gsm8k":
         return str(value).split("####")[-1].strip().replace(",", "")
     if fmt == "first":
-        if isinstance(value, (list, tuple)) or (hasattr(value, "tolist") and not isinstance(value, str)):
+        if isinstance(value, (list, tuple)) or (
+            hasattr(value, "tolist") and not isinstance(value, str)
+        ):
             value = list(value)
             value = value[0] if value else ""
         return str(value).strip()
@@ -161,7 +256,9 @@ def _stable_seed(seed, key):
 def _rows_to_problems(rows, spec, fields, seed):
     problems = []
     for i, row in enumerate(rows):
-        pid = str(row[fields["id"]]) if "id" in fields and fields["id"] in row else f"{spec.name}/{i}"
+        pid = (
+            str(row[fields["id"]]) if "id" in fields and fields["id"] in row else f"{spec.name}/{i}"
+        )
         question = row[fields["question"]]
         if "choices" in fields:  # GPQA: first column correct, options shuffled with a seeded rng
             opts = [str(row[c]).strip() for c in fields["choices"]]
@@ -201,9 +298,10 @@ def _read_local(path):
 
 def _local_hint(name):
     return (
-        f"Download it on a machine with network access, save the rows as JSONL or Parquet, and pass the file: "
-        f"`relax eval --benchmarks {name}=/path/to/{name}.jsonl` (Python: "
-        f"load_benchmark({name!r}, path='/path/to/{name}.jsonl', fields={{'question': ..., 'answer': ...}}))."
+        "Download it on a machine with network access, save the rows as JSONL or Parquet, "
+        f"and pass the file: `relax eval --benchmarks {name}=/path/to/{name}.jsonl` (Python: "
+        f"load_benchmark({name!r}, path='/path/to/{name}.jsonl', "
+        "fields={'question': ..., 'answer': ...}))."
     )
 
 
@@ -211,13 +309,16 @@ def _read_hub(spec):
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - datasets is a requirement
-        raise BenchmarkUnavailable(f"the `datasets` package is needed for {spec.hf_id}. {_local_hint(spec.name)}") from e
+        raise BenchmarkUnavailable(
+            f"the `datasets` package is needed for {spec.hf_id}. {_local_hint(spec.name)}"
+        ) from e
     try:
         ds = datasets.load_dataset(spec.hf_id, spec.hf_config, split=spec.split)
     except Exception as e:
         raise BenchmarkUnavailable(
-            f"could not load {spec.hf_id} (config {spec.hf_config}, split {spec.split}) from the Hugging Face hub "
-            f"or its local cache ({type(e).__name__}; offline?). {_local_hint(spec.name)}"
+            f"could not load {spec.hf_id} (config {spec.hf_config}, split {spec.split}) from the "
+            f"Hugging Face hub or its local cache ({type(e).__name__}; offline?). "
+            f"{_local_hint(spec.name)}"
         ) from None
     return list(ds)
 
@@ -227,13 +328,15 @@ def _read_tfds(name, split):
         import tensorflow_datasets as tfds
     except ImportError:
         raise BenchmarkUnavailable(
-            f"tfds:{name} needs tensorflow-datasets, which is not installed (pip install tensorflow-datasets), "
-            f"or pass a local JSONL/Parquet file instead."
+            f"tfds:{name} needs tensorflow-datasets, which is not installed "
+            "(pip install tensorflow-datasets), or pass a local JSONL/Parquet file instead."
         ) from None
     try:
         ds = tfds.load(name, split=split)
     except Exception as e:
-        raise BenchmarkUnavailable(f"could not load tfds:{name} split {split} ({type(e).__name__}: {e})") from None
+        raise BenchmarkUnavailable(
+            f"could not load tfds:{name} split {split} ({type(e).__name__}: {e})"
+        ) from None
 
     def _py(v):
         v = v.numpy() if hasattr(v, "numpy") else v
@@ -244,7 +347,9 @@ def _read_tfds(name, split):
     return [{k: _py(v) for k, v in ex.items()} for ex in ds]
 
 
-def load_benchmark(name, path=None, fields=None, split=None, limit=None, repeats=None, seed=0, kind=None):
+def load_benchmark(
+    name, path=None, fields=None, split=None, limit=None, repeats=None, seed=0, kind=None
+):
     """Load one benchmark as a `Benchmark` (name, problems, repeats).
 
     name: a key of BENCHMARKS ("math500", "aime2024", "mmlu_pro", ...), or
@@ -264,11 +369,17 @@ def load_benchmark(name, path=None, fields=None, split=None, limit=None, repeats
         spec = BenchmarkSpec(label, "", None, split or "test", (), kind or "math")
         if name.startswith("hf:"):
             hf = name[3:].split(":")
-            spec = dataclasses.replace(spec, name=hf[0].split("/")[-1], hf_id=hf[0],
-                                       hf_config=hf[1] if len(hf) > 1 else None, split=split or "test")
+            spec = dataclasses.replace(
+                spec,
+                name=hf[0].split("/")[-1],
+                hf_id=hf[0],
+                hf_config=hf[1] if len(hf) > 1 else None,
+                split=split or "test",
+            )
         elif not name.startswith("tfds:") and path is None:
             raise BenchmarkUnavailable(
-                f"unknown benchmark {name!r}: use one of {', '.join(BENCHMARKS)}, hf:ORG/NAME, tfds:NAME, "
+                f"unknown benchmark {name!r}: use one of {', '.join(BENCHMARKS)}, "
+                "hf:ORG/NAME, tfds:NAME, "
                 f"or pass a local file with path=..."
             )
     if split is not None:
@@ -296,12 +407,15 @@ def load_benchmark(name, path=None, fields=None, split=None, limit=None, repeats
                     mapping.pop(key, None)
         if "choices" in mapping and not all(c in rows[0] for c in mapping["choices"]):
             mapping.pop("choices")
-        missing = [k for k in ("question", "answer") if k not in mapping or mapping[k] not in rows[0]]
+        missing = [
+            k for k in ("question", "answer") if k not in mapping or mapping[k] not in rows[0]
+        ]
         if "choices" in mapping:
             missing = [k for k in missing if k != "answer"]
         if missing:
             raise BenchmarkUnavailable(
-                f"{spec.name}: no column for {missing} in {sorted(rows[0])}; pass fields={{'question': ..., "
+                f"{spec.name}: no column for {missing} in {sorted(rows[0])}; "
+                "pass fields={'question': ..., "
                 f"'answer': ...}} (CLI: NAME=FILE?question=COL&answer=COL)"
             )
 

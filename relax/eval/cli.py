@@ -1,7 +1,7 @@
 """`relax eval`: evaluate strategies on benchmarks; write results.json, results.md, results.png.
 
     relax eval --slm runs/relay_slm --llm Qwen3-8B --base-slm Qwen3-1.7B \\
-        --benchmarks math500=data/math500.jsonl,gsm8k=data/gsm8k.parquet,aime2024=data/aime24.jsonl \\
+        --benchmarks math500=data/math500.jsonl,aime2024=data/aime24.parquet \\
         --strategies slm,llm,relay,teacher_free,random_router,entropy_router --out runs/eval
 
 Models are Hugging Face checkpoint folders (`relax.load_hf`); the tokenizer is
@@ -28,14 +28,16 @@ import time
 
 import yaml
 
-__all__ = ["main", "build_config", "parse_benchmarks"]
+__all__ = ["build_config", "main", "parse_benchmarks"]
 
 
 def _parser():
     p = argparse.ArgumentParser(prog="relax eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--slm", required=True, help="SLM checkpoint folder (the relay-trained student)")
     p.add_argument("--llm", help="LLM checkpoint folder (needed by every strategy but slm)")
-    p.add_argument("--base-slm", help="SLM of slm / random_router / entropy_router (default: --slm)")
+    p.add_argument(
+        "--base-slm", help="SLM of slm / random_router / entropy_router (default: --slm)"
+    )
     p.add_argument("--tokenizer", help="tokenizer folder (default: --slm)")
     p.add_argument("--benchmarks", default="math500,gsm8k,minerva,olympiadbench,aime2024,aime2025")
     p.add_argument("--strategies", default="slm,llm,relay")
@@ -53,14 +55,22 @@ def _parser():
     p.add_argument("--top-p", type=float, help="both models' top-p")
     p.add_argument("--greedy", action="store_true", help="both models decode greedily")
     p.add_argument("--fixed-n", type=int)
-    p.add_argument("--router-p", type=float, help="random_router's p (default: the relay's LLM-token share)")
+    p.add_argument(
+        "--router-p", type=float, help="random_router's p (default: the relay's LLM-token share)"
+    )
     p.add_argument("--entropy-tau", type=float)
     p.add_argument("--entropy-k", type=int)
-    p.add_argument("--repeats", type=int, help="samples per problem of repeated benchmarks (AIME avg@k, default 32)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="samples per problem of repeated benchmarks (AIME avg@k, default 32)",
+    )
     p.add_argument("--limit", type=int, help="first N problems of each benchmark (smoke runs)")
     p.add_argument("--thinking", action="store_true", help="Qwen3 thinking mode (the paper: off)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("overrides", nargs="*", help="key=value settings (dotted: relay.slm.temperature=1.0)")
+    p.add_argument(
+        "overrides", nargs="*", help="key=value settings (dotted: relay.slm.temperature=1.0)"
+    )
     return p
 
 
@@ -79,8 +89,10 @@ def _set(cfg, dotted, value):
     head, _, rest = dotted.partition(".")
     names = {f.name for f in dataclasses.fields(cfg)}
     if head not in names:
-        raise SystemExit(f"relax eval: unknown setting {dotted!r} (fields of {type(cfg).__name__}: "
-                         f"{', '.join(sorted(names))})")
+        raise SystemExit(
+            f"relax eval: unknown setting {dotted!r} (fields of {type(cfg).__name__}: "
+            f"{', '.join(sorted(names))})"
+        )
     cur = getattr(cfg, head)
     if rest:
         if not dataclasses.is_dataclass(cur):
@@ -100,14 +112,24 @@ def build_config(args, tokenizer):
     from relax.eval.strategies import EvalConfig
     from relax.relay.config import RelayConfig
 
-    eos = [i for i in (tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None)) if i is not None]
+    eos = [
+        i
+        for i in (tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None))
+        if i is not None
+    ]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     cfg = EvalConfig(relay=RelayConfig(eos_ids=tuple(dict.fromkeys(eos)), pad_id=pad))
     flags = {
-        "seed": args.seed, "batch_size": args.batch_size, "prompt_bucket": args.prompt_bucket,
-        "relay.max_new_tokens": args.max_new_tokens, "relay.max_calls": args.max_calls,
-        "relay.max_call_tokens": args.max_call_tokens, "relay.prefill_chunk": args.prefill_chunk,
-        "fixed_n": args.fixed_n, "router_p": args.router_p, "entropy_tau": args.entropy_tau,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "prompt_bucket": args.prompt_bucket,
+        "relay.max_new_tokens": args.max_new_tokens,
+        "relay.max_calls": args.max_calls,
+        "relay.max_call_tokens": args.max_call_tokens,
+        "relay.prefill_chunk": args.prefill_chunk,
+        "fixed_n": args.fixed_n,
+        "router_p": args.router_p,
+        "entropy_tau": args.entropy_tau,
         "entropy_k": args.entropy_k,
     }
     for m in ("slm", "llm"):
@@ -165,14 +187,18 @@ def main(argv=None):
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
-        raise SystemExit(f"relax eval: unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+        raise SystemExit(
+            f"relax eval: unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}"
+        )
     if args.llm is None and any(s != "slm" for s in strategies):
         raise SystemExit("relax eval: --llm is needed by every strategy but slm")
 
     tokenizer = load_tokenizer(args.tokenizer or args.slm)
     cfg = build_config(args, tokenizer)
     try:
-        benches = parse_benchmarks(args.benchmarks, seed=cfg.seed, limit=args.limit, repeats=args.repeats)
+        benches = parse_benchmarks(
+            args.benchmarks, seed=cfg.seed, limit=args.limit, repeats=args.repeats
+        )
     except BenchmarkUnavailable as e:
         raise SystemExit(f"relax eval: {e}") from None
 
@@ -189,8 +215,14 @@ def main(argv=None):
 
     t0 = time.time()
     results = evaluate(runs, slm, slm_params, llm, llm_params, benches, tokenizer, cfg)
-    results["config"].update(slm=args.slm, llm=args.llm, base_slm=args.base_slm, dtype=args.dtype,
-                             benchmarks=[b.name for b in benches], wall_seconds=round(time.time() - t0, 1))
+    results["config"].update(
+        slm=args.slm,
+        llm=args.llm,
+        base_slm=args.base_slm,
+        dtype=args.dtype,
+        benchmarks=[b.name for b in benches],
+        wall_seconds=round(time.time() - t0, 1),
+    )
     paths = write_report(results, args.out)
     print(markdown_table(results["summary"], "accuracy"))
     print(f"\nwrote {paths['json']}, {paths['md']}, {paths['png']}")

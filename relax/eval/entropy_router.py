@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from relax.relay.config import RelayConfig
 from relax.relay.sampling import sample_batch, token_key
 
-__all__ = ["EntropyOutput", "entropy_router_generate", "entropy"]
+__all__ = ["EntropyOutput", "entropy", "entropy_router_generate"]
 
 
 @flax.struct.dataclass
@@ -106,8 +106,18 @@ def _last_logits(logits, positions):
 
 
 @functools.partial(jax.jit, static_argnames=("slm", "llm", "config", "tau", "k"))
-def entropy_router_generate(slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config: RelayConfig,
-                            tau: float, k: int):
+def entropy_router_generate(
+    slm,
+    slm_params,
+    llm,
+    llm_params,
+    prompts,
+    prompt_lens,
+    key,
+    config: RelayConfig,
+    tau: float,
+    k: int,
+):
     """Entropy-triggered relay. prompts [B, P] right-padded, prompt_lens [B].
 
     config supplies max_new_tokens, max_calls (segments per row), prefill_chunk,
@@ -124,7 +134,11 @@ def entropy_router_generate(slm, slm_params, llm, llm_params, prompts, prompt_le
 
     prompt_lens = prompt_lens.astype(jnp.int32)
     in_prompt = jnp.arange(P)[None, :] < prompt_lens[:, None]
-    tokens = jnp.full((B, L), config.pad_id, jnp.int32).at[:, :P].set(jnp.where(in_prompt, prompts, config.pad_id))
+    tokens = (
+        jnp.full((B, L), config.pad_id, jnp.int32)
+        .at[:, :P]
+        .set(jnp.where(in_prompt, prompts, config.pad_id))
+    )
     source = jnp.zeros((B, L), jnp.int32).at[:, :P].set(in_prompt.astype(jnp.int32))
 
     # The SLM reads the prompt at once; the LLM reads nothing until it is needed.
@@ -133,13 +147,22 @@ def entropy_router_generate(slm, slm_params, llm, llm_params, prompts, prompt_le
     V = logits.shape[-1]
 
     state = _State(
-        tokens=tokens, source=source, logprobs=jnp.zeros((B, L), jnp.float32), cur=prompt_lens,
-        llm_seen=jnp.zeros((B,), jnp.int32), llm_left=jnp.zeros((B,), jnp.int32),
-        slm_logits=_last_logits(logits, positions), llm_logits=jnp.zeros((B, V), jnp.float32),
-        done=prompt_lens >= L, finish=jnp.ones((B,), jnp.int32),
-        slm_tokens=jnp.zeros((B,), jnp.int32), llm_tokens=jnp.zeros((B,), jnp.int32),
-        calls=jnp.zeros((B,), jnp.int32), llm_prefill=jnp.zeros((B,), jnp.int32),
-        slm_cache=slm_cache, llm_cache=llm.init_cache(B, L),
+        tokens=tokens,
+        source=source,
+        logprobs=jnp.zeros((B, L), jnp.float32),
+        cur=prompt_lens,
+        llm_seen=jnp.zeros((B,), jnp.int32),
+        llm_left=jnp.zeros((B,), jnp.int32),
+        slm_logits=_last_logits(logits, positions),
+        llm_logits=jnp.zeros((B, V), jnp.float32),
+        done=prompt_lens >= L,
+        finish=jnp.ones((B,), jnp.int32),
+        slm_tokens=jnp.zeros((B,), jnp.int32),
+        llm_tokens=jnp.zeros((B,), jnp.int32),
+        calls=jnp.zeros((B,), jnp.int32),
+        llm_prefill=jnp.zeros((B,), jnp.int32),
+        slm_cache=slm_cache,
+        llm_cache=llm.init_cache(B, L),
     )
 
     def llm_ingest(s, need, width):
@@ -166,8 +189,9 @@ def entropy_router_generate(slm, slm_params, llm, llm_params, prompts, prompt_le
             need = llm_rows & (s.llm_seen < s.cur)
             behind = jnp.max(jnp.where(need, s.cur - s.llm_seen, 0))
             # One token behind (its own last token): a decode step, not a C-wide chunk.
-            return jax.lax.cond(behind == 1, lambda s: llm_ingest(s, need, 1),
-                                lambda s: llm_ingest(s, need, C), s)
+            return jax.lax.cond(
+                behind == 1, lambda s: llm_ingest(s, need, 1), lambda s: llm_ingest(s, need, C), s
+            )
 
         return jax.lax.while_loop(cond, body, s)
 
@@ -177,7 +201,12 @@ def entropy_router_generate(slm, slm_params, llm, llm_params, prompts, prompt_le
     def body(s):
         active = ~s.done
         budget = prompt_lens + config.max_new_tokens - s.cur  # tokens this row may still write
-        start = active & (s.llm_left == 0) & (s.calls < config.max_calls) & (entropy(s.slm_logits) > tau)
+        start = (
+            active
+            & (s.llm_left == 0)
+            & (s.calls < config.max_calls)
+            & (entropy(s.slm_logits) > tau)
+        )
         llm_left = jnp.where(start, jnp.minimum(k, budget), s.llm_left)
         s = s.replace(llm_left=llm_left, calls=s.calls + start.astype(jnp.int32))
         llm_rows = active & (s.llm_left > 0)
@@ -201,10 +230,14 @@ def entropy_router_generate(slm, slm_params, llm, llm_params, prompts, prompt_le
         pos = jnp.where(active, s.cur, -1)[:, None]
         lg, slm_cache = slm.apply(slm_params, tok[:, None], pos, s.slm_cache)
         return s.replace(
-            tokens=tokens, source=source, logprobs=logprobs, cur=cur,
+            tokens=tokens,
+            source=source,
+            logprobs=logprobs,
+            cur=cur,
             llm_left=s.llm_left - llm_rows.astype(jnp.int32),
             slm_logits=jnp.where(active[:, None], lg[:, 0], s.slm_logits),
-            done=s.done | ended, finish=finish,
+            done=s.done | ended,
+            finish=finish,
             slm_tokens=s.slm_tokens + (active & ~llm_rows).astype(jnp.int32),
             llm_tokens=s.llm_tokens + llm_rows.astype(jnp.int32),
             slm_cache=slm_cache,
@@ -212,7 +245,14 @@ def entropy_router_generate(slm, slm_params, llm, llm_params, prompts, prompt_le
 
     s = jax.lax.while_loop(cond, body, state)
     return EntropyOutput(
-        tokens=s.tokens, source=s.source, lengths=s.cur, finish_reason=s.finish, slm_logprobs=s.logprobs,
-        slm_tokens=s.slm_tokens, command_tokens=jnp.zeros_like(s.slm_tokens), llm_tokens=s.llm_tokens,
-        calls=s.calls, llm_prefill_tokens=s.llm_prefill,
+        tokens=s.tokens,
+        source=s.source,
+        lengths=s.cur,
+        finish_reason=s.finish,
+        slm_logprobs=s.logprobs,
+        slm_tokens=s.slm_tokens,
+        command_tokens=jnp.zeros_like(s.slm_tokens),
+        llm_tokens=s.llm_tokens,
+        calls=s.calls,
+        llm_prefill_tokens=s.llm_prefill,
     )

@@ -29,17 +29,25 @@ import math
 import numpy as np
 
 __all__ = [
-    "router_p_star",
-    "router_cost_reduction",
-    "random_router_accuracy",
-    "benchmark_metrics",
-    "summarize",
     "SUMMED_FIELDS",
+    "benchmark_metrics",
+    "random_router_accuracy",
+    "router_cost_reduction",
+    "router_p_star",
+    "summarize",
 ]
 
 # Per-sample record fields (see strategies.evaluate) that metrics read.
-SUMMED_FIELDS = ("response_tokens", "slm_tokens", "command_tokens", "llm_tokens", "llm_prefill_tokens", "calls",
-                 "slm_processed", "llm_processed")
+SUMMED_FIELDS = (
+    "response_tokens",
+    "slm_tokens",
+    "command_tokens",
+    "llm_tokens",
+    "llm_prefill_tokens",
+    "calls",
+    "slm_processed",
+    "llm_processed",
+)
 
 
 def router_p_star(acc, acc_slm, acc_llm):
@@ -91,8 +99,19 @@ def benchmark_metrics(records, slm_params=0, llm_params=0):
     }
 
 
-_AVERAGED = ("accuracy", "call_ratio", "llm_decode_tokens", "llm_prefill_tokens", "slm_tokens", "command_tokens",
-             "response_tokens", "calls", "flops_slm", "flops_llm", "flops")
+_AVERAGED = (
+    "accuracy",
+    "call_ratio",
+    "llm_decode_tokens",
+    "llm_prefill_tokens",
+    "slm_tokens",
+    "command_tokens",
+    "response_tokens",
+    "calls",
+    "flops_slm",
+    "flops_llm",
+    "flops",
+)
 
 
 def summarize(records_by_strategy, slm_params=0, llm_params=0):
@@ -114,15 +133,21 @@ def summarize(records_by_strategy, slm_params=0, llm_params=0):
             if strategy in ("slm", "llm"):
                 continue
             for key, m in list(res["benchmarks"].items()) + [("__avg__", res["average"])]:
-                src_s = out["slm"]["average"] if key == "__avg__" else out["slm"]["benchmarks"].get(key)
-                src_l = out["llm"]["average"] if key == "__avg__" else out["llm"]["benchmarks"].get(key)
+                src_s = (
+                    out["slm"]["average"] if key == "__avg__" else out["slm"]["benchmarks"].get(key)
+                )
+                src_l = (
+                    out["llm"]["average"] if key == "__avg__" else out["llm"]["benchmarks"].get(key)
+                )
                 if not src_s or not src_l:
                     continue
                 p = router_p_star(m["accuracy"], src_s["accuracy"], src_l["accuracy"])
-                red = router_cost_reduction(m["accuracy"], src_s["accuracy"], src_l["accuracy"],
-                                            m["call_ratio"] / 100.0)
+                red = router_cost_reduction(
+                    m["accuracy"], src_s["accuracy"], src_l["accuracy"], m["call_ratio"] / 100.0
+                )
                 m["router_p_star"] = 100.0 * p
                 m["router_cost_reduction"] = 100.0 * red
                 m["router_accuracy_at_call_ratio"] = random_router_accuracy(
-                    m["call_ratio"] / 100.0, src_s["accuracy"], src_l["accuracy"])
+                    m["call_ratio"] / 100.0, src_s["accuracy"], src_l["accuracy"]
+                )
     return out

@@ -19,12 +19,19 @@ import json
 import math
 import os
 
-__all__ = ["markdown_table", "markdown_report", "plot", "write_report"]
+__all__ = ["markdown_report", "markdown_table", "plot", "write_report"]
 
 _PRETTY = {
-    "math500": "MATH-500", "gsm8k": "GSM8K", "minerva": "Minerva", "olympiadbench": "Olympiad",
-    "aime2024": "AIME24", "aime2025": "AIME25", "mmlu_pro": "MMLU-Pro", "supergpqa": "SuperGPQA",
-    "gpqa_diamond": "GPQA-D", "bbeh": "BBEH",
+    "math500": "MATH-500",
+    "gsm8k": "GSM8K",
+    "minerva": "Minerva",
+    "olympiadbench": "Olympiad",
+    "aime2024": "AIME24",
+    "aime2025": "AIME25",
+    "mmlu_pro": "MMLU-Pro",
+    "supergpqa": "SuperGPQA",
+    "gpqa_diamond": "GPQA-D",
+    "bbeh": "BBEH",
 }
 
 
@@ -61,8 +68,12 @@ def _sci(v):
 
 
 def markdown_report(summary, title="relax evaluation"):
-    cost = ["| Strategy | Acc | Call ratio % | LLM decode tok | LLM prefill tok | Calls | FLOPs SLM | FLOPs LLM "
-            "| Router p* % | Router cost reduction % |", "|---|" + "---:|" * 9]
+    cost = [
+        "| Strategy | Acc | Call ratio % | LLM decode tok | LLM prefill tok | Calls "
+        "| FLOPs SLM | FLOPs LLM "
+        "| Router p* % | Router cost reduction % |",
+        "|---|" + "---:|" * 9,
+    ]
     for strategy, res in summary.items():
         a = res["average"]
         cost.append(
@@ -71,15 +82,20 @@ def markdown_report(summary, title="relax evaluation"):
             f"{_fmt(a.get('calls'))} | {_sci(a.get('flops_slm'))} | {_sci(a.get('flops_llm'))} | "
             f"{_fmt(a.get('router_p_star'))} | {_fmt(a.get('router_cost_reduction'), 1)} |"
         )
-    return "\n\n".join([
-        f"# {title}",
-        "## Accuracy (%)",
-        markdown_table(summary, "accuracy"),
-        "## Call ratio (% of response tokens written by the LLM)",
-        markdown_table(summary, "call_ratio"),
-        "## Cost (averages per sample over benchmarks)",
-        "\n".join(cost),
-    ]) + "\n"
+    return (
+        "\n\n".join(
+            [
+                f"# {title}",
+                "## Accuracy (%)",
+                markdown_table(summary, "accuracy"),
+                "## Call ratio (% of response tokens written by the LLM)",
+                markdown_table(summary, "call_ratio"),
+                "## Cost (averages per sample over benchmarks)",
+                "\n".join(cost),
+            ]
+        )
+        + "\n"
+    )
 
 
 def plot(summary, path, title="Accuracy vs LLM-token share"):
@@ -94,13 +110,23 @@ def plot(summary, path, title="Accuracy vs LLM-token share"):
         a0, a1 = summary["slm"]["average"]["accuracy"], summary["llm"]["average"]["accuracy"]
         # sampled densely: the router is linear in the share, which the symlog axis bends
         share = [100.0 * i / 1000 for i in range(1001)]
-        ax.plot(share, [a0 + (a1 - a0) * x / 100.0 for x in share], "--", color="gray",
-                label="random router (query-level)")
+        ax.plot(
+            share,
+            [a0 + (a1 - a0) * x / 100.0 for x in share],
+            "--",
+            color="gray",
+            label="random router (query-level)",
+        )
     for strategy, res in summary.items():
         a = res["average"]
         ax.scatter([a["call_ratio"]], [a["accuracy"]], s=36, zorder=3)
-        ax.annotate(strategy, (a["call_ratio"], a["accuracy"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
+        ax.annotate(
+            strategy,
+            (a["call_ratio"], a["accuracy"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
     ax.set_xscale("symlog", linthresh=1.0)  # relay-like strategies sit near 1%, the LLM at 100%
     ax.set_xlim(-0.1, 200)
     ax.set_xlabel("LLM-token share of the response (%)")
@@ -133,7 +159,10 @@ def write_report(results, out_dir, title="relax evaluation"):
     bare summary ({strategy: {"benchmarks", "average"}})."""
     os.makedirs(out_dir, exist_ok=True)
     summary = results["summary"] if "summary" in results else results
-    paths = {k: os.path.join(out_dir, f"results.{ext}") for k, ext in (("json", "json"), ("md", "md"), ("png", "png"))}
+    paths = {
+        k: os.path.join(out_dir, f"results.{ext}")
+        for k, ext in (("json", "json"), ("md", "md"), ("png", "png"))
+    }
     with open(paths["json"], "w") as f:
         json.dump(_jsonable(results), f, indent=2)
     with open(paths["md"], "w") as f:

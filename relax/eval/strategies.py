@@ -36,7 +36,6 @@ import math
 import zlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from relax.data.grading import grade
@@ -44,7 +43,7 @@ from relax.data.loaders import Benchmark, Problem
 from relax.eval import metrics
 from relax.relay.config import RelayConfig
 
-__all__ = ["STRATEGIES", "EvalConfig", "evaluate", "run_strategy", "encode_prompts", "num_params"]
+__all__ = ["STRATEGIES", "EvalConfig", "encode_prompts", "evaluate", "num_params", "run_strategy"]
 
 STRATEGIES = ("slm", "llm", "relay", "teacher_free", "fixed_n", "random_router", "entropy_router")
 
@@ -96,8 +95,12 @@ def _build_prompt(tokenizer, question, enable_thinking):
     if build_prompt is not None:
         return build_prompt(tokenizer, question, enable_thinking=enable_thinking)
     content = question + "\nPlease reason step by step, and put your final answer within \\boxed{}."
-    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                         add_generation_prompt=True, enable_thinking=enable_thinking)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}],
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=enable_thinking,
+    )
 
 
 def encode_prompts(tokenizer, questions, enable_thinking=False):
@@ -150,21 +153,48 @@ def _decoder(kind, slm, llm, relay_cfg, command, tau, k):
     if kind == "llm":
         return lambda sp, lp, pr, ln, key: decoder.generate(llm, lp, pr, ln, key, relay_cfg)
     if kind in ("relay", "teacher_free", "fixed_n"):
-        return lambda sp, lp, pr, ln, key: decoder.relay_generate(slm, sp, llm, lp, pr, ln, key, relay_cfg, command)
+        return lambda sp, lp, pr, ln, key: decoder.relay_generate(
+            slm, sp, llm, lp, pr, ln, key, relay_cfg, command
+        )
     if kind == "entropy_router":
         from relax.eval.entropy_router import entropy_router_generate
 
-        return lambda sp, lp, pr, ln, key: entropy_router_generate(slm, sp, llm, lp, pr, ln, key, relay_cfg,
-                                                                   tau=tau, k=k)
+        return lambda sp, lp, pr, ln, key: entropy_router_generate(
+            slm, sp, llm, lp, pr, ln, key, relay_cfg, tau=tau, k=k
+        )
     raise ValueError(f"unknown decoder {kind!r}")
 
 
-_OUT_FIELDS = ("tokens", "source", "lengths", "finish_reason", "slm_tokens", "command_tokens", "llm_tokens", "calls",
-               "llm_prefill_tokens")
+_OUT_FIELDS = (
+    "tokens",
+    "source",
+    "lengths",
+    "finish_reason",
+    "slm_tokens",
+    "command_tokens",
+    "llm_tokens",
+    "calls",
+    "llm_prefill_tokens",
+)
 
 
-def _decode_samples(kind, prompts, lens, base_key, slm, slm_params, llm, llm_params, relay_cfg, command, tau, k,
-                    cfg, devices, desc):
+def _decode_samples(
+    kind,
+    prompts,
+    lens,
+    base_key,
+    slm,
+    slm_params,
+    llm,
+    llm_params,
+    relay_cfg,
+    command,
+    tau,
+    k,
+    cfg,
+    devices,
+    desc,
+):
     """Run `kind` over all rows in fixed chunks of cfg.batch_size; numpy arrays of _OUT_FIELDS.
 
     Chunk c is decoded with key fold_in(base_key, c) on device c mod D; the D
@@ -214,23 +244,54 @@ def _records(kind, label, bench_name, samples, out, prompt_lens, tokenizer, rout
         resp = length - p
         text = tokenizer.decode([int(t) for t in ids], skip_special_tokens=True)
         on_llm = kind == "llm" or (routed_llm is not None and routed_llm[i])
-        read = p + max(resp - 1, 0)  # tokens a model reading everything ingests (the last is never fed)
+        read = p + max(
+            resp - 1, 0
+        )  # tokens a model reading everything ingests (the last is never fed)
         if on_llm:  # the LLM alone wrote everything
-            c = dict(slm_tokens=0, command_tokens=0, llm_tokens=resp, calls=0, llm_prefill_tokens=read,
-                     slm_processed=0, llm_processed=read)
+            c = dict(
+                slm_tokens=0,
+                command_tokens=0,
+                llm_tokens=resp,
+                calls=0,
+                llm_prefill_tokens=read,
+                slm_processed=0,
+                llm_processed=read,
+            )
         elif kind in ("slm", "random_router"):
-            c = dict(slm_tokens=resp, command_tokens=0, llm_tokens=0, calls=0, llm_prefill_tokens=0,
-                     slm_processed=read, llm_processed=0)
+            c = dict(
+                slm_tokens=resp,
+                command_tokens=0,
+                llm_tokens=0,
+                calls=0,
+                llm_prefill_tokens=0,
+                slm_processed=read,
+                llm_processed=0,
+            )
         else:  # the relay's counters; its llm_prefill_tokens is everything the LLM ingested
             pre = int(out["llm_prefill_tokens"][i])
-            c = dict(slm_tokens=int(out["slm_tokens"][i]), command_tokens=int(out["command_tokens"][i]),
-                     llm_tokens=int(out["llm_tokens"][i]), calls=int(out["calls"][i]), llm_prefill_tokens=pre,
-                     slm_processed=read, llm_processed=pre)
-        recs.append(dict(
-            strategy=label, benchmark=bench_name, id=prob.id, sample=rep, correct=bool(grade(text, prob.answer,
-                                                                                             kind=prob.kind)),
-            response=text, response_tokens=resp, prompt_tokens=p, finish_reason=int(out["finish_reason"][i]),
-            **c))
+            c = dict(
+                slm_tokens=int(out["slm_tokens"][i]),
+                command_tokens=int(out["command_tokens"][i]),
+                llm_tokens=int(out["llm_tokens"][i]),
+                calls=int(out["calls"][i]),
+                llm_prefill_tokens=pre,
+                slm_processed=read,
+                llm_processed=pre,
+            )
+        recs.append(
+            dict(
+                strategy=label,
+                benchmark=bench_name,
+                id=prob.id,
+                sample=rep,
+                correct=bool(grade(text, prob.answer, kind=prob.kind)),
+                response=text,
+                response_tokens=resp,
+                prompt_tokens=p,
+                finish_reason=int(out["finish_reason"][i]),
+                **c,
+            )
+        )
     return recs
 
 
@@ -243,8 +304,20 @@ def _as_benchmarks(benchmarks):
     return benchmarks
 
 
-def run_strategy(kind, slm, slm_params, llm, llm_params, benchmarks, tokenizer, cfg: EvalConfig, command=None,
-                 label=None, router_p=None, devices=None):
+def run_strategy(
+    kind,
+    slm,
+    slm_params,
+    llm,
+    llm_params,
+    benchmarks,
+    tokenizer,
+    cfg: EvalConfig,
+    command=None,
+    label=None,
+    router_p=None,
+    devices=None,
+):
     """Evaluate one strategy on benchmarks; returns one record per sample.
 
     kind: one of STRATEGIES. slm / llm: models (contract of DESIGN.md) with
@@ -281,8 +354,18 @@ def run_strategy(kind, slm, slm_params, llm, llm_params, benchmarks, tokenizer, 
         width = cfg.prompt_bucket * math.ceil(max(len(x) for x in ids) / cfg.prompt_bucket)
         prompts, lens = _pad(ids, width, relay_cfg.pad_id)
         desc = f"{label}/{bench.name}"
-        common = dict(slm=slm, slm_params=slm_params, llm=llm, llm_params=llm_params, relay_cfg=relay_cfg,
-                      command=command, tau=tau, k=k, cfg=cfg, devices=devices)
+        common = dict(
+            slm=slm,
+            slm_params=slm_params,
+            llm=llm,
+            llm_params=llm_params,
+            relay_cfg=relay_cfg,
+            command=command,
+            tau=tau,
+            k=k,
+            cfg=cfg,
+            devices=devices,
+        )
         if kind == "random_router":
             rng = np.random.default_rng([cfg.seed, zlib.crc32(bench.name.encode())])
             to_llm = rng.random(len(samples)) < p_route
@@ -291,19 +374,39 @@ def run_strategy(kind, slm, slm_params, llm, llm_params, benchmarks, tokenizer, 
                 rows = np.nonzero(mask)[0]
                 if rows.size == 0:
                     continue
-                sub = _decode_samples(sub_kind, prompts[rows], lens[rows], _bench_key(cfg.seed, bench.name, tag),
-                                      desc=f"{desc}:{sub_kind}", **common)
+                sub = _decode_samples(
+                    sub_kind,
+                    prompts[rows],
+                    lens[rows],
+                    _bench_key(cfg.seed, bench.name, tag),
+                    desc=f"{desc}:{sub_kind}",
+                    **common,
+                )
                 for f, v in sub.items():
                     out.setdefault(f, np.zeros((len(samples),) + v.shape[1:], v.dtype))[rows] = v
-            records += _records(kind, label, bench.name, samples, out, lens, tokenizer, routed_llm=to_llm)
+            records += _records(
+                kind, label, bench.name, samples, out, lens, tokenizer, routed_llm=to_llm
+            )
         else:
-            out = _decode_samples(kind, prompts, lens, _bench_key(cfg.seed, bench.name), desc=desc, **common)
+            out = _decode_samples(
+                kind, prompts, lens, _bench_key(cfg.seed, bench.name), desc=desc, **common
+            )
             records += _records(kind, label, bench.name, samples, out, lens, tokenizer)
     return records
 
 
-def evaluate(strategies, slm, slm_params, llm, llm_params, benchmarks, tokenizer, cfg: EvalConfig = EvalConfig(),
-             command=None, devices=None):
+def evaluate(
+    strategies,
+    slm,
+    slm_params,
+    llm,
+    llm_params,
+    benchmarks,
+    tokenizer,
+    cfg: EvalConfig = EvalConfig(),
+    command=None,
+    devices=None,
+):
     """Evaluate several strategies; returns {"summary", "records", "config"}.
 
     strategies: names from STRATEGIES, or (label, kind, overrides) triples to
@@ -322,10 +425,23 @@ def evaluate(strategies, slm, slm_params, llm, llm_params, benchmarks, tokenizer
         router_p = None
         if kind == "random_router" and cfg.router_p is None and "relay" in records:
             relay_recs = records["relay"]
-            router_p = sum(r["llm_tokens"] for r in relay_recs) / max(1, sum(r["response_tokens"] for r in relay_recs))
-        records[label] = run_strategy(kind, kw["slm"], kw["slm_params"], kw["llm"], kw["llm_params"], benchmarks,
-                                      tokenizer, cfg, command=command, label=label, router_p=router_p,
-                                      devices=devices)
+            router_p = sum(r["llm_tokens"] for r in relay_recs) / max(
+                1, sum(r["response_tokens"] for r in relay_recs)
+            )
+        records[label] = run_strategy(
+            kind,
+            kw["slm"],
+            kw["slm_params"],
+            kw["llm"],
+            kw["llm_params"],
+            benchmarks,
+            tokenizer,
+            cfg,
+            command=command,
+            label=label,
+            router_p=router_p,
+            devices=devices,
+        )
     n_slm = num_params(slm_params) if slm_params is not None else 0
     n_llm = num_params(llm_params) if llm_params is not None else 0
     summary = metrics.summarize(records, slm_params=n_slm, llm_params=n_llm)
