@@ -16,7 +16,7 @@ from relax.train.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = (
-    "model_config={family: qwen3, vocab_size: 140, hidden_size: 32, intermediate_size: 64, "
+    "model_config={family: qwen3, vocab_size: 160, hidden_size: 32, intermediate_size: 64, "
     "num_layers: 1, num_heads: 4, num_kv_heads: 2, head_dim: 8, tie_embeddings: true}"
 )
 
