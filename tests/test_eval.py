@@ -402,6 +402,8 @@ def test_cli_writes_results(setup, tmp_path):
             "--temperature",
             "1.0",
             "--no-progress",
+            "--devices",
+            "1",
             "seed=0",
         ]
     )

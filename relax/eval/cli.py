@@ -67,6 +67,7 @@ def _parser():
     )
     p.add_argument("--limit", type=int, help="first N problems of each benchmark (smoke runs)")
     p.add_argument("--thinking", action="store_true", help="Qwen3 thinking mode (the paper: off)")
+    p.add_argument("--devices", type=int, help="use the first N local devices (default: all)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "overrides", nargs="*", help="key=value settings (dotted: relay.slm.temperature=1.0)"
@@ -214,7 +215,12 @@ def main(argv=None):
             runs.append(s)
 
     t0 = time.time()
-    results = evaluate(runs, slm, slm_params, llm, llm_params, benches, tokenizer, cfg)
+    import jax
+
+    devices = jax.local_devices()[: args.devices] if args.devices else None
+    results = evaluate(
+        runs, slm, slm_params, llm, llm_params, benches, tokenizer, cfg, devices=devices
+    )
     results["config"].update(
         slm=args.slm,
         llm=args.llm,

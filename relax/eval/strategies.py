@@ -17,12 +17,11 @@ A strategy is how an answer gets written:
 
 Batching: the samples of a benchmark (a problem repeated `repeats` times for
 avg@k) are cut into fixed chunks of `batch_size` rows, chunk c decoded with
-key fold_in(key(seed, benchmark), c) by the jitted decoder on device c mod D
-(D local devices; the D calls of a group are dispatched before any result is
-read, so the devices work concurrently). The chunking does not depend on D,
-so 1 device and 4 devices give identical results. (`jax.pmap` would need the
-decoder to be traceable end to end; the relay validates its inputs on the
-host, so chunks are placed on devices instead.) Prompts are padded to
+key fold_in(key(seed, benchmark), c) by the jitted decoder with its rows
+sharded over the local devices (one SPMD program, compiled once; each device
+decodes batch_size / D rows). The chunking does not depend on D, so 1 device
+and 4 devices give identical results. (`jax.pmap` of the decoder is not
+possible: the relay validates its inputs on the host, so it cannot be traced.) Prompts are padded to
 a multiple of `prompt_bucket` so a benchmark compiles once per strategy.
 
 Entry points: `evaluate(...) -> {"summary", "records", "config"}` and
@@ -55,7 +54,8 @@ class EvalConfig:
     relay: RelayConfig = RelayConfig()
     """Decoding: max_new_tokens, call limits, sampling per model, eos_ids, pad_id."""
     batch_size: int = 16
-    """Rows per chunk (per device per step)."""
+    """Rows decoded together (the global batch: split over the devices, so use a
+    multiple of the device count; otherwise fewer devices are used)."""
     seed: int = 0
     """Sampling keys and the random router's draws."""
     prompt_bucket: int = 64
@@ -197,36 +197,37 @@ def _decode_samples(
 ):
     """Run `kind` over all rows in fixed chunks of cfg.batch_size; numpy arrays of _OUT_FIELDS.
 
-    Chunk c is decoded with key fold_in(base_key, c) on device c mod D; the D
-    calls of a group are dispatched before any result is read, so the devices
-    decode concurrently (JAX dispatch is asynchronous). Results do not depend
-    on D: the chunks, their keys and their programs are the same.
+    Chunk c is decoded with key fold_in(base_key, c), its rows sharded over
+    the devices (jit with a batch-sharded input: one compiled SPMD program,
+    each device decoding batch_size / D rows). The chunks, their keys and
+    each row's computation do not depend on D, so neither do the results.
+    D is the largest device count that divides batch_size.
     """
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
     n = prompts.shape[0]
     bs = cfg.batch_size
     n_chunks = max(1, math.ceil(n / bs))
-    D = len(devices)
+    D = math.gcd(len(devices), bs)
+    mesh = Mesh(np.array(devices[:D]), ("data",))
+    rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     fn = _decoder(kind, slm, llm, relay_cfg, command, tau, k)
-    # Parameters go to every device once; chunks then run where their inputs live.
-    sp = [jax.device_put(slm_params, d) if slm_params is not None else None for d in devices]
-    lp = [jax.device_put(llm_params, d) if llm_params is not None else None for d in devices]
+    sp = jax.device_put(slm_params, replicated) if slm_params is not None else None
+    lp = jax.device_put(llm_params, replicated) if llm_params is not None else None
     # Pad the rows to whole chunks with copies of row 0 (dropped afterwards).
     idx = np.concatenate([np.arange(n), np.zeros(n_chunks * bs - n, np.int64)])
     pr, ln = prompts[idx].reshape(n_chunks, bs, -1), lens[idx].reshape(n_chunks, bs)
-    outs = []
-    groups = range(0, n_chunks, D)
+    chunks = range(n_chunks)
     if cfg.progress:
         from tqdm.auto import tqdm
 
-        groups = tqdm(groups, desc=desc, unit="batch", leave=False)
-    for g in groups:
-        pending = []
-        for c in range(g, min(g + D, n_chunks)):
-            d = c - g
-            key = jax.device_put(jax.random.fold_in(base_key, c), devices[d])
-            args = [jax.device_put(x, devices[d]) for x in (pr[c], ln[c])]
-            pending.append(fn(sp[d], lp[d], *args, key))
-        outs += [{f: np.asarray(getattr(o, f)) for f in _OUT_FIELDS} for o in pending]
+        chunks = tqdm(chunks, desc=desc, unit="batch", leave=False)
+    outs = []
+    for c in chunks:
+        key = jax.device_put(jax.random.fold_in(base_key, c), replicated)
+        out = fn(sp, lp, jax.device_put(pr[c], rows), jax.device_put(ln[c], rows), key)
+        outs.append({f: np.asarray(getattr(out, f)) for f in _OUT_FIELDS})
     return {f: np.concatenate([o[f] for o in outs])[:n] for f in _OUT_FIELDS}
 
 
