@@ -418,17 +418,22 @@ def evaluate(
     """
     if isinstance(strategies, str):
         strategies = [strategies]
+    specs = [(s, s, {}) if isinstance(s, str) else s for s in strategies]
+    if command is None and any(
+        kind in ("relay", "teacher_free", "fixed_n") for _, kind, _ in specs
+    ):
+        from relax.relay.command import CallCommand
+
+        command = CallCommand.from_tokenizer(tokenizer)  # once: a large vocabulary takes seconds
     records = {}
-    for spec in strategies:
-        label, kind, over = (spec, spec, {}) if isinstance(spec, str) else spec
+    for label, kind, over in specs:
         kw = dict(slm=slm, slm_params=slm_params, llm=llm, llm_params=llm_params)
         kw.update(over)
         router_p = None
         if kind == "random_router" and cfg.router_p is None and "relay" in records:
-            relay_recs = records["relay"]
-            router_p = sum(r["llm_tokens"] for r in relay_recs) / max(
-                1, sum(r["response_tokens"] for r in relay_recs)
-            )
+            # the relay's reported LLM-token share (per-benchmark ratios, averaged)
+            relay = metrics.summarize({"relay": records["relay"]})["relay"]["average"]
+            router_p = relay["call_ratio"] / 100.0
         records[label] = run_strategy(
             kind,
             kw["slm"],
