@@ -357,6 +357,8 @@ def test_evaluate_summary_and_report(setup, relay_records, tmp_path):
     assert set(summ["relay"]["benchmarks"]) == {"toy_math", "toy_aime", "toy_mc"}
     assert summ["llm"]["average"]["call_ratio"] == 100.0
     # the router defaults to the relay's LLM-token share
+    share = summ["relay"]["average"]["call_ratio"] / 100
+    assert 0 < share < 1 and res["config"]["router_p_used"] == {"random_router": share}
     paths = write_report(res, str(tmp_path))
     assert json.load(open(paths["json"]))["config"]["devices"] == 1
     md = open(paths["md"]).read()

@@ -425,7 +425,7 @@ def evaluate(
         from relax.relay.command import CallCommand
 
         command = CallCommand.from_tokenizer(tokenizer)  # once: a large vocabulary takes seconds
-    records = {}
+    records, router_used = {}, {}
     for label, kind, over in specs:
         kw = dict(slm=slm, slm_params=slm_params, llm=llm, llm_params=llm_params)
         kw.update(over)
@@ -434,6 +434,8 @@ def evaluate(
             # the relay's reported LLM-token share (per-benchmark ratios, averaged)
             relay = metrics.summarize({"relay": records["relay"]})["relay"]["average"]
             router_p = relay["call_ratio"] / 100.0
+        if kind == "random_router":
+            router_used[label] = next(p for p in (router_p, cfg.router_p, 0.5) if p is not None)
         records[label] = run_strategy(
             kind,
             kw["slm"],
@@ -452,5 +454,10 @@ def evaluate(
     n_llm = num_params(llm_params) if llm_params is not None else 0
     summary = metrics.summarize(records, slm_params=n_slm, llm_params=n_llm)
     config = dataclasses.asdict(cfg)
-    config.update(devices=len(devices or jax.local_devices()), slm_params=n_slm, llm_params=n_llm)
+    config.update(
+        devices=len(devices or jax.local_devices()),
+        slm_params=n_slm,
+        llm_params=n_llm,
+        router_p_used=router_used,
+    )
     return {"summary": summary, "records": records, "config": config}
