@@ -19,7 +19,11 @@ def test_group_advantages_by_hand():
     """
     a = grpo.group_advantages(jnp.array([1.0, 0, 0, 0, 2, 2, 2, 2]), 4)
     np.testing.assert_allclose(a, [1.5, -0.5, -0.5, -0.5, 0, 0, 0, 0], atol=5e-6)
-    np.testing.assert_allclose(grpo.group_advantages(jnp.array([1.0, 3.0]), 2), [-1 / math.sqrt(2), 1 / math.sqrt(2)], atol=1e-6)
+    np.testing.assert_allclose(
+        grpo.group_advantages(jnp.array([1.0, 3.0]), 2),
+        [-1 / math.sqrt(2), 1 / math.sqrt(2)],
+        atol=1e-6,
+    )
 
 
 def test_group_of_one_gets_zero():

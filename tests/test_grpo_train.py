@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import relax
 from relax.models import Model, ModelConfig
@@ -14,10 +13,19 @@ from relax.train.grpo_train import train_grpo
 from relax.train.metrics import read_metrics
 
 TINY = ModelConfig(
-    family="qwen3", vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=1,
-    num_heads=4, num_kv_heads=2, head_dim=8, tie_embeddings=True,
+    family="qwen3",
+    vocab_size=32,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=1,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    tie_embeddings=True,
 )
-TOY_RELAY = RelayConfig(max_new_tokens=4, eos_ids=(1,), pad_id=0, slm=SamplingConfig(temperature=1.0))
+TOY_RELAY = RelayConfig(
+    max_new_tokens=4, eos_ids=(1,), pad_id=0, slm=SamplingConfig(temperature=1.0)
+)
 
 
 def toy_verifier(ids, example):
@@ -53,17 +61,42 @@ def test_tiny_grpo_raises_reward(tmp_path):
     cfg = load_config(
         GRPOConfig,
         overrides=[
-            "group_size=4", "prompts_per_step=8", "mini_batch_prompts=4", "epochs=4", "steps=8",
-            "reward=accuracy", "optim.learning_rate=2e-2", "optim.grad_clip=1.0",
-            f"run.output_dir={tmp_path}", "run.checkpoint_every=0", "run.micro_batch_size=2",
+            "group_size=4",
+            "prompts_per_step=8",
+            "mini_batch_prompts=4",
+            "epochs=4",
+            "steps=8",
+            "reward=accuracy",
+            "optim.learning_rate=2e-2",
+            "optim.grad_clip=1.0",
+            f"run.output_dir={tmp_path}",
+            "run.checkpoint_every=0",
+            "run.micro_batch_size=2",
         ],
     )
-    train_grpo(model, params, problems, cfg, toy_rollout, toy_verifier, lambda p: p["question"], progress=False)
+    train_grpo(
+        model,
+        params,
+        problems,
+        cfg,
+        toy_rollout,
+        toy_verifier,
+        lambda p: p["question"],
+        progress=False,
+    )
     rows = read_metrics(str(tmp_path))
     rewards = [r["reward"] for r in rows]
     print("grpo rewards per step:", [round(x, 3) for x in rewards])
     assert len(rows) == 8
-    for key in ("accuracy", "call_rate", "llm_token_share", "kl", "clip_frac", "entropy", "grad_norm"):
+    for key in (
+        "accuracy",
+        "call_rate",
+        "llm_token_share",
+        "kl",
+        "clip_frac",
+        "entropy",
+        "grad_norm",
+    ):
         assert key in rows[0]
     assert np.mean(rewards[-2:]) >= np.mean(rewards[:2]) + 0.2
 
@@ -92,4 +125,6 @@ def test_score_uses_calls_and_llm_share_per_group():
     np.testing.assert_allclose(sc["rho"], [0, 0.5, 0, 0.25])
     np.testing.assert_allclose(sc["rewards"], [1.5, 0.5, 0.0, 0.25])
     assert seen[1] == [4, 5, 6, 7]
-    np.testing.assert_allclose(sc["advantages"], [0.7071063, -0.7071063, -0.7071039, 0.7071039], atol=1e-5)
+    np.testing.assert_allclose(
+        sc["advantages"], [0.7071063, -0.7071063, -0.7071039, 0.7071039], atol=1e-5
+    )

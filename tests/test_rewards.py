@@ -21,7 +21,11 @@ def _da(group):
 
 @pytest.mark.parametrize(
     "group,expected",
-    [(SOLVABLE, SOLVABLE_EXPECTED), (DEPENDENT, DEPENDENT_EXPECTED), (UNSOLVABLE, UNSOLVABLE_EXPECTED)],
+    [
+        (SOLVABLE, SOLVABLE_EXPECTED),
+        (DEPENDENT, DEPENDENT_EXPECTED),
+        (UNSOLVABLE, UNSOLVABLE_EXPECTED),
+    ],
     ids=["student-solvable", "teacher-dependent", "teacher-unsolvable"],
 )
 def test_each_case_alone(group, expected):
@@ -38,8 +42,16 @@ def test_mixed_batch_is_classified_per_group():
     for order in [(SOLVABLE, DEPENDENT, UNSOLVABLE), (UNSOLVABLE, DEPENDENT, SOLVABLE)]:
         batch = tuple(np.concatenate([g[i] for g in order]) for i in range(3))
         got = _da(batch)
-        want = np.concatenate([{id(SOLVABLE): SOLVABLE_EXPECTED, id(DEPENDENT): DEPENDENT_EXPECTED,
-                                id(UNSOLVABLE): UNSOLVABLE_EXPECTED}[id(g)] for g in order])
+        want = np.concatenate(
+            [
+                {
+                    id(SOLVABLE): SOLVABLE_EXPECTED,
+                    id(DEPENDENT): DEPENDENT_EXPECTED,
+                    id(UNSOLVABLE): UNSOLVABLE_EXPECTED,
+                }[id(g)]
+                for g in order
+            ]
+        )
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
 
 

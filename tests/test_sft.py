@@ -13,8 +13,15 @@ from relax.train.metrics import read_metrics
 from relax.train.sft import make_sft_loss, pack_examples, train_sft
 
 TINY = ModelConfig(
-    family="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
-    num_heads=4, num_kv_heads=2, head_dim=8, tie_embeddings=True,
+    family="qwen3",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=1,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    tie_embeddings=True,
 )
 
 
@@ -49,9 +56,16 @@ def test_tiny_sft_lowers_loss(tiny, tmp_path):
     cfg = load_config(
         SFTConfig,
         overrides=[
-            "batch_size=8", "epochs=12", "max_len=16", f"run.output_dir={tmp_path}",
-            "run.checkpoint_every=0", "run.export=false", "run.micro_batch_size=2",
-            "optim.learning_rate=1e-2", "optim.warmup_ratio=0.1", "optim.decay=cosine",
+            "batch_size=8",
+            "epochs=12",
+            "max_len=16",
+            f"run.output_dir={tmp_path}",
+            "run.checkpoint_every=0",
+            "run.export=false",
+            "run.micro_batch_size=2",
+            "optim.learning_rate=1e-2",
+            "optim.warmup_ratio=0.1",
+            "optim.decay=cosine",
         ],
     )
     train_sft(model, params, toy_examples(16), cfg, progress=False)
@@ -82,7 +96,9 @@ def test_pmap_1_2_4_devices_same_update(tiny):
         e["response_ids"] = e["response_ids"][: 1 + i % 4]
     data = pack_examples(ex, max_len=16)
     ref_p, ref_m = _one_update(model, params, data, 1, 2)
-    moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(ref_p), jax.tree.leaves(params)))
+    moved = max(
+        float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(ref_p), jax.tree.leaves(params))
+    )
     assert moved > 1e-3
     for n_dev in (2, 4):
         p, m = _one_update(model, params, data, n_dev, 8 // (2 * n_dev) if n_dev == 2 else 2)
@@ -112,9 +128,15 @@ def test_nan_loss_skips_step(tiny):
         batch = update.split_devices(dict(data, scale=np.full((4,), bad, np.float32)), 2, 1)
         p0, o0, m = step(p0, o0, batch)
         assert float(m["skipped"][0]) == 1.0
-        for a, b in zip(jax.tree.leaves((update.unreplicate(p0), update.unreplicate(o0))), jax.tree.leaves(before)):
+        for a, b in zip(
+            jax.tree.leaves((update.unreplicate(p0), update.unreplicate(o0))),
+            jax.tree.leaves(before),
+        ):
             np.testing.assert_array_equal(a, b)
     batch = update.split_devices(dict(data, scale=np.ones((4,), np.float32)), 2, 1)
     p1, _, m = step(p0, o0, batch)
     assert float(m["skipped"][0]) == 0.0
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(update.unreplicate(p1)), jax.tree.leaves(before[0])))
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(update.unreplicate(p1)), jax.tree.leaves(before[0]))
+    )

@@ -15,12 +15,24 @@ from relax.train.filter import filter_problems
 def test_filter_keeps_problems_above_threshold(tmp_path):
     tok = relax.load_tokenizer(save_tokenizer(str(tmp_path / "tok")))
     model = relax.Model(
-        relax.ModelConfig(family="qwen3", vocab_size=160, hidden_size=32, intermediate_size=64, num_layers=1,
-                          num_heads=4, num_kv_heads=2, head_dim=8, tie_embeddings=True),
+        relax.ModelConfig(
+            family="qwen3",
+            vocab_size=160,
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=1,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=8,
+            tie_embeddings=True,
+        ),
         dtype=jnp.float32,
     )
     params = model.init_params(jax.random.key(0))
-    problems = [{"question": f"Ann has {i} coins.", "answer": a} for i, a in enumerate(["yes", "no", "half", "yes"])]
+    problems = [
+        {"question": f"Ann has {i} coins.", "answer": a}
+        for i, a in enumerate(["yes", "no", "half", "yes"])
+    ]
     calls = []
 
     def grade(text, answer):
@@ -35,13 +47,18 @@ def test_filter_keeps_problems_above_threshold(tmp_path):
     assert len(calls) == 16
     assert [p["answer"] for p in kept] == ["yes", "half", "yes"]
     np.testing.assert_allclose([p["pass_rate"] for p in kept], [1.0, 0.5, 1.0])
-    rows = [json.loads(line) for line in open(out)]
+    with open(out) as f:
+        rows = [json.loads(line) for line in f]
     assert rows == kept
-    all_rows = [json.loads(line) for line in open(str(out) + ".all.jsonl")]
+    with open(str(out) + ".all.jsonl") as f:
+        all_rows = [json.loads(line) for line in f]
     assert [r["pass_rate"] for r in all_rows] == [1.0, 0.0, 0.5, 1.0]
     cfg2 = FilterConfig(k=4, batch_size=2, max_new_tokens=6, output="", min_pass_rate=0.5)
     calls.clear()
-    assert [p["answer"] for p in filter_problems(model, params, tok, problems, cfg2, grade, progress=False)] == ["yes", "yes"]
+    assert [
+        p["answer"]
+        for p in filter_problems(model, params, tok, problems, cfg2, grade, progress=False)
+    ] == ["yes", "yes"]
 
 
 def test_self_solutions_keeps_graded_correct(tmp_path):
@@ -51,16 +68,38 @@ def test_self_solutions_keeps_graded_correct(tmp_path):
 
     tok = relax.load_tokenizer(save_tokenizer(str(tmp_path / "tok")))
     model = relax.Model(
-        relax.ModelConfig(family="qwen3", vocab_size=160, hidden_size=32, intermediate_size=64, num_layers=1,
-                          num_heads=4, num_kv_heads=2, head_dim=8, tie_embeddings=True),
+        relax.ModelConfig(
+            family="qwen3",
+            vocab_size=160,
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=1,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=8,
+            tie_embeddings=True,
+        ),
         dtype=jnp.float32,
     )
     params = model.init_params(jax.random.key(0))
     # the filter test's generation config and batch shape: one compilation for both tests
-    gen = RelayConfig(max_new_tokens=6, eos_ids=tuple({tok.eos_token_id, tok.pad_token_id}),
-                      pad_id=tok.pad_token_id, slm=SamplingConfig(temperature=0.7, top_p=0.95))
+    gen = RelayConfig(
+        max_new_tokens=6,
+        eos_ids=tuple({tok.eos_token_id, tok.pad_token_id}),
+        pad_id=tok.pad_token_id,
+        slm=SamplingConfig(temperature=0.7, top_p=0.95),
+    )
     problems = [{"question": f"Ann has {i} coins.", "answer": str(i)} for i in range(4)]
-    rows = self_solutions(model, params, tok, problems, gen, lambda text, ans: ans in "13", jax.random.key(1),
-                          batch_size=2, samples=4)
+    rows = self_solutions(
+        model,
+        params,
+        tok,
+        problems,
+        gen,
+        lambda text, ans: ans in "13",
+        jax.random.key(1),
+        batch_size=2,
+        samples=4,
+    )
     assert [r["answer"] for r in rows] == ["1"] * 4 + ["3"] * 4
     assert all(isinstance(r["response"], str) for r in rows)

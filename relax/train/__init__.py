@@ -1,1 +1,12 @@
-"""Training: warm-up data and SFT, GRPO (rollout, reward, advantage, update), filtering, checkpoints."""
+"""Training: warm-up data and SFT, GRPO (rollout, reward, advantage, update), filtering, checkpoints.
+
+Python entry points (the CLI and ``relax demo`` call these):
+
+- ``relax.train.warmup.self_solutions`` / ``build_warmup_examples``: warm-up data.
+- ``relax.train.sft.train_sft(model, params, examples, cfg) -> params``.
+- ``relax.train.filter.filter_problems(llm, llm_params, tokenizer, problems, cfg, grade)``.
+- ``relax.train.grpo_train.train_grpo(model, params, problems, cfg, rollout, verifier, encode, ...)``.
+- Maths: ``relax.train.rewards`` (difficulty_aware, simple, accuracy) and
+  ``relax.train.grpo`` (group_advantages, policy_loss, ...).
+- Configs: ``relax.train.config`` (SFTConfig, GRPOConfig, FilterConfig; YAML presets in configs/).
+"""

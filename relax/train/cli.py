@@ -20,14 +20,18 @@ import os
 from relax.train import config as config_lib
 from relax.train import distributed
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+CONFIG_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
+)
 
 
 def _parse(prog, argv, cls, section):
     parser = argparse.ArgumentParser(prog=f"relax {prog}", description=cls.__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML preset (path, or a name in configs/ without .yaml)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value (dotted keys for nested sections)")
     args = parser.parse_args(argv)
     preset = args.config
@@ -126,7 +130,7 @@ def grpo(argv):
     from relax.train.warmup import chat_prompt
 
     slm, params = load_model(cfg.slm, cfg.model_config, cfg.run.dtype, cfg.run.seed)
-    llm, llm_params = load_model(cfg.llm, cfg.llm_config, cfg.run.dtype, cfg.run.seed + 1)
+    llm, llm_params = load_model(cfg.llm, cfg.llm_config, cfg.llm_dtype, cfg.run.seed + 1)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.slm, cfg.run.output_dir)
     if tokenizer is None:
         raise ValueError("GRPO needs a tokenizer (set tokenizer=...)")
@@ -146,19 +150,29 @@ def grpo(argv):
     problems = [r for r in read_rows(cfg.data, cfg.run.seed)]
 
     def encode(problem):
-        return tokenizer(chat_prompt(tokenizer, problem["question"]), add_special_tokens=False)["input_ids"]
+        return tokenizer(chat_prompt(tokenizer, problem["question"]), add_special_tokens=False)[
+            "input_ids"
+        ]
 
     problems = [p for p in problems if len(encode(p)) <= cfg.max_prompt_len]
     params = train_grpo(
-        slm, params, problems, cfg, rollout, text_verifier(tokenizer, relax.grade), encode,
-        llm_params=llm_params, pad_id=pad, progress=not args.no_progress,
+        slm,
+        params,
+        problems,
+        cfg,
+        rollout,
+        text_verifier(tokenizer, relax.grade),
+        encode,
+        llm_params=llm_params,
+        pad_id=pad,
+        progress=not args.no_progress,
     )
     if cfg.run.export and distributed.is_main_process():
         print(f"exported to {export(slm, params, tokenizer, cfg.run.output_dir)}")
     return 0
 
 
-def filter(argv):  # noqa: A001 - the subcommand's name
+def filter(argv):
     cfg, args = _parse("filter", argv, config_lib.FilterConfig, "filter")
     if args.print_config:
         print(json.dumps(config_lib.to_dict(cfg), indent=2))
@@ -172,6 +186,8 @@ def filter(argv):  # noqa: A001 - the subcommand's name
     rows = read_rows(cfg.data, cfg.seed)
     if cfg.limit:
         rows = rows[: cfg.limit]
-    kept = filter_problems(llm, llm_params, tokenizer, rows, cfg, relax.grade, progress=not args.no_progress)
+    kept = filter_problems(
+        llm, llm_params, tokenizer, rows, cfg, relax.grade, progress=not args.no_progress
+    )
     print(f"kept {len(kept)} of {len(rows)} problems -> {cfg.output}")
     return 0

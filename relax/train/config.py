@@ -130,7 +130,8 @@ class GRPOConfig:
     Attributes:
       slm: HF directory of the warm-up SLM (the policy pi_theta, also the frozen
         reference pi_ref of the KL); "" = random ``model_config`` (tests).
-      llm: HF directory of the teacher LLM.
+      llm: HF directory of the teacher LLM ("" = random ``llm_config``).
+      llm_dtype: the frozen teacher's dtype (the trained SLM uses ``run.dtype``).
       tokenizer: tokenizer directory ("" = the slm directory).
       data: JSONL of {"question", "answer"} rows (filtered problems).
       group_size: [G] rollouts per prompt (paper: 8).
@@ -154,6 +155,7 @@ class GRPOConfig:
     llm: str = ""
     model_config: dict = dataclasses.field(default_factory=dict)
     llm_config: dict = dataclasses.field(default_factory=dict)
+    llm_dtype: str = "bfloat16"
     tokenizer: str = ""
     data: str = ""
     group_size: int = 8
@@ -241,7 +243,9 @@ def from_dict(cls, data, where="", base=None):
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - fields
     if unknown:
-        raise KeyError(f"{where or cls.__name__}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
+        raise KeyError(
+            f"{where or cls.__name__}: unknown keys {sorted(unknown)}; known: {sorted(fields)}"
+        )
     for name, value in data.items():
         current = getattr(base, name)
         if dataclasses.is_dataclass(current):

@@ -46,7 +46,9 @@ def pass_rates(llm, llm_params, tokenizer, problems, cfg, grade, progress=True, 
     return rates
 
 
-def filter_problems(llm, llm_params, tokenizer, problems, cfg, grade, progress=True, prompt_fn=None):
+def filter_problems(
+    llm, llm_params, tokenizer, problems, cfg, grade, progress=True, prompt_fn=None
+):
     """Problems with pass rate > ``cfg.min_pass_rate`` (each with its ``pass_rate``); writes JSONL."""
     rates = pass_rates(llm, llm_params, tokenizer, problems, cfg, grade, progress, prompt_fn)
     rows = [dict(p, pass_rate=float(r)) for p, r in zip(problems, rates)]
@@ -55,6 +57,5 @@ def filter_problems(llm, llm_params, tokenizer, problems, cfg, grade, progress=T
         os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
         for path, data in ((cfg.output, kept), (cfg.output + ".all.jsonl", rows)):
             with open(path, "w") as f:
-                for r in data:
-                    f.write(json.dumps(r) + "\n")
+                f.writelines(json.dumps(r) + "\n" for r in data)
     return kept

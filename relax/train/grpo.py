@@ -118,7 +118,9 @@ def policy_loss(
     kl = mean(k3)
     loss = pg_loss + kl_coef * kl
     clip_frac = mean((clipped > unclipped).astype(jnp.float32))
-    dual_frac = mean(((adv < 0) & (-adv * dual_clip < jnp.maximum(unclipped, clipped))).astype(jnp.float32))
+    dual_frac = mean(
+        ((adv < 0) & (-adv * dual_clip < jnp.maximum(unclipped, clipped))).astype(jnp.float32)
+    )
     metrics = {
         "pg_loss": pg_loss,
         "kl": kl,

@@ -4,8 +4,9 @@ One step (the unit of checkpoints and metrics):
 
 1. take ``prompts_per_step`` problems (a seeded permutation per epoch; this
    process's contiguous share), repeat each G times (prompt-major rows);
-2. roll out with the current policy, one ``rollout`` call per local device
-   (dispatched asynchronously, so devices run concurrently);
+2. roll out with the current policy: one ``rollout`` call (one compilation)
+   on this host's devices, rows sharded over them and params replicated
+   (XLA's SPMD partitioner splits the decode loop by rows);
 3. score on the host: verifier -> correct, honoured calls -> called,
    rho = LLM tokens / response tokens, the reward, group advantages;
 4. old log-probs: recomputed by a forward pass of the current params before
@@ -25,6 +26,7 @@ permutation of prompts); rollouts whose prompt is longer than
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from relax.train import distributed
@@ -67,8 +69,16 @@ def step_problems(step, num_problems, cfg):
     return order[s * cfg.prompts_per_step : (s + 1) * cfg.prompts_per_step]
 
 
-def _per_device(tree, i):
-    return jax.tree.map(lambda x: x.addressable_shards[i].data[0], tree)
+def _spmd_replicated(tree, mesh):
+    """pmap-replicated arrays [n_dev, ...] as one replicated array on ``mesh`` (no host copy)."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+
+    def conv(x):
+        by_device = {s.device: s.data[0] for s in x.addressable_shards}
+        shards = [by_device[d] for d in mesh.devices.flat]
+        return jax.make_array_from_single_device_arrays(x.shape[1:], sharding, shards)
+
+    return jax.tree.map(conv, tree)
 
 
 def train_grpo(
@@ -111,32 +121,35 @@ def train_grpo(
     n_dev, procs, G = run.n_dev, jax.process_count(), cfg.group_size
     local_rows = cfg.prompts_per_step * G // procs
     if (cfg.prompts_per_step % procs) or local_rows % n_dev:
-        raise ValueError(f"{cfg.prompts_per_step} prompts x G={G} do not split over {procs} x {n_dev} devices")
+        raise ValueError(
+            f"{cfg.prompts_per_step} prompts x G={G} do not split over {procs} x {n_dev} devices"
+        )
     run.check_split(cfg.mini_batch_prompts * G, "mini_batch_prompts x group_size")
     ref_r = replicate(ref_params, run.devices)
     llm_r = replicate(llm_params, run.devices) if llm_params is not None else None
     update_fn = make_update_step(make_grpo_loss(model, cfg), optimizer)
     logprob_fn = make_forward_logprobs(model)
     mbs = cfg.run.micro_batch_size
+    mesh = Mesh(np.array(run.devices), ("data",))
+    row_sharding = NamedSharding(mesh, PartitionSpec("data"))
     rows_per_update = cfg.mini_batch_prompts * G // procs
     bar = tqdm(total=total, initial=run.step, desc="grpo", disable=not (progress and run.main))
     while run.step < total:
         idx = distributed.shard_rows(step_problems(run.step, len(problems), cfg))
         examples = [problems[i] for i in idx for _ in range(G)]
-        prompts, lens = pad_prompts([list(encode(problems[i])) for i in idx for _ in range(G)], pad_id)
-        keys = jax.random.split(run.key(), n_dev * procs)[jax.process_index() * n_dev :]
-        per = local_rows // n_dev
-        outs = [
-            rollout(
-                _per_device(run.params, d),
-                None if llm_r is None else _per_device(llm_r, d),
-                jax.device_put(prompts[d * per : (d + 1) * per], run.devices[d]),
-                jax.device_put(lens[d * per : (d + 1) * per], run.devices[d]),
-                keys[d],
-            )
-            for d in range(n_dev)
-        ]
-        out = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *outs)
+        prompts, lens = pad_prompts(
+            [list(encode(problems[i])) for i in idx for _ in range(G)], pad_id
+        )
+        # One SPMD call over this host's devices: rows sharded, params replicated.
+        key = jax.random.fold_in(run.key(), jax.process_index())
+        out = rollout(
+            _spmd_replicated(run.params, mesh),
+            None if llm_r is None else _spmd_replicated(llm_r, mesh),
+            jax.device_put(prompts, row_sharding),
+            jax.device_put(lens, row_sharding),
+            key,
+        )
+        out = jax.tree.map(np.asarray, jax.device_get(out))
         sc = score(out, examples, verifier, G, cfg.reward)
         batch = training_batch(out, sc["advantages"])
         fwd = {k: batch[k] for k in ("inputs", "positions", "targets")}
@@ -146,7 +159,9 @@ def train_grpo(
         upd = []
         for u in range(updates_per_step):
             mb = {k: v[u * rows_per_update : (u + 1) * rows_per_update] for k, v in batch.items()}
-            run.params, run.opt_state, m = update_fn(run.params, run.opt_state, split_devices(mb, n_dev, mbs))
+            run.params, run.opt_state, m = update_fn(
+                run.params, run.opt_state, split_devices(mb, n_dev, mbs)
+            )
             upd.append(jax.tree.map(lambda x: float(np.asarray(x)[0]), m))
         metrics = {k: float(np.mean([m[k] for m in upd])) for k in upd[0]}
         metrics["skipped"] = float(sum(m["skipped"] for m in upd))

@@ -23,7 +23,9 @@ def encode_prompts(tokenizer, questions, prompt_fn=None, pad_id=None, min_width=
     """Right-padded prompt ids [B, P] and lengths [B] (P a power of two >= min_width)."""
     if prompt_fn is None:
         from relax.tokenizer import build_prompt as prompt_fn
-    ids = [tokenizer(prompt_fn(tokenizer, q), add_special_tokens=False)["input_ids"] for q in questions]
+    ids = [
+        tokenizer(prompt_fn(tokenizer, q), add_special_tokens=False)["input_ids"] for q in questions
+    ]
     pad = tokenizer.pad_token_id if pad_id is None else pad_id
     return pad_prompts(ids, 0 if pad is None else pad, min_width)
 
@@ -64,7 +66,9 @@ def make_relay_rollout(slm, llm, relay_config, command):
     import relax
 
     def rollout(slm_params, llm_params, prompts, lens, key):
-        return relax.relay_generate(slm, slm_params, llm, llm_params, prompts, lens, key, relay_config, command)
+        return relax.relay_generate(
+            slm, slm_params, llm, llm_params, prompts, lens, key, relay_config, command
+        )
 
     return rollout
 

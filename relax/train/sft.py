@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from relax.train import distributed
 from relax.train.grpo import token_logprobs
 from relax.train.loop import TrainRun
-from relax.train.update import make_optimizer, make_update_step, split_devices
+from relax.train.update import lr_schedule, make_optimizer, make_update_step, split_devices
 
 
 def sft_loss_from_logits(logits, targets, mask, num_tokens=None):
@@ -108,13 +108,13 @@ def train_sft(model, params, examples, cfg, pad_id=0, progress=True):
     run = TrainRun(cfg.run, params, optimizer, total)
     run.check_split(cfg.batch_size, "batch_size")
     step_fn = make_update_step(make_sft_loss(model), optimizer)
-    from relax.train.update import lr_schedule
-
     schedule = lr_schedule(cfg.optim, total)
     bar = tqdm(total=total, initial=run.step, desc="sft", disable=not (progress and run.main))
     while run.step < total:
         rows = distributed.shard_rows(batch_rows(run.step, n, cfg))
-        batch = split_devices({k: v[rows] for k, v in data.items()}, run.n_dev, cfg.run.micro_batch_size)
+        batch = split_devices(
+            {k: v[rows] for k, v in data.items()}, run.n_dev, cfg.run.micro_batch_size
+        )
         lr = float(schedule(run.step))
         run.params, run.opt_state, metrics = step_fn(run.params, run.opt_state, batch)
         metrics = jax.tree.map(lambda x: np.asarray(x)[0], metrics)

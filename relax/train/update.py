@@ -27,7 +27,7 @@ AXIS = "data"
 def lr_schedule(cfg, total_steps):
     """Linear warm-up from 0 over ``warmup_ratio * total_steps``, then the decay."""
     total_steps = max(int(total_steps), 1)
-    warmup = int(round(cfg.warmup_ratio * total_steps))
+    warmup = round(cfg.warmup_ratio * total_steps)
     peak, end = cfg.learning_rate, cfg.learning_rate * cfg.end_lr_ratio
     rest = max(total_steps - warmup, 1)
     if cfg.decay == "constant":
@@ -96,10 +96,12 @@ def make_update_step(loss_fn, optimizer):
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        keep = lambda new, old: jnp.where(finite, new, old)
         params = jax.tree.map(keep, new_params, params)
         opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32))
+        metrics = dict(
+            metrics, loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32)
+        )
         metrics["tokens"] = global_tokens
         return params, opt_state, metrics
 

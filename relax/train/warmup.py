@@ -75,17 +75,26 @@ def build_warmup_examples(rows, tokenizer, cfg, seed=0, prompt_fn=None):
     examples = []
     for row in rows:
         text, ns = insert_commands(row["response"], tokenizer, rng, cfg)
-        prompt_ids = tokenizer(prompt_fn(tokenizer, row["question"]), add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenizer(prompt_fn(tokenizer, row["question"]), add_special_tokens=False)[
+            "input_ids"
+        ]
         response_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if eos is not None:
             response_ids = response_ids + [eos]
         examples.append(
-            {"prompt_ids": prompt_ids, "response_ids": response_ids, "commands": ns, "response_text": text}
+            {
+                "prompt_ids": prompt_ids,
+                "response_ids": response_ids,
+                "commands": ns,
+                "response_text": text,
+            }
         )
     return examples
 
 
-def self_solutions(model, params, tokenizer, problems, gen_config, verifier, key, batch_size=8, samples=1):
+def self_solutions(
+    model, params, tokenizer, problems, gen_config, verifier, key, batch_size=8, samples=1
+):
     """The SLM's own solutions of ``problems`` kept when ``verifier`` grades them correct.
 
     Samples ``samples`` solutions per problem with ``relax.generate`` and
@@ -95,17 +104,22 @@ def self_solutions(model, params, tokenizer, problems, gen_config, verifier, key
     """
     import jax
 
-    from relax.train.rollout import decode_responses, encode_prompts
-
     import relax
+    from relax.train.rollout import decode_responses, encode_prompts
 
     kept = []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
         rows = [p for p in chunk for _ in range(samples)]
-        prompts, lens = encode_prompts(tokenizer, [p["question"] for p in rows], prompt_fn=chat_prompt)
-        out = relax.generate(model, params, prompts, lens, jax.random.fold_in(key, start), gen_config)
+        prompts, lens = encode_prompts(
+            tokenizer, [p["question"] for p in rows], prompt_fn=chat_prompt
+        )
+        out = relax.generate(
+            model, params, prompts, lens, jax.random.fold_in(key, start), gen_config
+        )
         for row, text in zip(rows, decode_responses(tokenizer, out)):
             if verifier(text, row["answer"]):
-                kept.append({"question": row["question"], "answer": row["answer"], "response": text})
+                kept.append(
+                    {"question": row["question"], "answer": row["answer"], "response": text}
+                )
     return kept
