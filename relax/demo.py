@@ -349,9 +349,11 @@ def stage_warmup(st, cfg, task, tok_dir, tokenizer, slm, slm_params, slm_digest)
     from relax.train.sft import train_sft
 
     sec = cfg.warmup
-    settings = {"warmup": sec, "slm": slm_digest, "max_new_tokens": cfg.max_new_tokens}
-    if not st.done("warmup", settings):
-        st.start("warmup")
+    gen_settings = {"slm": slm_digest, "max_new_tokens": cfg.max_new_tokens,
+                    **{k: getattr(sec, k) for k in ("problems", "samples", "temperature", "reference_fallback")}}
+    sol_path = st.path("self_solutions", "solutions.jsonl")
+    if not st.done("self_solutions", gen_settings):
+        st.start("self_solutions")
         problems = synthetic.make_dataset(sec.problems, SPLIT_SEEDS["warmup"], task)
         gen = _relay_config(tokenizer, cfg, greedy=False, temperature=sec.temperature)
         rows = warmup.self_solutions(
@@ -364,21 +366,32 @@ def stage_warmup(st, cfg, task, tok_dir, tokenizer, slm, slm_params, slm_digest)
                     for p in problems]
         if len(rows) < 2:
             raise RuntimeError(f"the SLM solved only {len(rows)} warm-up problems; train it longer")
+        with open(sol_path, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        st.finish("self_solutions", gen_settings, {"solutions": len(rows), "generated": sec.problems * sec.samples})
+    with open(sol_path) as f:
+        rows = [json.loads(line) for line in f]
+
+    settings = {"warmup": sec, "slm": slm_digest, "max_new_tokens": cfg.max_new_tokens}
+    if not st.done("warmup", settings):
+        st.start("warmup")
         data_cfg = WarmupDataConfig(
             max_commands=sec.max_commands, mantissa_max=sec.mantissa_max, max_exponent=sec.max_exponent
         )
-        examples = warmup.build_warmup_examples(rows, tokenizer, data_cfg, seed=cfg.seed)
+        # each pass over the solutions draws fresh command positions and n's
+        passes = rows * sec.epochs
+        examples = warmup.build_warmup_examples(passes, tokenizer, data_cfg, seed=cfg.seed)
         with open(st.path("warmup", "examples.jsonl"), "w") as f:
-            for r, e in zip(rows, examples):
+            for r, e in zip(passes, examples):
                 f.write(json.dumps({"question": r["question"], "response": e["response_text"]}) + "\n")
         bs = min(sec.batch_size, len(examples))
-        steps = sec.epochs * (len(examples) // bs)
-        run_cfg = _sft_config(st.path("warmup", "train"), steps, bs, sec.learning_rate, cfg.seed, epochs=sec.epochs)
+        steps = len(examples) // bs
+        run_cfg = _sft_config(st.path("warmup", "train"), steps, bs, sec.learning_rate, cfg.seed)
         params = train_sft(slm, slm_params, examples, run_cfg, pad_id=tokenizer.pad_token_id)
         relax.save_hf(slm, params, st.path("warmup", "model"))
         shutil.copytree(tok_dir, st.path("warmup", "model"), dirs_exist_ok=True)
-        st.finish("warmup", settings, {"solutions": len(rows), "generated": sec.problems * sec.samples,
-                                       "steps": steps})
+        st.finish("warmup", settings, {"solutions": len(rows), "steps": steps})
     return relax.load_hf(st.path("warmup", "model"), dtype="float32")[1]
 
 
@@ -569,7 +582,7 @@ def main(argv=None):
     results["wall_time_s"] = wall
     results["stage_seconds"] = {
         name: st.info(name)["seconds"]
-        for name in ("tokenizer", "llm", "slm", "warmup", "filter", "relay", "grpo_slm")
+        for name in ("tokenizer", "llm", "slm", "self_solutions", "warmup", "filter", "relay", "grpo_slm")
     }
     results["strategies"] = {
         name: {

@@ -1,0 +1,67 @@
+"""`relax demo --quick`: every stage runs and writes its files (a smoke test, not the targets).
+
+The quick preset trains untrained-scale models, so its accuracies mean
+nothing; what is checked is the pipeline: checkpoints in Hugging Face format
+that `relax.load_hf` reads back, the filtered problems, results.json with
+every strategy and the demo's summary fields, the table and the plot, and
+stage caching.
+"""
+
+import json
+import os
+
+import pytest
+
+from relax import demo
+
+STRATEGIES = ("slm", "grpo_slm", "llm", "relay", "teacher_free", "random_router", "entropy_router")
+
+
+def test_stage_cache_reuses_and_fresh_retrains(tmp_path):
+    st = demo.Stages(str(tmp_path), fresh=False)
+    settings = {"a": 1, "model": demo.ModelSection()}
+    assert not st.done("x", settings)
+    st.start("x")
+    st.finish("x", settings, {"k": 2})
+    assert st.done("x", settings)
+    assert not st.done("x", {"a": 2, "model": demo.ModelSection()})
+    assert st.info("x")["info"] == {"k": 2}
+    assert not demo.Stages(str(tmp_path), fresh=True).done("x", settings)
+
+
+def test_config_presets_load_and_overrides_apply():
+    args = demo.parse_args(["--quick", "grpo.steps=3", "task.num_items=9"])
+    cfg = demo.load_demo_config(args)
+    assert cfg.grpo.steps == 3 and cfg.task.num_items == 9
+    full = demo.load_demo_config(demo.parse_args([]))
+    assert full.out == "runs/demo"
+    with pytest.raises(KeyError):
+        demo.load_demo_config(demo.parse_args(["nope=1"]))
+
+
+def test_quick_demo_end_to_end(tmp_path):
+    out = str(tmp_path / "demo")
+    assert demo.main(["--quick", "--out", out]) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        res = json.load(f)
+    assert set(STRATEGIES) <= set(res["strategies"])
+    for name in STRATEGIES:
+        m = res["strategies"][name]
+        assert 0.0 <= m["accuracy"] <= 100.0
+        assert 0.0 <= m["llm_token_share"] <= 100.0
+        assert m["llm_prefill_tokens"] >= 0.0
+    assert res["strategies"]["slm"]["llm_token_share"] == 0.0
+    assert res["strategies"]["llm"]["llm_token_share"] == 100.0
+    assert res["strategies"]["teacher_free"]["llm_token_share"] == 0.0
+    assert "gap_closed" in res and res["wall_time_s"] > 0
+    for f in ("results.md", "results.png"):
+        assert os.path.getsize(os.path.join(out, f)) > 0
+    import relax
+
+    for stage in ("llm", "slm", "warmup", "relay", "grpo_slm"):
+        path = os.path.join(out, stage, "model")
+        assert os.path.exists(os.path.join(path, "config.json"))
+        assert os.path.exists(os.path.join(path, "tokenizer.json"))
+    model, params = relax.load_hf(os.path.join(out, "relay", "model"), dtype="float32")
+    assert model.config.vocab_size == len(relax.load_tokenizer(os.path.join(out, "relay", "model")))
+    assert os.path.exists(os.path.join(out, "filter", "problems.jsonl"))
