@@ -108,7 +108,7 @@ def train_grpo(
         (``rollout.make_relay_rollout``, or a toy for tests).
       verifier: ``verifier(response_ids, problem) -> bool``.
       encode: ``encode(problem) -> prompt ids`` (list of ints).
-      llm_params: the teacher's params (replicated for the per-device rollouts).
+      llm_params: the teacher's params (replicated once over the local devices).
       on_step: optional ``on_step(step, metrics)`` callback.
     Metrics per step (JSONL/TensorBoard): reward, accuracy, call_rate,
     llm_token_share, response_tokens, loss, pg_loss, kl, clip_frac,
@@ -126,13 +126,15 @@ def train_grpo(
         )
     run.check_split(cfg.mini_batch_prompts * G, "mini_batch_prompts x group_size")
     ref_r = replicate(ref_params, run.devices)
-    llm_r = replicate(llm_params, run.devices) if llm_params is not None else None
     update_fn = make_update_step(make_grpo_loss(model, cfg), optimizer)
     logprob_fn = make_forward_logprobs(model)
     mbs = cfg.run.micro_batch_size
     mesh = Mesh(np.array(run.devices), ("data",))
     row_sharding = NamedSharding(mesh, PartitionSpec("data"))
     rows_per_update = cfg.mini_batch_prompts * G // procs
+    llm_spmd = None  # the frozen teacher, replicated once on the rollout mesh
+    if llm_params is not None:
+        llm_spmd = _spmd_replicated(replicate(llm_params, run.devices), mesh)
     bar = tqdm(total=total, initial=run.step, desc="grpo", disable=not (progress and run.main))
     while run.step < total:
         idx = distributed.shard_rows(step_problems(run.step, len(problems), cfg))
@@ -144,7 +146,7 @@ def train_grpo(
         key = jax.random.fold_in(run.key(), jax.process_index())
         out = rollout(
             _spmd_replicated(run.params, mesh),
-            None if llm_r is None else _spmd_replicated(llm_r, mesh),
+            llm_spmd,
             jax.device_put(prompts, row_sharding),
             jax.device_put(lens, row_sharding),
             key,
