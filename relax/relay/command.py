@@ -325,6 +325,16 @@ class CallCommand:
             )
         return self.num_classes - 1
 
+    def device_tables(self, vocab_size: int):
+        """(padded token_class, *tables()) as device arrays, made once per vocabulary size."""
+        cache = self.__dict__.setdefault("_device_tables", {})
+        if vocab_size not in cache:
+            import jax.numpy as jnp  # the automaton itself is numpy; only this needs jax
+
+            token_class = self.padded_class(vocab_size)
+            cache[vocab_size] = tuple(jnp.asarray(t) for t in (token_class, *self.tables()))
+        return cache[vocab_size]
+
     def tables(self):
         """The [S, C] tables as a tuple, in a fixed order (for the decoder)."""
         return (
