@@ -30,6 +30,14 @@ Randomness: the token written at slot p of row b is drawn with
 per-loop-step key, so a row's samples do not depend on the schedule or on
 the other rows, and the eager reference can draw the same tokens.
 
+Costs to know. A model step always runs on the whole batch (static shapes;
+masked rows still cost compute), so an LLM step costs the same for one
+calling row as for all of them: `llm_trigger_fraction` 1.0 batches calls and
+is the fastest on throughput, 0.0 gives the lowest latency per call. The model
+contract returns logits for every fed token, so a catch-up step materialises
+[B, prefill_chunk, V] float32 logits (V = 151936 for Qwen3): keep
+`prefill_chunk` moderate at large batch.
+
 Not done here: beam search, speculative decoding, stop strings other than EOS.
 """
 
