@@ -26,6 +26,10 @@ _EXPORTS = {
     "relay_generate": "relax.relay.decoder",
     "generate": "relax.relay.decoder",
     "grade": "relax.data.grading",
+    "load_benchmark": "relax.data.loaders",
+    "EvalConfig": "relax.eval.strategies",
+    "evaluate": "relax.eval.strategies",
+    "write_report": "relax.eval.report",
 }
 
 __all__ = sorted(_EXPORTS)
