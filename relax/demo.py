@@ -117,6 +117,8 @@ class GRPOSection:
     temperature: float = 1.0
     llm_temperature: float = 0.7
     max_calls: int = 2
+    max_call_tokens: int = 8192
+    """LLM tokens per honoured call at most (min(n, this, budget))."""
 
 
 @dataclasses.dataclass
@@ -130,6 +132,7 @@ class EvalSection:
     greedy: bool = True
     temperature: float = 0.7
     max_calls: int = 4
+    max_call_tokens: int = 8192
     entropy_tau: float = 1.0
     entropy_k: int = 4
 
@@ -324,13 +327,15 @@ def stage_pretrain(st, name, sec, cfg, task, tok_dir, tokenizer):
     return relax.load_hf(st.path(name, "model"), dtype="float32")
 
 
-def _relay_config(tokenizer, cfg, greedy, temperature, llm_temperature=0.7, max_calls=4, llm_greedy=None):
+def _relay_config(tokenizer, cfg, greedy, temperature, llm_temperature=0.7, max_calls=4, llm_greedy=None,
+                  max_call_tokens=8192):
     from relax.relay.config import RelayConfig, SamplingConfig
 
     llm_greedy = greedy if llm_greedy is None else llm_greedy
     return RelayConfig(
         max_new_tokens=cfg.max_new_tokens,
         max_calls=max_calls,
+        max_call_tokens=max_call_tokens,
         slm=SamplingConfig(temperature=temperature, greedy=greedy),
         llm=SamplingConfig(temperature=llm_temperature, greedy=llm_greedy),
         eos_ids=(tokenizer.eos_token_id,),
@@ -455,7 +460,8 @@ def stage_grpo(st, name, cfg, tok_dir, tokenizer, slm, init_params, llm, llm_par
                           checkpoint_every=0, keep_checkpoints=1, export=False),
         )
         relay_cfg = _relay_config(tokenizer, cfg, greedy=False, temperature=sec.temperature,
-                                  llm_temperature=sec.llm_temperature, max_calls=max_calls)
+                                  llm_temperature=sec.llm_temperature, max_calls=max_calls,
+                                  max_call_tokens=sec.max_call_tokens)
         command = CallCommand.from_tokenizer(tokenizer)
         rollout = make_relay_rollout(slm, llm, relay_cfg, command)
         prompt_ids = {}
@@ -489,7 +495,7 @@ def stage_eval(st, cfg, task, tokenizer, slm, params, llm, llm_params):
                            for i, p in enumerate(problems)), 1,
     )
     relay_cfg = _relay_config(tokenizer, cfg, greedy=sec.greedy, temperature=sec.temperature,
-                              max_calls=sec.max_calls)
+                              max_calls=sec.max_calls, max_call_tokens=sec.max_call_tokens)
     ecfg = EvalConfig(relay=relay_cfg, batch_size=sec.batch_size, seed=cfg.seed, entropy_tau=sec.entropy_tau,
                       entropy_k=sec.entropy_k, prompt_bucket=16)
     strategies = [
