@@ -119,6 +119,9 @@ class GRPOSection:
     max_calls: int = 2
     max_call_tokens: int = 8192
     """LLM tokens per honoured call at most (min(n, this, budget))."""
+    reward: str = "difficulty_aware"
+    """The relay run's reward (`relax.train.rewards.REWARDS`): the paper's
+    difficulty_aware, or its simple ablation (correct - rho)."""
 
 
 @dataclasses.dataclass
@@ -574,7 +577,7 @@ def main(argv=None):
     problems = stage_filter(st, cfg, task, tokenizer, llm, llm_params, llm_digest)
     warm_digest = _digest({"slm": slm_digest, "warmup": cfg.warmup})
     relay_params = stage_grpo(st, "relay", cfg, tok_dir, tokenizer, slm, warm_params, llm, llm_params, problems,
-                              "difficulty_aware", cfg.grpo.max_calls, _digest([warm_digest, llm_digest]))
+                              cfg.grpo.reward, cfg.grpo.max_calls, _digest([warm_digest, llm_digest]))
     grpo_params = stage_grpo(st, "grpo_slm", cfg, tok_dir, tokenizer, slm, slm_params, llm, llm_params, problems,
                              "accuracy", 0, _digest([slm_digest, llm_digest]))
 
