@@ -40,8 +40,9 @@ import os
 import random
 import string
 
+from relax.tokenizer import INSTRUCTION
+
 # The instruction `relax.build_prompt` appends (DESIGN "Evaluation"); one token.
-INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -56,7 +57,14 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-NAMES = (("Ann", "she"), ("Bob", "he"), ("Cal", "he"), ("Dee", "she"), ("Eve", "she"), ("Max", "he"))
+NAMES = (
+    ("Ann", "she"),
+    ("Bob", "he"),
+    ("Cal", "he"),
+    ("Dee", "she"),
+    ("Eve", "she"),
+    ("Max", "he"),
+)
 GAINS = ("finds", "gets", "wins")
 LOSSES = ("spends", "loses", "gives away")
 
@@ -124,7 +132,9 @@ class TaskConfig:
         if not 1 <= self.num_items <= 2000:
             raise ValueError(f"num_items must be in 1..2000, got {self.num_items}")
         if not 1 <= self.min_steps <= self.max_steps:
-            raise ValueError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
+            raise ValueError(
+                f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}"
+            )
         if not 1 <= self.max_sold <= 3:
             raise ValueError(f"max_sold must be in 1..3, got {self.max_sold}")
 
@@ -153,10 +163,7 @@ def _column_sum(a, b):
     tens_a, tens_b = a // 10, b // 10
     tens_sum = tens_a + tens_b + carry
     tens_terms = "+".join(str(t) for t in (tens_a, tens_b, carry) if t) or "0"
-    text = (
-        f"{a}+{b}: {a % 10}+{b % 10}={units} carry {carry}. "
-        f"{tens_terms}={tens_sum}. So {total}."
-    )
+    text = f"{a}+{b}: {a % 10}+{b % 10}={units} carry {carry}. {tens_terms}={tens_sum}. So {total}."
     return text, total
 
 
@@ -230,7 +237,9 @@ def build_tokenizer():
     # No merges: every character is its own token unless an added token covers it.
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
     tokenizer.decoder = decoders.Fuse()
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tokenizer.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
+    )
     tokenizer.add_tokens([AddedToken(w, special=False, normalized=False) for w in WORD_TOKENS])
     return tokenizer
 

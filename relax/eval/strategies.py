@@ -41,6 +41,7 @@ from relax.data.grading import grade
 from relax.data.loaders import Benchmark, Problem
 from relax.eval import metrics
 from relax.relay.config import RelayConfig
+from relax.tokenizer import build_prompt
 
 __all__ = ["STRATEGIES", "EvalConfig", "encode_prompts", "evaluate", "num_params", "run_strategy"]
 
@@ -87,25 +88,9 @@ def num_params(params):
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def _build_prompt(tokenizer, question, enable_thinking):
-    try:
-        from relax.tokenizer import build_prompt
-    except ImportError:  # the shared helper is not there: the same prompt, written here
-        build_prompt = None
-    if build_prompt is not None:
-        return build_prompt(tokenizer, question, enable_thinking=enable_thinking)
-    content = question + "\nPlease reason step by step, and put your final answer within \\boxed{}."
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}],
-        tokenize=False,
-        add_generation_prompt=True,
-        enable_thinking=enable_thinking,
-    )
-
-
 def encode_prompts(tokenizer, questions, enable_thinking=False):
     """Token ids of each chat prompt (list of lists)."""
-    texts = [_build_prompt(tokenizer, q, enable_thinking) for q in questions]
+    texts = [build_prompt(tokenizer, q, enable_thinking=enable_thinking) for q in questions]
     return [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
 
 
