@@ -149,8 +149,13 @@ def test_two_processes_match_one(runs):
     each feeding its half of every global batch, give the params of 1 process x
     4 devices after 2 AdamW steps to 1e-6 (float32; measured ~1e-8)."""
     ref, multi, logs = runs[0], runs[2], runs[3]
+    # Each process SIGKILLs itself after step 2's checkpoint. Whichever dies
+    # second may instead be aborted by JAX's coordination service, which ends
+    # every task once a peer is gone; that race is fine, any other end is not.
+    peer_gone = "JAX distributed service detected fatal errors"
     for rc, log in logs:
-        assert rc == -signal.SIGKILL, log[-3000:]
+        assert rc == -signal.SIGKILL or (rc == -signal.SIGABRT and peer_gone in log), log[-3000:]
+    assert any(rc == -signal.SIGKILL for rc, _ in logs), [rc for rc, _ in logs]
     p_ref, _, _ = saved_params(ref, 2)
     p_multi, step, pos = saved_params(multi, 2)
     assert (step, pos) == (2, 16)
