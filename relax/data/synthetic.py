@@ -3,9 +3,9 @@
 The task is the miniature behind `relax demo`. Each problem is a short word
 problem whose step-by-step solution ends in `\\boxed{}`:
 
-    Question: Ann has 3 coins. She finds 4 more, then spends 2. Then she sells
-              a bivo. How many coins does she have now?
-    Solution: Start 3. 3+4=7. 7-2=5. A bivo sells for 37. 37+5: 7+5=12,
+    Question: Ann has 3 coins. She sells a bivo, then finds 4 more, then
+              spends 2. How many coins does she have now?
+    Solution: A bivo sells for 37. Start 3. 3+4=7. 7-2=5. 37+5: 7+5=12
               carry 1. 3+1=4. So 42. \\boxed{42}
 
 Most steps are easy: one-digit sums that stay below ten and a column
@@ -13,9 +13,19 @@ addition written digit by digit, all copied from or computed on numbers in
 the context. One step per sold item is hard: its price ("37") is world
 knowledge, a fixed seeded catalog of `num_items` made-up item names that no
 prompt contains. A larger model memorises the catalog; a small one does not,
-so its errors concentrate on two or three tokens of a ~60-token solution.
-That is the situation RelayLLM is built for: the SLM should write
-`<call>2</call>` right before the price and let the LLM write it.
+so its errors concentrate on two tokens of a ~60-token solution. That is the
+situation RelayLLM is built for: the SLM should write `<call>2</call>` right
+before the price and let the LLM write it.
+
+The prices come first so that a command before a price never sits between
+two numbers the solution copies from each other: every later step copies
+either from the prompt or from text after the price. A small transformer
+trained from scratch reads operands copied inside its answer at fixed
+distances, so three command tokens between a number and its copy derail it
+(measured: teacher-forced digit accuracy after a randomly placed command
+fell from 99.6% to about 55-70% in the first layout, which sold the item
+last). Copies from the prompt are read by content, since prompts vary in
+length.
 `make_dataset(..., num_known=k)` draws problems that only sell the first k
 items: the demo trains the small model on such a corpus, so it masters the
 easy steps but knows only k prices, while the teacher's corpus covers the
@@ -82,7 +92,7 @@ WORD_TOKENS = (
     "Then",
     "How many coins does she have now?",
     "How many coins does he have now?",
-    " sells for",
+    " sells for ",
     " sells a",
     "How",
     "She",
@@ -178,10 +188,17 @@ def make_problem(rng, task, prices=None, items=None):
     items = list(items or prices)
     name, pronoun = rng.choice(NAMES)
     value = rng.randint(0, 9)
+    sold = rng.sample(items, rng.randint(1, task.max_sold))
     question = [f"{name} has {value} coins."]
+    text = ""
+    hard_spans = []
+    for item in sold:  # the prices come first: see the module docstring
+        text += f"A {item} sells for "
+        hard_spans.append((len(text), len(text) + len(str(prices[item]))))
+        text += f"{prices[item]}. "
     solution = [f"Start {value}."]
     steps = rng.randint(task.min_steps, task.max_steps)
-    clauses = []
+    clauses = [f"sells " + " and ".join(f"a {item}" for item in sold)]
     for _ in range(steps):
         if value == 0 or (value < 9 and rng.random() < 0.5):
             k = rng.randint(1, 9 - value)
@@ -194,16 +211,11 @@ def make_problem(rng, task, prices=None, items=None):
             solution.append(f"{value}-{k}={value - k}.")
             value -= k
     question.append(f"{pronoun.capitalize()} " + ", then ".join(clauses) + ".")
-    sold = rng.sample(items, rng.randint(1, task.max_sold))
-    question.append(f"Then {pronoun} sells " + " and ".join(f"a {item}" for item in sold) + ".")
     question.append(f"How many coins does {pronoun} have now?")
-    text = " ".join(solution)
-    hard_spans = []
+    text += " ".join(solution)
     for item in sold:
-        text += f" A {item} sells for "
-        hard_spans.append((len(text), len(text) + len(str(prices[item]))))
         step, value = _column_sum(prices[item], value)
-        text += f"{prices[item]}. {step}"
+        text += f" {step}"
     text += f" \\boxed{{{value}}}"
     return {
         "question": " ".join(question),
