@@ -45,7 +45,6 @@ def test_solutions_are_right_and_grade_correct():
         start = int(re.match(r"\w+ has (\d+) coins", p["question"]).group(1))
         sold = re.findall(r"a (\w+)(?= and|,)", p["question"].split("sells", 1)[1])
         easy = sum(int(x) for x in re.findall(r"(?:finds|gets|wins) (\d+) more", p["question"]))
-        easy -= sum(int(x) for x in re.findall(r"(?:spends|loses|gives away) (\d+)", p["question"]))
         assert int(p["answer"]) == start + easy + sum(prices[s] for s in sold)
         # the hard spans are exactly the prices, in order, and nothing in the prompt gives them away
         assert [sol[s:e] for s, e in p["hard_spans"]] == [str(prices[s]) for s in sold]
@@ -58,7 +57,7 @@ def test_catalog_is_fixed_by_its_seed():
     assert synthetic.catalog(t) == synthetic.catalog(t)
     assert synthetic.catalog(t) != synthetic.catalog(synthetic.TaskConfig(num_items=30, catalog_seed=7))
     names = list(synthetic.catalog(t))
-    assert len(set(names)) == 30 and all(len(n) == 4 for n in names)
+    assert len(set(names)) == 30 and all(3 <= len(n) <= 7 for n in names)
 
 
 def test_task_config_validates():

@@ -3,29 +3,31 @@
 The task is the miniature behind `relax demo`. Each problem is a short word
 problem whose step-by-step solution ends in `\\boxed{}`:
 
-    Question: Ann has 3 coins. She sells a bivo, then finds 4 more, then
-              spends 2. How many coins does she have now?
-    Solution: A bivo sells for 37. Start 3. 3+4=7. 7-2=5. 37+5: 7+5=12
-              carry 1. 3+1=4. So 42. \\boxed{42}
+    Question: Ann has 5 coins. She sells a bivo, then finds 4 more. How
+              many coins does she have now?
+    Solution: A bivo sells for 37. 37+5: 7+5=12 carry 1. 3+1=4. So 42.
+              42+4: 2+4=6 carry 0. 4=4. So 46. \\boxed{46}
 
-Most steps are easy: one-digit sums that stay below ten and a column
-addition written digit by digit, all copied from or computed on numbers in
-the context. One step per sold item is hard: its price ("37") is world
-knowledge, a fixed seeded catalog of `num_items` made-up item names that no
-prompt contains. A larger model memorises the catalog; a small one does not,
-so its errors concentrate on two tokens of a ~60-token solution. That is the
-situation RelayLLM is built for: the SLM should write `<call>2</call>` right
-before the price and let the LLM write it.
+Most steps are easy: column additions written digit by digit, each reading
+the number just written and one number from the prompt. One step per sold
+item is hard: its price ("37") is world knowledge, a fixed seeded catalog
+of `num_items` made-up item names (3 to 7 letters) that no prompt contains.
+A larger model memorises the catalog; a small one does not, so its errors
+concentrate on two tokens of a ~70-token solution. That is the situation
+RelayLLM is built for: the SLM should write `<call>2</call>` right before
+the price and let the LLM write it.
 
-The prices come first so that a command before a price never sits between
-two numbers the solution copies from each other: every later step copies
-either from the prompt or from text after the price. A small transformer
-trained from scratch reads operands copied inside its answer at fixed
-distances, so three command tokens between a number and its copy derail it
-(measured: teacher-forced digit accuracy after a randomly placed command
-fell from 99.6% to about 55-70% in the first layout, which sold the item
-last). Copies from the prompt are read by content, since prompts vary in
-length.
+Why this layout: a small transformer trained from scratch reads a number
+it copies from its own answer at a fixed distance back, so a command
+between a number and its copy breaks the copy. On a first layout (easy
+one-digit steps first, the price last, each step copying the previous
+result), teacher-forced digit accuracy after a randomly placed
+`<call>n</call>` fell from 99.6% to 53-69%. Here the prices come first and
+every later step copies either the number written just before it or a
+number from the prompt, so a command right before a price splits no copy:
+teacher-forced digit accuracy after `<call>2</call>` placed there is about
+91% for a student fresh from pretraining (about 95% after the warm-up),
+against 76% when the answer opens with the bare price.
 `make_dataset(..., num_known=k)` draws problems that only sell the first k
 items: the demo trains the small model on such a corpus, so it masters the
 easy steps but knows only k prices, while the teacher's corpus covers the
@@ -76,7 +78,6 @@ NAMES = (
     ("Max", "he"),
 )
 GAINS = ("finds", "gets", "wins")
-LOSSES = ("spends", "loses", "gives away")
 
 # Fixed words of the templates, tokenised whole (with the space before them)
 # so prompts and solutions stay short; digits and item names stay one
@@ -88,8 +89,6 @@ WORD_TOKENS = (
     "\\boxed{",
     "user",
     "assistant",
-    "Start",
-    "Then",
     "How many coins does she have now?",
     "How many coins does he have now?",
     " sells for ",
@@ -104,9 +103,6 @@ WORD_TOKENS = (
     " finds",
     " gets",
     " wins",
-    " spends",
-    " loses",
-    " gives away",
     " more",
     " then",
     " sells",
@@ -128,7 +124,8 @@ class TaskConfig:
     num_items: size of the price catalog (the hard "knowledge").
     catalog_seed: seed of the catalog; models only agree on prices under the
       same catalog, so it is part of the task, not of a data split.
-    min_steps / max_steps: number of easy one-digit steps per problem.
+    min_steps / max_steps: number of "finds k more" gains per problem (each
+      one more column addition after the sale).
     max_sold: items sold per problem (hard steps), 1..max_sold.
     """
 
@@ -152,14 +149,16 @@ class TaskConfig:
 def catalog(task):
     """The world's price list: {item name: price in 10..99}, fixed by the seed.
 
-    Names are made-up consonant-vowel words (4 letters), distinct, and never
-    one of the template's words.
+    Names are made-up words of alternating consonants and vowels, 3 to 7
+    letters long, distinct, and never one of the template's words (their
+    varying length is part of the layout's design: see the module docstring).
     """
     rng = random.Random(task.catalog_seed)
     consonants, vowels = "bcdfghjklmnprstvz", "aeiou"
     names = set()
     while len(names) < task.num_items:
-        names.add("".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(2)))
+        length = rng.randint(3, 7)
+        names.add("".join(rng.choice(vowels if i % 2 else consonants) for i in range(length)))
     names = sorted(names)
     rng.shuffle(names)
     return {name: rng.randint(10, 99) for name in names}
@@ -189,36 +188,28 @@ def make_problem(rng, task, prices=None, items=None):
     name, pronoun = rng.choice(NAMES)
     value = rng.randint(0, 9)
     sold = rng.sample(items, rng.randint(1, task.max_sold))
-    question = [f"{name} has {value} coins."]
-    text = ""
-    hard_spans = []
-    for item in sold:  # the prices come first: see the module docstring
+    gains = [rng.randint(1, 9) for _ in range(rng.randint(task.min_steps, task.max_steps))]
+    clauses = ["sells " + " and ".join(f"a {item}" for item in sold)]
+    clauses += [f"{rng.choice(GAINS)} {k} more" for k in gains]
+    question = (
+        f"{name} has {value} coins. {pronoun.capitalize()} " + ", then ".join(clauses)
+        + f". How many coins does {pronoun} have now?"
+    )
+    # The prices come first, and every later step reads the number just
+    # written or one from the prompt: see the module docstring.
+    text, hard_spans = "", []
+    for item in sold:
         text += f"A {item} sells for "
         hard_spans.append((len(text), len(text) + len(str(prices[item]))))
         text += f"{prices[item]}. "
-    solution = [f"Start {value}."]
-    steps = rng.randint(task.min_steps, task.max_steps)
-    clauses = [f"sells " + " and ".join(f"a {item}" for item in sold)]
-    for _ in range(steps):
-        if value == 0 or (value < 9 and rng.random() < 0.5):
-            k = rng.randint(1, 9 - value)
-            clauses.append(f"{rng.choice(GAINS)} {k} more")
-            solution.append(f"{value}+{k}={value + k}.")
-            value += k
-        else:
-            k = rng.randint(1, value)
-            clauses.append(f"{rng.choice(LOSSES)} {k}")
-            solution.append(f"{value}-{k}={value - k}.")
-            value -= k
-    question.append(f"{pronoun.capitalize()} " + ", then ".join(clauses) + ".")
-    question.append(f"How many coins does {pronoun} have now?")
-    text += " ".join(solution)
-    for item in sold:
-        step, value = _column_sum(prices[item], value)
-        text += f" {step}"
-    text += f" \\boxed{{{value}}}"
+    total = prices[sold[0]]
+    for addend in [prices[item] for item in sold[1:]] + [value] + gains:
+        step, total = _column_sum(total, addend)
+        text += step + " "
+    value = total
+    text += f"\\boxed{{{value}}}"
     return {
-        "question": " ".join(question),
+        "question": question,
         "solution": text,
         "answer": str(value),
         "hard_spans": hard_spans,
