@@ -26,7 +26,7 @@ result), teacher-forced digit accuracy after a randomly placed
 every later step copies either the number written just before it or a
 number from the prompt, so a command right before a price splits no copy:
 teacher-forced digit accuracy after `<call>2</call>` placed there is about
-91% for a student fresh from pretraining (about 95% after the warm-up),
+88-91% for a student fresh from pretraining (93-95% after the warm-up),
 against 76% when the answer opens with the bare price.
 `make_dataset(..., num_known=k)` draws problems that only sell the first k
 items: the demo trains the small model on such a corpus, so it masters the
