@@ -27,8 +27,8 @@ every later step copies either the number written just before it or a
 number from the prompt, so a command right before a price splits no copy:
 teacher-forced digit accuracy after `<call>2</call>` placed there is about
 88-91% for a student fresh from pretraining (93-95% after the warm-up),
-against 76% when the answer opens with the bare price. The remaining errors
-come from the unfamiliar command tokens themselves.
+against 76% when the answer opens with the bare price (these figures count
+the price's own digits too, which in a relay the LLM writes).
 
 `make_dataset(..., num_known=k)` draws problems that only sell the first k
 items: the demo trains the small model on such a corpus, so it masters the
