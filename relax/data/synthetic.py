@@ -208,12 +208,11 @@ def make_problem(rng, task, prices=None, items=None):
     for addend in [prices[item] for item in sold[1:]] + [value] + gains:
         step, total = _column_sum(total, addend)
         text += step + " "
-    value = total
-    text += f"\\boxed{{{value}}}"
+    text += f"\\boxed{{{total}}}"
     return {
         "question": question,
         "solution": text,
-        "answer": str(value),
+        "answer": str(total),
         "hard_spans": hard_spans,
     }
 

@@ -97,6 +97,19 @@ def _set_at(x, b_mask, slot, value):
     return x.at[rows, slot].set(value, mode="drop")
 
 
+def _append(s, ready, tok, src, logprobs=None):
+    """Writes `tok` (from source `src`) at each ready row's next slot; returns (state, slot)."""
+    slot = s.length
+    new = {
+        "tokens": _set_at(s.tokens, ready, slot, tok),
+        "source": _set_at(s.source, ready, slot, jnp.full_like(tok, src)),
+        "length": s.length + ready,
+    }
+    if logprobs is not None:
+        new["logprobs"] = _set_at(s.logprobs, ready, slot, logprobs)
+    return s.replace(**new), slot
+
+
 def _feed(model, params, cache, tok, pos, n_feed):
     """Runs the model on [B, T] tokens and returns the logits after each row's last fed token."""
     logits, cache = model.apply(params, tok, pos, cache)
@@ -185,13 +198,8 @@ def _slm_step(loop, params, tables, key, prompt_lens, s: State):
     rows = s.phase == DECODING
     last, ready, s = _ingest(_slm_ingest, loop, params, s, rows, s.length - s.slm_seen)
     tok, lp = sample_batch(last, _keys(key, s), cfg.slm)
-    slot = s.length
-    tokens = _set_at(s.tokens, ready, slot, tok)
-    source = _set_at(s.source, ready, slot, jnp.full_like(tok, SLM))
-    logprobs = _set_at(s.logprobs, ready, slot, lp)
-    length = s.length + ready
+    s, slot = _append(s, ready, tok, SLM, logprobs=lp)
     is_eos = jnp.isin(tok, jnp.asarray(cfg.eos_ids, jnp.int32))
-    s = s.replace(tokens=tokens, source=source, logprobs=logprobs, length=length)
     left = _budget_left(loop, s, prompt_lens)
     phase, finish = s.phase, s.finish
     if loop.relay:
@@ -257,12 +265,8 @@ def _llm_step(loop, params, key, prompt_lens, s: State):
     # Unseen visible slots are at most the unseen slots; the exact count is only needed >1 or not.
     last, ready, s = _ingest(_llm_ingest, loop, params, s, rows, s.length - s.llm_scan)
     tok, _ = sample_batch(last, _keys(key, s), cfg.llm)
-    slot = s.length
-    tokens = _set_at(s.tokens, ready, slot, tok)
-    source = _set_at(s.source, ready, slot, jnp.full_like(tok, LLM))
-    s = s.replace(
-        tokens=tokens, source=source, length=s.length + ready, call_left=s.call_left - ready
-    )
+    s, _ = _append(s, ready, tok, LLM)
+    s = s.replace(call_left=s.call_left - ready)
     left = _budget_left(loop, s, prompt_lens)
     is_eos = ready & jnp.isin(tok, jnp.asarray(cfg.eos_ids, jnp.int32))
     budget = ready & ~is_eos & (left <= 0)
