@@ -70,6 +70,9 @@ class ModelSection:
     known_items: int = 0
     """Its corpus sells only the first known_items items of the catalog (0 = all):
     the prices it can know."""
+    read_commands: int = 0
+    """Up to this many `<call>n</call>` per solution, masked out of the loss
+    (see `reference_examples`)."""
 
 
 @dataclasses.dataclass
@@ -292,17 +295,29 @@ def _sft_config(out_dir, steps, batch_size, lr, seed, epochs=1, max_len=512):
     )
 
 
-def reference_examples(tokenizer, problems):
-    """SFT examples (prompt ids, response ids + EOS) of reference solutions."""
+def reference_examples(tokenizer, problems, read_commands=0, seed=0):
+    """SFT examples (prompt ids, response ids + EOS) of reference solutions.
+
+    read_commands: up to this many `<call>n</call>` (n in 1..9) inserted per
+    solution at random token boundaries, masked out of the loss: the model
+    learns to read past them, not to write them.
+    """
+    import random
+
     from relax.tokenizer import build_prompt
 
     eos = tokenizer.eos_token_id
+    rng = random.Random(seed)
     prompts = tokenizer([build_prompt(tokenizer, p["question"]) for p in problems], add_special_tokens=False)
     responses = tokenizer([p["solution"] for p in problems], add_special_tokens=False)
-    return [
-        {"prompt_ids": list(p), "response_ids": list(r) + [eos]}
-        for p, r in zip(prompts["input_ids"], responses["input_ids"])
-    ]
+    examples = []
+    for p, r in zip(prompts["input_ids"], responses["input_ids"]):
+        ids, mask = list(r), [1.0] * len(r)
+        for at in sorted(rng.sample(range(len(r) + 1), rng.randint(0, read_commands)), reverse=True):
+            cmd = tokenizer(f"<call>{rng.randint(1, 9)}</call>", add_special_tokens=False)["input_ids"]
+            ids[at:at], mask[at:at] = cmd, [0.0] * len(cmd)
+        examples.append({"prompt_ids": list(p), "response_ids": ids + [eos], "response_mask": mask + [1.0]})
+    return examples
 
 
 def stage_pretrain(st, name, sec, cfg, task, tok_dir, tokenizer):
@@ -319,7 +334,7 @@ def stage_pretrain(st, name, sec, cfg, task, tok_dir, tokenizer):
         model = _model(sec, tokenizer)
         params = model.init_params(jax.random.key(sec.seed))
         problems = synthetic.make_dataset(sec.problems, SPLIT_SEEDS[name], task, num_known=sec.known_items)
-        examples = reference_examples(tokenizer, problems)
+        examples = reference_examples(tokenizer, problems, sec.read_commands, sec.seed)
         steps = len(examples) // sec.batch_size
         run_cfg = _sft_config(st.path(name, "train"), steps, sec.batch_size, sec.learning_rate, sec.seed)
         print(f"[demo] {name}: {model.num_params():,} parameters, {steps} steps", flush=True)
@@ -519,15 +534,18 @@ def call_placement(records):
     """Where the relay's commands land: how many sit right before a price (the hard step).
 
     The SLM keeps its commands in its own text, so they are visible in the
-    response: a command at the hard step follows "sells for" directly.
+    response. Solutions open with the prices ("37. 52. 37+52: ..."), so a
+    command sits at a hard step when the text before it, commands removed,
+    is only whole prices: nothing at all, or "37. " before a second price.
     """
     import re
 
+    pattern = re.compile(r"<call>\s*\d+\s*</call>")
     total = at_hard = 0
     for r in records:
-        for m in re.finditer(r"<call>\s*\d+\s*</call>", r["response"]):
+        for m in pattern.finditer(r["response"]):
             total += 1
-            at_hard += bool(re.search(r"sells for ?$", r["response"][: m.start()]))
+            at_hard += bool(re.fullmatch(r"(\d+\. )*", pattern.sub("", r["response"][: m.start()])))
     return {"commands": total, "at_hard_step": at_hard, "share": at_hard / total if total else None}
 
 

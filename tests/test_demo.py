@@ -69,9 +69,9 @@ def test_quick_demo_end_to_end(tmp_path):
 
 def test_call_placement_counts_commands_before_a_price():
     records = [
-        {"response": "A bivo sells for <call>2</call>37. 37+5: <call>3</call>7+5=12"},
-        {"response": "A bivo sells for 37. A <call>2</call>fep sells for <call>2</call>52."},
-        {"response": "A bivo sells for 37. 37+5: 7+5=12"},  # no command
+        {"response": "<call>2</call>37. 37+5: <call>3</call>7+5=12"},
+        {"response": "37. <call>2</call>52. 3<call>2</call>7+52: 7+2=9"},
+        {"response": "37. 37+5: 7+5=12"},  # no command
     ]
     assert demo.call_placement(records) == {"commands": 4, "at_hard_step": 2, "share": 0.5}
     assert demo.call_placement([])["share"] is None

@@ -201,7 +201,6 @@ def make_problem(rng, task, prices=None, items=None):
     # written or one from the prompt: see the module docstring.
     text, hard_spans = "", []
     for item in sold:
-        text += f"A {item} sells for "
         hard_spans.append((len(text), len(text) + len(str(prices[item]))))
         text += f"{prices[item]}. "
     total = prices[sold[0]]

@@ -52,7 +52,8 @@ def pack_examples(examples, max_len, pad_id=0):
     Returns inputs, positions, targets, loss_mask, each [N, L - 1], where L is
     the longest prompt + response rounded up to a multiple of 8 (capped at
     ``max_len``; longer rows are dropped). ``loss_mask`` is 1 where the target
-    is a response token.
+    is a response token, times the example's optional ``response_mask`` (0/1
+    per response token: text the model reads but is not trained to write).
     """
     kept = [e for e in examples if len(e["prompt_ids"]) + len(e["response_ids"]) <= max_len]
     if not kept:
@@ -68,7 +69,7 @@ def pack_examples(examples, max_len, pad_id=0):
         seq = p + r
         tokens[i, : len(seq)] = seq
         lengths[i] = len(seq)
-        mask[i, len(p) - 1 : len(seq) - 1] = 1.0  # targets p .. len-1 are response tokens
+        mask[i, len(p) - 1 : len(seq) - 1] = e.get("response_mask", 1.0)  # targets p .. len-1: the response
     t = np.arange(width - 1)[None, :]
     return {
         "inputs": tokens[:, :-1],
