@@ -67,6 +67,29 @@ def test_quick_demo_end_to_end(tmp_path):
     assert os.path.exists(os.path.join(out, "filter", "problems.jsonl"))
 
 
+def test_reference_examples_mask_the_commands_they_insert(tmp_path):
+    import re
+
+    import relax
+    from relax.data import synthetic
+
+    tok = relax.load_tokenizer(synthetic.save_tokenizer(str(tmp_path / "tok")))
+    problems = synthetic.make_dataset(40, 3, synthetic.TaskConfig(num_items=8))
+    plain = demo.reference_examples(tok, problems)
+    noisy = demo.reference_examples(tok, problems, read_commands=3, seed=1)
+    inserted = 0
+    for p, a, b in zip(problems, plain, noisy):
+        assert a["prompt_ids"] == b["prompt_ids"] and set(a["response_mask"]) == {1.0}
+        kept = [t for t, m in zip(b["response_ids"], b["response_mask"]) if m]
+        assert kept == a["response_ids"]  # unmasked tokens: exactly the solution + EOS
+        masked = tok.decode([t for t, m in zip(b["response_ids"], b["response_mask"]) if not m])
+        commands = re.findall(r"<call>[1-9]</call>", masked)
+        assert "".join(commands) == masked and len(commands) <= 3
+        inserted += len(commands)
+        assert re.sub(r"<call>[1-9]</call>", "", tok.decode(b["response_ids"][:-1])) == p["solution"]
+    assert 40 <= inserted <= 80  # 0..3 per solution, 1.5 on average
+
+
 def test_call_placement_counts_commands_before_a_price():
     records = [
         {"response": "<call>2</call>37. 37+5: <call>3</call>7+5=12"},

@@ -49,6 +49,13 @@ def test_pack_examples_masks_response_targets():
     np.testing.assert_array_equal(data["positions"][0], [0, 1, 2, 3, 4, -1, -1])
 
 
+def test_pack_examples_response_mask_drops_read_only_tokens():
+    ex = {"prompt_ids": [5, 6], "response_ids": [8, 9, 10, 11], "response_mask": [1, 0, 0, 1]}
+    data = pack_examples([ex], max_len=16)
+    np.testing.assert_array_equal(data["targets"][0, :5], [6, 8, 9, 10, 11])
+    np.testing.assert_array_equal(data["loss_mask"][0], [0, 1, 0, 0, 1, 0, 0])
+
+
 def test_tiny_sft_lowers_loss(tiny, tmp_path):
     """16 examples, batch 8, 24 steps at lr 1e-2: the last step's loss is below
     half of the first (margin: loss_last < 0.5 * loss_first)."""

@@ -5,30 +5,28 @@ problem whose step-by-step solution ends in `\\boxed{}`:
 
     Question: Ann has 5 coins. She sells a bivo, then finds 4 more. How
               many coins does she have now?
-    Solution: A bivo sells for 37. 37+5: 7+5=12 carry 1. 3+1=4. So 42.
-              42+4: 2+4=6 carry 0. 4=4. So 46. \\boxed{46}
+    Solution: 37. 37+5: 7+5=12 carry 1. 3+1=4. So 42. 42+4: 2+4=6 carry 0.
+              4=4. So 46. \\boxed{46}
 
 Most steps are easy: column additions written digit by digit, each reading
 the number just written and one number from the prompt. One step per sold
 item is hard: its price ("37") is world knowledge, a fixed seeded catalog
 of `num_items` made-up item names (3 to 7 letters) that no prompt contains.
 A larger model memorises the catalog; a small one does not, so its errors
-concentrate on two tokens of a ~70-token solution. That is the situation
-RelayLLM is built for: the SLM should write `<call>2</call>` right before
-the price and let the LLM write it.
+concentrate on two tokens of a ~65-token solution. That is the situation
+RelayLLM is built for: the SLM should open its answer with `<call>2</call>`
+when it does not know the price, and let the LLM write it.
 
-Why this layout: a small transformer trained from scratch reads a number
-it copies from its own answer at a fixed distance back, so a command
-between a number and its copy breaks the copy. On a first layout (easy
-one-digit steps first, the price last, each step copying the previous
-result), teacher-forced digit accuracy after a randomly placed
-`<call>n</call>` fell from 99.6% to 53-69%. Here the prices come first and
-every later step copies either the number written just before it or a
-number from the prompt, so a command right before a price splits no copy:
-teacher-forced digit accuracy after `<call>2</call>` placed there is about
-88-91% for a student fresh from pretraining (93-95% after the warm-up),
-against 76% when the answer opens with the bare price (these figures count
-the price's own digits too, which in a relay the LLM writes).
+Why this layout (measured with the demo preset's models): the prices open
+the answer, so the hard step sits at one fixed, salient place, the
+answer's first token, where GRPO finds it. When the price followed "A bivo
+sells for", GRPO learned to call right after "A", with a call long enough
+to cover any name: several times the LLM tokens the price needs. Nothing
+but arithmetic follows the price: with the item's name after it ("37 for
+a bivo"), a student handed an unknown price by the LLM wrote the name of a
+known item with that price instead of copying the name from the prompt.
+Every later step copies either the number written just before it or a
+number from the prompt, so a command before a price splits no copy.
 
 `make_dataset(..., num_known=k)` draws problems that only sell the first k
 items: the demo trains the small model on such a corpus, so it masters the
