@@ -299,25 +299,15 @@ def reference_examples(tokenizer, problems, read_commands=0, seed=0):
     """SFT examples (prompt ids, response ids + EOS) of reference solutions.
 
     read_commands: up to this many `<call>n</call>` (n in 1..9) inserted per
-    solution at random token boundaries, masked out of the loss: the model
-    learns to read past them, not to write them.
+    solution at random token boundaries by the warm-up's own inserter, masked
+    out of the loss: the model learns to read past them, not to write them.
     """
-    import random
+    from relax.train import warmup
+    from relax.train.config import WarmupDataConfig
 
-    from relax.tokenizer import build_prompt
-
-    eos = tokenizer.eos_token_id
-    rng = random.Random(seed)
-    prompts = tokenizer([build_prompt(tokenizer, p["question"]) for p in problems], add_special_tokens=False)
-    responses = tokenizer([p["solution"] for p in problems], add_special_tokens=False)
-    examples = []
-    for p, r in zip(prompts["input_ids"], responses["input_ids"]):
-        ids, mask = list(r), [1.0] * len(r)
-        for at in sorted(rng.sample(range(len(r) + 1), rng.randint(0, read_commands)), reverse=True):
-            cmd = tokenizer(f"<call>{rng.randint(1, 9)}</call>", add_special_tokens=False)["input_ids"]
-            ids[at:at], mask[at:at] = cmd, [0.0] * len(cmd)
-        examples.append({"prompt_ids": list(p), "response_ids": ids + [eos], "response_mask": mask + [1.0]})
-    return examples
+    rows = [{"question": p["question"], "response": p["solution"]} for p in problems]
+    cfg = WarmupDataConfig(max_commands=read_commands, mantissa_max=9, max_exponent=0)
+    return warmup.build_warmup_examples(rows, tokenizer, cfg, seed=seed, learn_commands=False)
 
 
 def stage_pretrain(st, name, sec, cfg, task, tok_dir, tokenizer):

@@ -42,16 +42,26 @@ def insert_commands(text, tokenizer, rng, cfg):
 
     Returns (new_text, ns): the inserted n's in text order.
     """
+    new_text, ns, _ = _insert_commands(text, tokenizer, rng, cfg)
+    return new_text, ns
+
+
+def _insert_commands(text, tokenizer, rng, cfg):
+    """`insert_commands`, plus the commands' character spans in the new text."""
     bounds = token_boundaries(text, tokenizer)
     k = rng.randint(0, cfg.max_commands)
     chosen = sorted(rng.sample(bounds, min(k, len(bounds))))
     ns = [sample_n(rng, cfg) for _ in chosen]
-    pieces, prev = [], 0
+    pieces, spans, prev, length = [], [], 0, 0
     for pos, n in zip(chosen, ns):
-        pieces += [text[prev:pos], cfg.template.format(n=n)]
+        command = cfg.template.format(n=n)
+        length += pos - prev
+        spans.append((length, length + len(command)))
+        length += len(command)
+        pieces += [text[prev:pos], command]
         prev = pos
     pieces.append(text[prev:])
-    return "".join(pieces), ns
+    return "".join(pieces), ns, spans
 
 
 def chat_prompt(tokenizer, question):
@@ -61,12 +71,15 @@ def chat_prompt(tokenizer, question):
     return build_prompt(tokenizer, question)
 
 
-def build_warmup_examples(rows, tokenizer, cfg, seed=0, prompt_fn=None):
+def build_warmup_examples(rows, tokenizer, cfg, seed=0, prompt_fn=None, learn_commands=True):
     """SFT examples from ``{"question", "response"}`` rows (responses graded correct).
 
     Each example: ``prompt_ids``, ``response_ids`` (response with commands,
     then EOS), ``commands`` (the inserted n's) and ``response_text``.
     ``prompt_fn(tokenizer, question) -> str`` defaults to ``chat_prompt``.
+    ``learn_commands=False`` adds a ``response_mask`` (see
+    ``relax.train.sft.pack_examples``) that is 0 on every token overlapping a
+    command: the model learns to read past commands, not to write them.
     Deterministic in ``seed``.
     """
     prompt_fn = prompt_fn or chat_prompt
@@ -74,21 +87,24 @@ def build_warmup_examples(rows, tokenizer, cfg, seed=0, prompt_fn=None):
     eos = tokenizer.eos_token_id
     examples = []
     for row in rows:
-        text, ns = insert_commands(row["response"], tokenizer, rng, cfg)
+        text, ns, spans = _insert_commands(row["response"], tokenizer, rng, cfg)
         prompt_ids = tokenizer(prompt_fn(tokenizer, row["question"]), add_special_tokens=False)[
             "input_ids"
         ]
-        response_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=not learn_commands)
+        response_ids = list(enc["input_ids"])
+        example = {"prompt_ids": prompt_ids, "commands": ns, "response_text": text}
+        if not learn_commands:
+            example["response_mask"] = [
+                0.0 if any(start < e and s < end for s, e in spans) else 1.0
+                for start, end in enc["offset_mapping"]
+            ]
         if eos is not None:
             response_ids = response_ids + [eos]
-        examples.append(
-            {
-                "prompt_ids": prompt_ids,
-                "response_ids": response_ids,
-                "commands": ns,
-                "response_text": text,
-            }
-        )
+            if not learn_commands:
+                example["response_mask"].append(1.0)
+        example["response_ids"] = response_ids
+        examples.append(example)
     return examples
 
 
