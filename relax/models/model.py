@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from relax.models.config import ModelConfig
-from relax.models.transformer import Transformer
+from relax.models.transformer import Transformer, lm_logits
 
 Params = Any  # a nested dict of arrays
 Cache = Any  # {"k", "v": [L, B, S, K, H]}
@@ -70,3 +70,21 @@ class Model:
         only, which is the training forward; the returned cache is None.
         """
         return self.module.apply({"params": params}, tokens, positions, cache)
+
+    def hidden(
+        self, params: Params, tokens: jax.Array, positions: jax.Array, cache: Cache | None
+    ) -> tuple[jax.Array, Cache | None]:
+        """`apply` without the LM head: final-norm activations [B, T, D] and the cache.
+
+        With `logits(params, x)` this lets a caller apply the LM head chunk by
+        chunk, so [B, T, V] logits never exist at once (the training losses).
+        """
+        return self.module.apply({"params": params}, tokens, positions, cache, return_hidden=True)
+
+    def head(self, params: Params) -> jax.Array:
+        """The LM head [D, V]: the transposed embedding when tied, else `lm_head`."""
+        return params["embed"].T if self.config.tie_embeddings else params["lm_head"]
+
+    def logits(self, params: Params, x: jax.Array) -> jax.Array:
+        """Logits [..., V] (float32) of final-norm activations x [..., D] from `hidden`."""
+        return lm_logits(x, self.head(params))

@@ -176,7 +176,9 @@ class Transformer(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, tokens, positions, cache=None):
+    def __call__(self, tokens, positions, cache=None, return_hidden=False):
+        # return_hidden: stop after the final norm and return x [B, T, D] instead of
+        # logits, so a caller can apply the LM head chunk by chunk (`Model.logits`).
         cfg = self.cfg
         embed = self.param(
             "embed", nn.initializers.normal(0.02), (cfg.vocab_size, cfg.hidden_size), self.dtype
@@ -198,7 +200,7 @@ class Transformer(nn.Module):
             cfg.rms_norm_eps,
         )
         if cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, embed, preferred_element_type=jnp.float32)
+            head = embed.T  # [D, V]
         else:
             head = self.param(
                 "lm_head",
@@ -206,5 +208,11 @@ class Transformer(nn.Module):
                 (cfg.hidden_size, cfg.vocab_size),
                 self.dtype,
             )
-            logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
-        return logits, cache
+        if return_hidden:
+            return x, cache
+        return lm_logits(x, head), cache
+
+
+def lm_logits(x: jax.Array, head: jax.Array) -> jax.Array:
+    """Logits [..., V] in float32 from final-norm activations x [..., D] and head [D, V]."""
+    return jnp.einsum("...d,dv->...v", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
