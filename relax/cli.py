@@ -2,11 +2,20 @@
 
 Each subcommand lives in the module that owns its logic; this file only
 dispatches, importing the target lazily so `relax --help` is instant.
+
+A user's mistake (a `relax.errors.RelaxError`, a missing file, malformed YAML)
+is printed as one line, `relax <command>: <what is wrong> (<how to fix>)`, with
+exit code 2. `--debug` anywhere on the command line, or `RELAX_DEBUG=1`, shows
+the full traceback instead. Any other exception is a bug and keeps its
+traceback.
 """
 
 import argparse
 import importlib
+import os
 import sys
+
+from relax.errors import RelaxError, debug_enabled, one_line
 
 # subcommand -> ("module:function", one-line help). Each function takes argv.
 COMMANDS = {
@@ -20,9 +29,14 @@ COMMANDS = {
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or debug_enabled()
+    argv = [a for a in argv if a != "--debug"]
+    # transformers warns on import when torch is absent; relax never needs torch at run time.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = argparse.ArgumentParser(
         prog="relax",
         description="RelayLLM in JAX: an SLM that calls an LLM for a few tokens.",
+        epilog="--debug (or RELAX_DEBUG=1) shows the traceback of an error instead of one line.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
@@ -35,7 +49,20 @@ def main(argv=None):
     target, _ = COMMANDS[argv[0]]
     module_name, func_name = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    return func(argv[1:]) or 0
+    try:
+        return func(argv[1:]) or 0
+    except _user_errors() as e:
+        if debug:
+            raise
+        print(f"relax {argv[0]}: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _user_errors():
+    """Exception types that are the user's to fix (shown as one line)."""
+    import yaml
+
+    return (RelaxError, OSError, yaml.YAMLError)
 
 
 if __name__ == "__main__":

@@ -185,10 +185,10 @@ def parse_args(argv):
 
 
 def load_demo_config(args):
-    from relax.train.config import load_config
+    from relax.train.config import load_config, resolve_preset
 
-    preset = args.config or os.path.join(_config_dir(), QUICK_CONFIG if args.quick else DEFAULT_CONFIG)
-    cfg = load_config(DemoConfig, preset if os.path.exists(preset) else None, None, args.overrides)
+    preset = resolve_preset(args.config or (QUICK_CONFIG if args.quick else DEFAULT_CONFIG), _config_dir())
+    cfg = load_config(DemoConfig, preset, None, args.overrides)
     if args.out:
         cfg.out = args.out
     return cfg
@@ -615,4 +615,9 @@ def main(argv=None):
     paths = write_report(results, cfg.out, title="relax demo (synthetic task)")
     print(summary_table(results, wall))
     print(f"[demo] wrote {', '.join(paths.values())}")
+    if args.quick:
+        print(
+            "[demo] --quick is a smoke test at toy scale: it checks that every stage runs, and its "
+            "numbers mean nothing. Run `relax demo` for the miniature's real figures."
+        )
     return 0

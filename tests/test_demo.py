@@ -13,6 +13,7 @@ import os
 import pytest
 
 from relax import demo
+from relax.errors import ConfigError
 
 STRATEGIES = ("slm", "grpo_slm", "llm", "relay", "teacher_free", "random_router", "entropy_router")
 
@@ -35,7 +36,7 @@ def test_config_presets_load_and_overrides_apply():
     assert cfg.grpo.steps == 3 and cfg.task.num_items == 9
     full = demo.load_demo_config(demo.parse_args([]))
     assert full.out == "runs/demo"
-    with pytest.raises(KeyError):
+    with pytest.raises(ConfigError, match=r"unknown keys \['nope'\]"):
         demo.load_demo_config(demo.parse_args(["nope=1"]))
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from relax.data.loaders import Benchmark, Problem, format_choices
+from relax.errors import ConfigError
 from relax.eval.strategies import EvalConfig, evaluate, run_strategy
 from relax.models import Model, ModelConfig
 from relax.relay.config import RelayConfig, SamplingConfig
@@ -442,7 +443,7 @@ def test_cli_config_layers(setup):
     assert cfg.batch_size == 2  # flags override the YAML; key=value overrides both
     assert cfg.entropy_k == 4 and cfg.router_p is None and cfg.relay.eos_ids == (5, 6)
     assert cfg.relay.pad_id == setup["tok"].pad_token_id
-    with pytest.raises(SystemExit, match="unknown setting"):
+    with pytest.raises(ConfigError, match="unknown setting 'relay.nope'"):
         cli.build_config(cli._parser().parse_args(["--slm", "x", "relay.nope=1"]), setup["tok"])
 
 

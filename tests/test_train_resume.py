@@ -116,7 +116,8 @@ def test_sigkill_then_resume_is_bit_identical(runs):
         assert np.array_equal(a, b)
     ref_loss = {r["step"]: r["loss"] for r in read_metrics(ref)}
     rows = read_metrics(killed)
-    assert [r["step"] for r in rows] == [1, 2, 3, 3, 4, 5, 6]  # step 3 ran twice
+    # Step 3 ran twice; the resumed run dropped the first run's row for it.
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for r in rows:
         assert r["loss"] == ref_loss[r["step"]]
 
@@ -161,3 +162,37 @@ def test_two_processes_match_one(runs):
     assert (step, pos) == (2, 16)
     for a, b in zip(leaves(p_ref), leaves(p_multi), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_damaged_newest_checkpoint_resumes_from_an_older_one(runs, tmp_path, capsys):
+    """A file deleted inside the newest checkpoint (step 6): the run warns once naming
+    step 6, moves it aside (never deletes it), resumes from step 4, replays 5 and 6
+    bit-identically, and metrics.jsonl holds each step once."""
+    import shutil
+
+    ref = runs[0]
+    out = str(tmp_path / "damaged")
+    shutil.copytree(ref, out)
+    step6 = os.path.join(out, "ckpt", "6")
+    # orbax's OCDBT layout keeps the array data in the files of `.../d/` folders.
+    victims = [
+        os.path.join(d, f)
+        for d, _, files in os.walk(step6)
+        for f in files
+        if os.path.basename(d) == "d"
+    ]
+    assert victims, sorted(os.listdir(step6))
+    for v in victims:
+        os.remove(v)
+    capsys.readouterr()
+    assert cli.sft(argv(out, "run.export=false")) == 0
+    err = capsys.readouterr().err
+    assert err.count("cannot be restored") == 1 and "checkpoint step 6" in err, err
+    assert os.path.isdir(os.path.join(out, "ckpt-broken", "6"))
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    p_ref, _, _ = saved_params(ref, 6)
+    p_new, step, _ = saved_params(out, 6)
+    assert step == 6
+    for a, b in zip(leaves(p_ref), leaves(p_new), strict=True):
+        assert np.array_equal(a, b)

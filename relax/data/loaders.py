@@ -18,6 +18,14 @@ unseeded; here both depend only on `seed`, so a result can be reproduced.
 AIME is scored avg@k: the loader returns 30 problems and `Benchmark.repeats`
 (default 32) says how many samples each gets.
 
+Columns. A benchmark of `BENCHMARKS` reads its own columns. A local file
+either names its columns (`fields`, on the CLI `NAME=FILE?question=COL&answer=COL`)
+or uses one of the documented names of `ALIASES`, tried in order; nothing else
+is guessed (a `solution` column is a worked solution, not an answer, and is
+never taken for one). The columns used are kept in `Benchmark.columns` and
+printed by `relax eval`. An empty file, a malformed JSON line (named by file
+and line number) or a missing column is a `BenchmarkUnavailable` error.
+
 Offline, a hub id fails with one `BenchmarkUnavailable` error that says how to
 pass a local file instead. Nothing here downloads anything by itself besides
 `datasets.load_dataset` for a hub id.
@@ -30,6 +38,8 @@ import os
 import random
 from typing import NamedTuple
 
+from relax.errors import DataError
+
 __all__ = [
     "BENCHMARKS",
     "MATH_BENCHMARKS",
@@ -38,6 +48,7 @@ __all__ = [
     "BenchmarkSpec",
     "BenchmarkUnavailable",
     "Problem",
+    "ALIASES",
     "format_choices",
     "load_benchmark",
 ]
@@ -57,9 +68,14 @@ class Benchmark:
     name: str
     problems: tuple  # of Problem
     repeats: int = 1  # samples per problem (avg@k)
+    source: str = ""  # the file, hub id or tfds name the rows came from
+    columns: tuple = ()  # ((problem_field, column), ...) used to read the rows
 
     def __len__(self):
         return len(self.problems)
+
+    def columns_text(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.columns) or "(not recorded)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,17 +227,19 @@ BENCHMARKS = {
 MATH_BENCHMARKS = ("math500", "gsm8k", "minerva", "olympiadbench", "aime2024", "aime2025")
 TRANSFER_BENCHMARKS = ("mmlu_pro", "supergpqa", "gpqa_diamond", "bbeh")
 
-# Columns tried, in order, when a local file has no mapping and no spec.
-_GUESS = {
-    "question": ("question", "problem", "input", "prompt", "Question"),
-    "answer": ("answer", "final_answer", "target", "solution", "answer_letter", "expected_answer"),
+# The documented column names, tried in order when the benchmark's own column is
+# absent and no mapping is given. Only names that mean the same thing in every
+# data set: "solution" (a worked solution) is deliberately not an answer alias.
+ALIASES = {
+    "question": ("question", "problem", "prompt", "Question"),
+    "answer": ("answer", "final_answer", "expected_answer", "answer_letter"),
     "options": ("options", "choices"),
-    "id": ("id", "unique_id", "uid", "question_id", "idx"),
+    "id": ("id", "unique_id", "question_id", "uid"),
 }
 
 
-class BenchmarkUnavailable(RuntimeError):
-    """A benchmark source could not be read (offline hub, missing file or package)."""
+class BenchmarkUnavailable(DataError, RuntimeError):
+    """A benchmark source could not be read (offline hub, missing file or package, no rows)."""
 
 
 def format_choices(question, options):
@@ -287,13 +305,37 @@ def _read_local(path):
 
         return pq.read_table(path).to_pylist()
     if ext == "jsonl":
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return read_jsonl(path, BenchmarkUnavailable)
     if ext == "json":
         with open(path) as f:
-            data = json.load(f)
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise BenchmarkUnavailable(
+                    f"{path}: invalid JSON at line {e.lineno} ({e.msg})"
+                ) from None
         return data if isinstance(data, list) else data.get("data", data.get("rows"))
     raise BenchmarkUnavailable(f"{path}: unsupported format (use .jsonl, .json or .parquet)")
+
+
+def read_jsonl(path, error=DataError):
+    """The JSON objects of a JSONL file; a bad line raises ``error`` naming file and line."""
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(
+                    f"{path}: line {number} is not valid JSON ({e.msg} at column {e.colno})",
+                    "fix or remove that line",
+                ) from None
+            if not isinstance(row, dict):
+                raise error(f"{path}: line {number} is not a JSON object", "one object per line")
+            rows.append(row)
+    return rows
 
 
 def _local_hint(name):
@@ -357,7 +399,7 @@ def load_benchmark(
       label when `path` is given.
     path: a local .jsonl / .json / .parquet file; overrides the hub.
     fields: {"question": col, "answer": col, "options": col, "id": col};
-      defaults to the benchmark's own columns, else common column names.
+      defaults to the benchmark's own columns, else the documented `ALIASES`.
     split: overrides the spec's split (hub / tfds). limit: keep the first
       `limit` problems (after the seeded subset). repeats: samples per
       problem (AIME default 32). seed: subset selection and GPQA option order.
@@ -388,36 +430,16 @@ def load_benchmark(
         spec = dataclasses.replace(spec, kind=kind)
 
     if path is not None:
-        rows = _read_local(path)
+        rows, source = _read_local(path), path
     elif name.startswith("tfds:"):
-        rows = _read_tfds(name[5:], spec.split)
+        rows, source = _read_tfds(name[5:], spec.split), name
     else:
-        rows = _read_hub(spec)
-
-    mapping = dict(spec.field_map)
-    if fields:
-        mapping.update(fields)
-    if rows:
-        for key, guesses in _GUESS.items():
-            if key not in mapping or (mapping[key] not in rows[0] and key not in ("choices",)):
-                found = next((g for g in guesses if g in rows[0]), None)
-                if found is not None:
-                    mapping[key] = found
-                elif key in ("options", "id"):
-                    mapping.pop(key, None)
-        if "choices" in mapping and not all(c in rows[0] for c in mapping["choices"]):
-            mapping.pop("choices")
-        missing = [
-            k for k in ("question", "answer") if k not in mapping or mapping[k] not in rows[0]
-        ]
-        if "choices" in mapping:
-            missing = [k for k in missing if k != "answer"]
-        if missing:
-            raise BenchmarkUnavailable(
-                f"{spec.name}: no column for {missing} in {sorted(rows[0])}; "
-                "pass fields={'question': ..., "
-                f"'answer': ...}} (CLI: NAME=FILE?question=COL&answer=COL)"
-            )
+        rows, source = _read_hub(spec), f"hf:{spec.hf_id}"
+    if not rows:
+        raise BenchmarkUnavailable(
+            f"{spec.name}: {source} has no rows", "a benchmark needs at least one problem"
+        )
+    mapping = _resolve_columns(spec, fields or {}, rows[0], source)
 
     if spec.sample is not None and len(rows) > spec.sample:
         idx = sorted(random.Random(seed).sample(range(len(rows)), spec.sample))
@@ -425,4 +447,46 @@ def load_benchmark(
     problems = _rows_to_problems(rows, spec, mapping, seed)
     if limit is not None:
         problems = problems[:limit]
-    return Benchmark(spec.name, tuple(problems), spec.repeats if repeats is None else repeats)
+    return Benchmark(
+        spec.name,
+        tuple(problems),
+        spec.repeats if repeats is None else repeats,
+        source=source,
+        columns=tuple((k, v) for k, v in mapping.items() if k != "choices"),
+    )
+
+
+def _resolve_columns(spec, fields, row, source):
+    """Problem field -> column: the user's mapping, else the spec's, else a documented alias."""
+    for key, col in fields.items():
+        if key not in ALIASES and key != "choices":
+            raise BenchmarkUnavailable(
+                f"{spec.name}: unknown field {key!r} in the column mapping",
+                f"fields are {', '.join(ALIASES)}",
+            )
+        if any(c not in row for c in ((col,) if isinstance(col, str) else col)):
+            raise BenchmarkUnavailable(
+                f"{spec.name}: {source} has no column {col!r} (given for {key})",
+                f"its columns: {', '.join(sorted(row))}",
+            )
+    mapping = dict(spec.field_map)
+    mapping.update(fields)
+    if "choices" in mapping and not all(c in row for c in mapping["choices"]):
+        mapping.pop("choices")
+    for key, names in ALIASES.items():
+        if key in fields or (key in mapping and mapping[key] in row):
+            continue
+        if key == "answer" and "choices" in mapping:
+            continue
+        found = next((n for n in names if n in row), None)
+        if found is not None:
+            mapping[key] = found
+        elif key in ("question", "answer"):
+            raise BenchmarkUnavailable(
+                f"{spec.name}: no column for the {key} in {source} (columns: {', '.join(sorted(row))})",
+                f"name it: NAME=FILE?{key}=COL on the CLI, fields={{{key!r}: COL}} in Python; "
+                f"recognised names: {', '.join(names)}",
+            )
+        else:
+            mapping.pop(key, None)
+    return mapping

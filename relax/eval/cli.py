@@ -23,43 +23,92 @@ keys (relay.max_new_tokens=1024 relay.llm.temperature=0.6 batch_size=32).
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 
 import yaml
 
+from relax.errors import ConfigError
+
 __all__ = ["build_config", "main", "parse_benchmarks"]
 
 
+STRATEGY_HELP = """strategies (--strategies, comma-separated):
+  slm             the SLM alone
+  llm             the LLM alone (sampled with the LLM's settings)
+  relay           RelayLLM: the SLM calls the LLM with <call>n</call>
+  teacher_free    the relay SLM with calls not honoured (the LLM never runs)
+  fixed_n         relay where every honoured call writes exactly --fixed-n tokens
+  random_router   each query goes to the LLM with probability --router-p, else the SLM
+  entropy_router  the LLM writes --entropy-k tokens when the SLM's entropy > --entropy-tau
+
+benchmarks (--benchmarks, comma-separated):
+  NAME                             one of: {names} (Hugging Face hub or its cache)
+  NAME=FILE                        a local .jsonl / .json / .parquet file
+  NAME=FILE?question=COL&answer=COL[&options=COL&id=COL]
+                                   the same, with the columns named; without a
+                                   mapping, only the documented column names are
+                                   accepted (question: {q}; answer: {a}), and the
+                                   columns used are printed
+  hf:ORG/NAME[:CONFIG], tfds:NAME  another hub or tensorflow-datasets source
+
+--debug (or RELAX_DEBUG=1) shows the traceback of an error instead of one line."""
+
+
 def _parser():
-    p = argparse.ArgumentParser(prog="relax eval", description=__doc__.split("\n\n")[0])
+    from relax.data.loaders import ALIASES, BENCHMARKS
+    from relax.eval.strategies import STRATEGIES
+
+    p = argparse.ArgumentParser(
+        prog="relax eval",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=STRATEGY_HELP.format(
+            names=", ".join(BENCHMARKS), q=", ".join(ALIASES["question"]), a=", ".join(ALIASES["answer"])
+        ),
+    )
     p.add_argument("--slm", required=True, help="SLM checkpoint folder (the relay-trained student)")
     p.add_argument("--llm", help="LLM checkpoint folder (needed by every strategy but slm)")
     p.add_argument(
         "--base-slm", help="SLM of slm / random_router / entropy_router (default: --slm)"
     )
     p.add_argument("--tokenizer", help="tokenizer folder (default: --slm)")
-    p.add_argument("--benchmarks", default="math500,gsm8k,minerva,olympiadbench,aime2024,aime2025")
-    p.add_argument("--strategies", default="slm,llm,relay")
-    p.add_argument("--out", default="runs/eval")
-    p.add_argument("--config", help="YAML file of settings")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    p.add_argument("--seed", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--prompt-bucket", type=int)
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--max-calls", type=int)
-    p.add_argument("--max-call-tokens", type=int)
-    p.add_argument("--prefill-chunk", type=int)
+    p.add_argument(
+        "--benchmarks",
+        default="math500,gsm8k,minerva,olympiadbench,aime2024,aime2025",
+        help="comma-separated benchmarks, see below (default: the paper's six math sets)",
+    )
+    p.add_argument(
+        "--strategies",
+        default="slm,llm,relay",
+        help=f"comma-separated, from {', '.join(STRATEGIES)} (default: slm,llm,relay)",
+    )
+    p.add_argument(
+        "--out", default="runs/eval", help="output folder for results.{json,md,png} (default: runs/eval)"
+    )
+    p.add_argument("--config", help="YAML file of EvalConfig settings (e.g. configs/eval-paper.yaml)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="model dtype")
+    p.add_argument("--seed", type=int, help="sampling keys and the random router's draws")
+    p.add_argument("--batch-size", type=int, help="rows per decoder call")
+    p.add_argument("--prompt-bucket", type=int, help="prompt width rounded up to a multiple of this")
+    p.add_argument("--max-new-tokens", type=int, help="generation budget per answer (SLM + LLM tokens)")
+    p.add_argument("--max-calls", type=int, help="calls honoured per answer")
+    p.add_argument("--max-call-tokens", type=int, help="longest LLM segment per call")
+    p.add_argument("--prefill-chunk", type=int, help="tokens per catch-up prefill step")
     p.add_argument("--temperature", type=float, help="both models' sampling temperature")
     p.add_argument("--top-p", type=float, help="both models' top-p")
     p.add_argument("--greedy", action="store_true", help="both models decode greedily")
-    p.add_argument("--fixed-n", type=int)
+    p.add_argument("--fixed-n", type=int, help="fixed_n: tokens the LLM writes per honoured call")
     p.add_argument(
         "--router-p", type=float, help="random_router's p (default: the relay's LLM-token share)"
     )
-    p.add_argument("--entropy-tau", type=float)
-    p.add_argument("--entropy-k", type=int)
+    p.add_argument(
+        "--entropy-tau", type=float, help="entropy_router: entropy threshold in nats (default 2.0)"
+    )
+    p.add_argument(
+        "--entropy-k", type=int, help="entropy_router: tokens the LLM writes per trigger (default 16)"
+    )
     p.add_argument(
         "--repeats",
         type=int,
@@ -68,7 +117,7 @@ def _parser():
     p.add_argument("--limit", type=int, help="first N problems of each benchmark (smoke runs)")
     p.add_argument("--thinking", action="store_true", help="Qwen3 thinking mode (the paper: off)")
     p.add_argument("--devices", type=int, help="use the first N local devices (default: all)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "overrides", nargs="*", help="key=value settings (dotted: relay.slm.temperature=1.0)"
     )
@@ -85,26 +134,31 @@ def _coerce(value, like):
     return type(like)(value)
 
 
-def _set(cfg, dotted, value):
+def _set(cfg, dotted, value, where=""):
     """A new frozen dataclass with the dotted field set (nested dataclasses rebuilt)."""
     head, _, rest = dotted.partition(".")
     names = {f.name for f in dataclasses.fields(cfg)}
     if head not in names:
-        raise SystemExit(
-            f"relax eval: unknown setting {dotted!r} (fields of {type(cfg).__name__}: "
-            f"{', '.join(sorted(names))})"
+        raise ConfigError(
+            f"unknown setting {where + dotted!r}",
+            f"fields of {type(cfg).__name__}: {', '.join(sorted(names))}",
         )
     cur = getattr(cfg, head)
     if rest:
         if not dataclasses.is_dataclass(cur):
-            raise SystemExit(f"relax eval: {head!r} has no field {rest!r}")
-        return dataclasses.replace(cfg, **{head: _set(cur, rest, value)})
+            raise ConfigError(f"unknown setting {where + dotted!r}: {head!r} has no fields")
+        return dataclasses.replace(cfg, **{head: _set(cur, rest, value, f"{where}{head}.")})
     if isinstance(value, dict) and dataclasses.is_dataclass(cur):
         for k, v in value.items():
-            cur = _set(cur, k, v)
+            cur = _set(cur, k, v, f"{where}{head}.")
         return dataclasses.replace(cfg, **{head: cur})
     if isinstance(value, str) or not isinstance(value, type(cur)):
-        value = _coerce(value, cur)
+        try:
+            value = _coerce(value, cur)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{where + dotted}: expected {type(cur).__name__}, got {value!r}"
+            ) from None
     return dataclasses.replace(cfg, **{head: value})
 
 
@@ -142,15 +196,16 @@ def build_config(args, tokenizer):
     if args.no_progress:
         flags["progress"] = False
     if args.config:
-        with open(args.config) as f:
-            for k, v in (yaml.safe_load(f) or {}).items():
-                cfg = _set(cfg, k, v)
+        from relax.train.config import read_yaml
+
+        for k, v in read_yaml(args.config).items():
+            cfg = _set(cfg, k, v)
     for k, v in flags.items():
         if v is not None:
             cfg = _set(cfg, k, v)
     for item in args.overrides:
         if "=" not in item:
-            raise SystemExit(f"relax eval: expected key=value, got {item!r}")
+            raise ConfigError(f"expected key=value, got {item!r}", "write KEY=VALUE")
         k, v = item.split("=", 1)
         cfg = _set(cfg, k.strip(), yaml.safe_load(v))
     return cfg
@@ -179,7 +234,6 @@ def main(argv=None):
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     import jax.numpy as jnp
 
-    from relax.data.loaders import BenchmarkUnavailable
     from relax.eval.report import markdown_table, write_report
     from relax.eval.strategies import STRATEGIES, evaluate
     from relax.models.hf import load_hf
@@ -188,20 +242,24 @@ def main(argv=None):
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
-        raise SystemExit(
-            f"relax eval: unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}"
+        raise ConfigError(
+            f"--strategies: unknown {', '.join(unknown)}", f"choose from {', '.join(STRATEGIES)}"
         )
     if args.llm is None and any(s != "slm" for s in strategies):
-        raise SystemExit("relax eval: --llm is needed by every strategy but slm")
+        raise ConfigError("--llm is missing", "every strategy but slm needs the LLM's folder")
+    for flag in ("slm", "llm", "base_slm", "tokenizer"):
+        folder = getattr(args, flag)
+        if folder is not None and not os.path.isdir(folder):
+            raise ConfigError(
+                f"--{flag.replace('_', '-')} {folder}: no such folder",
+                "pass a Hugging Face checkpoint folder (config.json, model.safetensors, tokenizer)",
+            )
 
     tokenizer = load_tokenizer(args.tokenizer or args.slm)
     cfg = build_config(args, tokenizer)
-    try:
-        benches = parse_benchmarks(
-            args.benchmarks, seed=cfg.seed, limit=args.limit, repeats=args.repeats
-        )
-    except BenchmarkUnavailable as e:
-        raise SystemExit(f"relax eval: {e}") from None
+    benches = parse_benchmarks(args.benchmarks, seed=cfg.seed, limit=args.limit, repeats=args.repeats)
+    for b in benches:
+        print(f"[eval] {b.name}: {len(b)} problems from {b.source}; columns {b.columns_text()}")
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     slm, slm_params = load_hf(args.slm, dtype=dtype)

@@ -25,8 +25,10 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
+
+from relax.errors import RelaxError
 
 from relax.models.config import ModelConfig
 from relax.models.model import Model
@@ -62,8 +64,33 @@ MAPPING = (
 )
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the model it claims to be."""
+class CheckpointError(RelaxError, ValueError):
+    """A checkpoint that cannot be read or does not match the model it claims to be."""
+
+
+def _corrupt(file, error):
+    return CheckpointError(
+        f"{file}: cannot read the safetensors file ({' '.join(str(error).split())})",
+        "the file is truncated or corrupt: download or export it again",
+    )
+
+
+def _open(file):
+    """An open safetensors handle; a truncated or corrupt file is a CheckpointError naming it."""
+    try:
+        return safe_open(file, framework="numpy").__enter__()
+    except (SafetensorError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise _corrupt(file, e) from None
+
+
+def _read_json(file):
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: invalid JSON at line {e.lineno} ({e.msg})") from None
 
 
 def _to_relax(w: np.ndarray, shape: tuple, layout: int | None) -> np.ndarray:
@@ -109,12 +136,15 @@ def _read_tensors(path: str) -> dict[str, tuple[str, object]]:
     index = os.path.join(path, INDEX_FILE)
     single = os.path.join(path, SINGLE_FILE)
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' mapping tensor names to files")
         return {name: os.path.join(path, shard) for name, shard in weight_map.items()}
     if os.path.exists(single):
-        with safe_open(single, framework="numpy") as f:
-            return {name: single for name in f.keys()}
+        handle = _open(single)
+        names = {name: single for name in handle.keys()}
+        handle.__exit__(None, None, None)
+        return names
     raise FileNotFoundError(f"no weights in {path}: expected {SINGLE_FILE} or {INDEX_FILE}")
 
 
@@ -128,12 +158,11 @@ def load_hf(path: str, dtype=jnp.bfloat16) -> tuple[Model, dict]:
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"missing config: {config_path} does not exist")
-    with open(config_path) as f:
-        hf_config = json.load(f)
+    hf_config = _read_json(config_path)
     try:
         config = ModelConfig.from_hf_config(hf_config)
     except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{config_path}: {e}") from e
+        raise CheckpointError(f"{config_path}: {e}") from None
     model = Model(config, dtype=dtype)
     location = _read_tensors(path)
     np_dtype = jnp.dtype(dtype)
@@ -143,8 +172,16 @@ def load_hf(path: str, dtype=jnp.bfloat16) -> tuple[Model, dict]:
     def read(name):
         file = location[name]
         if file not in handles:
-            handles[file] = safe_open(file, framework="numpy").__enter__()
-        return handles[file].get_tensor(name)
+            if not os.path.exists(file):
+                raise CheckpointError(
+                    f"{file}: missing shard (named for {name!r} by {INDEX_FILE})",
+                    "copy every shard of the checkpoint",
+                )
+            handles[file] = _open(file)
+        try:
+            return handles[file].get_tensor(name)
+        except SafetensorError as e:
+            raise _corrupt(file, e) from None
 
     expected = {}
     params: dict = {}

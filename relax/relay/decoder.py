@@ -38,18 +38,25 @@ contract returns logits for every fed token, so a catch-up step materialises
 [B, prefill_chunk, V] float32 logits (V = 151936 for Qwen3): keep
 `prefill_chunk` moderate at large batch.
 
+Input checks (on the host, before compiling): prompt lengths in [1, P], eos
+and pad ids and every prompt token id inside the vocabulary (`InputError`
+naming the row and slot). A prompt width + `max_new_tokens` past a model's
+`max_position_embeddings` only warns, once per model and width.
+
 Not done here: beam search, speculative decoding, stop strings other than EOS.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from relax.errors import InputError
 from relax.relay import command as cmd
 from relax.relay.config import RelayConfig
 from relax.relay.loop import (  # noqa: F401  (the constants are part of this module's API)
@@ -186,6 +193,44 @@ def _check_inputs(prompts, prompt_lens, config):
         )
 
 
+def _check_prompt_ids(prompts, prompt_lens, vocab):
+    """Prompt token ids (within each row's length) must index the vocabulary.
+
+    An id outside [0, vocab) would be clamped by the embedding gather and give a
+    row of nonsense, so it is an error, named by row and slot.
+    """
+    ids, lens = np.asarray(prompts), np.asarray(prompt_lens)
+    real = np.arange(ids.shape[1])[None, :] < lens[:, None]
+    bad = np.argwhere(real & ((ids < 0) | (ids >= vocab)))
+    if bad.size:
+        row, slot = (int(i) for i in bad[0])
+        raise InputError(
+            f"prompt token id {int(ids[row, slot])} at row {row}, slot {slot} is outside the "
+            f"model's vocabulary of {vocab} ({len(bad)} such ids in all)",
+            "encode the prompts with the models' own tokenizer",
+        )
+
+
+_warned_positions = set()
+
+
+def _warn_positions(model, width, name):
+    """Warn once per model and width when prompt + budget passes max_position_embeddings.
+
+    A warning, not an error: RoPE models run past their trained length (often
+    with degraded quality), and a budget is an upper bound most rows never reach.
+    """
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is None or width <= limit or (model, width) in _warned_positions:
+        return
+    _warned_positions.add((model, width))
+    warnings.warn(
+        f"the {name}'s context of prompt width + max_new_tokens = {width} tokens exceeds its "
+        f"max_position_embeddings ({limit}); positions past {limit} were never trained",
+        stacklevel=3,
+    )
+
+
 def relay_generate(slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config, command):
     """Runs the relay on a batch of right-padded prompts. See DESIGN.md and the module docstring.
 
@@ -219,6 +264,9 @@ def _prepare(slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config
     bad = [i for i in (*config.eos_ids, config.pad_id) if i >= v_slm]
     if bad:
         raise ValueError(f"eos/pad ids {bad} are outside the models' vocabulary ({v_slm})")
+    _check_prompt_ids(prompts, prompt_lens, v_slm)
+    _warn_positions(slm, L, "SLM")
+    _warn_positions(llm, L, "LLM")
     tables = command.device_tables(v_slm)
     loop = Loop(slm=slm, llm=llm, config=config, max_n=command.max_n)
     caches = slm.init_cache(B, L), llm.init_cache(B, L)
@@ -239,6 +287,8 @@ def generate(model, params, prompts, prompt_lens, key, config):
     bad = [i for i in (*config.eos_ids, config.pad_id) if i >= v]
     if bad:
         raise ValueError(f"eos/pad ids {bad} are outside the model's vocabulary ({v})")
+    _check_prompt_ids(prompts, prompt_lens, v)
+    _warn_positions(model, L, "model")
     loop = Loop(slm=model, llm=None, config=config, max_n=1)
     out, _, _ = _run(
         loop, params, None, (), prompts, prompt_lens, key, model.init_cache(B, L), None

@@ -9,11 +9,18 @@ types of the optax state. Resuming restores exactly: params bit-identical,
 the same rng and data position, so a killed run ends where an uninterrupted
 one would.
 
+A checkpoint that cannot be restored (a file deleted or truncated inside
+``ckpt/N/``) is never deleted: ``restore_newest`` warns once naming its step,
+moves it aside to ``ckpt-broken/N`` (so the resumed run can save step N
+again) and resumes from the newest step that does restore.
+
 What it does not do: decide when to save (the training loops do) or export
 to Hugging Face format (``relax.save_hf``).
 """
 
 import os
+import shutil
+import sys
 
 import jax
 import numpy as np
@@ -72,6 +79,31 @@ class Checkpointer:
             np.asarray(state["rng"], np.asarray(rng).dtype),
             int(state["data_position"]),
         )
+
+    def restore_newest(self, params, opt_state, rng):
+        """Like ``restore`` of the latest step, falling back to older steps that restore.
+
+        Each step that fails to restore is reported on stderr (step, folder, error)
+        and moved to ``<ckpt>-broken/<step>``; it is never deleted. Returns what
+        ``restore`` returns, or None when no step restores.
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return self.restore(params, opt_state, rng, step=step)
+            except Exception as e:  # orbax raises many types for a damaged step
+                aside = os.path.join(self.directory + "-broken", str(step))
+                os.makedirs(os.path.dirname(aside), exist_ok=True)
+                if os.path.exists(aside):
+                    aside = f"{aside}.{len(os.listdir(os.path.dirname(aside)))}"
+                shutil.move(os.path.join(self.directory, str(step)), aside)
+                self.manager.reload()
+                print(
+                    f"[relax] warning: checkpoint step {step} in {self.directory} cannot be "
+                    f"restored ({type(e).__name__}: {' '.join(str(e).split())[:200]}); moved to "
+                    f"{aside}, resuming from the newest step that restores",
+                    file=sys.stderr,
+                )
+        return None
 
     def wait(self):
         self.manager.wait_until_finished()

@@ -34,9 +34,7 @@ def _parse(prog, argv, cls, section):
     )
     parser.add_argument("overrides", nargs="*", help="key=value (dotted keys for nested sections)")
     args = parser.parse_args(argv)
-    preset = args.config
-    if preset and not os.path.exists(preset):
-        preset = os.path.join(CONFIG_DIR, preset + ".yaml")
+    preset = config_lib.resolve_preset(args.config, CONFIG_DIR) if args.config else None
     cfg = config_lib.load_config(cls, preset, section if preset else None, args.overrides)
     return cfg, args
 

@@ -10,11 +10,14 @@ This module does not build models or optimizers; it only describes them.
 
 import copy
 import dataclasses
+import os
 import types
 import typing
 from typing import Any
 
 import yaml
+
+from relax.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -233,7 +236,10 @@ def _coerce(value, tp, where):
         return "" if value is None else str(value)
     if tp is dict and isinstance(value, dict):
         return dict(value)
-    raise TypeError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+    raise ConfigError(
+        f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}",
+        f"set {where}=<{getattr(tp, '__name__', tp)}>",
+    )
 
 
 def from_dict(cls, data, where="", base=None):
@@ -243,14 +249,18 @@ def from_dict(cls, data, where="", base=None):
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - fields
     if unknown:
-        raise KeyError(
-            f"{where or cls.__name__}: unknown keys {sorted(unknown)}; known: {sorted(fields)}"
+        raise ConfigError(
+            f"{where or cls.__name__ + ' '}unknown keys {sorted(unknown)}",
+            f"known keys: {', '.join(sorted(fields))}",
         )
     for name, value in data.items():
         current = getattr(base, name)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise TypeError(f"{where}{name}: expected a mapping, got {value!r}")
+                raise ConfigError(
+                    f"{where}{name}: expected a mapping, got {value!r}",
+                    f"set its fields with dotted keys, e.g. {where}{name}.FIELD=VALUE",
+                )
             value = from_dict(type(current), value, f"{where}{name}.", current)
         else:
             value = _coerce(value, hints[name], f"{where}{name}")
@@ -273,19 +283,50 @@ def load_config(cls, preset=None, section=None, overrides=()):
     """
     data = {}
     if preset:
-        with open(preset) as f:
-            doc = yaml.safe_load(f) or {}
+        doc = read_yaml(preset)
         if section is not None:
             if section not in doc:
-                raise KeyError(f"{preset}: no '{section}:' section (has {sorted(doc)})")
+                raise ConfigError(
+                    f"{preset}: no '{section}:' section", f"it has {', '.join(sorted(doc))}"
+                )
             doc = doc[section] or {}
         data = doc
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
+            raise ConfigError(f"override {item!r} is not key=value", "write KEY=VALUE")
         key, raw = item.split("=", 1)
         _set_path(data, key.strip(), yaml.safe_load(raw))
     return from_dict(cls, data)
+
+
+def read_yaml(path):
+    """A YAML mapping from ``path``; a missing file or a non-mapping is a ConfigError."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"no config file {path}", "pass a YAML path or a preset name")
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML", " ".join(str(e).split())) from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(doc).__name__}")
+    return doc
+
+
+def resolve_preset(spec, config_dir):
+    """A preset path: ``spec`` itself if it is a file, else ``config_dir/spec.yaml``."""
+    if os.path.isfile(spec):
+        return spec
+    named = os.path.join(config_dir, spec if spec.endswith(".yaml") else spec + ".yaml")
+    if os.path.isfile(named):
+        return named
+    names = sorted(f[: -len(".yaml")] for f in os.listdir(config_dir) if f.endswith(".yaml"))
+    raise ConfigError(
+        f"--config {spec}: no such file, and no preset {spec!r}",
+        f"presets: {', '.join(names)}",
+    )
 
 
 def to_dict(cfg):

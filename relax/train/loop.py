@@ -2,7 +2,9 @@
 
 ``TrainRun`` owns the replicated params and optimizer state, the step
 counter, the rng and the data position; it restores them from the latest
-orbax checkpoint when one exists (exact resume), writes metrics, saves every
+orbax checkpoint that restores (exact resume; a damaged newest step is
+reported and set aside, see ``Checkpointer.restore_newest``), drops the
+metrics rows of steps that will run again, writes metrics, saves every
 ``checkpoint_every`` steps, reports skipped (non-finite) steps, and exports
 the final model. The loops only compute batches and call ``update``.
 """
@@ -34,13 +36,16 @@ class TrainRun:
         self.ckpt = Checkpointer(os.path.join(run_cfg.output_dir, "ckpt"), run_cfg.keep_checkpoints)
         self.resumed_from = None
         if resume:
-            restored = self.ckpt.restore(params, opt_state, self.rng)
+            restored = self.ckpt.restore_newest(params, opt_state, self.rng)
             if restored is not None:
                 params, opt_state, self.step, self.rng, self.data_position = restored
                 self.resumed_from = self.step
         self.params = replicate(params, self.devices)
         self.opt_state = replicate(opt_state, self.devices)
         self.writer = MetricsWriter(run_cfg.output_dir, enabled=self.main)
+        if resume:
+            # Steps logged after the restored checkpoint will run again: drop their rows.
+            self.writer.truncate_after(self.step)
         self.skipped_steps = []
 
     def check_split(self, global_rows, what):

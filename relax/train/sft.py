@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from relax.errors import ConfigError
 from relax.train import distributed
 from relax.train.grpo import token_logprobs
 from relax.train.loop import TrainRun
@@ -80,11 +81,31 @@ def pack_examples(examples, max_len, pad_id=0):
 
 
 def sft_steps(num_examples, cfg):
+    """Optimizer steps: epochs x full batches, capped by ``cfg.steps`` when it is > 0."""
+    return sft_plan(num_examples, cfg)[0]
+
+
+def sft_plan(num_examples, cfg):
+    """(steps, one line saying how that number follows from the data and the config)."""
     per_epoch = num_examples // cfg.batch_size
     if per_epoch == 0:
-        raise ValueError(f"{num_examples} examples < batch_size {cfg.batch_size}")
+        raise ConfigError(
+            f"{num_examples} examples < batch_size {cfg.batch_size}",
+            "lower batch_size or add data",
+        )
     total = per_epoch * cfg.epochs
-    return min(total, cfg.steps) if cfg.steps else total
+    why = (
+        f"{cfg.epochs} epoch(s) x {per_epoch} batches of {cfg.batch_size} "
+        f"from {num_examples} examples"
+    )
+    if cfg.steps and cfg.steps < total:
+        return cfg.steps, f"{cfg.steps} steps (steps={cfg.steps} caps {total} = {why})"
+    if cfg.steps:
+        return total, (
+            f"{total} steps = {why}; steps={cfg.steps} is only a cap "
+            "(raise epochs for more steps)"
+        )
+    return total, f"{total} steps = {why}"
 
 
 def batch_rows(step, num_examples, cfg):
@@ -104,7 +125,9 @@ def train_sft(model, params, examples, cfg, pad_id=0, progress=True):
     """
     data = pack_examples(examples, cfg.max_len, pad_id)
     n = data["inputs"].shape[0]
-    total = sft_steps(n, cfg)
+    total, why = sft_plan(n, cfg)
+    if distributed.is_main_process():
+        print(f"[sft] {why}", flush=True)
     optimizer = make_optimizer(cfg.optim, total)
     run = TrainRun(cfg.run, params, optimizer, total)
     run.check_split(cfg.batch_size, "batch_size")
