@@ -16,6 +16,7 @@ import sys
 import jax
 import numpy as np
 
+from relax.errors import ConfigError
 from relax.train import distributed
 from relax.train.checkpoint import Checkpointer
 from relax.train.metrics import MetricsWriter
@@ -52,10 +53,11 @@ class TrainRun:
         """Fail early (before compiling) when a global batch does not split evenly."""
         parts = jax.process_count() * self.n_dev * self.cfg.micro_batch_size
         if global_rows % parts:
-            raise ValueError(
+            raise ConfigError(
                 f"{what} = {global_rows} rows must be a multiple of processes x devices x "
                 f"run.micro_batch_size = {jax.process_count()} x {self.n_dev} x "
-                f"{self.cfg.micro_batch_size}"
+                f"{self.cfg.micro_batch_size}",
+                "change one of them (run.num_devices=N uses fewer devices)",
             )
 
     def key(self, *path):

@@ -58,7 +58,7 @@ def pack_examples(examples, max_len, pad_id=0):
     """
     kept = [e for e in examples if len(e["prompt_ids"]) + len(e["response_ids"]) <= max_len]
     if not kept:
-        raise ValueError(f"no example fits in max_len={max_len}")
+        raise ConfigError(f"no example fits in max_len={max_len}", "raise max_len")
     longest = max(len(e["prompt_ids"]) + len(e["response_ids"]) for e in kept)
     width = min(-(-longest // 8) * 8, max(max_len, longest))
     n = len(kept)
@@ -127,6 +127,8 @@ def train_sft(model, params, examples, cfg, pad_id=0, progress=True):
     n = data["inputs"].shape[0]
     total, why = sft_plan(n, cfg)
     if distributed.is_main_process():
+        if n < len(examples):
+            why += f" ({len(examples) - n} of {len(examples)} examples are longer than max_len={cfg.max_len} and dropped)"
         print(f"[sft] {why}", flush=True)
     optimizer = make_optimizer(cfg.optim, total)
     run = TrainRun(cfg.run, params, optimizer, total)
