@@ -124,3 +124,49 @@ def test_plot_axes_are_labelled(tmp_path, monkeypatch):
     plot(_summary(), str(tmp_path / "p.png"))
     assert "LLM" in captured["x"] and "accuracy" in captured["y"].lower()
     assert any("random router" in label for label in captured["lines"])
+
+
+def _plotted(monkeypatch, summary, path):
+    """What `plot` drew: axis limits, legend texts and scatter offsets, read before closing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    captured = {}
+    orig = plt.close
+
+    def spy(fig=None):
+        ax = fig.axes[0]
+        legend = ax.get_legend()
+        captured.update(
+            ylim=ax.get_ylim(),
+            xlim=ax.get_xlim(),
+            legend=[t.get_text() for t in legend.get_texts()] if legend else None,
+            texts=[t.get_text() for t in ax.texts],
+        )
+        orig(fig)
+
+    monkeypatch.setattr(plt, "close", spy)
+    from relax.eval.report import plot
+
+    plot(summary, path)
+    monkeypatch.setattr(plt, "close", orig)
+    return captured
+
+
+def test_plot_is_readable(tmp_path, monkeypatch):
+    """Accuracy axis 0-100 %, every strategy named once in a legend (no labels on the
+    points that could overlap), no matplotlib warnings, no empty legend."""
+    import warnings
+
+    s = _summary()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _plotted(monkeypatch, s, str(tmp_path / "p.png"))
+        empty = _plotted(monkeypatch, {}, str(tmp_path / "e.png"))
+    assert got["ylim"][0] <= 0 and got["ylim"][1] >= 100 and got["ylim"][1] <= 105
+    assert got["texts"] == []
+    for name in s:
+        assert sum(label.startswith(f"{name}: ") for label in got["legend"]) == 1
+    assert empty["legend"] is None

@@ -98,14 +98,26 @@ def markdown_report(summary, title="relax evaluation"):
     )
 
 
+_MARKERS = "osD^vP*Xhp<>"
+
+
 def plot(summary, path, title="Accuracy vs LLM-token share"):
-    """PNG: average accuracy against LLM-token share with the random-router line."""
+    """PNG: average accuracy (0-100 %) against LLM-token share, one legend entry a strategy.
+
+    Strategies are told apart by colour and marker and named in a legend
+    outside the axes (with their accuracy and share), so labels never overlap
+    however close the points are. The dashed line is the query-level random
+    router between the SLM and the LLM, drawn when both were evaluated. The
+    share axis is linear up to 1 % and logarithmic above (relay-like
+    strategies sit near 1 %, the LLM at 100 %).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    fig, ax = plt.subplots(figsize=(8.6, 4.6), dpi=110)
     if "slm" in summary and "llm" in summary:
         a0, a1 = summary["slm"]["average"]["accuracy"], summary["llm"]["average"]["accuracy"]
         # sampled densely: the router is linear in the share, which the symlog axis bends
@@ -117,23 +129,33 @@ def plot(summary, path, title="Accuracy vs LLM-token share"):
             color="gray",
             label="random router (query-level)",
         )
-    for strategy, res in summary.items():
+    colours = plt.get_cmap("tab10").colors
+    for i, (strategy, res) in enumerate(summary.items()):
         a = res["average"]
-        ax.scatter([a["call_ratio"]], [a["accuracy"]], s=36, zorder=3)
-        ax.annotate(
-            strategy,
-            (a["call_ratio"], a["accuracy"]),
-            textcoords="offset points",
-            xytext=(5, 4),
-            fontsize=8,
+        ax.scatter(
+            [a["call_ratio"]],
+            [a["accuracy"]],
+            s=46,
+            zorder=3 + i,
+            color=colours[i % len(colours)],
+            marker=_MARKERS[i % len(_MARKERS)],
+            edgecolors="black",
+            linewidths=0.4,
+            label=f"{strategy}: {a['accuracy']:.1f}% at {a['call_ratio']:.2f}% LLM",
         )
-    ax.set_xscale("symlog", linthresh=1.0)  # relay-like strategies sit near 1%, the LLM at 100%
-    ax.set_xlim(-0.1, 200)
-    ax.set_xlabel("LLM-token share of the response (%)")
-    ax.set_ylabel("Average accuracy (%)")
+    ax.set_xscale("symlog", linthresh=1.0, linscale=0.6)
+    ax.set_xlim(-0.3, 130)
+    ax.xaxis.set_major_locator(FixedLocator([0, 0.5, 1, 3, 10, 30, 100]))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}%"))
+    ax.set_ylim(-2, 102)
+    ax.yaxis.set_major_locator(FixedLocator(range(0, 101, 20)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}%"))
+    ax.set_xlabel("LLM-token share of the response")
+    ax.set_ylabel("Average accuracy")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
