@@ -1,6 +1,6 @@
 """A scripted plug-in model for relay tests.
 
-It obeys the model contract (relax DESIGN.md "Model contract") with a KV
+It obeys the model contract (docs/protocol.md, "The model contract") with a KV
 "cache" that is just the token history, and its next-token logits are a
 function of the context: the context's first token picks a script (a row of
 `params["script"]`), and the query's position p picks the token to favour

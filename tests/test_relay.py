@@ -1,6 +1,6 @@
 """The jitted relay decoder against the eager reference, with scripted models and the real Qwen3 tokenizer.
 
-Each row of one batch is an edge case of DESIGN.md's relay protocol; the SLM
+Each row of one batch is an edge case of the relay protocol (docs/protocol.md); the SLM
 is a scripted model that writes a given text (tokenised by Qwen3's
 tokenizer), the LLM a scripted model that writes filler words, EOS where a
 test says, or an alarm token if it ever sees a command token. Sampling

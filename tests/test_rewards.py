@@ -1,4 +1,4 @@
-"""Rewards: every cell of DESIGN.md's difficulty-aware table, per prompt group."""
+"""Rewards: every cell of the difficulty-aware table (docs/protocol.md), per prompt group."""
 
 import numpy as np
 import pytest

@@ -54,7 +54,7 @@ import string
 
 from relax.tokenizer import INSTRUCTION
 
-# The instruction `relax.build_prompt` appends (DESIGN "Evaluation"); one token.
+# The instruction `relax.build_prompt` appends (the paper's evaluation prompt); one token.
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"

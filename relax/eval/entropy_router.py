@@ -9,7 +9,7 @@ not depend on the sampling temperature) exceeds `tau` and the row has calls
 left, the LLM writes the next min(k, remaining budget) tokens, then the SLM
 resumes. EOS from either model ends the row.
 
-It is one jitted `lax.while_loop` over the model contract of DESIGN.md, with
+It is one jitted `lax.while_loop` over the model contract of docs/protocol.md, with
 the relay's sampling functions and key schedule (`token_key(key, row, slot)`),
 so a row's draws depend only on its own index and slots. Costs follow the
 relay decoder's accounting:

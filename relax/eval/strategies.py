@@ -306,7 +306,7 @@ def run_strategy(
 ):
     """Evaluate one strategy on benchmarks; returns one record per sample.
 
-    kind: one of STRATEGIES. slm / llm: models (contract of DESIGN.md) with
+    kind: one of STRATEGIES. slm / llm: models (the model contract of docs/protocol.md) with
     their params (a strategy that does not use a model ignores it; pass None).
     benchmarks: a Benchmark, a list of them, or a list of Problems. command: a
     `relax.CallCommand` (relay, teacher_free, fixed_n). router_p overrides

@@ -1,6 +1,6 @@
 """`Model`: the object the rest of relax (and other JAX code) talks to.
 
-It satisfies the model contract of DESIGN.md with two members,
+It satisfies the model contract of docs/protocol.md with two members,
 `init_cache(batch, max_len)` and `apply(params, tokens, positions, cache)`,
 and adds parameter initialisation and shape inspection. It is a frozen,
 hashable dataclass, so it can be passed as a static argument to `jax.jit`.

@@ -42,7 +42,7 @@ GREEDY = SamplingConfig(greedy=True)
 
 @dataclasses.dataclass(frozen=True)
 class RelayConfig:
-    """Budgets, call limits, scheduling and sampling of a relay run (DESIGN.md, "The relay protocol")."""
+    """Budgets, call limits, scheduling and sampling of a relay run (docs/protocol.md, "The relay protocol")."""
 
     max_new_tokens: int = 512
     """Budget of generated tokens per row (SLM, command and LLM tokens together)."""

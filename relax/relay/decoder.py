@@ -1,6 +1,6 @@
 """The relay decoder: SLM -> LLM relay in one jitted `lax.while_loop`.
 
-One compiled loop runs the whole protocol of DESIGN.md ("The relay
+One compiled loop runs the whole protocol of docs/protocol.md ("The relay
 protocol") on device for a batch of rows: the SLM decodes, the command
 automaton (relax.relay.command) reads its tokens, a complete `<call>n</call>`
 hands the row to the LLM for min(n, max_call_tokens, budget left) tokens, and
@@ -17,7 +17,7 @@ command is only known to be a command when it completes, and tokens are
 marked `command` retroactively then; this is safe because the LLM only
 ingests at call time, when every earlier token's fate is settled.
 
-Scheduling (DESIGN.md 5). Each loop iteration runs at most one LLM step and
+Scheduling (protocol rule 5). Each loop iteration runs at most one LLM step and
 at most one SLM step (each a `lax.cond`). Rows that completed a call wait;
 waiting rows join an LLM phase when they reach `llm_trigger_fraction` of the
 active rows, when one has waited `max_wait_steps` iterations, or when no row
@@ -232,7 +232,7 @@ def _warn_positions(model, width, name):
 
 
 def relay_generate(slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config, command):
-    """Runs the relay on a batch of right-padded prompts. See DESIGN.md and the module docstring.
+    """Runs the relay on a batch of right-padded prompts. See docs/protocol.md and the module docstring.
 
     Args:
       slm, llm: models (`init_cache`, `apply`; hashable: they are static under jit).

@@ -188,7 +188,7 @@ class GRPOConfig:
 
 @dataclasses.dataclass
 class FilterConfig:
-    """Teacher filtering: keep problems the LLM solves in more than a share of k samples.
+    """Teacher filtering: keep problems the LLM solves in more than min_pass_rate of k samples (default: at least once in 16).
 
     Attributes:
       llm: HF directory of the teacher.

@@ -4,7 +4,7 @@ Every function takes flat per-rollout arrays ordered prompt-major: rows
 ``i * G .. (i + 1) * G - 1`` are the G rollouts of prompt ``i``. They are pure
 ``jnp`` functions (also fine on numpy input) and never look across groups.
 
-Deviations from the official code (see DESIGN.md "Official-code defects"):
+Deviations from the official code (docs/protocol.md, "Where relax departs from the official code"):
 
 - The difficulty case (student-solvable / teacher-dependent / unsolvable) is
   decided per prompt group. The official reward decides it over the whole
@@ -16,7 +16,7 @@ Deviations from the official code (see DESIGN.md "Official-code defects"):
 
 import jax.numpy as jnp
 
-# The table of DESIGN.md "Training", one row per case:
+# The table of docs/protocol.md "Training", one row per case:
 #   (correct & no call, correct & called, wrong & no call, wrong & called)
 # with rho standing for the rollout's call ratio.
 SOLVABLE_NO_CALL = 1.5

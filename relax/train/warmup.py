@@ -18,7 +18,7 @@ This module does not train; ``relax.train.sft.train_sft`` does.
 
 import random
 
-COMMAND_PATTERN = r"<call>\s*(\d+)\s*</call>"  # DESIGN.md, "The relay protocol" 2
+COMMAND_PATTERN = r"<call>\s*(\d+)\s*</call>"  # docs/protocol.md, "The relay protocol" 2
 
 
 def sample_n(rng, cfg):
