@@ -252,7 +252,7 @@ def main(argv=None):
         if folder is not None and not os.path.isdir(folder):
             raise ConfigError(
                 f"--{flag.replace('_', '-')} {folder}: no such folder",
-                "pass a Hugging Face checkpoint folder (config.json, model.safetensors, tokenizer)",
+                "pass a Hugging Face checkpoint folder: config.json, model.safetensors, tokenizer files",
             )
 
     tokenizer = load_tokenizer(args.tokenizer or args.slm)
