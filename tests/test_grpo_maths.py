@@ -5,9 +5,11 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from relax.train import grpo
 from relax.train.config import GRPOConfig
+from relax.train.grpo import group_advantages
 
 
 def test_group_advantages_by_hand():
@@ -24,6 +26,31 @@ def test_group_advantages_by_hand():
         [-1 / math.sqrt(2), 1 / math.sqrt(2)],
         atol=1e-6,
     )
+
+
+@pytest.mark.parametrize("group_size", [2, 3, 5, 6, 7, 12, 14, 24])
+def test_equal_groups_get_exactly_zero(group_size):
+    """All-correct / all-wrong groups carry no signal: A = 0 exactly, never rounding noise.
+
+    Naive float32 statistics gave e.g. G = 14, every reward 1.5 -> A = -0.106."""
+    values = [1.5, -1.0, 0.0, 1.0, 0.1, 0.7234, 1.0 - 3.0 / 7.0, 1e-3, 123.456]
+    rewards = np.repeat(np.array(values, np.float32), group_size)
+    adv = np.asarray(group_advantages(rewards, group_size))
+    assert adv.dtype == np.float32 and np.all(adv == 0.0), adv[adv != 0]
+
+
+def test_group_advantages_match_float64():
+    """Random groups (one group made equal) against the textbook formula in float64."""
+    rng = np.random.default_rng(0)
+    for g in (3, 7, 14):
+        r = rng.choice([1.5, 1.0, 0.0, -1.0, 0.37], size=6 * g).astype(np.float32)
+        r[:g] = 0.37
+        groups = r.astype(np.float64).reshape(-1, g)
+        mean, std = groups.mean(1, keepdims=True), groups.std(1, ddof=1, keepdims=True)
+        want = ((groups - mean) / (std + 1e-6)).reshape(-1)
+        got = np.asarray(group_advantages(r, g))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert np.all(got[:g] == 0.0)
 
 
 def test_group_of_one_gets_zero():

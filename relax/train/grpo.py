@@ -30,6 +30,14 @@ def group_advantages(rewards, group_size, eps=1e-6):
     std is unbiased (ddof = 1), as the official code's ``torch.std``. A group
     of one has no baseline, so its advantage is 0 (not NaN).
 
+    A group whose rewards are all equal (all correct, all wrong: the commonest
+    groups) gets exactly 0. Computed naively in float32, the mean of G equal
+    values can be off by an ulp, and that error divided by ``std + eps`` with
+    std ~ 0 gives |A| up to ~0.1. So the rewards are first centred on the
+    group's first member: equal rewards then differ by exactly 0, and the
+    mean, std and advantage are exact zeros. Shifting a group does not change
+    its advantages, so other groups get the textbook value (to float32).
+
     Args:
       rewards: float [N], prompt-major (rows i*G .. i*G+G-1 share a prompt).
       group_size: G.
@@ -41,9 +49,10 @@ def group_advantages(rewards, group_size, eps=1e-6):
     if group_size == 1:
         return jnp.zeros_like(r)
     g = r.reshape(-1, group_size)
-    mean = g.mean(axis=1, keepdims=True)
-    std = g.std(axis=1, ddof=1, keepdims=True)
-    return ((g - mean) / (std + eps)).reshape(-1)
+    d = g - g[:, :1]  # exact 0 for every reward equal to the first
+    centred = d - d.mean(axis=1, keepdims=True)
+    std = jnp.sqrt(jnp.sum(centred * centred, axis=1, keepdims=True) / (group_size - 1))
+    return (centred / (std + eps)).reshape(-1)
 
 
 def loss_mask_from_source(source):
