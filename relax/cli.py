@@ -15,6 +15,7 @@ COMMANDS = {
     "grpo": ("relax.train.cli:grpo", "GRPO with relay rollouts and a difficulty-aware reward"),
     "filter": ("relax.train.cli:filter", "keep problems the LLM solves at least once in k samples"),
     "eval": ("relax.eval.cli:main", "evaluate strategies (slm, llm, relay, routers) on benchmarks"),
+    "plan": ("relax.plan.cli:main", "per-device memory, FLOPs, roofline of a preset's programs"),
 }
 
 
