@@ -90,3 +90,18 @@ def test_device_table():
         parse_bytes("eighty")
     h = DEVICES["h100"]
     assert h.roofline_s(h.bf16_flops, 0) == 1.0 and h.roofline_s(0, 2 * h.hbm_bandwidth) == 2.0
+
+
+def test_architecture_resolution(tmp_path):
+    from relax.models import ModelConfig
+    from relax.plan.arch import KNOWN, PlanError, resolve
+
+    a, src = resolve("checkpoints/Qwen3-8B", None, "grpo.llm")
+    assert a is KNOWN["qwen3-8b"] and not a.tie_embeddings and a.num_layers == 36
+    assert src == "known Qwen3-8B"
+    own = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, head_dim=8)
+    (tmp_path / "config.json").write_text(json.dumps(own.to_hf_config()))
+    assert resolve(str(tmp_path), None, "sft.model")[0].hidden_size == 32  # config.json first
+    assert resolve("", {"num_layers": 3}, "sft.model")[0].num_layers == 3
+    with pytest.raises(PlanError, match="sft.model: no architecture"):
+        resolve("runs/nothing/final", None, "sft.model")
