@@ -58,9 +58,20 @@ def _parser():
     return p
 
 
+def _backends_initialised():
+    if "jax" not in sys.modules:
+        return False
+    try:  # jax imported but no device asked for yet: XLA_FLAGS is still read
+        from jax._src import xla_bridge
+
+        return xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):
+        return True
+
+
 def _set_device_count(n):
     """Ask for n fake CPU devices; only possible before jax initialises its backends."""
-    if "jax" not in sys.modules:
+    if not _backends_initialised():
         flags = re.sub(
             r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")
         )
