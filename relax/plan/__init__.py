@@ -1,6 +1,6 @@
 """`relax plan`: what every program of a preset costs, found by compiling it, not running it.
 
-- `relax.plan.cli`: the command (`plan_preset`, `main`).
+- `relax.plan.cli`: the command (`plan_preset`, `main`); `relax.plan.report`: rows and table.
 - `relax.plan.programs`: the preset's programs on abstract inputs; the one module that
   knows which training, rollout, eval and filter functions to call.
 - `relax.plan.cost`: FLOPs and bytes with every loop iteration counted.

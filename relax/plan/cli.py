@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
-import time
 
 CONFIG_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
@@ -111,197 +109,6 @@ def _load(preset, overrides):
     return preset, doc
 
 
-def _eval_settings(path, vocab_size):
-    """(RelayConfig, batch_size, prompt_bucket) of an eval YAML (`relax eval --config`)."""
-    import yaml
-
-    from relax.plan.programs import eos_pad
-    from relax.relay.config import RelayConfig, SamplingConfig
-
-    with open(path) as f:
-        doc = yaml.safe_load(f) or {}
-    relay = dict(doc.get("relay") or {})
-    for m in ("slm", "llm"):
-        if m in relay:
-            relay[m] = SamplingConfig(**relay[m])
-    eos, pad = eos_pad(vocab_size)
-    relay.setdefault("eos_ids", eos)
-    relay.setdefault("pad_id", pad)
-    return RelayConfig(**relay), int(doc.get("batch_size", 16)), int(doc.get("prompt_bucket", 64))
-
-
-def build_programs(doc, devices, eval_path=None, prompt_len=None):
-    """[(name, Program or None, error or None, models note)] for every stage of the preset."""
-    import jax.numpy as jnp
-
-    from relax.models import Model
-    from relax.plan import programs as pg
-    from relax.plan.arch import resolve
-    from relax.relay.config import RelayConfig, SamplingConfig
-    from relax.train import config as config_lib
-
-    n = len(devices)
-    out = []
-    archs = {}  # path -> (arch, source): a later stage reading an earlier stage's model
-
-    def arch(path, model_config, where):
-        if path and os.path.exists(os.path.join(path, "config.json")):
-            return resolve(path, model_config, where)
-        for done, (a, src) in archs.items():
-            if path and done and (path == done or path.startswith(done.rstrip("/") + "/")):
-                return a, f"{src}, via {done}"
-        a, src = resolve(path, model_config, where)
-        if path:
-            archs[path] = (a, src)
-        return a, src
-
-    def add(name, build, note):
-        try:
-            out.append((name, build(), None, note))
-        except Exception as e:  # noqa: BLE001  (one failing program must not hide the others)
-            out.append((name, None, f"{type(e).__name__}: {e}", note))
-
-    def dtype(name):
-        return jnp.dtype(name)
-
-    if doc.get("sft") is not None:
-        cfg = config_lib.from_dict(config_lib.SFTConfig, doc["sft"], "sft.")
-        a, src = arch(cfg.model, cfg.model_config, "sft.model")
-        archs[cfg.run.output_dir] = (a, src)  # the SFT output has the SFT model's architecture
-        model = Model(a, dtype=dtype(cfg.run.dtype))
-        add("sft step", lambda: pg.sft_step(model, cfg, n), f"slm {src}")
-    grpo = None
-    if doc.get("grpo") is not None:
-        grpo = cfg = config_lib.from_dict(config_lib.GRPOConfig, doc["grpo"], "grpo.")
-        sa, ssrc = arch(cfg.slm, cfg.model_config, "grpo.slm")
-        la, lsrc = arch(cfg.llm, cfg.llm_config, "grpo.llm")
-        slm = Model(sa, dtype=dtype(cfg.run.dtype))
-        add("grpo update", lambda: pg.grpo_update(slm, cfg, n), f"slm {ssrc}")
-        add("old/ref logprobs", lambda: pg.grpo_logprobs(slm, cfg, n), f"slm {ssrc}")
-        # The rollout's SLM dtype: `rollout_dtype` where the config has one, else the
-        # trained params' dtype (today's rollout samples from the f32 master weights).
-        r_slm = Model(sa, dtype=dtype(getattr(cfg, "rollout_dtype", "") or cfg.run.dtype))
-        llm = Model(la, dtype=dtype(cfg.llm_dtype))
-        eos, pad = pg.eos_pad(sa.vocab_size)
-        relay_cfg = RelayConfig(  # as `relax grpo` builds it
-            max_new_tokens=cfg.max_response,
-            max_calls=cfg.max_calls,
-            max_call_tokens=cfg.max_call_tokens,
-            slm=SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p),
-            llm=SamplingConfig(temperature=cfg.llm_temperature, top_p=cfg.llm_top_p),
-            eos_ids=eos,
-            pad_id=pad,
-            **cfg.relay,
-        )
-        rows = getattr(cfg, "rollout_batch_size", 0) or cfg.prompts_per_step * cfg.group_size
-        width = pg._grpo_width(cfg)[0]
-        command = pg.stand_in_command(sa.vocab_size)
-        add(
-            "rollout relay",
-            lambda: pg.relay_program(
-                "rollout relay",
-                r_slm,
-                r_slm.param_shapes(),
-                llm,
-                llm.param_shapes(),
-                relay_cfg,
-                command,
-                rows,
-                width,
-                devices,
-            ),
-            f"slm {ssrc}; llm {lsrc}",
-        )
-        if eval_path:
-            e_slm, e_llm = Model(sa, dtype=jnp.bfloat16), Model(la, dtype=jnp.bfloat16)
-
-            def eval_program():
-                ecfg, bs, bucket = _eval_settings(eval_path, sa.vocab_size)
-                p = prompt_len or cfg.max_prompt_len
-                d = math.gcd(n, bs)  # as eval: the most devices that divide the batch
-                return pg.relay_program(
-                    "eval relay",
-                    e_slm,
-                    e_slm.param_shapes(),
-                    e_llm,
-                    e_llm.param_shapes(),
-                    ecfg,
-                    command,
-                    bs,
-                    -(-p // bucket) * bucket,
-                    devices[:d],
-                )
-
-            add("eval relay", eval_program, f"bf16 slm {ssrc}; llm {lsrc}")
-    if doc.get("filter") is not None:
-        cfg_f = config_lib.from_dict(config_lib.FilterConfig, doc["filter"], "filter.")
-        fa, fsrc = arch(cfg_f.llm, {}, "filter.llm")
-        teacher = Model(fa, dtype=dtype(cfg_f.dtype))
-
-        def filter_program():
-            from relax.train.rollout import pad_prompts
-
-            eos, pad = pg.eos_pad(fa.vocab_size)
-            gen = RelayConfig(
-                max_new_tokens=cfg_f.max_new_tokens,
-                slm=SamplingConfig(temperature=cfg_f.temperature, top_p=cfg_f.top_p),
-                eos_ids=eos,
-                pad_id=pad,
-            )
-            p = prompt_len or (grpo.max_prompt_len if grpo else 1024)
-            width = pad_prompts([[0] * p])[0].shape[1]
-            # `pass_rates` hands host arrays to relax.generate: one device runs all rows.
-            return pg.relay_program(
-                "filter generate",
-                teacher,
-                teacher.param_shapes(),
-                None,
-                None,
-                gen,
-                None,
-                cfg_f.batch_size * cfg_f.k,
-                width,
-                devices[:1],
-            )
-
-        add("filter generate", filter_program, f"llm {fsrc}")
-    return out
-
-
-def measure(prog, device, memory):
-    """Compile `prog` and return its row of the report."""
-    from relax.plan.cost import program_cost
-
-    t = time.perf_counter()
-    lowered = prog.fn.lower(*prog.args)
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t
-    ma = compiled.memory_analysis()
-    ma = ma[0] if isinstance(ma, (list, tuple)) else ma
-    row = {
-        "name": prog.name,
-        "shapes": prog.shapes,
-        "argument_bytes": int(ma.argument_size_in_bytes),
-        "temp_bytes": int(ma.temp_size_in_bytes),
-        "output_bytes": int(ma.output_size_in_bytes),
-        "alias_bytes": int(ma.alias_size_in_bytes),
-    }
-    row["total_bytes"] = (
-        row["argument_bytes"] + row["temp_bytes"] + row["output_bytes"] - row["alias_bytes"]
-    )
-    row["fits"] = row["total_bytes"] <= memory
-    cost = program_cost(prog.fn, *prog.args).scaled(1.0 / prog.devices)
-    row["flops"] = cost.flops
-    row["bytes_accessed"] = cost.bytes
-    row["per_iteration"] = cost.per_iteration
-    row["roofline_s"] = device.roofline_s(cost.flops, cost.bytes) if device else None
-    xla = compiled.cost_analysis()
-    xla = (xla[0] if isinstance(xla, (list, tuple)) else xla) or {}
-    row["xla_flops_loop_bodies_once"] = float(xla.get("flops", 0.0))
-    row["compile_s"] = round(compile_s, 1)
-    return row
-
-
 def plan_preset(
     preset,
     overrides=(),
@@ -316,6 +123,7 @@ def plan_preset(
     """The report of a preset: {"preset", "devices", "device", "device_memory", "programs",
     "all_fit"}. Each program row is `measure`'s, or {"name", "error", "fits": False}."""
     from relax.plan.devices import lookup, parse_bytes
+    from relax.plan.report import measure
 
     devs = _set_device_count(devices)
     dev = lookup(device)
@@ -333,6 +141,8 @@ def plan_preset(
             "needed; eval settings are given with --eval)"
         )
     try:
+        from relax.plan.programs import build_programs
+
         built = build_programs(doc, devs, eval_path, prompt_len)
     except (PlanError, KeyError, TypeError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
@@ -369,66 +179,6 @@ def plan_preset(
     }
 
 
-def format_table(report):
-    from relax.plan.devices import format_bytes
-
-    head = (
-        "program",
-        "shapes",
-        "args",
-        "temp",
-        "out",
-        "total",
-        "fits",
-        "TFLOP",
-        "GB moved",
-        f"roofline {report['device']}",
-        "compile",
-    )
-    lines = [head]
-    for r in report["programs"]:
-        if "error" in r:
-            lines.append((r["name"], r.get("shapes", ""), "error: " + r["error"][:100]))
-            continue
-        star = "*" if r["per_iteration"] else ""
-        rt = r["roofline_s"]
-        lines.append(
-            (
-                r["name"],
-                r["shapes"],
-                format_bytes(r["argument_bytes"]),
-                format_bytes(r["temp_bytes"]),
-                format_bytes(r["output_bytes"]),
-                format_bytes(r["total_bytes"]),
-                "yes" if r["fits"] else "NO",
-                f"{r['flops'] / 1e12:.3g}{star}",
-                f"{r['bytes_accessed'] / 1e9:.3g}{star}",
-                "-"
-                if rt is None
-                else (f"{rt * 1e3:.3g} ms{star}" if rt < 1 else f"{rt:.3g} s{star}"),
-                f"{r['compile_s']} s",
-            )
-        )
-    widths = [
-        max(len(l[i]) for l in lines if i < len(l) and len(l) == len(head))
-        for i in range(len(head))
-    ]
-    text = []
-    for l in lines:
-        if len(l) == len(head):
-            text.append("  ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip())
-        else:
-            text.append("  ".join(l))
-    text.insert(1, "-" * len(text[0]))
-    mem = format_bytes(report["device_memory"])
-    text.append(
-        f"per device, {report['devices']} devices, {mem} each; all fit: "
-        f"{'yes' if report['all_fit'] else 'NO'}. * per loop iteration (a while loop of "
-        "unknown trip count: its costliest step)."
-    )
-    return "\n".join(text)
-
-
 def main(argv=None):
     args = _parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     only = {s.strip() for s in args.only.split(",")} if args.only else None
@@ -443,6 +193,8 @@ def main(argv=None):
         only,
         log=lambda m: print(m, file=sys.stderr, flush=True),
     )
+    from relax.plan.report import format_table
+
     print(format_table(report))
     for r in report["programs"]:
         print(f"  {r['name']}: {r['models']}")

@@ -16,6 +16,8 @@ so it runs on one device with all its rows.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from collections.abc import Callable
 
 import jax
@@ -200,3 +202,160 @@ def eos_pad(vocab_size: int):
     if vocab_size > 151645:
         return (151645, 151643), 151643
     return (1,), 0
+
+
+# The stages of a preset, as `relax sft`, `relax grpo`, `relax eval` and `relax filter` run them.
+
+
+def _eval_settings(path, vocab_size):
+    """(RelayConfig, batch_size, prompt_bucket) of an eval YAML (`relax eval --config`)."""
+    import yaml
+
+    from relax.relay.config import RelayConfig, SamplingConfig
+
+    with open(path) as f:
+        doc = yaml.safe_load(f) or {}
+    relay = dict(doc.get("relay") or {})
+    for m in ("slm", "llm"):
+        if m in relay:
+            relay[m] = SamplingConfig(**relay[m])
+    eos, pad = eos_pad(vocab_size)
+    relay.setdefault("eos_ids", eos)
+    relay.setdefault("pad_id", pad)
+    return RelayConfig(**relay), int(doc.get("batch_size", 16)), int(doc.get("prompt_bucket", 64))
+
+
+def build_programs(doc, devices, eval_path=None, prompt_len=None):
+    """[(name, Program or None, error or None, models note)] for every stage of the preset."""
+    import jax.numpy as jnp
+
+    from relax.plan.arch import resolve
+    from relax.relay.config import RelayConfig, SamplingConfig
+    from relax.train import config as config_lib
+
+    n = len(devices)
+    out = []
+    archs = {}  # path -> (arch, source): a later stage reading an earlier stage's model
+
+    def arch(path, model_config, where):
+        if path and os.path.exists(os.path.join(path, "config.json")):
+            return resolve(path, model_config, where)
+        for done, (a, src) in archs.items():
+            if path and done and (path == done or path.startswith(done.rstrip("/") + "/")):
+                return a, f"{src}, via {done}"
+        a, src = resolve(path, model_config, where)
+        if path:
+            archs[path] = (a, src)
+        return a, src
+
+    def add(name, build, note):
+        try:
+            out.append((name, build(), None, note))
+        except Exception as e:  # noqa: BLE001  (one failing program must not hide the others)
+            out.append((name, None, f"{type(e).__name__}: {e}", note))
+
+    def dtype(name):
+        return jnp.dtype(name)
+
+    if doc.get("sft") is not None:
+        cfg = config_lib.from_dict(config_lib.SFTConfig, doc["sft"], "sft.")
+        a, src = arch(cfg.model, cfg.model_config, "sft.model")
+        archs[cfg.run.output_dir] = (a, src)  # the SFT output has the SFT model's architecture
+        model = Model(a, dtype=dtype(cfg.run.dtype))
+        add("sft step", lambda: sft_step(model, cfg, n), f"slm {src}")
+    grpo = None
+    if doc.get("grpo") is not None:
+        grpo = cfg = config_lib.from_dict(config_lib.GRPOConfig, doc["grpo"], "grpo.")
+        sa, ssrc = arch(cfg.slm, cfg.model_config, "grpo.slm")
+        la, lsrc = arch(cfg.llm, cfg.llm_config, "grpo.llm")
+        slm = Model(sa, dtype=dtype(cfg.run.dtype))
+        add("grpo update", lambda: grpo_update(slm, cfg, n), f"slm {ssrc}")
+        add("old/ref logprobs", lambda: grpo_logprobs(slm, cfg, n), f"slm {ssrc}")
+        # The rollout's SLM dtype: `rollout_dtype` where the config has one, else the
+        # trained params' dtype (today's rollout samples from the f32 master weights).
+        r_slm = Model(sa, dtype=dtype(getattr(cfg, "rollout_dtype", "") or cfg.run.dtype))
+        llm = Model(la, dtype=dtype(cfg.llm_dtype))
+        eos, pad = eos_pad(sa.vocab_size)
+        relay_cfg = RelayConfig(  # as `relax grpo` builds it
+            max_new_tokens=cfg.max_response,
+            max_calls=cfg.max_calls,
+            max_call_tokens=cfg.max_call_tokens,
+            slm=SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p),
+            llm=SamplingConfig(temperature=cfg.llm_temperature, top_p=cfg.llm_top_p),
+            eos_ids=eos,
+            pad_id=pad,
+            **cfg.relay,
+        )
+        rows = getattr(cfg, "rollout_batch_size", 0) or cfg.prompts_per_step * cfg.group_size
+        width = _grpo_width(cfg)[0]
+        command = stand_in_command(sa.vocab_size)
+        add(
+            "rollout relay",
+            lambda: relay_program(
+                "rollout relay",
+                r_slm,
+                r_slm.param_shapes(),
+                llm,
+                llm.param_shapes(),
+                relay_cfg,
+                command,
+                rows,
+                width,
+                devices,
+            ),
+            f"slm {ssrc}; llm {lsrc}",
+        )
+        if eval_path:
+            e_slm, e_llm = Model(sa, dtype=jnp.bfloat16), Model(la, dtype=jnp.bfloat16)
+
+            def eval_program():
+                ecfg, bs, bucket = _eval_settings(eval_path, sa.vocab_size)
+                p = prompt_len or cfg.max_prompt_len
+                d = math.gcd(n, bs)  # as eval: the most devices that divide the batch
+                return relay_program(
+                    "eval relay",
+                    e_slm,
+                    e_slm.param_shapes(),
+                    e_llm,
+                    e_llm.param_shapes(),
+                    ecfg,
+                    command,
+                    bs,
+                    -(-p // bucket) * bucket,
+                    devices[:d],
+                )
+
+            add("eval relay", eval_program, f"bf16 slm {ssrc}; llm {lsrc}")
+    if doc.get("filter") is not None:
+        cfg_f = config_lib.from_dict(config_lib.FilterConfig, doc["filter"], "filter.")
+        fa, fsrc = arch(cfg_f.llm, {}, "filter.llm")
+        teacher = Model(fa, dtype=dtype(cfg_f.dtype))
+
+        def filter_program():
+            from relax.train.rollout import pad_prompts
+
+            eos, pad = eos_pad(fa.vocab_size)
+            gen = RelayConfig(
+                max_new_tokens=cfg_f.max_new_tokens,
+                slm=SamplingConfig(temperature=cfg_f.temperature, top_p=cfg_f.top_p),
+                eos_ids=eos,
+                pad_id=pad,
+            )
+            p = prompt_len or (grpo.max_prompt_len if grpo else 1024)
+            width = pad_prompts([[0] * p])[0].shape[1]
+            # `pass_rates` hands host arrays to relax.generate: one device runs all rows.
+            return relay_program(
+                "filter generate",
+                teacher,
+                teacher.param_shapes(),
+                None,
+                None,
+                gen,
+                None,
+                cfg_f.batch_size * cfg_f.k,
+                width,
+                devices[:1],
+            )
+
+        add("filter generate", filter_program, f"llm {fsrc}")
+    return out
