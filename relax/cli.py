@@ -24,6 +24,7 @@ COMMANDS = {
     "grpo": ("relax.train.cli:grpo", "GRPO with relay rollouts and a difficulty-aware reward"),
     "filter": ("relax.train.cli:filter", "keep problems the LLM solves in more than min_pass_rate of k samples (default: at least once in 16)"),
     "eval": ("relax.eval.cli:main", "evaluate strategies (slm, llm, relay, routers) on benchmarks"),
+    "plan": ("relax.plan.cli:main", "per-device memory, FLOPs, roofline of a preset's programs"),
 }
 
 

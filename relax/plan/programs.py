@@ -1,0 +1,361 @@
+"""The programs of a preset, as the training and eval loops build them, on abstract inputs.
+
+This is the only place `relax plan` touches the rest of relax: each builder calls the
+function the loop calls (`make_update_step` with the loss `grpo_train` / `sft` build,
+`make_forward_logprobs`, the rollout of `make_relay_rollout`, `relax.relay_generate`
+as eval runs it, `relax.generate` as the filter runs it) and returns it with
+`jax.ShapeDtypeStruct` arguments at the preset's shapes (worst case: the longest
+sequence the preset allows). Nothing is allocated.
+
+Shapes follow the loops: pmapped programs take [devices, micro-batches, micro-batch
+size, ...] leaves; the rollout and eval relay are one SPMD call with rows sharded over
+the devices and params replicated; the filter calls `relax.generate` on host arrays,
+so it runs on one device with all its rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from relax.models import Model
+
+
+@dataclasses.dataclass
+class Program:
+    name: str
+    fn: Callable
+    args: tuple
+    shapes: str
+    """What was compiled, in words ("rows 1024 x 12288 slots")."""
+    devices: int = 1
+    """Devices one call spans: an SPMD program's global costs are divided by this."""
+
+
+def _abstract(tree, sharding=None):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def _stacked(tree, n):
+    """A leading device axis of size n (what `replicate` gives a pmap)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype), tree)
+
+
+def _ints(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.int32)
+
+
+def _floats(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _split(rows, n_dev, mbs, what):
+    if rows % (n_dev * mbs):
+        raise ValueError(f"{what} = {rows} rows do not split over {n_dev} devices x {mbs}")
+    return rows // (n_dev * mbs)
+
+
+def _update(name, model, loss_fn, optim_cfg, n_dev, batch, shapes):
+    from relax.train.update import make_optimizer, make_update_step
+
+    optimizer = make_optimizer(optim_cfg, 1000)
+    params = model.param_shapes()
+    opt_state = jax.eval_shape(optimizer.init, params)
+    step = make_update_step(loss_fn, optimizer)
+    return Program(name, step, (_stacked(params, n_dev), _stacked(opt_state, n_dev), batch), shapes)
+
+
+def sft_step(model: Model, cfg, n_dev: int) -> Program:
+    """`relax sft`'s pmapped update: batch_size rows of max_len - 1 tokens."""
+    from relax.train.sft import make_sft_loss
+
+    mbs = cfg.run.micro_batch_size
+    m = _split(cfg.batch_size, n_dev, mbs, "sft.batch_size")
+    T = cfg.max_len - 1
+    batch = {k: _ints(n_dev, m, mbs, T) for k in ("inputs", "positions", "targets")}
+    batch["loss_mask"] = _floats(n_dev, m, mbs, T)
+    shapes = f"{m} x {mbs} rows x {T} tok / dev"
+    return _update("sft step", model, make_sft_loss(model), cfg.optim, n_dev, batch, shapes)
+
+
+def _grpo_width(cfg):
+    from relax.train.rollout import pad_prompts
+
+    prompt = pad_prompts([[0] * cfg.max_prompt_len])[0].shape[1]
+    return prompt, prompt + cfg.max_response  # a rollout row: the padded prompt + budget
+
+
+def grpo_update(model: Model, cfg, n_dev: int) -> Program:
+    """`relax grpo`'s pmapped update of one mini-batch (mini_batch_prompts x G rows)."""
+    from relax.train.grpo_train import make_grpo_loss
+
+    mbs = cfg.run.micro_batch_size
+    m = _split(cfg.mini_batch_prompts * cfg.group_size, n_dev, mbs, "mini_batch_prompts x G")
+    T = _grpo_width(cfg)[1] - 1
+    batch = {k: _ints(n_dev, m, mbs, T) for k in ("inputs", "positions", "targets")}
+    for k in ("loss_mask", "old_logp", "ref_logp"):
+        batch[k] = _floats(n_dev, m, mbs, T)
+    batch["advantages"] = _floats(n_dev, m, mbs)
+    shapes = f"{m} x {mbs} rows x {T} tok / dev"
+    loss = make_grpo_loss(model, cfg)
+    return _update("grpo update", model, loss, cfg.optim, n_dev, batch, shapes)
+
+
+def grpo_logprobs(model: Model, cfg, n_dev: int) -> Program:
+    """The old-policy / reference log-prob forward over a whole rollout step."""
+    from relax.train.update import make_forward_logprobs
+
+    mbs = cfg.run.micro_batch_size
+    m = _split(cfg.prompts_per_step * cfg.group_size, n_dev, mbs, "prompts_per_step x G")
+    T = _grpo_width(cfg)[1] - 1
+    batch = {k: _ints(n_dev, m, mbs, T) for k in ("inputs", "positions", "targets")}
+    params = _stacked(model.param_shapes(), n_dev)
+    shapes = f"{m} x {mbs} rows x {T} tok / dev"
+    return Program("old/ref logprobs", make_forward_logprobs(model), (params, batch), shapes)
+
+
+def _relay_call(slm, llm, relay_cfg, command):
+    """`fn(slm_params, llm_params, prompts, lens, key)`: the rollout function of `relax grpo`
+    (`make_relay_rollout`), or `relax.generate` when `llm` is None."""
+    import relax
+    from relax.train.rollout import make_relay_rollout
+
+    if llm is None:
+        return lambda sp, lp, pr, ln, key: relax.generate(slm, sp, pr, ln, key, relay_cfg)
+    return make_relay_rollout(slm, llm, relay_cfg, command)
+
+
+def _jitted_loop(slm, llm, relay_cfg, command, rows, prompt_width, replicated):
+    """Today's fallback: `relay_generate` checks prompt lengths on the host, so it cannot be
+    traced; call the decoder's jitted loop (`decoder._run`) with the arguments
+    `decoder._prepare` gives it. The caches are made outside that jit, uncommitted, so
+    the real call replicates them over the devices: so do they here (donated, as there).
+
+    Returns (fn, cache args)."""
+    from relax.relay import decoder
+    from relax.relay.loop import Loop
+
+    L = prompt_width + relay_cfg.max_new_tokens
+    models = (slm,) if llm is None else (slm, llm)
+    caches = tuple(
+        _abstract(jax.eval_shape(lambda m=m: m.init_cache(rows, L)), replicated) for m in models
+    )
+    if llm is None:
+        loop, tables = Loop(slm=slm, llm=None, config=relay_cfg, max_n=1), ()
+    else:
+        loop = Loop(slm=slm, llm=llm, config=relay_cfg, max_n=command.max_n)
+        tables = command.device_tables(slm.config.vocab_size)
+
+    def run(sp, lp, pr, ln, key, sc, lc=None):
+        return decoder._run(loop, sp, lp, tables, pr, ln, key, sc, lc)  # (out, caches) as there
+
+    return jax.jit(run, donate_argnums=(5, 6)), caches
+
+
+def relay_program(name, slm, sp, llm, lp, relay_cfg, command, rows, prompt_width, devices):
+    """One relay (or single-model, `llm` None) call of `rows` rows, sharded over `devices`.
+
+    Uses the public path (the rollout function / `relax.generate` traced inside a jit, as
+    the relay's contract allows) when it traces, else `_jitted_loop`.
+    """
+    mesh = Mesh(np.array(devices), ("data",))
+    row_sh = NamedSharding(mesh, PartitionSpec("data"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    args = (
+        _abstract(sp, replicated),
+        None if lp is None else _abstract(lp, replicated),
+        jax.ShapeDtypeStruct((rows, prompt_width), jnp.int32, sharding=row_sh),
+        jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row_sh),
+        jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
+    )
+    fn = _relay_call(slm, llm, relay_cfg, command)
+    try:
+        jax.eval_shape(fn, *args)
+        fn = jax.jit(fn)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        fn, caches = _jitted_loop(slm, llm, relay_cfg, command, rows, prompt_width, replicated)
+        args = args + caches
+    L = prompt_width + relay_cfg.max_new_tokens
+    shapes = f"{rows} rows x {L} slots / {len(devices)} dev"
+    return Program(name, fn, args, shapes, devices=len(devices))
+
+
+def stand_in_command(vocab_size: int):
+    """A `CallCommand` whose automaton reads `<call>n</call>` from ids 2..13, for a vocabulary
+    of `vocab_size` (the relay's tables are [vocab]-sized; their values do not change shapes)."""
+    from relax.relay.command import CallCommand
+
+    texts = ["[PAD]", "[EOS]", "<call>", "</call>"] + [str(d) for d in range(10)]
+    return CallCommand.from_token_texts(texts + [" w"] * max(0, vocab_size - len(texts)))
+
+
+def eos_pad(vocab_size: int):
+    """eos ids and pad id inside the vocabulary (Qwen3's when the vocabulary has them)."""
+    if vocab_size > 151645:
+        return (151645, 151643), 151643
+    return (1,), 0
+
+
+# The stages of a preset, as `relax sft`, `relax grpo`, `relax eval` and `relax filter` run them.
+
+
+def _eval_settings(path, vocab_size):
+    """(RelayConfig, batch_size, prompt_bucket) of an eval YAML (`relax eval --config`)."""
+    import yaml
+
+    from relax.relay.config import RelayConfig, SamplingConfig
+
+    with open(path) as f:
+        doc = yaml.safe_load(f) or {}
+    relay = dict(doc.get("relay") or {})
+    for m in ("slm", "llm"):
+        if m in relay:
+            relay[m] = SamplingConfig(**relay[m])
+    eos, pad = eos_pad(vocab_size)
+    relay.setdefault("eos_ids", eos)
+    relay.setdefault("pad_id", pad)
+    return RelayConfig(**relay), int(doc.get("batch_size", 16)), int(doc.get("prompt_bucket", 64))
+
+
+def build_programs(doc, devices, eval_path=None, prompt_len=None):
+    """[(name, Program or None, error or None, models note)] for every stage of the preset."""
+    import jax.numpy as jnp
+
+    from relax.plan.arch import resolve
+    from relax.relay.config import RelayConfig, SamplingConfig
+    from relax.train import config as config_lib
+
+    n = len(devices)
+    out = []
+    archs = {}  # path -> (arch, source): a later stage reading an earlier stage's model
+
+    def arch(path, model_config, where):
+        if path and os.path.exists(os.path.join(path, "config.json")):
+            return resolve(path, model_config, where)
+        for done, (a, src) in archs.items():
+            if path and done and (path == done or path.startswith(done.rstrip("/") + "/")):
+                return a, f"{src}, via {done}"
+        a, src = resolve(path, model_config, where)
+        if path:
+            archs[path] = (a, src)
+        return a, src
+
+    def add(name, build, note):
+        try:
+            out.append((name, build(), None, note))
+        except Exception as e:  # noqa: BLE001  (one failing program must not hide the others)
+            out.append((name, None, f"{type(e).__name__}: {e}", note))
+
+    def dtype(name):
+        return jnp.dtype(name)
+
+    if doc.get("sft") is not None:
+        cfg = config_lib.from_dict(config_lib.SFTConfig, doc["sft"], "sft.")
+        a, src = arch(cfg.model, cfg.model_config, "sft.model")
+        archs[cfg.run.output_dir] = (a, src)  # the SFT output has the SFT model's architecture
+        model = Model(a, dtype=dtype(cfg.run.dtype))
+        add("sft step", lambda: sft_step(model, cfg, n), f"slm {src}")
+    grpo = None
+    if doc.get("grpo") is not None:
+        grpo = cfg = config_lib.from_dict(config_lib.GRPOConfig, doc["grpo"], "grpo.")
+        sa, ssrc = arch(cfg.slm, cfg.model_config, "grpo.slm")
+        la, lsrc = arch(cfg.llm, cfg.llm_config, "grpo.llm")
+        slm = Model(sa, dtype=dtype(cfg.run.dtype))
+        add("grpo update", lambda: grpo_update(slm, cfg, n), f"slm {ssrc}")
+        add("old/ref logprobs", lambda: grpo_logprobs(slm, cfg, n), f"slm {ssrc}")
+        # The rollout's SLM dtype: `rollout_dtype` where the config has one, else the
+        # trained params' dtype (today's rollout samples from the f32 master weights).
+        r_slm = Model(sa, dtype=dtype(getattr(cfg, "rollout_dtype", "") or cfg.run.dtype))
+        llm = Model(la, dtype=dtype(cfg.llm_dtype))
+        eos, pad = eos_pad(sa.vocab_size)
+        relay_cfg = RelayConfig(  # as `relax grpo` builds it
+            max_new_tokens=cfg.max_response,
+            max_calls=cfg.max_calls,
+            max_call_tokens=cfg.max_call_tokens,
+            slm=SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p),
+            llm=SamplingConfig(temperature=cfg.llm_temperature, top_p=cfg.llm_top_p),
+            eos_ids=eos,
+            pad_id=pad,
+            **cfg.relay,
+        )
+        rows = getattr(cfg, "rollout_batch_size", 0) or cfg.prompts_per_step * cfg.group_size
+        width = _grpo_width(cfg)[0]
+        command = stand_in_command(sa.vocab_size)
+        add(
+            "rollout relay",
+            lambda: relay_program(
+                "rollout relay",
+                r_slm,
+                r_slm.param_shapes(),
+                llm,
+                llm.param_shapes(),
+                relay_cfg,
+                command,
+                rows,
+                width,
+                devices,
+            ),
+            f"slm {ssrc}; llm {lsrc}",
+        )
+        if eval_path:
+            e_slm, e_llm = Model(sa, dtype=jnp.bfloat16), Model(la, dtype=jnp.bfloat16)
+
+            def eval_program():
+                ecfg, bs, bucket = _eval_settings(eval_path, sa.vocab_size)
+                p = prompt_len or cfg.max_prompt_len
+                d = math.gcd(n, bs)  # as eval: the most devices that divide the batch
+                return relay_program(
+                    "eval relay",
+                    e_slm,
+                    e_slm.param_shapes(),
+                    e_llm,
+                    e_llm.param_shapes(),
+                    ecfg,
+                    command,
+                    bs,
+                    -(-p // bucket) * bucket,
+                    devices[:d],
+                )
+
+            add("eval relay", eval_program, f"bf16 slm {ssrc}; llm {lsrc}")
+    if doc.get("filter") is not None:
+        cfg_f = config_lib.from_dict(config_lib.FilterConfig, doc["filter"], "filter.")
+        fa, fsrc = arch(cfg_f.llm, {}, "filter.llm")
+        teacher = Model(fa, dtype=dtype(cfg_f.dtype))
+
+        def filter_program():
+            from relax.train.rollout import pad_prompts
+
+            eos, pad = eos_pad(fa.vocab_size)
+            gen = RelayConfig(
+                max_new_tokens=cfg_f.max_new_tokens,
+                slm=SamplingConfig(temperature=cfg_f.temperature, top_p=cfg_f.top_p),
+                eos_ids=eos,
+                pad_id=pad,
+            )
+            p = prompt_len or (grpo.max_prompt_len if grpo else 1024)
+            width = pad_prompts([[0] * p])[0].shape[1]
+            # `pass_rates` hands host arrays to relax.generate: one device runs all rows.
+            return relay_program(
+                "filter generate",
+                teacher,
+                teacher.param_shapes(),
+                None,
+                None,
+                gen,
+                None,
+                cfg_f.batch_size * cfg_f.k,
+                width,
+                devices[:1],
+            )
+
+        add("filter generate", filter_program, f"llm {fsrc}")
+    return out
