@@ -93,7 +93,7 @@ def test_recomputed_logprobs_equal_rollout_logprobs(setup):
 
 def test_chunked_rollouts_equal_one_call(setup):
     """8 rows as 4 calls of 2 rows (row_offset 0, 2, 4, 6) = one call of 8, token for token."""
-    slm, params, llm_params, prompts, lens, rollout = setup
+    _, params, llm_params, prompts, lens, rollout = setup
     key = jax.random.key(5)
     one = chunked_rollout(rollout, params, llm_params, prompts, lens, key, 0)
     four = chunked_rollout(rollout, params, llm_params, prompts, lens, key, 2)
@@ -134,8 +134,12 @@ def test_trimmed_batch_gives_the_same_loss_and_grad(setup):
         t = batch["inputs"].shape[1]
         assert t == (full_width if w is None else width)
         k1, k2 = jax.random.split(jax.random.key(9))
-        batch["old_logp"] = -1.0 + 0.1 * np.asarray(jax.random.normal(k1, (len(lens), full_width)))[:, :t]
-        batch["ref_logp"] = -1.0 + 0.1 * np.asarray(jax.random.normal(k2, (len(lens), full_width)))[:, :t]
+        batch["old_logp"] = (
+            -1.0 + 0.1 * np.asarray(jax.random.normal(k1, (len(lens), full_width)))[:, :t]
+        )
+        batch["ref_logp"] = (
+            -1.0 + 0.1 * np.asarray(jax.random.normal(k2, (len(lens), full_width)))[:, :t]
+        )
         results.append(jax.value_and_grad(loss_fn, has_aux=True)(params, batch, 20.0))
     ((la, ma), ga), ((lb, mb), gb) = results
     np.testing.assert_allclose(lb, la, rtol=1e-6, atol=1e-7)

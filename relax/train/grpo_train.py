@@ -51,12 +51,12 @@ from relax.train.loop import TrainRun
 from relax.train.rollout import chunked_rollout, pad_prompts, score, train_width, training_batch
 from relax.train.update import (
     make_forward_logprobs,
-    training_model,
     make_optimizer,
     make_update_step,
     merge_devices,
     replicate,
     split_devices,
+    training_model,
 )
 
 

@@ -3,11 +3,16 @@
 - ``encode_prompts``: right-padded prompt ids (width rounded up to a power of
   two, so few distinct shapes compile).
 - ``make_relay_rollout``: the rollout function, ``relax.relay_generate`` with
-  the SLM, the LLM, a ``RelayConfig`` and the ``CallCommand``.
+  the SLM (in its params' dtype, so a bf16 copy of the params decodes in
+  bf16), the LLM, a ``RelayConfig`` and the ``CallCommand``.
+- ``chunked_rollout``: a step's rows in sequential calls of a fixed size,
+  with the decoder's ``row_offset`` so the tokens equal one call's; only one
+  call's KV caches are alive at a time.
 - ``score``: correctness from a verifier, called = at least one honoured
   call, rho = LLM tokens / response tokens, then rewards and group advantages.
-- ``training_batch``: inputs / positions / targets and the loss mask (the
-  SLM's own tokens, commands included) of every rollout.
+- ``train_width`` / ``training_batch``: inputs / positions / targets and the
+  loss mask (the SLM's own tokens, commands included) of every rollout,
+  trimmed to the longest sequence rounded up to 128 * 2^k positions.
 
 A verifier is ``verifier(response_ids, example) -> bool`` over the response's
 token ids (SLM, command and LLM tokens in order); ``text_verifier`` adapts a
