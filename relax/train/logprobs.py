@@ -13,8 +13,8 @@ backward recomputes one chunk's [C, V] logits at a time. The cost is one
 extra LM-head matmul per chunk in the backward.
 
 ``sequence_stats`` is the one entry point: the SFT loss, the GRPO loss and
-the old-policy / reference forward all call it, so the three agree to the
-bit. Logits are divided by ``temperature`` first: GRPO's policy is the
+the old-policy / reference forward all call it, so they compute the same
+function (up to XLA's float reassociation between programs). Logits are divided by ``temperature`` first: GRPO's policy is the
 sampling distribution of the rollouts, softmax(logits / T) (as in verl, TRL
 and tunix); SFT uses T = 1.
 
