@@ -26,9 +26,11 @@ call. Rows not taking part in a step are masked (position -1: nothing is
 written), so scheduling changes timing, never a row's tokens.
 
 Randomness: the token written at slot p of row b is drawn with
-`fold_in(fold_in(key, b), p)` (relax.relay.sampling.token_key) instead of a
-per-loop-step key, so a row's samples do not depend on the schedule or on
-the other rows, and the eager reference can draw the same tokens.
+`fold_in(fold_in(key, row_offset + b), p)` (relax.relay.sampling.token_key)
+instead of a per-loop-step key, so a row's samples do not depend on the
+schedule or on the other rows, the eager reference can draw the same tokens,
+and a batch split into calls (`row_offset` = each call's first row) samples
+as one call.
 
 Costs to know. A model step always runs on the whole batch (static shapes;
 masked rows still cost compute), so an LLM step costs the same for one
@@ -109,7 +111,16 @@ class RelayOutput:
 # caller's (empty) copies alive next to the loop's.
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(7, 8))
 def _run(
-    loop: Loop, slm_params, llm_params, tables, prompts, prompt_lens, key, slm_cache, llm_cache
+    loop: Loop,
+    slm_params,
+    llm_params,
+    tables,
+    prompts,
+    prompt_lens,
+    key,
+    slm_cache,
+    llm_cache,
+    row_offset,
 ):
     cfg = loop.config
     B, P = prompts.shape
@@ -138,6 +149,7 @@ def _run(
         calls=zeros,
         waited=zeros,
         llm_prefill=zeros,
+        row_offset=jnp.asarray(row_offset, jnp.int32),
     )
     s = jax.lax.while_loop(
         lambda s: jnp.any(s.phase != FINISHED),
@@ -231,7 +243,9 @@ def _warn_positions(model, width, name):
     )
 
 
-def relay_generate(slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config, command):
+def relay_generate(
+    slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config, command, row_offset=0
+):
     """Runs the relay on a batch of right-padded prompts. See docs/protocol.md and the module docstring.
 
     Args:
@@ -239,14 +253,21 @@ def relay_generate(slm, slm_params, llm, llm_params, prompts, prompt_lens, key, 
       slm_params, llm_params: their parameters.
       prompts: [B, P] int32, right-padded. prompt_lens: [B] int32, each in [1, P].
       key: a jax PRNG key. config: RelayConfig. command: CallCommand for the shared tokenizer.
+      row_offset: row b samples as row `row_offset + b` (an int, traced: no recompile per
+        value), so rows [o, o + B) of a larger batch run as a call of their own with
+        `row_offset=o` draw exactly the tokens they draw in the one big call.
     Returns:
       RelayOutput with [B, P + config.max_new_tokens] sequences.
     """
-    args = _prepare(slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config, command)
+    args = _prepare(
+        slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config, command, row_offset
+    )
     return _run(*args)[0]
 
 
-def _prepare(slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config, command):
+def _prepare(
+    slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config, command, row_offset=0
+):
     """Checks the inputs and returns the arguments of `_run` (tests lower it with these)."""
     prompts, prompt_lens = jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lens, jnp.int32)
     _check_inputs(prompts, prompt_lens, config)
@@ -270,7 +291,8 @@ def _prepare(slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config
     tables = command.device_tables(v_slm)
     loop = Loop(slm=slm, llm=llm, config=config, max_n=command.max_n)
     caches = slm.init_cache(B, L), llm.init_cache(B, L)
-    return (loop, slm_params, llm_params, tables, prompts, prompt_lens, key, *caches)
+    offset = jnp.asarray(row_offset, jnp.int32)
+    return (loop, slm_params, llm_params, tables, prompts, prompt_lens, key, *caches, offset)
 
 
 def generate(model, params, prompts, prompt_lens, key, config):
@@ -291,6 +313,7 @@ def generate(model, params, prompts, prompt_lens, key, config):
     _warn_positions(model, L, "model")
     loop = Loop(slm=model, llm=None, config=config, max_n=1)
     out, _, _ = _run(
-        loop, params, None, (), prompts, prompt_lens, key, model.init_cache(B, L), None
-    )
+        loop, params, None, (), prompts, prompt_lens, key, model.init_cache(B, L), None,
+        jnp.int32(0),
+    )  # fmt: skip
     return out

@@ -69,6 +69,9 @@ class State:
     """[B] int32: loop iterations spent waiting for the LLM."""
     llm_prefill: jax.Array
     """[B] int32: tokens fed to the LLM."""
+    row_offset: jax.Array
+    """[] int32: the row identity of row 0 for sampling keys (row b draws as row
+    row_offset + b), so a batch split into calls samples as one call."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +180,7 @@ def _ingest(ingest, loop, params, s, rows, unseen):
 
 
 def _keys(key, s: State):
-    rows = jnp.arange(s.length.shape[0])
+    rows = s.row_offset + jnp.arange(s.length.shape[0])
     return jax.vmap(lambda b, p: token_key(key, b, p))(rows, s.length)
 
 

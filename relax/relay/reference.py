@@ -134,7 +134,9 @@ def _pack(rows, prompts, config):
     )
 
 
-def relay_generate(slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config, command):
+def relay_generate(
+    slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config, command, row_offset=0
+):
     """Same signature and result as relax.relay_generate, computed eagerly (see module docstring)."""
     prompts, lens = np.asarray(prompts), np.asarray(prompt_lens)
     width = prompts.shape[1] + config.max_new_tokens
@@ -146,7 +148,7 @@ def relay_generate(slm, slm_params, llm, llm_params, prompts, prompt_lens, key, 
             llm_params,
             prompts[b, : lens[b]].tolist(),
             key,
-            b,
+            row_offset + b,
             config,
             command,
             width,

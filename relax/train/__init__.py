@@ -7,6 +7,7 @@ Python entry points (the CLI and ``relax demo`` call these):
 - ``relax.train.filter.filter_problems(llm, llm_params, tokenizer, problems, cfg, grade)``.
 - ``relax.train.grpo_train.train_grpo(model, params, problems, cfg, rollout, verifier, encode, ...)``.
 - Maths: ``relax.train.rewards`` (difficulty_aware, simple, accuracy) and
-  ``relax.train.grpo`` (group_advantages, policy_loss, ...).
+  ``relax.train.grpo`` (group_advantages, policy_loss, ...); token log-probs
+  without [B, T, V] logits in ``relax.train.logprobs`` (sequence_stats).
 - Configs: ``relax.train.config`` (SFTConfig, GRPOConfig, FilterConfig; YAML presets in configs/).
 """

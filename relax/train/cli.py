@@ -120,10 +120,12 @@ def grpo(argv):
     if args.print_config:
         print(json.dumps(config_lib.to_dict(cfg), indent=2))
         return 0
+    from relax.train.grpo_train import check_sampling, train_grpo
+
+    check_sampling(cfg)  # fail on top_p < 1 etc. before loading two models
     distributed.maybe_initialize()
     import relax
     from relax.relay.config import RelayConfig, SamplingConfig
-    from relax.train.grpo_train import train_grpo
     from relax.train.rollout import make_relay_rollout, text_verifier
     from relax.train.warmup import chat_prompt
 

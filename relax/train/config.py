@@ -77,6 +77,13 @@ class RunConfig:
       num_devices: local devices in the pmap (0 = all).
       micro_batch_size: sequences per device per forward/backward; gradients
         of a step's micro-batches are accumulated exactly before the update.
+      logprob_chunk: positions (over the micro-batch's flattened B x T) per
+        LM-head chunk of the training forward: the losses never hold
+        [B, T, V] logits, only [logprob_chunk, V] at a time, recomputed in
+        the backward (``relax.train.logprobs``). 1024 x Qwen3's 151936 vocab
+        is 0.6 GB of float32 logits; results do not depend on it.
+      remat: the training forward recomputes each layer in the backward,
+        keeping only the layer inputs ([B, T, D] per layer).
       checkpoint_every: save every this many optimizer steps (0 = only at the end).
       keep_checkpoints: how many recent checkpoints to keep.
       log_every: write metrics every this many steps.
@@ -89,6 +96,8 @@ class RunConfig:
     dtype: str = "float32"
     num_devices: int = 0
     micro_batch_size: int = 1
+    logprob_chunk: int = 1024
+    remat: bool = True
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     log_every: int = 1
@@ -147,10 +156,31 @@ class GRPOConfig:
       clip_low, clip_high: [epsilon_low, epsilon_high] ratio clip (0.2, 0.3).
       dual_clip: [c] dual-clip bound for negative advantages (3.0).
       kl_coef: [beta] weight of the k3 KL to pi_ref (0.01).
-      temperature, top_p: SLM sampling in rollouts (paper: 1.0, 1.0).
+      temperature: SLM sampling temperature in rollouts (paper: 1.0). The
+        policy pi_theta of the ratio, the old policy and pi_ref of the KL are
+        all softmax(logits / temperature), the distribution the rollouts
+        sample from (as verl, TRL and tunix do).
+      top_p: must be 1.0 (and ``relay.slm`` no top-k): the training
+        log-probs do not model truncated sampling, so a ratio against
+        nucleus samples would be of another policy. Anything else is
+        rejected with a ValueError.
       llm_temperature, llm_top_p: teacher sampling (0.7, 1.0).
       max_calls, max_call_tokens: relay limits (paper RL: 2 calls; n capped at 8192).
       relay: extra ``relax.RelayConfig`` fields, passed through as given.
+      rollout_batch_size: rows (prompts x G, on this host) per relay call; a
+        step's rollouts run as sequential calls of this many rows, which give
+        the same tokens as one call (a row's samples depend on the key and its
+        row index in the step only). Bounds the two KV caches: Qwen3-1.7B +
+        Qwen3-8B in bfloat16 hold ~3.2 GB per row at 12k slots. 0 = all rows
+        of the step in one call. Must divide the host's rows of a step and be
+        a multiple of the local device count.
+      rollout_dtype: "bfloat16" or "float32" (default; no copy): the SLM
+        decodes from a copy of the float32 master params cast to this dtype
+        once per step, and computes and caches in it (``make_relay_rollout``
+        builds the bfloat16 model; a custom rollout must accept such params).
+        The real presets use "bfloat16". The training forward (ratio, KL,
+        loss) always uses the master params, so decode rounding never enters
+        the ratio.
       epochs, steps: passes over the data; ``steps`` > 0 caps rollout steps.
     """
 
@@ -178,6 +208,8 @@ class GRPOConfig:
     max_calls: int = 2
     max_call_tokens: int = 8192
     relay: dict = dataclasses.field(default_factory=dict)
+    rollout_batch_size: int = 64
+    rollout_dtype: str = "float32"
     epochs: int = 1
     steps: int = 0
     optim: OptimConfig = dataclasses.field(

@@ -4,7 +4,13 @@ Pure functions on arrays; the pmapped update that uses them is in
 ``relax.train.update`` and the training loop in ``relax.train.grpo_train``.
 
 Shapes: B sequences, T positions, V vocabulary. ``logits[b, t]`` predicts
-``targets[b, t]`` (the caller shifts by one). The loss mask selects the SLM's
+``targets[b, t]`` (the caller shifts by one). The policy pi_theta is the
+rollouts' sampling distribution, softmax(logits / T) at the sampling
+temperature T (``GRPOConfig.temperature``), for the ratio, the old policy
+and the KL reference alike. The training step gets its log-probs from
+``relax.train.logprobs`` (the LM head in chunks, never [B, T, V] logits) and
+calls ``grpo_loss_from_logprobs``; ``grpo_loss_from_logits`` is the same
+loss from full logits, the definition the chunked path is tested against. The loss mask selects the SLM's
 own tokens, commands included (``source`` 2 or 3 of a ``RelayOutput``);
 prompt (1), LLM tokens (4) and padding (0) contribute nothing, not even
 through the normaliser.
@@ -16,6 +22,11 @@ Deviations from the paper / official code:
 - The token mean is taken over the whole mini-batch on all devices (the
   caller passes the global token count); the official code rescales
   per-micro-batch means, which weights micro-batches unevenly.
+- The policy is the tempered softmax of the rollouts (verl, TRL and tunix
+  divide the logits by the rollout temperature the same way); at the paper's
+  RL temperature 1.0 this is the plain softmax. Truncated sampling (top-p,
+  top-k) is not modelled, so GRPO rollouts must not use it (rejected by
+  ``relax.train.grpo_train.check_sampling``).
 """
 
 import jax
@@ -140,15 +151,15 @@ def policy_loss(
     return loss, metrics
 
 
-def grpo_loss_from_logits(logits, batch, cfg, num_tokens=None):
-    """The GRPO loss of one (micro-)batch given the policy's logits.
+def grpo_loss_from_logprobs(logp, batch, cfg, num_tokens=None, entropy=None):
+    """The GRPO loss of one (micro-)batch given the policy's token log-probs.
 
-    ``batch`` holds ``targets`` [B, T], ``loss_mask`` [B, T], ``old_logp``,
-    ``ref_logp`` [B, T] and ``advantages`` [B]; ``cfg`` has clip_low,
-    clip_high, dual_clip and kl_coef (a ``GRPOConfig``). Adds the masked
-    entropy to the metrics.
+    ``logp`` [B, T] is log pi_theta(target) at the sampling temperature (see
+    ``relax.train.logprobs``). ``batch`` holds ``loss_mask`` [B, T],
+    ``old_logp``, ``ref_logp`` [B, T] and ``advantages`` [B]; ``cfg`` has
+    clip_low, clip_high, dual_clip and kl_coef (a ``GRPOConfig``). The masked
+    mean of ``entropy`` [B, T], when given, is added to the metrics.
     """
-    logp = token_logprobs(logits, batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
     if num_tokens is None:
         num_tokens = jnp.maximum(mask.sum(), 1.0)
@@ -164,9 +175,25 @@ def grpo_loss_from_logits(logits, batch, cfg, num_tokens=None):
         kl_coef=cfg.kl_coef,
         num_tokens=num_tokens,
     )
-    entropy = jax.lax.stop_gradient(token_entropy(logits))
-    metrics["entropy"] = jnp.sum(jnp.where(mask > 0, entropy, 0.0)) / num_tokens
+    if entropy is not None:
+        entropy = jax.lax.stop_gradient(entropy)
+        metrics["entropy"] = jnp.sum(jnp.where(mask > 0, entropy, 0.0)) / num_tokens
     return loss, metrics
+
+
+def grpo_loss_from_logits(logits, batch, cfg, num_tokens=None):
+    """The GRPO loss of one (micro-)batch given the policy's logits [B, T, V].
+
+    The policy is softmax(logits / ``cfg.temperature``), the distribution the
+    rollouts sample from. ``batch`` also holds ``targets`` [B, T]. Adds the
+    masked entropy (at the same temperature) to the metrics. The training
+    loop does not call this (it never holds [B, T, V] logits; see
+    ``relax.train.logprobs``); it is the unchunked definition the chunked
+    path is tested against.
+    """
+    logits = logits.astype(jnp.float32) / cfg.temperature
+    logp = token_logprobs(logits, batch["targets"])
+    return grpo_loss_from_logprobs(logp, batch, cfg, num_tokens, token_entropy(logits))
 
 
 def sequence_inputs(tokens, lengths):

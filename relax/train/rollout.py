@@ -3,17 +3,25 @@
 - ``encode_prompts``: right-padded prompt ids (width rounded up to a power of
   two, so few distinct shapes compile).
 - ``make_relay_rollout``: the rollout function, ``relax.relay_generate`` with
-  the SLM, the LLM, a ``RelayConfig`` and the ``CallCommand``.
+  the SLM (in its params' dtype, so a bf16 copy of the params decodes in
+  bf16), the LLM, a ``RelayConfig`` and the ``CallCommand``.
+- ``chunked_rollout``: a step's rows in sequential calls of a fixed size,
+  with the decoder's ``row_offset`` so the tokens equal one call's; only one
+  call's KV caches are alive at a time.
 - ``score``: correctness from a verifier, called = at least one honoured
   call, rho = LLM tokens / response tokens, then rewards and group advantages.
-- ``training_batch``: inputs / positions / targets and the loss mask (the
-  SLM's own tokens, commands included) of every rollout.
+- ``train_width`` / ``training_batch``: inputs / positions / targets and the
+  loss mask (the SLM's own tokens, commands included) of every rollout,
+  trimmed to the longest sequence rounded up to 128 * 2^k positions.
 
 A verifier is ``verifier(response_ids, example) -> bool`` over the response's
 token ids (SLM, command and LLM tokens in order); ``text_verifier`` adapts a
 text grader such as ``relax.grade(text, answer)``. Tests pass toy verifiers.
 """
 
+import dataclasses
+
+import jax
 import numpy as np
 
 from relax.train import grpo, rewards
@@ -62,15 +70,70 @@ def text_verifier(tokenizer, grade):
 
 
 def make_relay_rollout(slm, llm, relay_config, command):
-    """``rollout(slm_params, llm_params, prompts, lens, key) -> RelayOutput`` via the relay decoder."""
+    """``rollout(slm_params, llm_params, prompts, lens, key, row_offset=0) -> RelayOutput``.
+
+    ``relax.relay_generate`` with the SLM, the LLM, ``relay_config`` and the
+    ``CallCommand``. A ``relax.Model`` SLM decodes in its params' dtype: given
+    bfloat16 params (a cast copy of the float32 master weights, see
+    ``GRPOConfig.rollout_dtype``) it computes and caches in bfloat16.
+    ``row_offset`` is the decoder's: rows of a step split into several calls
+    sample as in one call. The function carries ``slm_sampling`` (the SLM's
+    ``SamplingConfig``), which ``train_grpo`` checks against its config.
+    """
     import relax
 
-    def rollout(slm_params, llm_params, prompts, lens, key):
+    def rollout(slm_params, llm_params, prompts, lens, key, row_offset=0):
+        model = _in_params_dtype(slm, slm_params)
         return relax.relay_generate(
-            slm, slm_params, llm, llm_params, prompts, lens, key, relay_config, command
-        )
+            model, slm_params, llm, llm_params, prompts, lens, key, relay_config, command,
+            row_offset=row_offset,
+        )  # fmt: skip
 
+    rollout.slm_sampling = relay_config.slm
     return rollout
+
+
+def _in_params_dtype(model, params):
+    """``model`` computing in its params' floating dtype (relax.Model only; others as given)."""
+    import jax.numpy as jnp
+
+    from relax.models import Model
+
+    if not isinstance(model, Model):
+        return model
+    dtypes = {x.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)}
+    if len(dtypes) != 1 or next(iter(dtypes)) == model.dtype:
+        return model
+    return dataclasses.replace(model, dtype=next(iter(dtypes)))
+
+
+def chunked_rollout(rollout, slm_params, llm_params, prompts, lens, key, rows_per_call, put=None):
+    """The rollouts of [N, P] prompts in sequential calls of ``rows_per_call`` rows.
+
+    Call c gets rows [c * R, (c + 1) * R) and ``row_offset=c * R``, so the
+    result equals one call on all N rows (a row's samples depend on the key
+    and its row index only); its outputs are fetched to the host before the
+    next call starts, so one call's KV caches are alive at a time. With a
+    single call (``rows_per_call`` 0 or >= N) ``rollout`` is called without
+    ``row_offset`` (any five-argument rollout works then). ``put`` places a
+    host array on the devices (default: as is). Returns the ``RelayOutput``
+    as host numpy arrays.
+    """
+    n = prompts.shape[0]
+    put = put or (lambda x: x)
+    fetch = lambda out: jax.tree.map(np.asarray, jax.device_get(out))
+    if rows_per_call <= 0 or rows_per_call >= n:
+        return fetch(rollout(slm_params, llm_params, put(prompts), put(lens), key))
+    if n % rows_per_call:
+        raise ValueError(f"{n} rollout rows do not split into calls of {rows_per_call}")
+    outs = []
+    for o in range(0, n, rows_per_call):
+        rows = slice(o, o + rows_per_call)
+        out = rollout(
+            slm_params, llm_params, put(prompts[rows]), put(lens[rows]), key, row_offset=o
+        )
+        outs.append(fetch(out))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
 
 def score(out, examples, verifier, group_size, reward="difficulty_aware"):
@@ -97,20 +160,46 @@ def score(out, examples, verifier, group_size, reward="difficulty_aware"):
     }
 
 
-def training_batch(out, advantages):
-    """The GRPO training arrays of rollouts ``out`` (host numpy, [N, L - 1] each).
+MIN_TRAIN_WIDTH = 128
+
+
+def train_width(max_length, full_width, min_width=MIN_TRAIN_WIDTH):
+    """Width T of the training arrays for sequences of at most ``max_length`` tokens.
+
+    The smallest ``min_width * 2^k`` >= ``max_length - 1`` (the positions that
+    predict a real token), capped at ``full_width`` (L - 1 of the rollouts):
+    a step pays for its longest sequence, not for the budget, and only
+    log2(L / min_width) + 1 shapes ever compile.
+    """
+    need = max(int(max_length) - 1, 1)
+    width = min_width
+    while width < need:
+        width *= 2
+    return min(width, full_width)
+
+
+def training_batch(out, advantages, width=None):
+    """The GRPO training arrays of rollouts ``out`` (host numpy, [N, T] each).
 
     Input t predicts target t + 1; ``loss_mask`` is 1 where that target is an
     SLM or command token (``source`` 2 or 3), 0 at prompt, LLM and padding.
+    ``width`` T defaults to L - 1 (all of ``out``'s slots); a smaller one (see
+    ``train_width``) drops trailing slots, which must be padding of every row.
     """
     tokens = np.asarray(out.tokens, np.int32)
     source = np.asarray(out.source)
     lengths = np.asarray(out.lengths)
-    t = np.arange(tokens.shape[1] - 1)[None, :]
+    T = tokens.shape[1] - 1 if width is None else int(width)
+    if not int(lengths.max()) - 1 <= T <= tokens.shape[1] - 1:
+        raise ValueError(
+            f"training width {T} must hold the longest sequence ({int(lengths.max())} tokens) "
+            f"and at most {tokens.shape[1] - 1} positions"
+        )
+    t = np.arange(T)[None, :]
     return {
-        "inputs": tokens[:, :-1],
+        "inputs": tokens[:, :T],
         "positions": np.where(t < lengths[:, None], t, -1).astype(np.int32),
-        "targets": tokens[:, 1:],
-        "loss_mask": np.asarray(grpo.loss_mask_from_source(source[:, 1:])),
+        "targets": tokens[:, 1 : T + 1],
+        "loss_mask": np.asarray(grpo.loss_mask_from_source(source[:, 1 : T + 1])),
         "advantages": np.asarray(advantages, np.float32),
     }

@@ -5,6 +5,10 @@ CLI and the demo call it). An example is ``{"prompt_ids", "response_ids"}``
 (lists of ints, the response already holding its commands and ending with
 EOS; see ``relax.train.warmup``). Sequences are right-padded to the longest
 row of the data set rounded up to a multiple of 8, so one shape compiles.
+The loss never holds [B, T, V] logits: the LM head runs over chunks of
+``run.logprob_chunk`` positions, recomputed in the backward
+(``relax.train.logprobs``), and each layer is rematerialised
+(``run.remat``).
 
 Data order is a seeded permutation per epoch; step s of epoch e takes rows
 ``[s * batch_size, (s + 1) * batch_size)`` of it (the last partial batch is
@@ -20,29 +24,55 @@ from tqdm.auto import tqdm
 from relax.errors import ConfigError
 from relax.train import distributed
 from relax.train.grpo import token_logprobs
+from relax.train.logprobs import DEFAULT_CHUNK, sequence_stats
 from relax.train.loop import TrainRun
-from relax.train.update import lr_schedule, make_optimizer, make_update_step, split_devices
+from relax.train.update import (
+    lr_schedule,
+    make_optimizer,
+    make_update_step,
+    split_devices,
+    training_model,
+)
 
 
-def sft_loss_from_logits(logits, targets, mask, num_tokens=None):
-    """Token-mean cross-entropy over ``mask`` (response targets).
+def sft_loss_from_stats(logp, predicted, targets, mask, num_tokens=None):
+    """Token-mean cross-entropy over ``mask`` (response targets) from per-position statistics.
 
-    logits [B, T, V], targets [B, T] int, mask [B, T]. Returns (loss, metrics)
-    with masked sums / ``num_tokens`` (default: mask.sum()).
+    logp [B, T] = log p(target), predicted [B, T] int = argmax of the logits,
+    targets [B, T] int, mask [B, T]. Returns (loss, metrics) with masked sums
+    / ``num_tokens`` (default: mask.sum()).
     """
     mask = mask.astype(jnp.float32)
     if num_tokens is None:
         num_tokens = jnp.maximum(mask.sum(), 1.0)
-    logp = token_logprobs(logits, targets)
     loss = -jnp.sum(jnp.where(mask > 0, logp, 0.0)) / num_tokens
-    hit = (jnp.argmax(logits, axis=-1) == targets) & (mask > 0)
+    hit = (predicted == targets) & (mask > 0)
     return loss, {"ce": loss, "token_accuracy": jnp.sum(hit.astype(jnp.float32)) / num_tokens}
 
 
-def make_sft_loss(model):
+def sft_loss_from_logits(logits, targets, mask, num_tokens=None):
+    """``sft_loss_from_stats`` of full logits [B, T, V] (the unchunked definition).
+
+    The training step does not call it: ``make_sft_loss`` never holds
+    [B, T, V] logits (``relax.train.logprobs``).
+    """
+    logp = token_logprobs(logits, targets)
+    return sft_loss_from_stats(logp, jnp.argmax(logits, axis=-1), targets, mask, num_tokens)
+
+
+def make_sft_loss(model, chunk=DEFAULT_CHUNK):
+    """``loss_fn(params, micro_batch, num_tokens)`` for ``make_update_step``.
+
+    The LM head runs in chunks of ``chunk`` positions (``relax.train.logprobs``).
+    """
+
     def loss_fn(params, mb, num_tokens):
-        logits, _ = model.apply(params, mb["inputs"], mb["positions"], None)
-        return sft_loss_from_logits(logits, mb["targets"], mb["loss_mask"], num_tokens)
+        stats = sequence_stats(
+            model, params, mb["inputs"], mb["positions"], mb["targets"], chunk=chunk, argmax=True
+        )
+        return sft_loss_from_stats(
+            stats["logp"], stats["argmax"], mb["targets"], mb["loss_mask"], num_tokens
+        )
 
     return loss_fn
 
@@ -133,7 +163,8 @@ def train_sft(model, params, examples, cfg, pad_id=0, progress=True):
     optimizer = make_optimizer(cfg.optim, total)
     run = TrainRun(cfg.run, params, optimizer, total)
     run.check_split(cfg.batch_size, "batch_size")
-    step_fn = make_update_step(make_sft_loss(model), optimizer)
+    loss_fn = make_sft_loss(training_model(model, cfg.run.remat), cfg.run.logprob_chunk)
+    step_fn = make_update_step(loss_fn, optimizer)
     schedule = lr_schedule(cfg.optim, total)
     bar = tqdm(total=total, initial=run.step, desc="sft", disable=not (progress and run.main))
     while run.step < total:

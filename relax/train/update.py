@@ -15,6 +15,8 @@ state are returned unchanged and ``metrics["skipped"]`` is 1.
 What this module does not do: build batches, sample, or checkpoint.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,18 +161,42 @@ def merge_devices(x):
     return x.reshape(-1, *x.shape[3:])
 
 
-def make_forward_logprobs(model):
+def training_model(model, remat=True):
+    """``model`` for the training forward: a ``relax.Model`` recomputing each layer in the
+    backward when ``remat`` (only the layer inputs are kept); other models as given.
+    Numerics are those of ``model``."""
+    from relax.models import Model
+
+    if remat and isinstance(model, Model) and not model.remat:
+        return dataclasses.replace(model, remat=True)
+    return model
+
+
+def make_forward_logprobs(model, temperature=1.0, chunk=None):
     """pmapped ``f(params, batch) -> token log-probs`` [n_dev, M, mbs, T], no gradient.
 
-    Used for the old-policy and reference log-probs of GRPO; micro-batches are
-    mapped one at a time to bound memory.
+    Used for the old-policy and reference log-probs of GRPO, at the rollouts'
+    sampling ``temperature`` (log softmax(logits / T), the same function as
+    the loss: ``relax.train.logprobs.sequence_stats``, the LM head in chunks
+    of ``chunk`` positions). Micro-batches are mapped one at a time to bound
+    memory.
     """
-    from relax.train.grpo import token_logprobs
+    from relax.train.logprobs import DEFAULT_CHUNK, sequence_stats
+
+    chunk = DEFAULT_CHUNK if chunk is None else chunk
 
     def forward(params, batch):
         def one(mb):
-            logits, _ = model.apply(params, mb["inputs"], mb["positions"], None)
-            return token_logprobs(logits, mb["targets"])
+            stats = sequence_stats(
+                model,
+                params,
+                mb["inputs"],
+                mb["positions"],
+                mb["targets"],
+                temperature=temperature,
+                chunk=chunk,
+            )
+            return stats["logp"]
 
         return jax.lax.map(one, batch)
 
