@@ -50,6 +50,7 @@ Not done here: beam search, speculative decoding, stop strings other than EOS.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 
@@ -60,7 +61,7 @@ import numpy as np
 
 from relax.errors import InputError
 from relax.relay import command as cmd
-from relax.relay.config import RelayConfig
+from relax.relay.config import RelayConfig, SamplingConfig
 from relax.relay.loop import (  # noqa: F401  (the constants are part of this module's API)
     BUDGET,
     CALL_LIMIT,
@@ -295,12 +296,18 @@ def _prepare(
     return (loop, slm_params, llm_params, tables, prompts, prompt_lens, key, *caches, offset)
 
 
-def generate(model, params, prompts, prompt_lens, key, config):
+def generate(model, params, prompts, prompt_lens, key, config, sampling=None):
     """Single-model generation with the same loop and output (no commands honoured).
 
-    Commands the model writes are plain text here (source slm); `config.slm`
-    is the sampling used.
+    Commands the model writes are plain text here (source slm). `sampling` is
+    this model's own `SamplingConfig` (pass `config.llm` to sample a teacher
+    with the teacher's settings); None means `config.slm`. Only the budget,
+    eos and pad fields of `config` are used otherwise.
     """
+    if sampling is not None:
+        if not isinstance(sampling, SamplingConfig):
+            raise TypeError(f"sampling must be a relax.SamplingConfig, got {type(sampling).__name__}")
+        config = dataclasses.replace(config, slm=sampling)
     prompts, prompt_lens = jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lens, jnp.int32)
     _check_inputs(prompts, prompt_lens, config)
     B, P = prompts.shape
