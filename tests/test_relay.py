@@ -246,6 +246,11 @@ def test_stop_at_call_limit_and_schedules(case, outputs):
     assert_same(got, ref)
     b = case["names"].index("past max_calls")
     assert int(got.finish_reason[b]) == CALL_LIMIT and int(got.calls[b]) == 2
+    # Fixed-length calls: every honoured call writes min(2, budget left) LLM tokens.
+    fixed = RelayConfig(**{**CONFIG.__dict__, "fixed_call_tokens": 2})
+    got = run(case, fixed)
+    assert_same(got, run(case, fixed, fn=reference.relay_generate))
+    assert np.all(np.asarray(got.llm_tokens) <= 2 * np.asarray(got.calls))
     # The schedule changes timing only: every trigger fraction and chunk gives the same rows.
     for frac, chunk in [(0.0, 3), (0.5, 1)]:
         cfg = RelayConfig(

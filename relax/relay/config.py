@@ -48,6 +48,9 @@ class RelayConfig:
     """Budget of generated tokens per row (SLM, command and LLM tokens together)."""
     max_call_tokens: int = 8192
     """An honoured call writes min(n, max_call_tokens, remaining budget) LLM tokens."""
+    fixed_call_tokens: int | None = None
+    """When set, every honoured call writes min(fixed_call_tokens, remaining budget) LLM
+    tokens whatever n the SLM asked for (the fixed-length ablation); n = 0 is still no call."""
     max_calls: int = 4
     """Calls honoured per row (the official eval honours 4, its RL rollout 2)."""
     on_call_limit: str = "continue"
@@ -78,6 +81,11 @@ class RelayConfig:
         check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         check(
             self.max_call_tokens >= 1, f"max_call_tokens must be >= 1, got {self.max_call_tokens}"
+        )
+        check(
+            self.fixed_call_tokens is None
+            or (isinstance(self.fixed_call_tokens, int) and self.fixed_call_tokens >= 1),
+            f"fixed_call_tokens must be None or >= 1, got {self.fixed_call_tokens!r}",
         )
         check(self.max_calls >= 0, f"max_calls must be >= 0, got {self.max_calls}")
         check(

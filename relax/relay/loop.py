@@ -239,7 +239,8 @@ def _slm_step(loop, params, tables, key, prompt_lens, s: State):
         asks = done_cmd & (n >= 1) & ~is_eos
         honour = asks & (s.calls < cfg.max_calls) & (left > 0)
         stop = asks & (s.calls >= cfg.max_calls) & (cfg.on_call_limit == "stop")
-        call_left = jnp.minimum(jnp.minimum(n, cfg.max_call_tokens), left)
+        asked = n if cfg.fixed_call_tokens is None else jnp.full_like(n, cfg.fixed_call_tokens)
+        call_left = jnp.minimum(jnp.minimum(asked, cfg.max_call_tokens), left)
         s = s.replace(
             source=source,
             auto=jnp.where(honour, 0, auto),  # afresh after the LLM's segment

@@ -80,7 +80,8 @@ def _row(slm, slm_params, llm, llm_params, prompt, key, b, config, command, widt
             if n >= 1 and calls < config.max_calls and left > 0:
                 calls += 1
                 finish = None
-                for _ in range(min(n, config.max_call_tokens, left)):
+                asked = n if config.fixed_call_tokens is None else config.fixed_call_tokens
+                for _ in range(min(asked, config.max_call_tokens, left)):
                     visible = [t for t, s in zip(row, src) if s in (PROMPT, SLM, LLM)]
                     prefill += len(visible) - llm_seen
                     llm_seen = len(visible)
