@@ -23,6 +23,7 @@ _EXPORTS = {
     "RelayConfig": "relax.relay.config",
     "SamplingConfig": "relax.relay.config",
     "RelayOutput": "relax.relay.decoder",
+    "RelayDecoder": "relax.relay.decoder",
     "relay_generate": "relax.relay.decoder",
     "generate": "relax.relay.decoder",
     "grade": "relax.data.grading",
@@ -38,6 +39,6 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in ("models", "relay", "train", "data", "eval"):
+    if name in ("models", "relay", "train", "data", "eval", "errors"):
         return importlib.import_module(f"relax.{name}")
     raise AttributeError(f"module 'relax' has no attribute {name!r}")

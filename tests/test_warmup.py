@@ -34,12 +34,10 @@ def qwen():
 
 def automaton_commands(command, ids):
     """The n of every command CallCommand's tables complete while walking ``ids``."""
-    tables = dict(
-        zip(
-            ["next", "mul", "add", "start", "lt", "complete", "cmul", "cadd", "cstart"],
-            command.tables(),
-        )
-    )
+    tables = {
+        "next": command.next_state, "mul": command.mul, "add": command.add,
+        "complete": command.complete, "cmul": command.cmul, "cadd": command.cadd,
+    }  # fmt: skip
     cls = command.token_class
     state, n, found = 0, 0, []
     for t in ids:

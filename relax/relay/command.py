@@ -54,9 +54,13 @@ limits); that is the decoder's job.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Sequence
 
+import flax.struct
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 PATTERN = re.compile(r"<call>\s*(\d+)\s*</call>", re.ASCII)
@@ -183,7 +187,7 @@ def _decode_padded(decode, ids, n):
     return "".join(out)
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(frozen=True, eq=False)
 class CallCommand:
     """The command automaton compiled for one vocabulary.
 
@@ -348,62 +352,71 @@ class CallCommand:
         `decode` does), never sampled by a trained model. A model vocabulary
         smaller than the tokenizer is an error.
         """
+        return self._padded(vocab_size)[0]
+
+    def _padded(self, vocab_size: int):
+        """(token_class [vocab_size], {name: [S, C'] table}), C' = C or C + 1.
+
+        The extra ids take the class of a token without pattern characters; a
+        vocabulary without one gets such a column appended (to copies: the
+        command itself never changes).
+        """
         if vocab_size < self.vocab_size:
             raise ValueError(
                 f"model vocabulary ({vocab_size}) is smaller than the command's tokenizer "
                 f"({self.vocab_size} tokens): the model and tokenizer do not belong together"
             )
-        plain = int(self._plain_class())
-        pad = np.full(vocab_size - self.vocab_size, plain, np.int32)
-        return np.concatenate([self.token_class, pad])
-
-    def _plain_class(self) -> int:
-        """The class of a token without pattern characters (added if missing)."""
+        tables = {name: getattr(self, name) for name in TABLE_FIELDS}
         col = np.arange(self.num_classes)
         ok = (self.next_state == 0).all(0) & (self.mul == 1).all(0) & (self.add == 0).all(0)
         ok &= ~self.complete.any(0) & ~self.lt_here.any(0) & (self.start_src[0] == START_KEEP)
-        hits = col[ok]
-        if hits.size:
-            return int(hits[0])
-        # No such token in the vocabulary: append a plain column.
-        for name in (
-            "next_state",
-            "mul",
-            "add",
-            "start_src",
-            "lt_here",
-            "complete",
-            "cmul",
-            "cadd",
-            "cstart_src",
-        ):
-            table = getattr(self, name)
-            plain = {"mul": 1, "cmul": 1}.get(name, 0)
-            setattr(
-                self, name, np.concatenate([table, np.full((NUM_STATES, 1), plain, table.dtype)], 1)
-            )
-        return self.num_classes - 1
+        if col[ok].size:
+            plain = int(col[ok][0])
+        else:
+            plain = self.num_classes
+            for name, table in tables.items():
+                fill = 1 if name in ("mul", "cmul") else 0
+                tables[name] = np.concatenate(
+                    [table, np.full((NUM_STATES, 1), fill, table.dtype)], axis=1
+                )
+        pad = np.full(vocab_size - self.vocab_size, plain, np.int32)
+        return np.concatenate([self.token_class, pad]), tables
 
-    def device_tables(self, vocab_size: int):
-        """(padded token_class, *tables()) as device arrays, made once per vocabulary size."""
-        cache = self.__dict__.setdefault("_device_tables", {})
-        if vocab_size not in cache:
-            import jax.numpy as jnp  # the automaton itself is numpy; only this needs jax
+    def device_tables(self, vocab_size: int) -> CommandTables:
+        """The tables as a `CommandTables` pytree of device arrays, for a model vocabulary of
+        `vocab_size` ids (made once per command and size)."""
+        return _device_tables(self, vocab_size)
 
-            token_class = self.padded_class(vocab_size)
-            cache[vocab_size] = tuple(jnp.asarray(t) for t in (token_class, *self.tables()))
-        return cache[vocab_size]
 
-    def tables(self):
-        """The [S, C] tables as a tuple, in a fixed order (for the decoder)."""
-        return (
-            self.next_state,
-            self.mul,
-            self.add,
-            self.start_src,
-            self.lt_here,
-            self.complete,
-            self.cmul,
-            self.cadd,
-            self.cstart_src,
-        )
+# The [S, C] tables of a CallCommand, in CommandTables' field order after token_class.
+TABLE_FIELDS = (
+    "next_state", "mul", "add", "start_src", "lt_here", "complete", "cmul", "cadd", "cstart_src",
+)  # fmt: skip
+
+
+@flax.struct.dataclass
+class CommandTables:
+    """The automaton as the decoder reads it on device: a pytree of arrays.
+
+    token_class is [V] (the model's vocabulary, padded ids plain); the rest are
+    [S, C] and mean what the same-named `CallCommand` fields mean.
+    """
+
+    token_class: jax.Array
+    next_state: jax.Array
+    mul: jax.Array
+    add: jax.Array
+    start_src: jax.Array
+    lt_here: jax.Array
+    complete: jax.Array
+    cmul: jax.Array
+    cadd: jax.Array
+    cstart_src: jax.Array
+
+
+@functools.lru_cache(maxsize=32)
+def _device_tables(command: CallCommand, vocab_size: int) -> CommandTables:
+    token_class, tables = command._padded(vocab_size)
+    return CommandTables(
+        token_class=jnp.asarray(token_class), **{k: jnp.asarray(v) for k, v in tables.items()}
+    )

@@ -40,10 +40,13 @@ contract returns logits for every fed token, so a catch-up step materialises
 [B, prefill_chunk, V] float32 logits (V = 151936 for Qwen3): keep
 `prefill_chunk` moderate at large batch.
 
-Input checks (on the host, before compiling): prompt lengths in [1, P], eos
-and pad ids and every prompt token id inside the vocabulary (`InputError`
-naming the row and slot). A prompt width + `max_new_tokens` past a model's
-`max_position_embeddings` only warns, once per model and width.
+A building block (`RelayDecoder`): the decoder is a pure function of params,
+prompts and a key, callable inside a caller's `jit`, under `shard_map` and on
+mesh-sharded inputs. Input checks: shapes and dtypes always; prompt lengths
+in [1, P] and prompt token ids inside the vocabulary on the host when the
+values are known there (`InputError` naming the row and slot), else on device
+(the row ends with finish reason INVALID). A prompt width + `max_new_tokens`
+past a model's `max_position_embeddings` only warns, once per model and width.
 
 Not done here: beam search, speculative decoding, stop strings other than EOS.
 """
@@ -65,6 +68,7 @@ from relax.relay.config import RelayConfig, SamplingConfig
 from relax.relay.loop import (  # noqa: F401  (the constants are part of this module's API)
     BUDGET,
     CALL_LIMIT,
+    INVALID,
     CALLING,
     COMMAND,
     DECODING,
@@ -91,7 +95,8 @@ class RelayOutput:
     lengths: jax.Array
     """[B] int32: prompt + generated tokens."""
     finish_reason: jax.Array
-    """[B] int32: 0 eos (either model), 1 budget exhausted, 2 stopped at the call limit."""
+    """[B] int32: 0 eos (either model), 1 budget exhausted, 2 stopped at the call limit,
+    3 invalid input (a traced prompt length outside [1, P] or id outside the vocabulary)."""
     slm_logprobs: jax.Array
     """[B, L] float32: log-prob of each SLM-sampled token (slm and command), 0 elsewhere."""
     slm_tokens: jax.Array
@@ -109,7 +114,8 @@ class RelayOutput:
 
 # The caches are donated: they are the largest buffers of the run, and donating
 # them lets XLA update them in place inside the loop instead of keeping the
-# caller's (empty) copies alive next to the loop's.
+# caller's (empty) copies alive next to the loop's. Inside a caller's jit the
+# donation is moot (the caches are that program's own buffers).
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(7, 8))
 def _run(
     loop: Loop,
@@ -121,22 +127,28 @@ def _run(
     key,
     slm_cache,
     llm_cache,
-    row_offset,
+    row_ids,
 ):
     cfg = loop.config
     B, P = prompts.shape
     L = P + cfg.max_new_tokens
+    prompts = prompts.astype(jnp.int32)
+    lens = jnp.clip(prompt_lens.astype(jnp.int32), 0, P)
     slots = jnp.arange(L)[None]
-    in_prompt = slots < prompt_lens[:, None]
-    padded = jnp.pad(prompts.astype(jnp.int32), ((0, 0), (0, cfg.max_new_tokens)))
+    in_prompt = slots < lens[:, None]
+    # Rows the host could not check (traced inputs) are validated here: a bad row ends at
+    # once (finish INVALID, nothing generated) and never touches the others.
+    ids_ok = (prompts >= 0) & (prompts < loop.vocab)
+    valid = (prompt_lens >= 1) & (prompt_lens <= P) & jnp.all(ids_ok | ~in_prompt[:, :P], axis=1)
+    padded = jnp.pad(prompts, ((0, 0), (0, cfg.max_new_tokens)))
     zeros = jnp.zeros((B,), jnp.int32)
     s = State(
         tokens=jnp.where(in_prompt, padded, cfg.pad_id),
         source=jnp.where(in_prompt, PROMPT, PAD),
         logprobs=jnp.zeros((B, L), jnp.float32),
-        length=prompt_lens.astype(jnp.int32),
-        phase=zeros + DECODING,
-        finish=zeros,
+        length=lens,
+        phase=jnp.where(valid, DECODING, FINISHED),
+        finish=jnp.where(valid, 0, INVALID),
         slm_cache=slm_cache,
         slm_seen=zeros,
         llm_cache=llm_cache,
@@ -150,11 +162,11 @@ def _run(
         calls=zeros,
         waited=zeros,
         llm_prefill=zeros,
-        row_offset=jnp.asarray(row_offset, jnp.int32),
+        row_ids=row_ids.astype(jnp.int32),
     )
     s = jax.lax.while_loop(
         lambda s: jnp.any(s.phase != FINISHED),
-        lambda s: body(loop, slm_params, llm_params, tables, key, prompt_lens, s),
+        lambda s: body(loop, slm_params, llm_params, tables, key, lens, s),
         s,
     )
     count = lambda k: jnp.sum(s.source == k, axis=1).astype(jnp.int32)
@@ -175,7 +187,7 @@ def _run(
 
 def _vocab_size(model, params, batch, max_len):
     """The model's logits width, from shapes only (nothing runs; cached per model and shapes,
-    since tracing a model costs more than a short relay run)."""
+    since tracing a model costs more than a short relay run). Works on traced params."""
     leaves, treedef = jax.tree.flatten(params)
     shapes = tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
     return _vocab_size_cached(model, treedef, shapes, batch, max_len)
@@ -190,29 +202,47 @@ def _vocab_size_cached(model, treedef, shapes, batch, max_len):
     return int(logits.shape[-1])
 
 
-def _check_inputs(prompts, prompt_lens, config):
-    if not isinstance(config, RelayConfig):
-        raise TypeError(f"config must be a relax.RelayConfig, got {type(config).__name__}")
+def _host_value(x):
+    """x as a numpy array when its value is known on this host, else None (a tracer, or an
+    array with shards on other processes)."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return None
+    return np.asarray(x)
+
+
+def _check_shapes(prompts, prompt_lens, row_ids):
+    """Shape and dtype checks: they hold under tracing too."""
     if prompts.ndim != 2:
         raise ValueError(f"prompts must be [batch, prompt_len], got shape {prompts.shape}")
-    if prompt_lens.shape != (prompts.shape[0],):
-        raise ValueError(f"prompt_lens must be [{prompts.shape[0]}], got shape {prompt_lens.shape}")
-    lens = np.asarray(prompt_lens)
-    bad = np.nonzero((lens < 1) | (lens > prompts.shape[1]))[0]
+    B = prompts.shape[0]
+    for name, x in (("prompt_lens", prompt_lens), ("row_ids", row_ids)):
+        if x is None:
+            continue
+        if x.shape != (B,):
+            raise ValueError(f"{name} must be [{B}], got shape {x.shape}")
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must be integers, got {x.dtype}")
+    if not jnp.issubdtype(prompts.dtype, jnp.integer):
+        raise ValueError(f"prompts must be token ids (integers), got {prompts.dtype}")
+
+
+def _check_lengths(lens, width):
+    bad = np.nonzero((lens < 1) | (lens > width))[0]
     if bad.size:
-        raise ValueError(
+        raise InputError(
             f"prompt length of row {bad[0]} is {lens[bad[0]]}: prompts must have between 1 and "
-            f"{prompts.shape[1]} tokens (the prompts array's width)"
+            f"{width} tokens (the prompts array's width)"
         )
 
 
-def _check_prompt_ids(prompts, prompt_lens, vocab):
+def _check_prompt_ids(ids, lens, vocab):
     """Prompt token ids (within each row's length) must index the vocabulary.
 
     An id outside [0, vocab) would be clamped by the embedding gather and give a
     row of nonsense, so it is an error, named by row and slot.
     """
-    ids, lens = np.asarray(prompts), np.asarray(prompt_lens)
     real = np.arange(ids.shape[1])[None, :] < lens[:, None]
     bad = np.argwhere(real & ((ids < 0) | (ids >= vocab)))
     if bad.size:
@@ -240,87 +270,167 @@ def _warn_positions(model, width, name):
     warnings.warn(
         f"the {name}'s context of prompt width + max_new_tokens = {width} tokens exceeds its "
         f"max_position_embeddings ({limit}); positions past {limit} were never trained",
-        stacklevel=3,
+        stacklevel=4,
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class RelayDecoder:
+    """The relay decoder as a pure, traceable function of params, prompts and a key.
+
+    `RelayDecoder(slm, llm, config, command)(slm_params, llm_params, prompts,
+    prompt_lens, key, row_ids=None) -> RelayOutput`. With `llm=None` (and no
+    command) it is single-model generation: commands are plain text and
+    `config.slm` is the sampling.
+
+    The object is frozen and hashable (a valid static argument), and calling it
+    works eagerly, inside a caller's `jax.jit`, under `shard_map` and on inputs
+    sharded over a mesh. Shape and dtype checks always run. Value checks (prompt
+    lengths in [1, P], prompt ids inside the vocabulary) run on the host when
+    the values are known there and raise `InputError`; under tracing a bad row
+    instead ends at once with `finish_reason` INVALID (3) and no generated
+    tokens, and the other rows are unaffected. `validate` runs the host checks
+    explicitly.
+
+    Randomness: the token at slot p of row b is drawn with
+    `fold_in(fold_in(key, row_ids[b]), p)`. `row_ids` default to 0..B-1, which
+    is right for an unsplit batch and for a batch sharded over a mesh under
+    `jit` (the ids are global there). A caller that splits a batch itself — into
+    sequential calls, or with `shard_map`, where each shard sees only its rows —
+    passes each row's global index as `row_ids` (sharded like the prompts), and
+    gets exactly the tokens of one unsplit call.
+    """
+
+    slm: object
+    llm: object
+    config: RelayConfig
+    command: cmd.CallCommand | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.config, RelayConfig):
+            raise TypeError(f"config must be a relax.RelayConfig, got {type(self.config).__name__}")
+        if self.llm is not None and not isinstance(self.command, cmd.CallCommand):
+            raise TypeError(
+                f"command must be a relax.CallCommand, got {type(self.command).__name__}"
+            )
+
+    def _vocab(self, slm_params, llm_params, B, L):
+        v = _vocab_size(self.slm, slm_params, B, L)
+        if self.llm is not None:
+            v_llm = _vocab_size(self.llm, llm_params, B, L)
+            if v != v_llm:
+                raise ValueError(
+                    f"the SLM and LLM vocabularies differ ({v} vs {v_llm} logits): the relay "
+                    "passes token ids between them, so both must use the same tokenizer"
+                )
+        bad = [i for i in (*self.config.eos_ids, self.config.pad_id) if i >= v]
+        if bad:
+            raise ValueError(f"eos/pad ids {bad} are outside the models' vocabulary ({v})")
+        return v
+
+    def validate(self, slm_params, llm_params, prompts, prompt_lens):
+        """The host-side checks of concrete inputs; raises `InputError` on the first bad row."""
+        prompts, lens = np.asarray(prompts), np.asarray(prompt_lens)
+        B, P = prompts.shape
+        v = self._vocab(slm_params, llm_params, B, P + self.config.max_new_tokens)
+        _check_lengths(lens, P)
+        _check_prompt_ids(prompts, lens, v)
+
+    def arguments(self, slm_params, llm_params, prompts, prompt_lens, key, row_ids=None):
+        """The checked arguments of the jitted loop `_run` (tests and `relax plan` lower it)."""
+        prompts, prompt_lens = jnp.asarray(prompts), jnp.asarray(prompt_lens)
+        row_ids = None if row_ids is None else jnp.asarray(row_ids)
+        _check_shapes(prompts, prompt_lens, row_ids)
+        B, P = prompts.shape
+        L = P + self.config.max_new_tokens
+        v = self._vocab(slm_params, llm_params, B, L)
+        ids, lens = _host_value(prompts), _host_value(prompt_lens)
+        if lens is not None:
+            _check_lengths(lens, P)
+            if ids is not None:
+                _check_prompt_ids(ids, lens, v)
+        _warn_positions(self.slm, L, "SLM" if self.llm is not None else "model")
+        if self.llm is not None:
+            _warn_positions(self.llm, L, "LLM")
+        relay = self.llm is not None
+        loop = Loop(
+            slm=self.slm,
+            llm=self.llm,
+            config=self.config,
+            max_n=self.command.max_n if relay else 1,
+            vocab=v,
+        )
+        tables = self.command.device_tables(v) if relay else None
+        caches = (self.slm.init_cache(B, L), self.llm.init_cache(B, L) if relay else None)
+        if row_ids is None:
+            row_ids = jnp.arange(B, dtype=jnp.int32)
+        return (loop, slm_params, llm_params, tables, prompts, prompt_lens, key, *caches, row_ids)
+
+    def __call__(self, slm_params, llm_params, prompts, prompt_lens, key, row_ids=None):
+        args = self.arguments(slm_params, llm_params, prompts, prompt_lens, key, row_ids)
+        return _run(*args)[0]
+
+
+def _row_ids(row_ids, row_offset, batch):
+    if row_offset and row_ids is not None:
+        raise ValueError("pass row_ids or row_offset, not both")
+    if row_offset:
+        return jnp.asarray(row_offset, jnp.int32) + jnp.arange(batch, dtype=jnp.int32)
+    return row_ids
+
+
 def relay_generate(
-    slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config, command, row_offset=0
+    slm,
+    slm_params,
+    llm,
+    llm_params,
+    prompts,
+    prompt_lens,
+    key,
+    config,
+    command,
+    row_ids=None,
+    row_offset=0,
 ):
-    """Runs the relay on a batch of right-padded prompts. See docs/protocol.md and the module docstring.
+    """Runs the relay on a batch of right-padded prompts (`RelayDecoder`'s thin wrapper).
+
+    See docs/protocol.md and the module docstring.
 
     Args:
       slm, llm: models (`init_cache`, `apply`; hashable: they are static under jit).
       slm_params, llm_params: their parameters.
       prompts: [B, P] int32, right-padded. prompt_lens: [B] int32, each in [1, P].
       key: a jax PRNG key. config: RelayConfig. command: CallCommand for the shared tokenizer.
-      row_offset: row b samples as row `row_offset + b` (an int, traced: no recompile per
-        value), so rows [o, o + B) of a larger batch run as a call of their own with
-        `row_offset=o` draw exactly the tokens they draw in the one big call.
+      row_ids: [B] int32, each row's global identity for its samples (default 0..B-1);
+        row_offset: shorthand for row_ids = row_offset + 0..B-1 (a batch split in calls).
     Returns:
       RelayOutput with [B, P + config.max_new_tokens] sequences.
     """
-    args = _prepare(
-        slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config, command, row_offset
+    rows = _row_ids(row_ids, row_offset, np.shape(prompts)[0])
+    return RelayDecoder(slm, llm, config, command)(
+        slm_params, llm_params, prompts, prompt_lens, key, rows
     )
-    return _run(*args)[0]
 
 
-def _prepare(
-    slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config, command, row_offset=0
-):
-    """Checks the inputs and returns the arguments of `_run` (tests lower it with these)."""
-    prompts, prompt_lens = jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lens, jnp.int32)
-    _check_inputs(prompts, prompt_lens, config)
-    if not isinstance(command, cmd.CallCommand):
-        raise TypeError(f"command must be a relax.CallCommand, got {type(command).__name__}")
-    B, P = prompts.shape
-    L = P + config.max_new_tokens
-    v_slm = _vocab_size(slm, slm_params, B, L)
-    v_llm = _vocab_size(llm, llm_params, B, L)
-    if v_slm != v_llm:
-        raise ValueError(
-            f"the SLM and LLM vocabularies differ ({v_slm} vs {v_llm} logits): the relay passes "
-            "token ids between them, so both must use the same tokenizer"
-        )
-    bad = [i for i in (*config.eos_ids, config.pad_id) if i >= v_slm]
-    if bad:
-        raise ValueError(f"eos/pad ids {bad} are outside the models' vocabulary ({v_slm})")
-    _check_prompt_ids(prompts, prompt_lens, v_slm)
-    _warn_positions(slm, L, "SLM")
-    _warn_positions(llm, L, "LLM")
-    tables = command.device_tables(v_slm)
-    loop = Loop(slm=slm, llm=llm, config=config, max_n=command.max_n)
-    caches = slm.init_cache(B, L), llm.init_cache(B, L)
-    offset = jnp.asarray(row_offset, jnp.int32)
-    return (loop, slm_params, llm_params, tables, prompts, prompt_lens, key, *caches, offset)
+def _prepare(slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config, command, row_offset=0):
+    """The arguments of `_run` for a relay call (tests lower `_run` with these)."""
+    rows = _row_ids(None, row_offset, np.shape(prompts)[0])
+    return RelayDecoder(slm, llm, config, command).arguments(
+        slm_params, llm_params, prompts, prompt_lens, key, rows
+    )
 
 
-def generate(model, params, prompts, prompt_lens, key, config, sampling=None):
+def generate(model, params, prompts, prompt_lens, key, config, sampling=None, row_ids=None):
     """Single-model generation with the same loop and output (no commands honoured).
 
     Commands the model writes are plain text here (source slm). `sampling` is
     this model's own `SamplingConfig` (pass `config.llm` to sample a teacher
     with the teacher's settings); None means `config.slm`. Only the budget,
-    eos and pad fields of `config` are used otherwise.
+    eos and pad fields of `config` are used otherwise. Traceable like
+    `RelayDecoder`, with the same `row_ids`.
     """
     if sampling is not None:
         if not isinstance(sampling, SamplingConfig):
             raise TypeError(f"sampling must be a relax.SamplingConfig, got {type(sampling).__name__}")
         config = dataclasses.replace(config, slm=sampling)
-    prompts, prompt_lens = jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lens, jnp.int32)
-    _check_inputs(prompts, prompt_lens, config)
-    B, P = prompts.shape
-    L = P + config.max_new_tokens
-    v = _vocab_size(model, params, B, L)
-    bad = [i for i in (*config.eos_ids, config.pad_id) if i >= v]
-    if bad:
-        raise ValueError(f"eos/pad ids {bad} are outside the model's vocabulary ({v})")
-    _check_prompt_ids(prompts, prompt_lens, v)
-    _warn_positions(model, L, "model")
-    loop = Loop(slm=model, llm=None, config=config, max_n=1)
-    out, _, _ = _run(
-        loop, params, None, (), prompts, prompt_lens, key, model.init_cache(B, L), None,
-        jnp.int32(0),
-    )  # fmt: skip
-    return out
+    return RelayDecoder(model, None, config)(params, None, prompts, prompt_lens, key, row_ids)

@@ -21,8 +21,9 @@ from relax.relay.sampling import sample_batch, token_key
 
 # Sources of a token.
 PAD, PROMPT, SLM, COMMAND, LLM = 0, 1, 2, 3, 4
-# Finish reasons.
-EOS, BUDGET, CALL_LIMIT = 0, 1, 2
+# Finish reasons. INVALID: a row whose prompt length or token ids were invalid, found on
+# device when the inputs are traced (concrete inputs are checked on the host and raise).
+EOS, BUDGET, CALL_LIMIT, INVALID = 0, 1, 2, 3
 # Row phases.
 DECODING, WAITING, CALLING, FINISHED = 0, 1, 2, 3
 
@@ -69,9 +70,9 @@ class State:
     """[B] int32: loop iterations spent waiting for the LLM."""
     llm_prefill: jax.Array
     """[B] int32: tokens fed to the LLM."""
-    row_offset: jax.Array
-    """[] int32: the row identity of row 0 for sampling keys (row b draws as row
-    row_offset + b), so a batch split into calls samples as one call."""
+    row_ids: jax.Array
+    """[B] int32: each row's global identity for its sampling keys, so a batch split into
+    calls or shards samples as one call (default: 0..B-1)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,7 @@ class Loop:
     llm: Any  # None: single-model generation, commands not read
     config: RelayConfig
     max_n: int
+    vocab: int  # the models' logits width (prompt ids outside it make a row INVALID)
 
     @property
     def relay(self) -> bool:
@@ -180,8 +182,7 @@ def _ingest(ingest, loop, params, s, rows, unseen):
 
 
 def _keys(key, s: State):
-    rows = s.row_offset + jnp.arange(s.length.shape[0])
-    return jax.vmap(lambda b, p: token_key(key, b, p))(rows, s.length)
+    return jax.vmap(lambda b, p: token_key(key, b, p))(s.row_ids, s.length)
 
 
 def _saturating(n, mul, add, max_n):
@@ -195,7 +196,7 @@ def _budget_left(loop, s, prompt_lens):
     return loop.config.max_new_tokens - (s.length - prompt_lens)
 
 
-def _slm_step(loop, params, tables, key, prompt_lens, s: State):
+def _slm_step(loop, params, t: cmd.CommandTables, key, prompt_lens, s: State):
     """One SLM step for the rows decoding: ingest, sample, read the command automaton."""
     cfg = loop.config
     rows = s.phase == DECODING
@@ -206,35 +207,23 @@ def _slm_step(loop, params, tables, key, prompt_lens, s: State):
     left = _budget_left(loop, s, prompt_lens)
     phase, finish = s.phase, s.finish
     if loop.relay:
-        (
-            token_class,
-            next_state,
-            mul,
-            add,
-            start_src,
-            lt_here,
-            complete,
-            cmul,
-            cadd,
-            cstart_src,
-        ) = tables
-        c = token_class[tok]
+        c = t.token_class[tok]
         a = s.auto
-        done_cmd = ready & complete[a, c]
-        n = _saturating(s.num, cmul[a, c], cadd[a, c], loop.max_n)
+        done_cmd = ready & t.complete[a, c]
+        n = _saturating(s.num, t.cmul[a, c], t.cadd[a, c], loop.max_n)
         where_from = {cmd.START_KEEP: s.pstart, cmd.START_HERE: slot, cmd.START_LT: s.last_lt}
 
         def origin(src):
             return jnp.select([src == k for k in where_from], list(where_from.values()))
 
-        cstart = origin(cstart_src[a, c])
+        cstart = origin(t.cstart_src[a, c])
         L = s.tokens.shape[1]
         in_cmd = (jnp.arange(L)[None] >= cstart[:, None]) & (jnp.arange(L)[None] <= slot[:, None])
         source = jnp.where(done_cmd[:, None] & in_cmd, COMMAND, s.source)
-        auto = jnp.where(ready, next_state[a, c], a)
-        pstart = jnp.where(ready, origin(start_src[a, c]), s.pstart)
-        last_lt = jnp.where(ready & lt_here[a, c], slot, s.last_lt)
-        num = jnp.where(ready, _saturating(s.num, mul[a, c], add[a, c], loop.max_n), s.num)
+        auto = jnp.where(ready, t.next_state[a, c], a)
+        pstart = jnp.where(ready, origin(t.start_src[a, c]), s.pstart)
+        last_lt = jnp.where(ready & t.lt_here[a, c], slot, s.last_lt)
+        num = jnp.where(ready, _saturating(s.num, t.mul[a, c], t.add[a, c], loop.max_n), s.num)
 
         asks = done_cmd & (n >= 1) & ~is_eos
         honour = asks & (s.calls < cfg.max_calls) & (left > 0)

@@ -11,6 +11,7 @@ match token for token. Quadratic in length: for tests only.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -136,10 +137,22 @@ def _pack(rows, prompts, config):
 
 
 def relay_generate(
-    slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config, command, row_offset=0
+    slm,
+    slm_params,
+    llm,
+    llm_params,
+    prompts,
+    prompt_lens,
+    key,
+    config,
+    command,
+    row_ids=None,
+    row_offset=0,
 ):
     """Same signature and result as relax.relay_generate, computed eagerly (see module docstring)."""
     prompts, lens = np.asarray(prompts), np.asarray(prompt_lens)
+    if row_ids is None:
+        row_ids = row_offset + np.arange(prompts.shape[0])
     width = prompts.shape[1] + config.max_new_tokens
     rows = [
         _row(
@@ -149,7 +162,7 @@ def relay_generate(
             llm_params,
             prompts[b, : lens[b]].tolist(),
             key,
-            row_offset + b,
+            int(row_ids[b]),
             config,
             command,
             width,
@@ -159,12 +172,19 @@ def relay_generate(
     return _pack(rows, prompts, config)
 
 
-def generate(model, params, prompts, prompt_lens, key, config):
+def generate(model, params, prompts, prompt_lens, key, config, sampling=None, row_ids=None):
     """Same as relax.generate (one model, no commands), eagerly."""
+    if sampling is not None:
+        config = dataclasses.replace(config, slm=sampling)
     prompts, lens = np.asarray(prompts), np.asarray(prompt_lens)
+    if row_ids is None:
+        row_ids = np.arange(prompts.shape[0])
     width = prompts.shape[1] + config.max_new_tokens
     rows = [
-        _row(model, params, None, None, prompts[b, : lens[b]].tolist(), key, b, config, None, width)
+        _row(
+            model, params, None, None, prompts[b, : lens[b]].tolist(), key, int(row_ids[b]),
+            config, None, width,
+        )  # fmt: skip
         for b in range(len(lens))
     ]
     return _pack(rows, prompts, config)
