@@ -60,7 +60,6 @@ from collections.abc import Callable, Sequence
 
 import flax.struct
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 PATTERN = re.compile(r"<call>\s*(\d+)\s*</call>", re.ASCII)
@@ -383,8 +382,10 @@ class CallCommand:
         return np.concatenate([self.token_class, pad]), tables
 
     def device_tables(self, vocab_size: int) -> CommandTables:
-        """The tables as a `CommandTables` pytree of device arrays, for a model vocabulary of
-        `vocab_size` ids (made once per command and size)."""
+        """The tables as a `CommandTables` pytree for a model vocabulary of `vocab_size` ids
+        (made once per command and size). Its leaves are numpy arrays: they become device
+        arrays as arguments of the decoder's jit, or constants of a caller's trace, so a
+        cached table never holds a tracer."""
         return _device_tables(self, vocab_size)
 
 
@@ -417,6 +418,4 @@ class CommandTables:
 @functools.lru_cache(maxsize=32)
 def _device_tables(command: CallCommand, vocab_size: int) -> CommandTables:
     token_class, tables = command._padded(vocab_size)
-    return CommandTables(
-        token_class=jnp.asarray(token_class), **{k: jnp.asarray(v) for k, v in tables.items()}
-    )
+    return CommandTables(token_class=token_class, **tables)
