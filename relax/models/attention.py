@@ -169,6 +169,11 @@ def _key_block(x, j, c):
 
 
 def _flash_forward(q, k, v, q_pos, k_pos, c):
+    # Ties the positions to q. Under a differentiated scan (the layer loop) JAX hoists
+    # what depends only on loop invariants out of the loop; the masks depend only on
+    # the positions, so without this they would be precomputed for every block pair,
+    # [T/C, S/C, B, C, K, G, C]: the full score tensor again.
+    q, q_pos, k_pos = jax.lax.optimization_barrier((q, q_pos, k_pos))
     kh = k.shape[2]
     q_max, k_min = _block_bounds(q_pos, k_pos, c)
     load = lambda j, ops: tuple(_key_block(x, j, c) for x in ops)
@@ -200,6 +205,7 @@ def _flash_bwd(c, res, d_out):
     and query block i (inner, accumulating dq), recompute p = exp(s - lse) and
     dv += p^T do, dp = do v^T, ds = p (dp - rowsum(do * o)), dq += ds k, dk += ds^T q."""
     q, k, v, q_pos, k_pos, out, lse = res
+    q, q_pos, k_pos = jax.lax.optimization_barrier((q, q_pos, k_pos))  # as in the forward
     b, t, n, h = q.shape
     kh = k.shape[2]
     scale = h**-0.5
