@@ -11,7 +11,12 @@ CPU laptop (a few minutes of compilation for the relay loop).
   train    `jax.grad` of the summed final-norm activations (`Model.hidden`, no LM
            head) of one 12,287-token sequence, Qwen3-1.7B float32, remat on.
 
-    python scripts/memory_model.py [decode relay train]
+    python scripts/memory_model.py [decode relay train] [--float32]
+
+--float32 compiles decode and relay with float32 models instead. On CPU that is
+the figure to read for the cache: XLA's CPU backend has no bfloat16 matmul, so
+a bfloat16 program there also holds a float32 copy of the weights (hoisted out
+of the layer loop), which GPU and TPU programs do not.
 
 Prints one line per program and ends with one JSON object of GiB figures.
 """
@@ -71,8 +76,11 @@ def memory(lowered):
     }
 
 
+DTYPE = jnp.bfloat16
+
+
 def decode(batch=16, slots=9216):
-    model = Model(QWEN3_1_7B, dtype=jnp.bfloat16)
+    model = Model(QWEN3_1_7B, dtype=DTYPE)
     cache = abstract_cache(model, batch, slots)
     tok = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
     lowered = jax.jit(model.apply, donate_argnums=3).lower(model.param_shapes(), tok, tok, cache)
@@ -80,8 +88,8 @@ def decode(batch=16, slots=9216):
 
 
 def relay(batch=16, prompt=1024, budget=8192):
-    slm = Model(QWEN3_1_7B, dtype=jnp.bfloat16)
-    llm = Model(QWEN3_8B, dtype=jnp.bfloat16)
+    slm = Model(QWEN3_1_7B, dtype=DTYPE)
+    llm = Model(QWEN3_8B, dtype=DTYPE)
     config = RelayConfig(max_new_tokens=budget)
     texts = ["<call>", "</call>"] + [str(d) for d in range(10)] + [f" w{i}" for i in range(500)]
     command = CallCommand.from_token_texts(texts)
@@ -124,6 +132,10 @@ CASES = {"decode": decode, "relay": relay, "train": train}
 
 
 def main(argv):
+    global DTYPE
+    if "--float32" in argv:
+        DTYPE = jnp.float32
+        argv = [a for a in argv if a != "--float32"]
     names = argv or list(CASES)
     result = {}
     for name in names:

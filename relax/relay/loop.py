@@ -111,10 +111,17 @@ def _append(s, ready, tok, src, logprobs=None):
 
 
 def _feed(model, params, cache, tok, pos, n_feed):
-    """Runs the model on [B, T] tokens and returns the logits after each row's last fed token."""
+    """Runs the model on [B, T] tokens and returns the logits after each row's last fed token.
+
+    A model with `hidden` and `logits` (relax's Model) gets the LM head applied to those
+    B rows only, so a catch-up step never holds [B, T, V] logits; a model with only the
+    two-member contract (`init_cache`, `apply`) is run whole and its logits gathered."""
+    last = jnp.maximum(n_feed - 1, 0)[:, None, None]
+    if hasattr(model, "hidden") and hasattr(model, "logits"):
+        x, cache = model.hidden(params, tok, pos, cache)
+        return model.logits(params, jnp.take_along_axis(x, last, axis=1)[:, 0]), cache
     logits, cache = model.apply(params, tok, pos, cache)
-    last = jnp.take_along_axis(logits, jnp.maximum(n_feed - 1, 0)[:, None, None], axis=1)[:, 0]
-    return last, cache
+    return jnp.take_along_axis(logits, last, axis=1)[:, 0], cache
 
 
 def _slm_ingest(loop, params, s: State, rows, width):
