@@ -206,7 +206,7 @@ def _flash_bwd(c, res, d_out):
     dv += p^T do, dp = do v^T, ds = p (dp - rowsum(do * o)), dq += ds k, dk += ds^T q."""
     q, k, v, q_pos, k_pos, out, lse = res
     q, q_pos, k_pos = jax.lax.optimization_barrier((q, q_pos, k_pos))  # as in the forward
-    b, t, n, h = q.shape
+    b, t, _, h = q.shape
     kh = k.shape[2]
     scale = h**-0.5
     q_max, k_min = _block_bounds(q_pos, k_pos, c)
@@ -230,7 +230,9 @@ def _flash_bwd(c, res, d_out):
         )
         dp = jnp.einsum("btkgh,bckh->btkgc", do_i, v_j, preferred_element_type=jnp.float32)
         ds = jnp.where(vis, p * (dp - q_block(delta, i)[..., None]), 0.0) * scale
-        dq_i = jnp.einsum("btkgc,bckh->btkgh", ds.astype(k.dtype), k_j, preferred_element_type=jnp.float32)
+        dq_i = jnp.einsum(
+            "btkgc,bckh->btkgh", ds.astype(k.dtype), k_j, preferred_element_type=jnp.float32
+        )
         dk_j = dk_j + jnp.einsum(
             "btkgc,btkgh->bckh", ds.astype(q.dtype), q_i, preferred_element_type=jnp.float32
         )
@@ -295,5 +297,7 @@ def cached_attention(q, q_pos, cache_k, cache_v, layer, block=512):
     if t <= c:
         return attend(qg, q_pos).reshape(b, t, n, h)
     qb = _query_blocks(_pad_to(qg, 1, c, 0), c)
-    out = _unblock(jax.lax.map(lambda a: attend(*a), (qb, _query_blocks(_pad_to(q_pos, 1, c, -1), c))))
+    out = _unblock(
+        jax.lax.map(lambda a: attend(*a), (qb, _query_blocks(_pad_to(q_pos, 1, c, -1), c)))
+    )
     return out[:, :t].reshape(b, t, n, h)

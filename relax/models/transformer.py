@@ -7,7 +7,7 @@ time does not grow with depth and every layer parameter has a leading L axis.
 Axis alphabet, used in every einsum and shape comment of this package:
   B batch, T query length, S cache length, D model dim, N query heads,
   K kv heads, G = N // K query heads per kv head, H head dim, F ffw dim,
-  V vocab, L layers.
+  V vocab, L layers, C attention block length.
 
 Numerics: parameters and activations in the model dtype (float32 or
 bfloat16); RMSNorm statistics, RoPE angles, softmax and logits in float32,
@@ -18,6 +18,29 @@ Positions: `positions[b, t]` is the token's slot in this model's own context.
 A position < 0 marks padding: nothing is written to the cache and its logits
 are meaningless (finite, never NaN). A query at position p attends to slots
 0..p of its own row; the caller fills slots contiguously.
+
+Costs follow content, not capacity:
+
+  * The cache is carried. The whole stacked cache {"k","v": [L, B, S, K, H]}
+    rides in the layer scan's carry (not in its xs and ys, which would be a
+    second whole cache), and each layer writes only its T new slots per row
+    into it (relax.models.kv_cache.write_slots: one dynamic update slice per
+    row). Donated at the jit boundary, or carried by the relay's while loop,
+    the step updates the cache in place: a decode step's compiled temporaries
+    are a small fraction of the cache (scripts/memory_model.py measures them).
+  * Decode and prefill read only the filled part. Attention against the cache
+    walks key blocks of C slots (`attention_block`, 512 by default) in a while
+    loop with an online softmax and stops after the block holding the batch's
+    largest position (relax.models.attention.cached_attention): one read of
+    the filled slots plus compute, whatever S is. A 32,768-slot cache costs
+    what a 256-slot one does at the same fill (scripts/bench_model.py (d)).
+    It is plain XLA, so it runs the same on CPU, GPU and TPU.
+  * Training attention is blockwise. Without a cache, sequences longer than
+    2C use flash-style attention (query and key blocks, online softmax,
+    causal block skipping, a custom VJP that recomputes the probabilities in
+    the backward), so no [B, N, T, S] scores exist in either pass and memory
+    is linear in T; remat (`Model(remat=True)`) still recomputes the rest of
+    each layer. Shorter sequences use dense attention, which is faster there.
 """
 
 import jax
