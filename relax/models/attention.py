@@ -37,6 +37,11 @@ Softmax statistics are float32; scores come out of float32-accumulating matmuls;
 probabilities are cast to the value dtype for the second matmul (as the dense path).
 Masked scores are a large finite negative, not -inf, so fully masked rows give
 exp(0) = 1 weights instead of NaN.
+
+Not done here: fused kernels. On GPU and TPU a Pallas/cuDNN flash kernel (e.g.
+`jax.nn.dot_product_attention(implementation="cudnn")` with per-row key lengths)
+would be faster than these XLA loops; the loops are the portable baseline that
+the tests check against dense attention on CPU.
 """
 
 import functools
