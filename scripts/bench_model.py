@@ -5,9 +5,14 @@
     on a random Qwen3 of about 20M parameters.
 (b) Forward+backward throughput of a ~50M-parameter Qwen3 at sequence 512, as a
     fraction of this machine's measured float32 matmul peak.
+(c) Long-context greedy decode: batch 8, a 4,096-token prompt, 256 new tokens, a
+    random 4-layer Qwen3, relax against `transformers` `generate` with its static
+    cache (`cache_implementation="static"`), same weights.
+(d) Decode cost against cache capacity: one decode step of a tiny 4-layer model,
+    batch 8, with the same 200 filled slots in a 256-slot and a 32,768-slot cache.
 
-The last line printed is one JSON object with `decode_vs_transformers` and
-`train_flop_utilisation` (plus the raw figures).
+The last line printed is one JSON object with `decode_vs_transformers`,
+`train_flop_utilisation` and `long_decode_vs_transformers` (plus the raw figures).
 
     python scripts/bench_model.py                 # CPU, float32, the issue's sizes
     python scripts/bench_model.py --preset qwen3-0.6b --dtype bfloat16 --skip-train  # accelerator
@@ -50,6 +55,19 @@ PRESETS = {
         head_dim=64,
         tie_embeddings=True,
     ),
+    # ~10M parameters (mostly embedding) for the long-context decode, so the 4,096-token
+    # prompt is a few seconds of CPU per run.
+    "long-4l": ModelConfig(
+        family="qwen3",
+        vocab_size=8192,
+        hidden_size=256,
+        intermediate_size=768,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        tie_embeddings=True,
+    ),
     # The real Qwen3-0.6B shape (random weights), for an accelerator run.
     "qwen3-0.6b": ModelConfig(
         family="qwen3",
@@ -76,7 +94,13 @@ def timed(fn, repeats):
     return best
 
 
-def bench_decode(cfg, dtype, batch, prompt_len, new_tokens, repeats, with_torch=True):
+def bench_decode(
+    cfg, dtype, batch, prompt_len, new_tokens, repeats, with_torch=True, static=False, chunk=64
+):
+    """Greedy decode tokens/s of relax and (with_torch) of transformers on the same weights.
+
+    static: transformers uses its static (preallocated) KV cache. chunk: relax's
+    prefill_chunk (prompt tokens ingested per loop step)."""
     model = Model(cfg, dtype=dtype)
     params = model.init_params(jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -84,7 +108,7 @@ def bench_decode(cfg, dtype, batch, prompt_len, new_tokens, repeats, with_torch=
     lens = np.full((batch,), prompt_len, np.int32)
     greedy = relax.SamplingConfig(greedy=True)
     config = relax.RelayConfig(
-        max_new_tokens=new_tokens, slm=greedy, llm=greedy, eos_ids=(), pad_id=0
+        max_new_tokens=new_tokens, slm=greedy, llm=greedy, eos_ids=(), pad_id=0, prefill_chunk=chunk
     )
     key = jax.random.key(1)
 
@@ -111,6 +135,8 @@ def bench_decode(cfg, dtype, batch, prompt_len, new_tokens, repeats, with_torch=
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     inputs = torch.as_tensor(prompts, dtype=torch.long)
 
+    extra = {"cache_implementation": "static"} if static else {}
+
     def run_torch():
         with torch.no_grad():
             return hf.generate(
@@ -120,6 +146,7 @@ def bench_decode(cfg, dtype, batch, prompt_len, new_tokens, repeats, with_torch=
                 min_new_tokens=new_tokens,
                 do_sample=False,
                 pad_token_id=0,
+                **extra,
             )
 
     t_torch = timed(run_torch, repeats)
@@ -131,6 +158,28 @@ def bench_decode(cfg, dtype, batch, prompt_len, new_tokens, repeats, with_torch=
         greedy_token_agreement=float(np.mean(ours == theirs)),
     )
     return result
+
+
+def bench_cache_capacity(batch=8, filled=200, capacities=(256, 32768), repeats=10):
+    """ms per decode step (`jit(model.apply)`, cache donated) at each cache capacity,
+    the same `filled` slots in use: the step should cost the same whatever the capacity."""
+    cfg = PRESETS["long-4l"]
+    model = Model(cfg)
+    params = model.init_params(jax.random.key(0))
+    step = jax.jit(model.apply, donate_argnums=3)
+    tok = jnp.zeros((batch, 1), jnp.int32)
+    out = {}
+    for slots in capacities:
+        holder = {"cache": model.init_cache(batch, slots), "i": 0}
+
+        def one(holder=holder):
+            pos = jnp.full((batch, 1), filled + holder["i"] % 8, jnp.int32)
+            logits, holder["cache"] = step(params, tok, pos, holder["cache"])
+            holder["i"] += 1
+            return jax.block_until_ready(logits)
+
+        out[slots] = 1000 * timed(one, repeats)
+    return out
 
 
 def matmul_peak_flops(dtype, n=2048, repeats=5):
@@ -175,6 +224,9 @@ def main(argv=None):
     parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--skip-long", action="store_true")
+    parser.add_argument("--long-prompt-len", type=int, default=4096)
+    parser.add_argument("--long-new-tokens", type=int, default=256)
     args = parser.parse_args(argv)
     dtype = jnp.dtype(args.dtype)
     print(f"devices: {jax.devices()}")
@@ -209,8 +261,44 @@ def main(argv=None):
             f"{peak / 1e9:.1f} GFLOP/s matmul peak -> {util:.1%}"
         )
         result.update(train, matmul_peak_flops_per_s=peak, train_flop_utilisation=util)
+    if not args.skip_long:
+        long = bench_decode(
+            PRESETS["long-4l"],
+            dtype,
+            args.batch,
+            args.long_prompt_len,
+            args.long_new_tokens,
+            1,
+            with_torch=not args.skip_torch,
+            static=True,
+            chunk=512,
+        )
+        print(
+            f"(c) long decode, {long['params'] / 1e6:.1f}M params, batch {args.batch}, prompt "
+            f"{args.long_prompt_len}, {args.long_new_tokens} new tokens: relax "
+            f"{long['relax_tokens_per_s']:.0f} tok/s"
+        )
+        result["long_relax_tokens_per_s"] = long["relax_tokens_per_s"]
+        if "transformers_tokens_per_s" in long:
+            print(
+                f"    transformers (static cache) {long['transformers_tokens_per_s']:.0f} tok/s -> "
+                f"ratio {long['decode_vs_transformers']:.2f}x (greedy agreement "
+                f"{long['greedy_token_agreement']:.3f})"
+            )
+            result.update(
+                long_transformers_tokens_per_s=long["transformers_tokens_per_s"],
+                long_decode_vs_transformers=long["decode_vs_transformers"],
+                long_greedy_token_agreement=long["greedy_token_agreement"],
+            )
+        cap = bench_cache_capacity(batch=args.batch)
+        print(
+            "(d) decode step, 200 slots filled: "
+            + ", ".join(f"{ms:.1f} ms with {slots} slots" for slots, ms in cap.items())
+        )
+        result["decode_step_ms_by_cache_slots"] = cap
     result.setdefault("decode_vs_transformers", None)
     result.setdefault("train_flop_utilisation", None)
+    result.setdefault("long_decode_vs_transformers", None)
     print(json.dumps(result))
 
 

@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 import relax
 from relax.models import Model, ModelConfig
+from relax.models.attention import blockwise_attention, cached_attention, dense_attention
 from relax.models.hf import CheckpointError
 from tests.hf_utils import hf_logits, tiny_hf_model
 
@@ -315,3 +316,119 @@ def test_config_errors():
         )
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         Model(ModelConfig(), dtype=jnp.float16)
+
+
+# --- In-place KV cache and blockwise attention -------------------------------------------
+
+
+def _padded_positions(lengths, t):
+    """[B, T] positions 0..n-1 then -1 (padding) for rows of the given lengths."""
+    ar = np.arange(t)[None]
+    return np.where(ar < np.asarray(lengths)[:, None], ar, -1).astype(np.int32)
+
+
+def test_inplace_cache_decode_equals_full_forward():
+    """Chunked prefill (with padding rows and uneven lengths) then several decode steps,
+    through `jit(apply, donate_argnums=3)`, with 4-slot attention blocks so the cache is
+    read over several blocks and the last block is partial: each row's logits equal its
+    no-cache forward run alone."""
+    cfg = ModelConfig(num_layers=2, vocab_size=97)
+    model = Model(cfg, attention_block=4)
+    reference = Model(cfg)  # dense attention for these short sequences
+    params = model.init_params(jax.random.key(0))
+    rng = np.random.default_rng(1)
+    b, prompt, steps, slots = 3, 9, 4, 15  # 15 slots: blocks 0-3, 4-7, 8-11, 12-14
+    tokens = rng.integers(0, 97, size=(b, prompt + steps)).astype(np.int32)
+    lengths = np.array([9, 4, 7])
+    step = jax.jit(model.apply, donate_argnums=3)
+    cache = model.init_cache(b, slots)
+    out = {r: [] for r in range(b)}
+    # prefill in chunks of 3 tokens; a row that has run out sends padding (position -1)
+    for start in range(0, prompt, 3):
+        pos = np.arange(start, start + 3)[None].repeat(b, 0)
+        pos = np.where(pos < lengths[:, None], pos, -1).astype(np.int32)
+        tok = np.where(pos >= 0, tokens[:, start : start + 3], 0)
+        logits, cache = step(params, tok, pos, cache)
+        for r in range(b):
+            out[r] += [np.asarray(logits)[r, i] for i in range(3) if pos[r, i] >= 0]
+    # decode: every row at its own next position; row 1 sits the second step out
+    for i in range(steps):
+        pos = (lengths + i - (lengths == 4) * (i >= 1))[:, None].astype(np.int32)
+        pos[1, 0] = -1 if i == 1 else pos[1, 0]
+        tok = np.take_along_axis(tokens, np.maximum(pos, 0), axis=1)
+        logits, cache = step(params, tok, pos, cache)
+        for r in range(b):
+            if pos[r, 0] >= 0:
+                out[r].append(np.asarray(logits)[r, 0])
+    for r in range(b):
+        n = len(out[r])
+        seq = tokens[r : r + 1, :n]
+        alone, _ = reference.apply(params, seq, np.arange(n, dtype=np.int32)[None], None)
+        diff = np.abs(np.stack(out[r]) - np.asarray(alone)[0]).max()
+        assert diff <= TOL, (r, diff)
+
+
+@pytest.fixture(scope="module")
+def qkv():
+    k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
+    b, t, n, kh, h = 2, 37, 4, 2, 8  # GQA; 37 is not a multiple of the 8-slot blocks
+    return (
+        jax.random.normal(k1, (b, t, n, h)),
+        jax.random.normal(k2, (b, t, kh, h)),
+        jax.random.normal(k3, (b, t, kh, h)),
+    )
+
+
+def test_blockwise_attention_equals_dense(qkv):
+    """Forward and gradients of the flash-style attention equal the dense one at every
+    real query (uneven lengths, right padding, a partial last block); padding stays finite."""
+    q, k, v = qkv
+    pos = jnp.asarray(_padded_positions([37, 20], q.shape[1]))
+    real = (pos >= 0)[..., None, None]
+    dense = dense_attention(q, k, v, pos, pos)
+    block = blockwise_attention(q, k, v, pos, pos, 8)
+    assert np.abs(np.where(real, dense - block, 0)).max() <= TOL
+    assert np.all(np.isfinite(np.asarray(block)))
+    w = jax.random.normal(jax.random.key(5), q.shape) * real  # a loss over real queries
+
+    def grads(fn):
+        return jax.grad(lambda q, k, v: (fn(q, k, v, pos, pos) * w).sum(), argnums=(0, 1, 2))(
+            q, k, v
+        )
+
+    for gd, gb in zip(grads(dense_attention), grads(lambda *a: blockwise_attention(*a, 8))):
+        assert np.abs(np.asarray(gd) - np.asarray(gb)).max() <= TOL
+
+
+def test_cached_attention_equals_dense(qkv):
+    """Attention over the stacked cache (blocks of 8 over 29 slots: the last block is
+    shifted back and overlaps) equals dense attention over the filled slots, for a
+    chunk of queries and for one decode query per row at uneven lengths."""
+    q, k, v = qkv
+    s = 29
+    cache_k = jnp.zeros((3, 2, s, 2, 8)).at[1].set(k[:, :s])  # layer 1 holds the keys
+    cache_v = jnp.zeros((3, 2, s, 2, 8)).at[1].set(v[:, :s])
+    slots = jnp.broadcast_to(jnp.arange(s), (2, s))
+    for qpos in (
+        jnp.asarray(_padded_positions([s, 11], s)),  # a prefill chunk, row 1 padded
+        jnp.asarray([[28], [13]], jnp.int32),  # decode, rows at different lengths
+    ):
+        qq = q[:, : qpos.shape[1]]
+        ours = cached_attention(qq, qpos, cache_k, cache_v, jnp.int32(1), 8)
+        dense = dense_attention(qq, k[:, :s], v[:, :s], qpos, slots)
+        real = (qpos >= 0)[..., None, None]
+        assert np.abs(np.where(real, ours - dense, 0)).max() <= TOL
+        assert np.all(np.isfinite(np.asarray(ours)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_step_updates_cache_in_place(dtype):
+    """A donated decode step's compiled temporaries are a small fraction of the cache:
+    the cache is neither copied nor upcast (compiled on abstract inputs, nothing runs)."""
+    model = Model(ModelConfig(num_layers=2), dtype=dtype)
+    cache = jax.eval_shape(lambda: model.init_cache(4, 16384))
+    tok = jax.ShapeDtypeStruct((4, 1), jnp.int32)
+    lowered = jax.jit(model.apply, donate_argnums=3).lower(model.param_shapes(), tok, tok, cache)
+    temp = lowered.compile().memory_analysis().temp_size_in_bytes
+    size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    assert temp < 0.1 * size, (temp, size)

@@ -331,3 +331,42 @@ def test_clear_errors(case):
             c["slm"], c["slm_params"], c["llm"], c["llm_params"],
             c["prompts"], c["lens"], jax.random.PRNGKey(0), CONFIG, None,
         )  # fmt: skip
+
+
+class _ApplyOnly:
+    """relax's Model behind the two-member contract only (no `hidden` / `logits`)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __hash__(self):
+        return hash(("apply-only", self.inner))
+
+    def __eq__(self, other):
+        return isinstance(other, _ApplyOnly) and other.inner == self.inner
+
+    def init_cache(self, batch, max_len):
+        return self.inner.init_cache(batch, max_len)
+
+    def apply(self, params, tokens, positions, cache):
+        return self.inner.apply(params, tokens, positions, cache)
+
+
+def test_lm_head_on_last_rows_equals_apply_fallback():
+    """The loop applies relax's LM head to each row's last fed position only (`hidden` +
+    `logits`); a model with just `init_cache` / `apply` has its full logits gathered.
+    Both give the same rows (uneven prompts, chunked catch-up, decode)."""
+    from relax.models import Model, ModelConfig
+
+    model = Model(ModelConfig(vocab_size=64, num_layers=2))
+    params = model.init_params(jax.random.PRNGKey(0))
+    rng = np.random.RandomState(0)
+    prompts = rng.randint(1, 64, size=(3, 9)).astype(np.int32)
+    lens = np.array([9, 3, 6], np.int32)
+    cfg = RelayConfig(max_new_tokens=10, prefill_chunk=4, eos_ids=(), pad_id=0, slm=GREEDY)
+    ours = decoder.generate(model, params, prompts, lens, jax.random.PRNGKey(1), cfg)
+    theirs = decoder.generate(_ApplyOnly(model), params, prompts, lens, jax.random.PRNGKey(1), cfg)
+    np.testing.assert_array_equal(np.asarray(ours.tokens), np.asarray(theirs.tokens))
+    np.testing.assert_allclose(
+        np.asarray(ours.slm_logprobs), np.asarray(theirs.slm_logprobs), atol=1e-5
+    )

@@ -13,11 +13,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from relax.models import kv_cache
 from relax.models.config import ModelConfig
 from relax.models.transformer import Transformer, lm_logits
 
 Params = Any  # a nested dict of arrays
-Cache = Any  # {"k", "v": [L, B, S, K, H]}
+Cache = Any  # {"k", "v": [L, B, S, K, H]}, see relax.models.kv_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,21 +27,27 @@ class Model:
 
     remat: recompute each layer's activations in the backward pass (saves
       memory in training; no effect on inference).
+    attention_block: length of the query and key blocks of the blockwise attention
+      (relax.models.attention): the KV cache is read in blocks of this many slots, and
+      the training forward switches from dense to blockwise attention above twice it.
     """
 
     config: ModelConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    attention_block: int = 512
 
     def __post_init__(self):
         dtype = jnp.dtype(self.dtype)
         if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
             raise ValueError(f"model dtype must be float32 or bfloat16, got {dtype}")
         object.__setattr__(self, "dtype", dtype)
+        if self.attention_block < 1:
+            raise ValueError(f"attention_block must be >= 1, got {self.attention_block}")
 
     @property
     def module(self) -> Transformer:
-        return Transformer(self.config, self.dtype, self.remat)
+        return Transformer(self.config, self.dtype, self.remat, self.attention_block)
 
     def init_params(self, key: jax.Array) -> Params:
         """Random parameters: normal(0.02) weights, unit norms, zero biases."""
@@ -57,8 +64,9 @@ class Model:
     def init_cache(self, batch: int, max_len: int) -> Cache:
         """An empty KV cache for `batch` rows of up to `max_len` slots."""
         c = self.config
-        shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
-        return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+        return kv_cache.init_cache(
+            c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, self.dtype
+        )
 
     def apply(
         self, params: Params, tokens: jax.Array, positions: jax.Array, cache: Cache | None

@@ -7,7 +7,7 @@ time does not grow with depth and every layer parameter has a leading L axis.
 Axis alphabet, used in every einsum and shape comment of this package:
   B batch, T query length, S cache length, D model dim, N query heads,
   K kv heads, G = N // K query heads per kv head, H head dim, F ffw dim,
-  V vocab, L layers.
+  V vocab, L layers, C attention block length.
 
 Numerics: parameters and activations in the model dtype (float32 or
 bfloat16); RMSNorm statistics, RoPE angles, softmax and logits in float32,
@@ -18,6 +18,29 @@ Positions: `positions[b, t]` is the token's slot in this model's own context.
 A position < 0 marks padding: nothing is written to the cache and its logits
 are meaningless (finite, never NaN). A query at position p attends to slots
 0..p of its own row; the caller fills slots contiguously.
+
+Costs follow content, not capacity:
+
+  * The cache is carried. The whole stacked cache {"k","v": [L, B, S, K, H]}
+    rides in the layer scan's carry (not in its xs and ys, which would be a
+    second whole cache), and each layer writes only its T new slots per row
+    into it (relax.models.kv_cache.write_slots: one dynamic update slice per
+    row). Donated at the jit boundary, or carried by the relay's while loop,
+    the step updates the cache in place: a decode step's compiled temporaries
+    are a small fraction of the cache (scripts/memory_model.py measures them).
+  * Decode and prefill read only the filled part. Attention against the cache
+    walks key blocks of C slots (`attention_block`, 512 by default) in a while
+    loop with an online softmax and stops after the block holding the batch's
+    largest position (relax.models.attention.cached_attention): one read of
+    the filled slots plus compute, whatever S is. A 32,768-slot cache costs
+    what a 256-slot one does at the same fill (scripts/bench_model.py (d)).
+    It is plain XLA, so it runs the same on CPU, GPU and TPU.
+  * Training attention is blockwise. Without a cache, sequences longer than
+    2C use flash-style attention (query and key blocks, online softmax,
+    causal block skipping, a custom VJP that recomputes the probabilities in
+    the backward), so no [B, N, T, S] scores exist in either pass and memory
+    is linear in T; remat (`Model(remat=True)`) still recomputes the rest of
+    each layer. Shorter sequences use dense attention, which is faster there.
 """
 
 import jax
@@ -25,9 +48,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from relax.models.attention import blockwise_attention, cached_attention, dense_attention
 from relax.models.config import ModelConfig
-
-_MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite, so padded rows never give NaN
+from relax.models.kv_cache import write_slots
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -85,13 +108,16 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     dtype: jnp.dtype
+    block: int = 512
 
     def _param(self, name, shape, init):
         return self.param(name, init, shape, self.dtype)
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, cos, sin):
-        # x [B, T, D]; layer_cache None or {"k","v": [B, S, K, H]}; positions [B, T]
+    def __call__(self, carry, layer, positions, cos, sin):
+        # carry: x [B, T, D] and the whole cache, None or {"k","v": [L, B, S, K, H]};
+        # layer: this layer's index (scalar); positions [B, T]; cos, sin [B, T, H].
+        x, cache = carry
         cfg = self.cfg
         d, n, k, h, f = (
             cfg.hidden_size,
@@ -100,7 +126,6 @@ class Block(nn.Module):
             cfg.head_dim,
             cfg.intermediate_size,
         )
-        g = n // k
         w_init = nn.initializers.normal(0.02)
         ones, zeros = nn.initializers.ones, nn.initializers.zeros
 
@@ -117,35 +142,20 @@ class Block(nn.Module):
             kk = rms_norm(kk, self._param("k_norm", (h,), ones), cfg.rms_norm_eps)
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
 
-        if layer_cache is None:
+        if cache is None:
             # Self-attention over the given tokens only (training forward).
-            keys, values, key_pos = kk, v, positions  # [B, S=T, K, H], key_pos [B, S]
-            new_cache = None
+            if q.shape[1] > 2 * self.block:
+                attn = blockwise_attention(q, kk, v, positions, positions, self.block)
+            else:
+                attn = dense_attention(q, kk, v, positions, positions)
         else:
-            b, t = positions.shape
-            s = layer_cache["k"].shape[1]
-            # Padding writes to slot S, which `mode="drop"` discards.
-            slot = jnp.where(positions >= 0, positions, s)
-            rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-            keys = (
-                layer_cache["k"].at[rows, slot].set(kk.astype(layer_cache["k"].dtype), mode="drop")
-            )
-            values = (
-                layer_cache["v"].at[rows, slot].set(v.astype(layer_cache["v"].dtype), mode="drop")
-            )
-            key_pos = jnp.broadcast_to(jnp.arange(s)[None, :], (b, s))
-            new_cache = {"k": keys, "v": values}
-
-        # [B, T, S]: slot visible when it holds a real token at or before the query.
-        visible = (key_pos[:, None, :] <= positions[:, :, None]) & (key_pos[:, None, :] >= 0)
-        qg = q.reshape(q.shape[0], q.shape[1], k, g, h)  # [B, T, K, G, H]
-        scores = jnp.einsum(
-            "btkgh,bskh->btkgs", qg, keys.astype(self.dtype), preferred_element_type=jnp.float32
-        ) * (h**-0.5)
-        scores = jnp.where(visible[:, :, None, None, :], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        attn = jnp.einsum("btkgs,bskh->btkgh", probs, values.astype(self.dtype))
-        attn = attn.reshape(attn.shape[0], attn.shape[1], n, h)  # [B, T, N, H]
+            # Write this step's keys and values into the carried cache in place, then
+            # attend over the filled blocks of that same buffer.
+            cache = {
+                name: write_slots(cache[name], layer, new, positions)
+                for name, new in (("k", kk), ("v", v))
+            }
+            attn = cached_attention(q, positions, cache["k"], cache["v"], layer, self.block)
         out = jnp.einsum("btnh,nhd->btd", attn, self._param("o", (n, h, d), w_init))
         if cfg.o_bias:
             out = out + self._param("o_bias", (d,), zeros)
@@ -160,7 +170,7 @@ class Block(nn.Module):
         down = jnp.einsum("btf,fd->btd", nn.silu(gate) * up, self._param("down", (f, d), w_init))
         if cfg.mlp_bias:
             down = down + self._param("down_bias", (d,), zeros)
-        return x + down, new_cache
+        return (x + down, cache), None
 
 
 class Transformer(nn.Module):
@@ -174,6 +184,7 @@ class Transformer(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    attention_block: int = 512
 
     @nn.compact
     def __call__(self, tokens, positions, cache=None, return_hidden=False):
@@ -186,14 +197,19 @@ class Transformer(nn.Module):
         x = jnp.take(embed, tokens, axis=0)  # [B, T, D]
         cos, sin = rope_angles(positions, cfg)
         block = nn.remat(Block) if self.remat else Block
+        # The cache rides in the scan's carry, not in its xs/ys: scanned-in slices and
+        # scanned-out results would be a second whole cache; carried, each layer writes
+        # its new rows into the one buffer (in place when the caller donates it).
         layers = nn.scan(
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
-        )(cfg, self.dtype, name="layers")
-        x, cache = layers(x, cache, positions, cos, sin)
+        )(cfg, self.dtype, self.attention_block, name="layers")
+        (x, cache), _ = layers(
+            (x, cache), jnp.arange(cfg.num_layers, dtype=jnp.int32), positions, cos, sin
+        )
         x = rms_norm(
             x,
             self.param("final_norm", nn.initializers.ones, (cfg.hidden_size,), self.dtype),

@@ -36,9 +36,13 @@ Costs to know. A model step always runs on the whole batch (static shapes;
 masked rows still cost compute), so an LLM step costs the same for one
 calling row as for all of them: `llm_trigger_fraction` 1.0 batches calls and
 is the fastest on throughput, 0.0 gives the lowest latency per call. The model
-contract returns logits for every fed token, so a catch-up step materialises
-[B, prefill_chunk, V] float32 logits (V = 151936 for Qwen3): keep
-`prefill_chunk` moderate at large batch.
+contract returns logits for every fed token; for relax's `Model` the loop uses
+`hidden` + `logits` instead and applies the LM head to each row's last fed
+position only, so a catch-up step holds [B, V] logits, not [B, prefill_chunk, V]
+(a model with only the two-member contract still gets the full logits computed:
+keep `prefill_chunk` moderate at large batch with those). The caches are updated
+in place through the loop (see relax.relay.loop `_step` for the one XLA pattern
+that would copy them).
 
 A building block (`RelayDecoder`): the decoder is a pure function of params,
 prompts and a key, callable inside a caller's `jit`, under `shard_map` and on

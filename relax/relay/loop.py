@@ -1,6 +1,6 @@
 """The relay loop's state and one iteration of it (used by relax.relay.decoder).
 
-Each iteration runs at most one LLM step and one SLM step (each a
+Each iteration runs at most one LLM step and one SLM step (each under a
 `lax.cond`); see relax.relay.decoder for the protocol, the scheduling and
 why every model step is "ingest what is unseen, sample when caught up".
 Everything here is traced inside the decoder's single `lax.while_loop`.
@@ -116,10 +116,17 @@ def _append(s, ready, tok, src, logprobs=None):
 
 
 def _feed(model, params, cache, tok, pos, n_feed):
-    """Runs the model on [B, T] tokens and returns the logits after each row's last fed token."""
+    """Runs the model on [B, T] tokens and returns the logits after each row's last fed token.
+
+    A model with `hidden` and `logits` (relax's Model) gets the LM head applied to those
+    B rows only, so a catch-up step never holds [B, T, V] logits; a model with only the
+    two-member contract (`init_cache`, `apply`) is run whole and its logits gathered."""
+    last = jnp.maximum(n_feed - 1, 0)[:, None, None]
+    if hasattr(model, "hidden") and hasattr(model, "logits"):
+        x, cache = model.hidden(params, tok, pos, cache)
+        return model.logits(params, jnp.take_along_axis(x, last, axis=1)[:, 0]), cache
     logits, cache = model.apply(params, tok, pos, cache)
-    last = jnp.take_along_axis(logits, jnp.maximum(n_feed - 1, 0)[:, None, None], axis=1)[:, 0]
-    return last, cache
+    return jnp.take_along_axis(logits, last, axis=1)[:, 0], cache
 
 
 def _slm_ingest(loop, params, s: State, rows, width):
@@ -167,20 +174,6 @@ def _llm_ingest(loop, params, s: State, rows, width):
     return last, ready, s
 
 
-def _ingest(ingest, loop, params, s, rows, unseen):
-    """One model step: a chunked catch-up when some row is more than one token behind, else decode."""
-    chunk = loop.config.prefill_chunk
-    if chunk == 1:
-        return ingest(loop, params, s, rows, 1)
-    behind = jnp.max(jnp.where(rows, unseen, 0))
-    return jax.lax.cond(
-        behind > 1,
-        lambda s: ingest(loop, params, s, rows, chunk),
-        lambda s: ingest(loop, params, s, rows, 1),
-        s,
-    )
-
-
 def _keys(key, s: State):
     return jax.vmap(lambda b, p: token_key(key, b, p))(s.row_ids, s.length)
 
@@ -196,11 +189,12 @@ def _budget_left(loop, s, prompt_lens):
     return loop.config.max_new_tokens - (s.length - prompt_lens)
 
 
-def _slm_step(loop, params, t: cmd.CommandTables, key, prompt_lens, s: State):
-    """One SLM step for the rows decoding: ingest, sample, read the command automaton."""
+def _slm_step(loop, params, t: cmd.CommandTables, key, prompt_lens, s: State, width):
+    """One SLM step for the rows decoding: ingest up to `width` tokens, sample, read the
+    command automaton."""
     cfg = loop.config
     rows = s.phase == DECODING
-    last, ready, s = _ingest(_slm_ingest, loop, params, s, rows, s.length - s.slm_seen)
+    last, ready, s = _slm_ingest(loop, params, s, rows, width)
     tok, lp = sample_batch(last, _keys(key, s), cfg.slm)
     s, slot = _append(s, ready, tok, SLM, logprobs=lp)
     is_eos = jnp.isin(tok, jnp.asarray(cfg.eos_ids, jnp.int32))
@@ -251,12 +245,12 @@ def _slm_step(loop, params, t: cmd.CommandTables, key, prompt_lens, s: State):
     return s.replace(phase=phase, finish=finish)
 
 
-def _llm_step(loop, params, key, prompt_lens, s: State):
-    """One LLM step for the rows inside a call: catch up, then sample the next token."""
+def _llm_step(loop, params, key, prompt_lens, s: State, width):
+    """One LLM step for the rows inside a call: catch up (up to `width` tokens), then
+    sample the next token."""
     cfg = loop.config
     rows = s.phase == CALLING
-    # Unseen visible slots are at most the unseen slots; the exact count is only needed >1 or not.
-    last, ready, s = _ingest(_llm_ingest, loop, params, s, rows, s.length - s.llm_scan)
+    last, ready, s = _llm_ingest(loop, params, s, rows, width)
     tok, _ = sample_batch(last, _keys(key, s), cfg.llm)
     s, _ = _append(s, ready, tok, LLM)
     s = s.replace(call_left=s.call_left - ready)
@@ -267,6 +261,21 @@ def _llm_step(loop, params, key, prompt_lens, s: State):
     phase = jnp.where(is_eos | budget, FINISHED, jnp.where(back, DECODING, s.phase))
     finish = jnp.where(is_eos, EOS, jnp.where(budget, BUDGET, s.finish))
     return s.replace(phase=phase, finish=finish)
+
+
+def _step(step, chunk, rows, unseen, s):
+    """step(s, width) for the `rows` if any: a chunked catch-up (width `chunk`) when some
+    row is more than one token behind, else one-token decoding.
+
+    Two sibling conds, each a model step against a pass-through (exactly one runs),
+    rather than a cond between the two model steps nested in a cond: with both
+    branches of a conditional updating the KV cache, XLA gives it a second cache-sized
+    buffer, a copy of the whole cache; against a pass-through the update is in place."""
+    if chunk == 1:
+        return jax.lax.cond(jnp.any(rows), lambda s: step(s, 1), lambda s: s, s)
+    behind = jnp.max(jnp.where(rows, unseen, 0)) > 1
+    s = jax.lax.cond(jnp.any(rows) & behind, lambda s: step(s, chunk), lambda s: s, s)
+    return jax.lax.cond(jnp.any(rows) & ~behind, lambda s: step(s, 1), lambda s: s, s)
 
 
 def body(loop, slm_params, llm_params, tables, key, prompt_lens, s: State):
@@ -282,16 +291,19 @@ def body(loop, slm_params, llm_params, tables, key, prompt_lens, s: State):
             | ~jnp.any(s.phase == DECODING)
         )
         s = s.replace(phase=jnp.where(trigger & waiting, CALLING, s.phase))
-        s = jax.lax.cond(
-            jnp.any(s.phase == CALLING),
-            lambda s: _llm_step(loop, llm_params, key, prompt_lens, s),
-            lambda s: s,
+        s = _step(
+            lambda s, w: _llm_step(loop, llm_params, key, prompt_lens, s, w),
+            loop.config.prefill_chunk,
+            s.phase == CALLING,
+            # Unseen visible slots are at most the unseen slots; only > 1 or not matters.
+            s.length - s.llm_scan,
             s,
         )
-    s = jax.lax.cond(
-        jnp.any(s.phase == DECODING),
-        lambda s: _slm_step(loop, slm_params, tables, key, prompt_lens, s),
-        lambda s: s,
+    s = _step(
+        lambda s, w: _slm_step(loop, slm_params, tables, key, prompt_lens, s, w),
+        loop.config.prefill_chunk,
+        s.phase == DECODING,
+        s.length - s.slm_seen,
         s,
     )
     if loop.relay:
