@@ -36,6 +36,8 @@ import shutil
 import sys
 import time
 
+from relax.relay.config import RelayConfig, SamplingConfig
+
 DEFAULT_CONFIG = "demo.yaml"
 QUICK_CONFIG = "demo-quick.yaml"
 
@@ -117,11 +119,17 @@ class GRPOSection:
     group_size: int = 8
     learning_rate: float = 1e-4
     kl_coef: float = 0.01
-    temperature: float = 1.0
-    llm_temperature: float = 0.7
-    max_calls: int = 2
-    max_call_tokens: int = 8192
-    """LLM tokens per honoured call at most (min(n, this, budget))."""
+    relay: RelayConfig = dataclasses.field(
+        default_factory=lambda: RelayConfig(
+            max_new_tokens=112,
+            max_calls=2,
+            slm=SamplingConfig(temperature=1.0),
+            llm=SamplingConfig(temperature=0.7),
+        )
+    )
+    """The relay run's rollouts (`GRPOConfig.relay`; the accuracy-only run is the same with
+    max_calls 0). The training log-probs are taken at relay.slm.temperature. eos and pad
+    ids: the tokenizer's unless set."""
     reward: str = "difficulty_aware"
     """The relay run's reward (`relax.train.rewards.REWARDS`): the paper's
     difficulty_aware, or its simple ablation (correct - rho)."""
@@ -135,10 +143,16 @@ class EvalSection:
     seed: int = 7
     """Data seed of the held-out problems (training splits use other seeds)."""
     batch_size: int = 100
-    greedy: bool = True
-    temperature: float = 0.7
-    max_calls: int = 4
-    max_call_tokens: int = 8192
+    relay: RelayConfig = dataclasses.field(
+        default_factory=lambda: RelayConfig(
+            max_new_tokens=112,
+            max_calls=4,
+            slm=SamplingConfig(greedy=True),
+            llm=SamplingConfig(greedy=True),
+        )
+    )
+    """Every strategy's decoding (`EvalConfig.relay`); eos and pad ids: the tokenizer's
+    unless set."""
     entropy_tau: float = 1.0
     entropy_k: int = 4
 
@@ -150,6 +164,8 @@ class DemoConfig:
     out: str = "runs/demo"
     seed: int = 0
     max_new_tokens: int = 112
+    """Tokens per answer of the warm-up's self-solutions and of the teacher filter (the
+    relay sections `grpo.relay` and `eval.relay` have their own budget)."""
     task: TaskSection = dataclasses.field(default_factory=TaskSection)
     llm: ModelSection = dataclasses.field(default_factory=ModelSection)
     slm: ModelSection = dataclasses.field(default_factory=ModelSection)
@@ -184,13 +200,21 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def load_demo_config(args):
-    from relax.train.config import load_config, resolve_preset
+RELAY_SECTIONS = ("grpo.relay", "eval.relay")
+
+
+def load_demo_config(args, tokenizer=None):
+    """The DemoConfig of the preset and overrides, by the loader training and eval use; with
+    `tokenizer`, its eos and pad ids fill the relay sections that leave them unset."""
+    from relax.train.config import load_config, resolve_preset, tokenizer_defaults
 
     preset = resolve_preset(args.config or (QUICK_CONFIG if args.quick else DEFAULT_CONFIG), _config_dir())
-    cfg = load_config(DemoConfig, preset, None, args.overrides)
+    defaults = tokenizer_defaults(tokenizer, *RELAY_SECTIONS) if tokenizer is not None else None
+    cfg = load_config(DemoConfig, preset, None, args.overrides, defaults=defaults)
     if args.out:
         cfg.out = args.out
+    if args.quick and not args.out and cfg.out == "runs/demo":
+        cfg.out = "runs/demo-quick"
     return cfg
 
 
@@ -335,28 +359,13 @@ def stage_pretrain(st, name, sec, cfg, task, tok_dir, tokenizer):
     return relax.load_hf(st.path(name, "model"), dtype="float32")
 
 
-def _relay_config(tokenizer, cfg, greedy, temperature, llm_temperature=0.7, max_calls=4, llm_greedy=None,
-                  max_call_tokens=8192):
-    from relax.relay.config import RelayConfig, SamplingConfig
-
-    llm_greedy = greedy if llm_greedy is None else llm_greedy
-    return RelayConfig(
-        max_new_tokens=cfg.max_new_tokens,
-        max_calls=max_calls,
-        max_call_tokens=max_call_tokens,
-        slm=SamplingConfig(temperature=temperature, greedy=greedy),
-        llm=SamplingConfig(temperature=llm_temperature, greedy=llm_greedy),
-        eos_ids=(tokenizer.eos_token_id,),
-        pad_id=tokenizer.pad_token_id,
-    )
-
-
 def stage_warmup(st, cfg, task, tok_dir, tokenizer, slm, slm_params, slm_digest):
     """Self-generated correct solutions + inserted commands -> warm-up SFT."""
     import jax
 
     import relax
     from relax.data import synthetic
+    from relax.tokenizer import special_ids
     from relax.train import warmup
     from relax.train.config import WarmupDataConfig
     from relax.train.sft import train_sft
@@ -368,7 +377,9 @@ def stage_warmup(st, cfg, task, tok_dir, tokenizer, slm, slm_params, slm_digest)
     if not st.done("self_solutions", gen_settings):
         st.start("self_solutions")
         problems = synthetic.make_dataset(sec.problems, SPLIT_SEEDS["warmup"], task)
-        gen = _relay_config(tokenizer, cfg, greedy=False, temperature=sec.temperature)
+        eos, pad = special_ids(tokenizer)
+        gen = RelayConfig(max_new_tokens=cfg.max_new_tokens, slm=SamplingConfig(temperature=sec.temperature),
+                          eos_ids=eos, pad_id=pad)
         rows = warmup.self_solutions(
             slm, slm_params, tokenizer, problems, gen, relax.grade, jax.random.key(cfg.seed),
             batch_size=128, samples=sec.samples,
@@ -445,20 +456,17 @@ def stage_grpo(st, name, cfg, tok_dir, tokenizer, slm, init_params, llm, llm_par
     from relax.train.rollout import make_relay_rollout, text_verifier
 
     sec = cfg.grpo
-    settings = {"grpo": sec, "reward": reward, "max_calls": max_calls, "from": digest,
-                "problems": len(problems), "max_new_tokens": cfg.max_new_tokens}
+    relay_cfg = dataclasses.replace(sec.relay, max_calls=max_calls)
+    settings = {"grpo": sec, "reward": reward, "relay": relay_cfg, "from": digest, "problems": len(problems)}
     if not st.done(name, settings):
         st.start(name)
         gcfg = GRPOConfig(
             group_size=sec.group_size,
             prompts_per_step=sec.prompts_per_step,
             mini_batch_prompts=sec.mini_batch_prompts,
-            max_response=cfg.max_new_tokens,
             reward=reward,
             kl_coef=sec.kl_coef,
-            temperature=sec.temperature,
-            llm_temperature=sec.llm_temperature,
-            max_calls=max_calls,
+            relay=relay_cfg,
             epochs=max(1, -(-sec.steps * sec.prompts_per_step // max(1, len(problems)))),
             steps=sec.steps,
             optim=OptimConfig(learning_rate=sec.learning_rate, warmup_ratio=0.0, decay="constant",
@@ -467,9 +475,6 @@ def stage_grpo(st, name, cfg, tok_dir, tokenizer, slm, init_params, llm, llm_par
                           micro_batch_size=sec.mini_batch_prompts * sec.group_size,
                           checkpoint_every=0, keep_checkpoints=1, export=False),
         )
-        relay_cfg = _relay_config(tokenizer, cfg, greedy=False, temperature=sec.temperature,
-                                  llm_temperature=sec.llm_temperature, max_calls=max_calls,
-                                  max_call_tokens=sec.max_call_tokens)
         command = CallCommand.from_tokenizer(tokenizer)
         rollout = make_relay_rollout(slm, llm, relay_cfg, command)
         prompt_ids = {}
@@ -482,7 +487,7 @@ def stage_grpo(st, name, cfg, tok_dir, tokenizer, slm, init_params, llm, llm_par
 
         params = train_grpo(
             slm, init_params, problems, gcfg, rollout, text_verifier(tokenizer, relax.grade), encode,
-            llm_params=llm_params, pad_id=tokenizer.pad_token_id,
+            llm_params=llm_params, pad_id=relay_cfg.pad_id,
         )
         relax.save_hf(slm, params, st.path(name, "model"))
         shutil.copytree(tok_dir, st.path(name, "model"), dirs_exist_ok=True)
@@ -502,9 +507,7 @@ def stage_eval(st, cfg, task, tokenizer, slm, params, llm, llm_params):
         "synthetic", tuple(Problem(id=str(i), question=p["question"], answer=p["answer"], kind="math")
                            for i, p in enumerate(problems)), 1,
     )
-    relay_cfg = _relay_config(tokenizer, cfg, greedy=sec.greedy, temperature=sec.temperature,
-                              max_calls=sec.max_calls, max_call_tokens=sec.max_call_tokens)
-    ecfg = EvalConfig(relay=relay_cfg, batch_size=sec.batch_size, seed=cfg.seed, entropy_tau=sec.entropy_tau,
+    ecfg = EvalConfig(relay=sec.relay, batch_size=sec.batch_size, seed=cfg.seed, entropy_tau=sec.entropy_tau,
                       entropy_k=sec.entropy_k, prompt_bucket=16)
     strategies = [
         ("slm", "slm", {"slm_params": params["slm"]}),
@@ -566,8 +569,6 @@ def summary_table(results, wall):
 def main(argv=None):
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     cfg = load_demo_config(args)
-    if args.quick and not args.out and cfg.out == "runs/demo":
-        cfg.out = "runs/demo-quick"
     t0 = time.time()
     os.makedirs(cfg.out, exist_ok=True)
     st = Stages(cfg.out, args.fresh)
@@ -577,6 +578,7 @@ def main(argv=None):
 
     task, tok_dir = stage_task(st, cfg)
     tokenizer = relax.load_tokenizer(tok_dir)
+    cfg = load_demo_config(args, tokenizer)  # the relay sections' eos / pad ids from it
     llm, llm_params = stage_pretrain(st, "llm", cfg.llm, cfg, task, tok_dir, tokenizer)
     slm, slm_params = stage_pretrain(st, "slm", cfg.slm, cfg, task, tok_dir, tokenizer)
     llm_digest = _digest({"llm": cfg.llm, "task": cfg.task})
@@ -585,7 +587,7 @@ def main(argv=None):
     problems = stage_filter(st, cfg, task, tokenizer, llm, llm_params, llm_digest)
     warm_digest = _digest({"slm": slm_digest, "warmup": cfg.warmup})
     relay_params = stage_grpo(st, "relay", cfg, tok_dir, tokenizer, slm, warm_params, llm, llm_params, problems,
-                              cfg.grpo.reward, cfg.grpo.max_calls, _digest([warm_digest, llm_digest]))
+                              cfg.grpo.reward, cfg.grpo.relay.max_calls, _digest([warm_digest, llm_digest]))
     grpo_params = stage_grpo(st, "grpo_slm", cfg, tok_dir, tokenizer, slm, slm_params, llm, llm_params, problems,
                              "accuracy", 0, _digest([slm_digest, llm_digest]))
 

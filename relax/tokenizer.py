@@ -5,6 +5,8 @@ the tokenizer's chat template as a user turn with the generation prompt
 appended. Qwen3 templates take `enable_thinking`; relax defaults it to False
 because the paper reports non-thinking mode (the official evaluation script
 forgot to pass it and so ran in thinking mode).
+
+`special_ids` is the one place the eos and pad ids of a run come from.
 """
 
 import os
@@ -40,3 +42,19 @@ def build_prompt(
         add_generation_prompt=True,
         enable_thinking=enable_thinking,
     )
+
+
+def special_ids(tokenizer) -> tuple[tuple[int, ...], int]:
+    """(eos_ids, pad_id) of a tokenizer, as every relax stage sets them.
+
+    eos_ids: the eos token, then the pad token (Qwen3: `<|im_end|>`,
+    `<|endoftext|>`; either ends a row), without repeats. pad_id: the pad
+    token, else the eos token.
+    """
+    eos = tuple(
+        dict.fromkeys(i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None)
+    )
+    if not eos:
+        raise ValueError("the tokenizer has neither an eos nor a pad token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    return eos, pad

@@ -124,7 +124,7 @@ def test_trimmed_batch_gives_the_same_loss_and_grad(setup):
     full_width = out.tokens.shape[1] - 1
     width = int(out.lengths.max()) - 1  # the tightest trim (train_width rounds it up)
     assert width < full_width
-    cfg = GRPOConfig(temperature=TEMP)
+    cfg = GRPOConfig(relay=RelayConfig(slm=SamplingConfig(temperature=TEMP)))
     cfg.run.logprob_chunk = 16
     loss_fn = make_grpo_loss(slm, cfg)
     adv = np.linspace(-1.0, 1.0, len(lens))
@@ -161,16 +161,21 @@ def test_train_width_buckets():
 
 def test_grpo_rejects_truncated_or_mismatched_sampling():
     with pytest.raises(ValueError, match="top_p"):
-        check_sampling(GRPOConfig(top_p=0.95))
+        check_sampling(
+            GRPOConfig(relay=RelayConfig(slm=SamplingConfig(temperature=1.0, top_p=0.95)))
+        )
     with pytest.raises(ValueError, match="top_k"):
         check_sampling(GRPOConfig(), SamplingConfig(temperature=1.0, top_k=20))
     with pytest.raises(ValueError, match="temperature"):
-        check_sampling(GRPOConfig(temperature=1.0), SamplingConfig(temperature=0.7))
+        check_sampling(GRPOConfig(), SamplingConfig(temperature=0.7))
     with pytest.raises(ValueError, match="greedy"):
         check_sampling(GRPOConfig(), SamplingConfig(greedy=True))
     with pytest.raises(ValueError, match="rollout_dtype"):
         check_sampling(GRPOConfig(rollout_dtype="float16"))
-    check_sampling(GRPOConfig(temperature=0.7), SamplingConfig(temperature=0.7))
+    with pytest.raises(ValueError, match="greedy"):
+        check_sampling(GRPOConfig(relay=RelayConfig(slm=SamplingConfig(greedy=True))))
+    seventy = GRPOConfig(relay=RelayConfig(slm=SamplingConfig(temperature=0.7)))
+    check_sampling(seventy, SamplingConfig(temperature=0.7))
 
 
 def test_train_grpo_with_chunked_bf16_relay_rollouts(setup, tmp_path):
@@ -187,7 +192,7 @@ def test_train_grpo_with_chunked_bf16_relay_rollouts(setup, tmp_path):
         GRPOConfig,
         overrides=[
             "group_size=2", "prompts_per_step=4", "mini_batch_prompts=4", "steps=2", "epochs=2",
-            f"temperature={TEMP}", "rollout_batch_size=4", "rollout_dtype=bfloat16",
+            f"relay.slm.temperature={TEMP}", "rollout_batch_size=4", "rollout_dtype=bfloat16",
             "run.num_devices=2", "run.micro_batch_size=2", "run.logprob_chunk=16",
             "run.checkpoint_every=0", f"run.output_dir={tmp_path}", "reward=accuracy",
         ],

@@ -9,11 +9,11 @@ import numpy as np
 import relax
 from relax.data.synthetic import save_tokenizer
 from relax.train.config import FilterConfig
-from relax.train.filter import filter_problems
+from relax.train.filter import filter_problems, pass_rates
 
 
-def test_filter_keeps_problems_above_threshold(tmp_path):
-    tok = relax.load_tokenizer(save_tokenizer(str(tmp_path / "tok")))
+def tiny_model():
+    """A random 1-layer model over the synthetic tokenizer's vocabulary, and its params."""
     model = relax.Model(
         relax.ModelConfig(
             family="qwen3",
@@ -28,7 +28,12 @@ def test_filter_keeps_problems_above_threshold(tmp_path):
         ),
         dtype=jnp.float32,
     )
-    params = model.init_params(jax.random.key(0))
+    return model, model.init_params(jax.random.key(0))
+
+
+def test_filter_keeps_problems_above_threshold(tmp_path):
+    tok = relax.load_tokenizer(save_tokenizer(str(tmp_path / "tok")))
+    model, params = tiny_model()
     problems = [
         {"question": f"Ann has {i} coins.", "answer": a}
         for i, a in enumerate(["yes", "no", "half", "yes"])
@@ -61,27 +66,29 @@ def test_filter_keeps_problems_above_threshold(tmp_path):
     ] == ["yes", "yes"]
 
 
+def test_filter_samples_with_the_teachers_temperature(tmp_path):
+    """FilterConfig.temperature is the teacher's sampling: changing it changes the samples."""
+    tok = relax.load_tokenizer(save_tokenizer(str(tmp_path / "tok")))
+    model, params = tiny_model()
+    problems = [{"question": f"Ann has {i} coins.", "answer": "1"} for i in range(2)]
+
+    def samples(temperature):
+        seen = []
+        cfg = FilterConfig(k=4, batch_size=2, max_new_tokens=6, output="", temperature=temperature)
+        pass_rates(model, params, tok, problems, cfg, lambda t, a: seen.append(t), progress=False)
+        return seen
+
+    assert len(samples(0.7)) == 8
+    assert samples(0.7) == samples(0.7) and samples(0.7) != samples(2.0)
+
+
 def test_self_solutions_keeps_graded_correct(tmp_path):
     """The warm-up source: the SLM's own samples, kept when the grader says correct."""
     from relax.relay.config import RelayConfig, SamplingConfig
     from relax.train.warmup import self_solutions
 
     tok = relax.load_tokenizer(save_tokenizer(str(tmp_path / "tok")))
-    model = relax.Model(
-        relax.ModelConfig(
-            family="qwen3",
-            vocab_size=160,
-            hidden_size=32,
-            intermediate_size=64,
-            num_layers=1,
-            num_heads=4,
-            num_kv_heads=2,
-            head_dim=8,
-            tie_embeddings=True,
-        ),
-        dtype=jnp.float32,
-    )
-    params = model.init_params(jax.random.key(0))
+    model, params = tiny_model()
     # the filter test's generation config and batch shape: one compilation for both tests
     gen = RelayConfig(
         max_new_tokens=6,

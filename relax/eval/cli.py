@@ -14,11 +14,12 @@ Face hub or its cache), NAME=FILE for a local JSONL/JSON/Parquet file, with an
 optional column mapping NAME=FILE?question=COL&answer=COL&options=COL&id=COL,
 or hf:ORG/NAME / tfds:NAME. Default: the paper's six math benchmarks.
 
-Settings, later ones winning: the defaults (eos and pad ids from the
-tokenizer), a YAML file (--config, keys of EvalConfig, `relay:` with
-RelayConfig keys and `slm:`/`llm:` sampling; configs/eval-paper.yaml is the
+Settings, later ones winning, read by the loader training and the demo use
+too: the defaults, a YAML file (--config, keys of EvalConfig, `relay:` a
+RelayConfig with `slm:`/`llm:` sampling; configs/eval-paper.yaml is the
 paper's setting), the flags, then trailing key=value overrides with dotted
 keys (relay.max_new_tokens=1024 relay.llm.temperature=0.6 batch_size=32).
+eos and pad ids the settings leave unset are the tokenizer's.
 """
 
 import argparse
@@ -27,21 +28,14 @@ import os
 import sys
 import time
 
-import yaml
-
 from relax.errors import ConfigError
 
 __all__ = ["build_config", "main", "parse_benchmarks"]
 
 
+# The strategy lines come from the table's descriptions (`strategies.strategy_help`).
 STRATEGY_HELP = """strategies (--strategies, comma-separated):
-  slm             the SLM alone
-  llm             the LLM alone (sampled with the LLM's settings)
-  relay           RelayLLM: the SLM calls the LLM with <call>n</call>
-  teacher_free    the relay SLM with calls not honoured (the LLM never runs)
-  fixed_n         relay where every honoured call writes exactly --fixed-n tokens
-  random_router   each query goes to the LLM with probability --router-p, else the SLM
-  entropy_router  the LLM writes --entropy-k tokens when the SLM's entropy > --entropy-tau
+{strategies}
 
 benchmarks (--benchmarks, comma-separated):
   NAME                             one of: {names} (Hugging Face hub or its cache)
@@ -58,14 +52,17 @@ benchmarks (--benchmarks, comma-separated):
 
 def _parser():
     from relax.data.loaders import ALIASES, BENCHMARKS
-    from relax.eval.strategies import STRATEGIES
+    from relax.eval.strategies import STRATEGIES, strategy_help
 
     p = argparse.ArgumentParser(
         prog="relax eval",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=STRATEGY_HELP.format(
-            names=", ".join(BENCHMARKS), q=", ".join(ALIASES["question"]), a=", ".join(ALIASES["answer"])
+            strategies=strategy_help(),
+            names=", ".join(BENCHMARKS),
+            q=", ".join(ALIASES["question"]),
+            a=", ".join(ALIASES["answer"]),
         ),
     )
     p.add_argument("--slm", required=True, help="SLM checkpoint folder (the relay-trained student)")
@@ -124,56 +121,12 @@ def _parser():
     return p
 
 
-def _coerce(value, like):
-    if isinstance(like, bool):
-        return str(value).lower() in ("1", "true", "yes", "on")
-    if isinstance(like, tuple):
-        return tuple(int(v) for v in str(value).strip("()[]").split(",") if v.strip())
-    if like is None:
-        return yaml.safe_load(str(value))
-    return type(like)(value)
-
-
-def _set(cfg, dotted, value, where=""):
-    """A new frozen dataclass with the dotted field set (nested dataclasses rebuilt)."""
-    head, _, rest = dotted.partition(".")
-    names = {f.name for f in dataclasses.fields(cfg)}
-    if head not in names:
-        raise ConfigError(
-            f"unknown setting {where + dotted!r}",
-            f"fields of {type(cfg).__name__}: {', '.join(sorted(names))}",
-        )
-    cur = getattr(cfg, head)
-    if rest:
-        if not dataclasses.is_dataclass(cur):
-            raise ConfigError(f"unknown setting {where + dotted!r}: {head!r} has no fields")
-        return dataclasses.replace(cfg, **{head: _set(cur, rest, value, f"{where}{head}.")})
-    if isinstance(value, dict) and dataclasses.is_dataclass(cur):
-        for k, v in value.items():
-            cur = _set(cur, k, v, f"{where}{head}.")
-        return dataclasses.replace(cfg, **{head: cur})
-    if isinstance(value, str) or not isinstance(value, type(cur)):
-        try:
-            value = _coerce(value, cur)
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"{where + dotted}: expected {type(cur).__name__}, got {value!r}"
-            ) from None
-    return dataclasses.replace(cfg, **{head: value})
-
-
 def build_config(args, tokenizer):
-    """EvalConfig: defaults (eos/pad from the tokenizer) < YAML < flags < key=value."""
+    """EvalConfig: defaults < YAML (--config) < flags < key=value, by the one config loader
+    (`relax.train.config.load_config`); eos and pad ids left unset are the tokenizer's."""
     from relax.eval.strategies import EvalConfig
-    from relax.relay.config import RelayConfig
+    from relax.train.config import load_config, tokenizer_defaults
 
-    eos = [
-        i
-        for i in (tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None))
-        if i is not None
-    ]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    cfg = EvalConfig(relay=RelayConfig(eos_ids=tuple(dict.fromkeys(eos)), pad_id=pad))
     flags = {
         "seed": args.seed,
         "batch_size": args.batch_size,
@@ -186,29 +139,21 @@ def build_config(args, tokenizer):
         "router_p": args.router_p,
         "entropy_tau": args.entropy_tau,
         "entropy_k": args.entropy_k,
+        "enable_thinking": True if args.thinking else None,
+        "progress": False if args.no_progress else None,
     }
     for m in ("slm", "llm"):
         flags[f"relay.{m}.temperature"] = args.temperature
         flags[f"relay.{m}.top_p"] = args.top_p
         flags[f"relay.{m}.greedy"] = True if args.greedy else None
-    if args.thinking:
-        flags["enable_thinking"] = True
-    if args.no_progress:
-        flags["progress"] = False
-    if args.config:
-        from relax.train.config import read_yaml
-
-        for k, v in read_yaml(args.config).items():
-            cfg = _set(cfg, k, v)
-    for k, v in flags.items():
-        if v is not None:
-            cfg = _set(cfg, k, v)
-    for item in args.overrides:
-        if "=" not in item:
-            raise ConfigError(f"expected key=value, got {item!r}", "write KEY=VALUE")
-        k, v = item.split("=", 1)
-        cfg = _set(cfg, k.strip(), yaml.safe_load(v))
-    return cfg
+    return load_config(
+        EvalConfig,
+        args.config,
+        None,
+        args.overrides,
+        settings=flags,
+        defaults=tokenizer_defaults(tokenizer, "relay"),
+    )
 
 
 def parse_benchmarks(spec, seed=0, limit=None, repeats=None):
@@ -267,7 +212,7 @@ def main(argv=None):
     runs = []
     base = load_hf(args.base_slm, dtype=dtype) if args.base_slm else None
     for s in strategies:
-        if base is not None and s in ("slm", "random_router", "entropy_router"):
+        if base is not None and STRATEGIES[s].training_free:
             runs.append((s, s, {"slm": base[0], "slm_params": base[1]}))
         else:
             runs.append(s)

@@ -5,7 +5,8 @@ The baseline asks what RelayLLM's learned `<call>n</call>` buys over the
 simplest uncertainty trigger. It needs no command and no training: before
 each token the SLM's next-token distribution is inspected; when its entropy
 (nats, of the plain softmax of the logits, temperature 1, so the trigger does
-not depend on the sampling temperature) exceeds `tau` and the row has calls
+not depend on the sampling temperature; `relax.ops.entropy`, GRPO's entropy
+metric too) exceeds `tau` and the row has calls
 left, the LLM writes the next min(k, remaining budget) tokens, then the SLM
 resumes. EOS from either model ends the row.
 
@@ -35,26 +36,12 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from relax.ops import entropy
 from relax.relay.config import RelayConfig
+from relax.relay.decoder import BUDGET, EOS, LLM, PAD, PROMPT, SLM, RelayOutput
 from relax.relay.sampling import sample_batch, token_key
 
-__all__ = ["EntropyOutput", "entropy", "entropy_router_generate"]
-
-
-@flax.struct.dataclass
-class EntropyOutput:
-    """Same fields as `relax.RelayOutput` (no command tokens here)."""
-
-    tokens: jax.Array  # [B, L] prompt, generated tokens, pad
-    source: jax.Array  # [B, L] 0 pad, 1 prompt, 2 slm, 4 llm
-    lengths: jax.Array  # [B] prompt + generated
-    finish_reason: jax.Array  # [B] 0 eos, 1 budget
-    slm_logprobs: jax.Array  # [B, L] log-prob of each SLM-sampled token
-    slm_tokens: jax.Array  # [B]
-    command_tokens: jax.Array  # [B] always 0
-    llm_tokens: jax.Array  # [B]
-    calls: jax.Array  # [B] LLM segments started
-    llm_prefill_tokens: jax.Array  # [B]
+__all__ = ["entropy_router_generate"]
 
 
 @flax.struct.dataclass
@@ -62,7 +49,7 @@ class _State:
     tokens: jax.Array
     """[B, L] int32: prompt, then generated tokens, then pad."""
     source: jax.Array
-    """[B, L] int32: 0 pad, 1 prompt, 2 slm, 4 llm."""
+    """[B, L] int32: the relay's PAD, PROMPT, SLM or LLM (no COMMAND here)."""
     logprobs: jax.Array
     """[B, L] float32: log-prob of each SLM-sampled token."""
     cur: jax.Array
@@ -78,7 +65,7 @@ class _State:
     done: jax.Array
     """[B] bool: the row has ended."""
     finish: jax.Array
-    """[B] int32: 0 eos, 1 budget."""
+    """[B] int32: the relay's EOS or BUDGET."""
     slm_tokens: jax.Array
     """[B] int32: tokens the SLM wrote."""
     llm_tokens: jax.Array
@@ -91,12 +78,6 @@ class _State:
     """The SLM's KV cache."""
     llm_cache: object
     """The LLM's KV cache."""
-
-
-def entropy(logits):
-    """Entropy (nats) of softmax(logits) over the last axis."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
 def _last_logits(logits, positions):
@@ -123,7 +104,8 @@ def entropy_router_generate(
     config supplies max_new_tokens, max_calls (segments per row), prefill_chunk,
     slm/llm sampling, eos_ids and pad_id; its command and scheduling fields are
     unused. Each row writes at most max_new_tokens after its own prompt.
-    Returns an `EntropyOutput` with tokens of width P + max_new_tokens.
+    Returns a `relax.RelayOutput` with tokens of width P + max_new_tokens: its
+    command_tokens are 0 and its calls count the LLM segments started.
     """
     B, P = prompts.shape
     L = P + config.max_new_tokens
@@ -139,7 +121,7 @@ def entropy_router_generate(
         .at[:, :P]
         .set(jnp.where(in_prompt, prompts, config.pad_id))
     )
-    source = jnp.zeros((B, L), jnp.int32).at[:, :P].set(in_prompt.astype(jnp.int32))
+    source = jnp.full((B, L), PAD, jnp.int32).at[:, :P].set(jnp.where(in_prompt, PROMPT, PAD))
 
     # The SLM reads the prompt at once; the LLM reads nothing until it is needed.
     positions = jnp.where(in_prompt, jnp.arange(P)[None, :], -1)
@@ -156,7 +138,7 @@ def entropy_router_generate(
         slm_logits=_last_logits(logits, positions),
         llm_logits=jnp.zeros((B, V), jnp.float32),
         done=prompt_lens >= L,
-        finish=jnp.ones((B,), jnp.int32),
+        finish=jnp.full((B,), BUDGET, jnp.int32),
         slm_tokens=jnp.zeros((B,), jnp.int32),
         llm_tokens=jnp.zeros((B,), jnp.int32),
         calls=jnp.zeros((B,), jnp.int32),
@@ -218,13 +200,13 @@ def entropy_router_generate(
         tok = jnp.where(llm_rows, llm_tok, slm_tok)
         write = active[:, None] & (slots == s.cur[:, None])
         tokens = jnp.where(write, tok[:, None], s.tokens)
-        source = jnp.where(write, jnp.where(llm_rows, 4, 2)[:, None], s.source)
+        source = jnp.where(write, jnp.where(llm_rows, LLM, SLM)[:, None], s.source)
         logprobs = jnp.where(write & ~llm_rows[:, None], slm_lp[:, None], s.logprobs)
 
         eos = jnp.any(tok[:, None] == eos_ids[None, :], axis=1)
         cur = s.cur + active.astype(jnp.int32)
         ended = active & (eos | (cur >= prompt_lens + config.max_new_tokens))
-        finish = jnp.where(ended, jnp.where(eos, 0, 1), s.finish)
+        finish = jnp.where(ended, jnp.where(eos, EOS, BUDGET), s.finish)
 
         # The SLM reads every new token (its own or the LLM's) to stay current.
         pos = jnp.where(active, s.cur, -1)[:, None]
@@ -244,7 +226,7 @@ def entropy_router_generate(
         )
 
     s = jax.lax.while_loop(cond, body, state)
-    return EntropyOutput(
+    return RelayOutput(
         tokens=s.tokens,
         source=s.source,
         lengths=s.cur,

@@ -1,17 +1,22 @@
 """Evaluation strategies, run in jitted batches split across all local devices.
 
-A strategy is how an answer gets written:
+A strategy is how an answer gets written. Each is one `Strategy` record of
+the `STRATEGIES` table (name, one-line description, the models it reads, how
+its decoder is built, the RelayConfig it runs under, how its costs are
+counted), so adding a strategy is adding one entry; `relax eval --help` lists
+the table's descriptions. Every decoder returns a `relax.RelayOutput`.
 
-  slm            the SLM alone (`relax.generate`)
-  llm            the LLM alone (`relax.generate`)
+  slm            the SLM alone (`relax.generate`, `relay.slm` sampling)
+  llm            the LLM alone (`relax.generate`, `relay.llm` sampling)
   relay          RelayLLM: the SLM calls the LLM with `<call>n</call>` (`relax.relay_generate`)
   teacher_free   the relay SLM with commands not honoured: `max_calls = 0` and
                  `on_call_limit = "continue"`, so a command is plain text to the
                  SLM, hidden from nobody (the LLM never runs)
-  fixed_n        relay where every honoured call writes exactly `fixed_n` tokens
-                 (whatever n the SLM asked for, but never past the budget)
+  fixed_n        relay where every honoured call writes `fixed_n` tokens
+                 (`RelayConfig.fixed_call_tokens`: whatever n the SLM asked for,
+                 but never past the budget)
   random_router  query-level: each sample goes to the LLM with probability p
-                 (seeded), else to the SLM
+                 (seeded), else to the SLM (the `llm` and `slm` entries)
   entropy_router training-free token-level: the LLM writes k tokens whenever the
                  SLM's next-token entropy exceeds tau (`relax.eval.entropy_router`)
 
@@ -33,6 +38,7 @@ token counters (see `metrics.SUMMED_FIELDS`).
 import dataclasses
 import math
 import zlib
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -43,9 +49,15 @@ from relax.eval import metrics
 from relax.relay.config import RelayConfig
 from relax.tokenizer import build_prompt
 
-__all__ = ["STRATEGIES", "EvalConfig", "encode_prompts", "evaluate", "num_params", "run_strategy"]
-
-STRATEGIES = ("slm", "llm", "relay", "teacher_free", "fixed_n", "random_router", "entropy_router")
+__all__ = [
+    "STRATEGIES",
+    "EvalConfig",
+    "Strategy",
+    "encode_prompts",
+    "evaluate",
+    "num_params",
+    "run_strategy",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +65,8 @@ class EvalConfig:
     """How an evaluation runs. `relay` carries budgets, sampling, eos and pad."""
 
     relay: RelayConfig = RelayConfig()
-    """Decoding: max_new_tokens, call limits, sampling per model, eos_ids, pad_id."""
+    """Decoding: max_new_tokens, call limits, sampling per model (`slm`, `llm`), eos_ids,
+    pad_id (`relax eval` sets these two from the tokenizer unless told otherwise)."""
     batch_size: int = 16
     """Rows decoded together (the global batch: split over the devices, so use a
     multiple of the device count; otherwise fewer devices are used)."""
@@ -104,50 +117,111 @@ def _pad(ids_list, width, pad_id):
 
 
 # ---------------------------------------------------------------------------
-# Decoding: fixed chunks, each a jitted decoder call placed on one device.
+# The strategies: one record each. A decoder builder takes (slm, llm, cfg, command),
+# cfg the EvalConfig with the strategy's own RelayConfig, and returns
+# fn(slm_params, llm_params, prompts, lens, key) -> RelayOutput.
 
 
-def _fixed_n_setup(relay_cfg, command, n):
-    """(RelayConfig, CallCommand) under which every honoured call writes exactly n tokens.
+def _generate(which):
+    """`relax.generate` of one model ("slm" or "llm") with that model's own sampling."""
 
-    Uses `RelayConfig.fixed_call_tokens` when the relay has it. Otherwise an
-    equivalent built from the command's public tables: every digit the
-    automaton adds becomes n (`add`, `cadd` -> n where non-zero) and numbers
-    saturate at `max_n = n`, so a command's number is n when the SLM asked for
-    any n >= 1 and stays 0 for `<call>0</call>` (not a call); with
-    max_call_tokens capped at n, each honoured call writes min(n, budget left).
-    """
-    fields = {f.name for f in dataclasses.fields(relay_cfg)}
-    if "fixed_call_tokens" in fields:
-        return dataclasses.replace(relay_cfg, fixed_call_tokens=n), command
-    fixed = dataclasses.replace(
-        command,
-        add=np.where(command.add > 0, n, 0).astype(np.int32),
-        cadd=np.where(command.cadd > 0, n, 0).astype(np.int32),
-        max_n=int(n),
+    def build(slm, llm, cfg, command):
+        from relax.relay.decoder import generate
+
+        model, sampling = (slm, cfg.relay.slm) if which == "slm" else (llm, cfg.relay.llm)
+
+        def fn(sp, lp, prompts, lens, key):
+            params = sp if which == "slm" else lp
+            return generate(model, params, prompts, lens, key, cfg.relay, sampling=sampling)
+
+        return fn
+
+    return build
+
+
+def _relay(slm, llm, cfg, command):
+    from relax.relay.decoder import relay_generate
+
+    return lambda sp, lp, prompts, lens, key: relay_generate(
+        slm, sp, llm, lp, prompts, lens, key, cfg.relay, command
     )
-    return dataclasses.replace(relay_cfg, max_call_tokens=min(relay_cfg.max_call_tokens, n)), fixed
 
 
-def _decoder(kind, slm, llm, relay_cfg, command, tau, k):
-    """fn(slm_params, llm_params, prompts, lens, key) -> output with _OUT_FIELDS."""
-    from relax.relay import decoder
+def _entropy_router(slm, llm, cfg, command):
+    from relax.eval.entropy_router import entropy_router_generate
 
-    if kind == "slm":
-        return lambda sp, lp, pr, ln, key: decoder.generate(slm, sp, pr, ln, key, relay_cfg)
-    if kind == "llm":
-        return lambda sp, lp, pr, ln, key: decoder.generate(llm, lp, pr, ln, key, relay_cfg)
-    if kind in ("relay", "teacher_free", "fixed_n"):
-        return lambda sp, lp, pr, ln, key: decoder.relay_generate(
-            slm, sp, llm, lp, pr, ln, key, relay_cfg, command
-        )
-    if kind == "entropy_router":
-        from relax.eval.entropy_router import entropy_router_generate
+    tau, k = float(cfg.entropy_tau), int(cfg.entropy_k)
+    return lambda sp, lp, prompts, lens, key: entropy_router_generate(
+        slm, sp, llm, lp, prompts, lens, key, cfg.relay, tau=tau, k=k
+    )
 
-        return lambda sp, lp, pr, ln, key: entropy_router_generate(
-            slm, sp, llm, lp, pr, ln, key, relay_cfg, tau=tau, k=k
-        )
-    raise ValueError(f"unknown decoder {kind!r}")
+
+def _same_relay(relay, cfg):
+    return relay
+
+
+def _no_calls(relay, cfg):
+    return dataclasses.replace(relay, max_calls=0, on_call_limit="continue")
+
+
+def _fixed_calls(relay, cfg):
+    return dataclasses.replace(relay, fixed_call_tokens=cfg.fixed_n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """How an answer gets written: one entry of `STRATEGIES`."""
+
+    name: str
+    description: str
+    """One line for `relax eval --help`."""
+    models: tuple
+    """The models whose params its decoder reads: ("slm",), ("llm",) or ("slm", "llm")."""
+    decoder: Callable | None
+    """decoder(slm, llm, cfg, command) -> fn(slm_params, llm_params, prompts, lens, key)
+    -> RelayOutput; None for a router, which sends each sample to another entry."""
+    relay: Callable = _same_relay
+    """relay(cfg.relay, cfg) -> the RelayConfig it decodes under."""
+    command: bool = False
+    """Needs the tokenizer's `CallCommand` (the relay decoder)."""
+    writer: str = "relay"
+    """Whose tokens a record counts: "slm" or "llm" (that model wrote the whole
+    answer) or "relay" (the decoder's own counters)."""
+    route: tuple = ()
+    """A router's (llm entry, slm entry): each sample goes to the first with
+    probability p (seeded), else to the second."""
+    training_free: bool = False
+    """Uses the base SLM (`relax eval --base-slm`), not the relay-trained one."""
+
+
+STRATEGIES = {
+    s.name: s
+    for s in (
+        Strategy("slm", "the SLM alone", ("slm",), _generate("slm"), writer="slm",
+                 training_free=True),
+        Strategy("llm", "the LLM alone (sampled with the LLM's settings, relay.llm)", ("llm",),
+                 _generate("llm"), writer="llm"),
+        Strategy("relay", "RelayLLM: the SLM calls the LLM with <call>n</call>", ("slm", "llm"),
+                 _relay, command=True),
+        Strategy("teacher_free", "the relay SLM with calls not honoured (the LLM never runs)",
+                 ("slm", "llm"), _relay, relay=_no_calls, command=True),
+        Strategy("fixed_n", "relay where every honoured call writes exactly --fixed-n tokens",
+                 ("slm", "llm"), _relay, relay=_fixed_calls, command=True),
+        Strategy("random_router",
+                 "each query goes to the LLM with probability --router-p, else the SLM",
+                 ("slm", "llm"), None, writer="slm", route=("llm", "slm"), training_free=True),
+        Strategy("entropy_router",
+                 "the LLM writes --entropy-k tokens when the SLM's entropy > --entropy-tau",
+                 ("slm", "llm"), _entropy_router, training_free=True),
+    )
+}  # fmt: skip
+"""Every strategy by name, in the order `relax eval --help` lists them."""
+
+
+def strategy_help():
+    """The strategy lines of `relax eval --help`, from the table's descriptions."""
+    width = max(len(n) for n in STRATEGIES) + 2
+    return "\n".join(f"  {n:<{width}}{s.description}" for n, s in STRATEGIES.items())
 
 
 _OUT_FIELDS = (
@@ -163,24 +237,8 @@ _OUT_FIELDS = (
 )
 
 
-def _decode_samples(
-    kind,
-    prompts,
-    lens,
-    base_key,
-    slm,
-    slm_params,
-    llm,
-    llm_params,
-    relay_cfg,
-    command,
-    tau,
-    k,
-    cfg,
-    devices,
-    desc,
-):
-    """Run `kind` over all rows in fixed chunks of cfg.batch_size; numpy arrays of _OUT_FIELDS.
+def _decode_samples(fn, prompts, lens, base_key, slm_params, llm_params, cfg, devices, desc):
+    """Run decoder `fn` over all rows in fixed chunks of cfg.batch_size; numpy arrays of _OUT_FIELDS.
 
     Chunk c is decoded with key fold_in(base_key, c), its rows sharded over
     the devices (jit with a batch-sharded input: one compiled SPMD program,
@@ -197,7 +255,6 @@ def _decode_samples(
     D = math.gcd(len(devices), bs)
     mesh = Mesh(np.array(devices[:D]), ("data",))
     rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    fn = _decoder(kind, slm, llm, relay_cfg, command, tau, k)
     sp = jax.device_put(slm_params, replicated) if slm_params is not None else None
     lp = jax.device_put(llm_params, replicated) if llm_params is not None else None
     # Pad the rows to whole chunks with copies of row 0 (dropped afterwards).
@@ -221,7 +278,41 @@ def _bench_key(seed, name, tag=0):
     return jax.random.fold_in(key, tag)
 
 
-def _records(kind, label, bench_name, samples, out, prompt_lens, tokenizer, routed_llm=None):
+def _costs(writer, resp, read, out, i):
+    """A record's token counters: one model wrote everything, or the relay's counters."""
+    if writer == "llm":  # the LLM alone wrote everything
+        return dict(
+            slm_tokens=0,
+            command_tokens=0,
+            llm_tokens=resp,
+            calls=0,
+            llm_prefill_tokens=read,
+            slm_processed=0,
+            llm_processed=read,
+        )
+    if writer == "slm":
+        return dict(
+            slm_tokens=resp,
+            command_tokens=0,
+            llm_tokens=0,
+            calls=0,
+            llm_prefill_tokens=0,
+            slm_processed=read,
+            llm_processed=0,
+        )
+    pre = int(out["llm_prefill_tokens"][i])  # everything the LLM ingested
+    return dict(
+        slm_tokens=int(out["slm_tokens"][i]),
+        command_tokens=int(out["command_tokens"][i]),
+        llm_tokens=int(out["llm_tokens"][i]),
+        calls=int(out["calls"][i]),
+        llm_prefill_tokens=pre,
+        slm_processed=read,
+        llm_processed=pre,
+    )
+
+
+def _records(label, bench_name, samples, out, prompt_lens, tokenizer, writers):
     recs = []
     for i, (prob, rep) in enumerate(samples):
         p = int(prompt_lens[i])
@@ -229,41 +320,8 @@ def _records(kind, label, bench_name, samples, out, prompt_lens, tokenizer, rout
         ids = out["tokens"][i, p:length]
         resp = length - p
         text = tokenizer.decode([int(t) for t in ids], skip_special_tokens=True)
-        on_llm = kind == "llm" or (routed_llm is not None and routed_llm[i])
-        read = p + max(
-            resp - 1, 0
-        )  # tokens a model reading everything ingests (the last is never fed)
-        if on_llm:  # the LLM alone wrote everything
-            c = dict(
-                slm_tokens=0,
-                command_tokens=0,
-                llm_tokens=resp,
-                calls=0,
-                llm_prefill_tokens=read,
-                slm_processed=0,
-                llm_processed=read,
-            )
-        elif kind in ("slm", "random_router"):
-            c = dict(
-                slm_tokens=resp,
-                command_tokens=0,
-                llm_tokens=0,
-                calls=0,
-                llm_prefill_tokens=0,
-                slm_processed=read,
-                llm_processed=0,
-            )
-        else:  # the relay's counters; its llm_prefill_tokens is everything the LLM ingested
-            pre = int(out["llm_prefill_tokens"][i])
-            c = dict(
-                slm_tokens=int(out["slm_tokens"][i]),
-                command_tokens=int(out["command_tokens"][i]),
-                llm_tokens=int(out["llm_tokens"][i]),
-                calls=int(out["calls"][i]),
-                llm_prefill_tokens=pre,
-                slm_processed=read,
-                llm_processed=pre,
-            )
+        # tokens a model reading everything ingests (the last is never fed)
+        read = p + max(resp - 1, 0)
         recs.append(
             dict(
                 strategy=label,
@@ -275,7 +333,7 @@ def _records(kind, label, bench_name, samples, out, prompt_lens, tokenizer, rout
                 response_tokens=resp,
                 prompt_tokens=p,
                 finish_reason=int(out["finish_reason"][i]),
-                **c,
+                **_costs(writers[i], resp, read, out, i),
             )
         )
     return recs
@@ -288,6 +346,18 @@ def _as_benchmarks(benchmarks):
     if benchmarks and isinstance(benchmarks[0], Problem):
         return [Benchmark("custom", tuple(benchmarks), 1)]
     return benchmarks
+
+
+def _parts(kind):
+    """The entries whose decoders strategy `kind` runs: a router's two, else itself."""
+    strategy = STRATEGIES[kind]
+    return [STRATEGIES[k] for k in strategy.route] or [strategy]
+
+
+def _command(tokenizer):
+    from relax.relay.command import CallCommand
+
+    return CallCommand.from_tokenizer(tokenizer)  # a large vocabulary takes seconds
 
 
 def run_strategy(
@@ -306,26 +376,30 @@ def run_strategy(
 ):
     """Evaluate one strategy on benchmarks; returns one record per sample.
 
-    kind: one of STRATEGIES. slm / llm: models (the model contract of docs/protocol.md) with
+    kind: a name of STRATEGIES. slm / llm: models (the model contract of docs/protocol.md) with
     their params (a strategy that does not use a model ignores it; pass None).
     benchmarks: a Benchmark, a list of them, or a list of Problems. command: a
-    `relax.CallCommand` (relay, teacher_free, fixed_n). router_p overrides
-    cfg.router_p. devices: defaults to `jax.local_devices()`.
+    `relax.CallCommand` (built from the tokenizer when a strategy needs one and
+    none is given). router_p overrides cfg.router_p. devices: defaults to
+    `jax.local_devices()`.
     """
     if kind not in STRATEGIES:
         raise ValueError(f"unknown strategy {kind!r}; choose from {', '.join(STRATEGIES)}")
+    strategy = STRATEGIES[kind]
     label = label or kind
     devices = tuple(devices or jax.local_devices())
-    relay_cfg = cfg.relay
-    if kind == "teacher_free":
-        relay_cfg = dataclasses.replace(relay_cfg, max_calls=0, on_call_limit="continue")
-    if kind in ("relay", "teacher_free", "fixed_n") and command is None:
-        from relax.relay.command import CallCommand
-
-        command = CallCommand.from_tokenizer(tokenizer)
-    if kind == "fixed_n":
-        relay_cfg, command = _fixed_n_setup(relay_cfg, command, cfg.fixed_n)
-    tau, k = (float(cfg.entropy_tau), int(cfg.entropy_k)) if kind == "entropy_router" else (0.0, 0)
+    parts = _parts(kind)
+    if command is None and any(s.command for s in parts):
+        command = _command(tokenizer)
+    fns, params = {}, {}
+    for s in parts:
+        s_cfg = dataclasses.replace(cfg, relay=s.relay(cfg.relay, cfg))
+        fns[s.name] = s.decoder(slm, llm, s_cfg, command)
+        # only the params this decoder reads are placed on the devices
+        params[s.name] = (
+            slm_params if "slm" in s.models else None,
+            llm_params if "llm" in s.models else None,
+        )
     p_route = cfg.router_p if router_p is None else router_p
     if p_route is None:
         p_route = 0.5
@@ -338,46 +412,42 @@ def run_strategy(
         ids = encode_prompts(tokenizer, [p.question for p in bench.problems], cfg.enable_thinking)
         ids = [ids[i] for i, prob in enumerate(bench.problems) for _ in range(bench.repeats)]
         width = cfg.prompt_bucket * math.ceil(max(len(x) for x in ids) / cfg.prompt_bucket)
-        prompts, lens = _pad(ids, width, relay_cfg.pad_id)
+        prompts, lens = _pad(ids, width, cfg.relay.pad_id)
         desc = f"{label}/{bench.name}"
-        common = dict(
-            slm=slm,
-            slm_params=slm_params,
-            llm=llm,
-            llm_params=llm_params,
-            relay_cfg=relay_cfg,
-            command=command,
-            tau=tau,
-            k=k,
-            cfg=cfg,
-            devices=devices,
-        )
-        if kind == "random_router":
+        common = dict(cfg=cfg, devices=devices)
+        writers = [strategy.writer] * len(samples)
+        if strategy.route:
             rng = np.random.default_rng([cfg.seed, zlib.crc32(bench.name.encode())])
-            to_llm = rng.random(len(samples)) < p_route
+            first = rng.random(len(samples)) < p_route
             out = {}
-            for sub_kind, mask, tag in (("llm", to_llm, 1), ("slm", ~to_llm, 2)):
+            for s, mask, tag in ((parts[0], first, 1), (parts[1], ~first, 2)):
                 rows = np.nonzero(mask)[0]
                 if rows.size == 0:
                     continue
                 sub = _decode_samples(
-                    sub_kind,
+                    fns[s.name],
                     prompts[rows],
                     lens[rows],
                     _bench_key(cfg.seed, bench.name, tag),
-                    desc=f"{desc}:{sub_kind}",
+                    *params[s.name],
+                    desc=f"{desc}:{s.name}",
                     **common,
                 )
                 for f, v in sub.items():
                     out.setdefault(f, np.zeros((len(samples),) + v.shape[1:], v.dtype))[rows] = v
-            records += _records(
-                kind, label, bench.name, samples, out, lens, tokenizer, routed_llm=to_llm
-            )
+                for i in rows:
+                    writers[i] = s.writer
         else:
             out = _decode_samples(
-                kind, prompts, lens, _bench_key(cfg.seed, bench.name), desc=desc, **common
+                fns[kind],
+                prompts,
+                lens,
+                _bench_key(cfg.seed, bench.name),
+                *params[kind],
+                desc=desc,
+                **common,
             )
-            records += _records(kind, label, bench.name, samples, out, lens, tokenizer)
+        records += _records(label, bench.name, samples, out, lens, tokenizer, writers)
     return records
 
 
@@ -404,22 +474,22 @@ def evaluate(
     if isinstance(strategies, str):
         strategies = [strategies]
     specs = [(s, s, {}) if isinstance(s, str) else s for s in strategies]
-    if command is None and any(
-        kind in ("relay", "teacher_free", "fixed_n") for _, kind, _ in specs
-    ):
-        from relax.relay.command import CallCommand
-
-        command = CallCommand.from_tokenizer(tokenizer)  # once: a large vocabulary takes seconds
+    unknown = [kind for _, kind, _ in specs if kind not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+    if command is None and any(s.command for _, kind, _ in specs for s in _parts(kind)):
+        command = _command(tokenizer)  # once for all strategies
     records, router_used = {}, {}
     for label, kind, over in specs:
         kw = dict(slm=slm, slm_params=slm_params, llm=llm, llm_params=llm_params)
         kw.update(over)
         router_p = None
-        if kind == "random_router" and cfg.router_p is None and "relay" in records:
+        routed = bool(STRATEGIES[kind].route)
+        if routed and cfg.router_p is None and "relay" in records:
             # the relay's reported LLM-token share (per-benchmark ratios, averaged)
             relay = metrics.summarize({"relay": records["relay"]})["relay"]["average"]
             router_p = relay["call_ratio"] / 100.0
-        if kind == "random_router":
+        if routed:
             router_used[label] = next(p for p in (router_p, cfg.router_p, 0.5) if p is not None)
         records[label] = run_strategy(
             kind,

@@ -16,7 +16,7 @@ Architectures come from each model's `config.json`, else a known name (Qwen3-0.6
 the SFT stage's output folder has the SFT model's architecture and a filter teacher at
 the GRPO teacher's path the GRPO teacher's. The eval program uses the GRPO models with
 the settings of `--eval` (default configs/eval-paper.yaml). Shapes are worst cases: a
-rollout row is the padded `max_prompt_len` plus `max_response`; eval and filter prompts
+rollout row is the padded `max_prompt_len` plus `relay.max_new_tokens`; eval and filter prompts
 are `--prompt-len` wide (default: the GRPO `max_prompt_len`).
 
 With `--json` the last line is one JSON object: `programs` (name, shapes, per-device

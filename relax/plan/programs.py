@@ -89,7 +89,7 @@ def _grpo_width(cfg):
     from relax.train.rollout import pad_prompts
 
     prompt = pad_prompts([[0] * cfg.max_prompt_len])[0].shape[1]
-    return prompt, prompt + cfg.max_response  # a rollout row: the padded prompt + budget
+    return prompt, prompt + cfg.relay.max_new_tokens  # a rollout row: the padded prompt + budget
 
 
 def grpo_update(model: Model, cfg, n_dev: int) -> Program:
@@ -121,14 +121,16 @@ def grpo_logprobs(model: Model, cfg, n_dev: int) -> Program:
     return Program("old/ref logprobs", make_forward_logprobs(model), (params, batch), shapes)
 
 
-def _relay_call(slm, llm, relay_cfg, command):
+def _relay_call(slm, llm, relay_cfg, command, sampling=None):
     """`fn(slm_params, llm_params, prompts, lens, key)`: the rollout function of `relax grpo`
-    (`make_relay_rollout`), or `relax.generate` when `llm` is None."""
+    (`make_relay_rollout`), or `relax.generate` with `sampling` when `llm` is None."""
     import relax
     from relax.train.rollout import make_relay_rollout
 
     if llm is None:
-        return lambda sp, lp, pr, ln, key: relax.generate(slm, sp, pr, ln, key, relay_cfg)
+        return lambda sp, lp, pr, ln, key: relax.generate(
+            slm, sp, pr, ln, key, relay_cfg, sampling=sampling
+        )
     return make_relay_rollout(slm, llm, relay_cfg, command)
 
 
@@ -154,13 +156,17 @@ def _jitted_loop(slm, llm, relay_cfg, command, rows, prompt_width, replicated):
         tables = command.device_tables(slm.config.vocab_size)
 
     def run(sp, lp, pr, ln, key, sc, lc=None):
-        return decoder._run(loop, sp, lp, tables, pr, ln, key, sc, lc)  # (out, caches) as there
+        # (out, caches) as there; row_offset 0, as a call of all the rows
+        return decoder._run(loop, sp, lp, tables, pr, ln, key, sc, lc, jnp.int32(0))
 
     return jax.jit(run, donate_argnums=(5, 6)), caches
 
 
-def relay_program(name, slm, sp, llm, lp, relay_cfg, command, rows, prompt_width, devices):
-    """One relay (or single-model, `llm` None) call of `rows` rows, sharded over `devices`.
+def relay_program(
+    name, slm, sp, llm, lp, relay_cfg, command, rows, prompt_width, devices, sampling=None
+):
+    """One relay (or single-model, `llm` None, sampled with `sampling`) call of `rows` rows,
+    sharded over `devices`.
 
     Uses the public path (the rollout function / `relax.generate` traced inside a jit, as
     the relay's contract allows) when it traces, else `_jitted_loop`.
@@ -176,7 +182,7 @@ def relay_program(name, slm, sp, llm, lp, relay_cfg, command, rows, prompt_width
         jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row_sh),
         jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
     )
-    fn = _relay_call(slm, llm, relay_cfg, command)
+    fn = _relay_call(slm, llm, relay_cfg, command, sampling)
     try:
         jax.eval_shape(fn, *args)
         fn = jax.jit(fn)
@@ -207,22 +213,20 @@ def eos_pad(vocab_size: int):
 # The stages of a preset, as `relax sft`, `relax grpo`, `relax eval` and `relax filter` run them.
 
 
-def _eval_settings(path, vocab_size):
-    """(RelayConfig, batch_size, prompt_bucket) of an eval YAML (`relax eval --config`)."""
-    import yaml
-
-    from relax.relay.config import RelayConfig, SamplingConfig
-
-    with open(path) as f:
-        doc = yaml.safe_load(f) or {}
-    relay = dict(doc.get("relay") or {})
-    for m in ("slm", "llm"):
-        if m in relay:
-            relay[m] = SamplingConfig(**relay[m])
+def _stand_in_ids(vocab_size, prefix):
+    """Loader defaults: `eos_pad`'s ids where `relax grpo` / `relax eval` take the tokenizer's."""
     eos, pad = eos_pad(vocab_size)
-    relay.setdefault("eos_ids", eos)
-    relay.setdefault("pad_id", pad)
-    return RelayConfig(**relay), int(doc.get("batch_size", 16)), int(doc.get("prompt_bucket", 64))
+    return {f"{prefix}.eos_ids": list(eos), f"{prefix}.pad_id": pad}
+
+
+def _eval_settings(path, vocab_size):
+    """(RelayConfig, batch_size, prompt_bucket) of an eval YAML (`relax eval --config`), read by
+    the loader `relax eval` uses."""
+    from relax.eval.strategies import EvalConfig
+    from relax.train.config import load_config
+
+    cfg = load_config(EvalConfig, path, defaults=_stand_in_ids(vocab_size, "relay"))
+    return cfg.relay, cfg.batch_size, cfg.prompt_bucket
 
 
 def build_programs(doc, devices, eval_path=None, prompt_len=None):
@@ -230,7 +234,7 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
     import jax.numpy as jnp
 
     from relax.plan.arch import resolve
-    from relax.relay.config import RelayConfig, SamplingConfig
+    from relax.relay.config import RelayConfig
     from relax.train import config as config_lib
 
     n = len(devices)
@@ -275,17 +279,10 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
         # trained params' dtype (today's rollout samples from the f32 master weights).
         r_slm = Model(sa, dtype=dtype(getattr(cfg, "rollout_dtype", "") or cfg.run.dtype))
         llm = Model(la, dtype=dtype(cfg.llm_dtype))
-        eos, pad = eos_pad(sa.vocab_size)
-        relay_cfg = RelayConfig(  # as `relax grpo` builds it
-            max_new_tokens=cfg.max_response,
-            max_calls=cfg.max_calls,
-            max_call_tokens=cfg.max_call_tokens,
-            slm=SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p),
-            llm=SamplingConfig(temperature=cfg.llm_temperature, top_p=cfg.llm_top_p),
-            eos_ids=eos,
-            pad_id=pad,
-            **cfg.relay,
-        )
+        # the rollouts' RelayConfig as `relax grpo` loads it, stand-ins for the tokenizer's ids
+        stand_ins = _stand_in_ids(sa.vocab_size, "relay")
+        grpo_doc = config_lib.with_defaults(doc["grpo"], stand_ins)
+        relay_cfg = config_lib.from_dict(config_lib.GRPOConfig, grpo_doc, "grpo.").relay
         rows = getattr(cfg, "rollout_batch_size", 0) or cfg.prompts_per_step * cfg.group_size
         width = _grpo_width(cfg)[0]
         command = stand_in_command(sa.vocab_size)
@@ -332,15 +329,11 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
         teacher = Model(fa, dtype=dtype(cfg_f.dtype))
 
         def filter_program():
+            from relax.train.filter import teacher_sampling
             from relax.train.rollout import pad_prompts
 
             eos, pad = eos_pad(fa.vocab_size)
-            gen = RelayConfig(
-                max_new_tokens=cfg_f.max_new_tokens,
-                slm=SamplingConfig(temperature=cfg_f.temperature, top_p=cfg_f.top_p),
-                eos_ids=eos,
-                pad_id=pad,
-            )
+            gen = RelayConfig(max_new_tokens=cfg_f.max_new_tokens, eos_ids=eos, pad_id=pad)
             p = prompt_len or (grpo.max_prompt_len if grpo else 1024)
             width = pad_prompts([[0] * p])[0].shape[1]
             # `pass_rates` hands host arrays to relax.generate: one device runs all rows.
@@ -355,6 +348,7 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
                 cfg_f.batch_size * cfg_f.k,
                 width,
                 devices[:1],
+                sampling=teacher_sampling(cfg_f),
             )
 
         add("filter generate", filter_program, f"llm {fsrc}")

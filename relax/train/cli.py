@@ -25,7 +25,7 @@ CONFIG_DIR = os.path.join(
 )
 
 
-def _parse(prog, argv, cls, section):
+def _parse(prog, argv, cls, section, defaults=None):
     parser = argparse.ArgumentParser(prog=f"relax {prog}", description=cls.__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML preset (path, or a name in configs/ without .yaml)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -35,7 +35,9 @@ def _parse(prog, argv, cls, section):
     parser.add_argument("overrides", nargs="*", help="key=value (dotted keys for nested sections)")
     args = parser.parse_args(argv)
     preset = config_lib.resolve_preset(args.config, CONFIG_DIR) if args.config else None
-    cfg = config_lib.load_config(cls, preset, section if preset else None, args.overrides)
+    cfg = config_lib.load_config(
+        cls, preset, section if preset else None, args.overrides, defaults=defaults
+    )
     return cfg, args
 
 
@@ -122,10 +124,9 @@ def grpo(argv):
         return 0
     from relax.train.grpo_train import check_sampling, train_grpo
 
-    check_sampling(cfg)  # fail on top_p < 1 etc. before loading two models
+    check_sampling(cfg)  # fail on relay.slm.top_p < 1 etc. before loading two models
     distributed.maybe_initialize()
     import relax
-    from relax.relay.config import RelayConfig, SamplingConfig
     from relax.train.rollout import make_relay_rollout, text_verifier
     from relax.train.warmup import chat_prompt
 
@@ -134,18 +135,10 @@ def grpo(argv):
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.slm, cfg.run.output_dir)
     if tokenizer is None:
         raise ValueError("GRPO needs a tokenizer (set tokenizer=...)")
-    eos = tuple(i for i in {tokenizer.eos_token_id, tokenizer.pad_token_id} if i is not None)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    relay_cfg = RelayConfig(
-        max_new_tokens=cfg.max_response,
-        max_calls=cfg.max_calls,
-        max_call_tokens=cfg.max_call_tokens,
-        slm=SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p),
-        llm=SamplingConfig(temperature=cfg.llm_temperature, top_p=cfg.llm_top_p),
-        eos_ids=eos,
-        pad_id=pad,
-        **cfg.relay,
-    )
+    # eos and pad ids from the tokenizer, unless the preset or an override sets them
+    cfg, _ = _parse("grpo", argv, config_lib.GRPOConfig, "grpo",
+                    config_lib.tokenizer_defaults(tokenizer, "relay"))  # fmt: skip
+    relay_cfg = cfg.relay
     rollout = make_relay_rollout(slm, llm, relay_cfg, relax.CallCommand.from_tokenizer(tokenizer))
     problems = [r for r in read_rows(cfg.data, cfg.run.seed)]
 
@@ -164,7 +157,7 @@ def grpo(argv):
         text_verifier(tokenizer, relax.grade),
         encode,
         llm_params=llm_params,
-        pad_id=pad,
+        pad_id=relay_cfg.pad_id,
         progress=not args.no_progress,
     )
     if cfg.run.export and distributed.is_main_process():

@@ -1,9 +1,15 @@
-"""Typed training configs, filled from YAML presets and `key=value` overrides.
+"""Typed configs and the one YAML loader of relax: training, eval and the demo.
 
 The dataclasses are the source of truth: a preset in ``configs/`` may only set
-fields that exist here, and an override ``optim.learning_rate=1e-6`` is parsed
-as YAML and checked against the field's type. A preset file holds one section
-per stage (``sft:``, ``filter:``, ``grpo:``); a stage reads its own section.
+fields that exist here (or in the dataclass a caller loads: ``EvalConfig``,
+``DemoConfig``), and an override ``optim.learning_rate=1e-6`` is parsed as
+YAML and checked against the field's type. Nested sections may be frozen
+dataclasses: a ``relay:`` section *is* a ``relax.RelayConfig`` with nested
+``slm:`` / ``llm:`` ``SamplingConfig``, checked by its own ``__post_init__``
+(a bad value is a one-line ``ConfigError`` naming the key). A preset file
+holds one section per stage (``sft:``, ``filter:``, ``grpo:``); a stage reads
+its own section. eos and pad ids a relay section leaves unset come from the
+tokenizer (``tokenizer_defaults``).
 
 This module does not build models or optimizers; it only describes them.
 """
@@ -18,6 +24,7 @@ from typing import Any
 import yaml
 
 from relax.errors import ConfigError
+from relax.relay.config import RelayConfig, SamplingConfig
 
 
 @dataclasses.dataclass
@@ -151,22 +158,22 @@ class GRPOConfig:
       mini_batch_prompts: prompts per optimizer update; a rollout batch gives
         prompts_per_step / mini_batch_prompts updates (paper: 32 -> 4).
       max_prompt_len: prompts are left as is up to this many tokens (longer dropped).
-      max_response: [budget] SLM + LLM tokens per rollout (paper: 8192).
       reward: "difficulty_aware" (paper), "simple" (correct - rho) or "accuracy".
       clip_low, clip_high: [epsilon_low, epsilon_high] ratio clip (0.2, 0.3).
       dual_clip: [c] dual-clip bound for negative advantages (3.0).
       kl_coef: [beta] weight of the k3 KL to pi_ref (0.01).
-      temperature: SLM sampling temperature in rollouts (paper: 1.0). The
-        policy pi_theta of the ratio, the old policy and pi_ref of the KL are
-        all softmax(logits / temperature), the distribution the rollouts
-        sample from (as verl, TRL and tunix do).
-      top_p: must be 1.0 (and ``relay.slm`` no top-k): the training
-        log-probs do not model truncated sampling, so a ratio against
-        nucleus samples would be of another policy. Anything else is
-        rejected with a ValueError.
-      llm_temperature, llm_top_p: teacher sampling (0.7, 1.0).
-      max_calls, max_call_tokens: relay limits (paper RL: 2 calls; n capped at 8192).
-      relay: extra ``relax.RelayConfig`` fields, passed through as given.
+      relay: the rollouts' ``relax.RelayConfig``, the one source of the relay
+        settings: ``max_new_tokens`` [budget] SLM + LLM tokens per rollout
+        (paper: 8192), ``max_calls`` (paper RL: 2), ``max_call_tokens`` (8192),
+        ``slm`` / ``llm`` sampling (paper: 1.0 / 0.7, top-p 1.0). The policy
+        pi_theta of the ratio, the old policy and pi_ref of the KL are all
+        softmax(logits / ``relay.slm.temperature``), the distribution the
+        rollouts sample from (as verl, TRL and tunix do); so ``relay.slm``
+        must have top_p 1.0, no top-k and not be greedy: the training
+        log-probs do not model truncated sampling (anything else is
+        rejected with a ValueError). ``relax grpo`` sets ``eos_ids`` and
+        ``pad_id`` from the tokenizer (``relax.tokenizer.special_ids``) unless
+        the preset or an override sets them.
       rollout_batch_size: rows (prompts x G, on this host) per relay call; a
         step's rollouts run as sequential calls of this many rows, which give
         the same tokens as one call (a row's samples depend on the key and its
@@ -195,19 +202,20 @@ class GRPOConfig:
     prompts_per_step: int = 128
     mini_batch_prompts: int = 32
     max_prompt_len: int = 4096
-    max_response: int = 8192
     reward: str = "difficulty_aware"
     clip_low: float = 0.2
     clip_high: float = 0.3
     dual_clip: float = 3.0
     kl_coef: float = 0.01
-    temperature: float = 1.0
-    top_p: float = 1.0
-    llm_temperature: float = 0.7
-    llm_top_p: float = 1.0
-    max_calls: int = 2
-    max_call_tokens: int = 8192
-    relay: dict = dataclasses.field(default_factory=dict)
+    relay: RelayConfig = dataclasses.field(
+        default_factory=lambda: RelayConfig(
+            max_new_tokens=8192,
+            max_calls=2,
+            max_call_tokens=8192,
+            slm=SamplingConfig(temperature=1.0),
+            llm=SamplingConfig(temperature=0.7),
+        )
+    )
     rollout_batch_size: int = 64
     rollout_dtype: str = "float32"
     epochs: int = 1
@@ -250,9 +258,30 @@ class FilterConfig:
     dtype: str = "bfloat16"
 
 
+def _type_name(tp):
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
 def _coerce(value, tp, where):
-    if tp is Any or typing.get_origin(tp) in (typing.Union, types.UnionType):
+    """``value`` as type ``tp`` (the field's annotation), or a ConfigError naming ``where``."""
+    args = typing.get_args(tp)
+    if tp is Any:
         return value
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None: None or an X
+        if value is None and type(None) in args:
+            return None
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1:
+            return _coerce(value, others[0], where)
+        return value
+    if tp is tuple or typing.get_origin(tp) is tuple:
+        item = args[0] if args else Any
+        if isinstance(value, str):  # a flag or override: "5,6" or "(5, 6)"
+            value = [yaml.safe_load(v) for v in value.strip("()[] ").split(",") if v.strip()]
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
     if tp is bool and isinstance(value, bool):
         return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -269,22 +298,37 @@ def _coerce(value, tp, where):
     if tp is dict and isinstance(value, dict):
         return dict(value)
     raise ConfigError(
-        f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}",
-        f"set {where}=<{getattr(tp, '__name__', tp)}>",
+        f"{where}: expected {_type_name(tp)}, got {value!r}", f"set {where}=<{_type_name(tp)}>"
     )
 
 
 def from_dict(cls, data, where="", base=None):
-    """Build dataclass ``cls`` from a nested dict over its defaults; unknown keys fail."""
+    """Build dataclass ``cls`` from a nested dict over its defaults (or ``base``).
+
+    Nested dataclass fields (frozen ones too, e.g. ``relay: RelayConfig`` with
+    its ``slm:`` / ``llm:`` ``SamplingConfig``) are built from nested mappings
+    over their current value; tuple and ``X | None`` fields are coerced. Unknown
+    keys, wrong types and values the dataclass itself rejects (its
+    ``__post_init__`` checks) are one-line ConfigErrors naming the dotted key.
+    ``where`` is the dotted prefix of ``data`` in the preset (e.g. "grpo.").
+    """
     base = copy.deepcopy(cls() if base is None else base)
+    if data is None:
+        return base
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{where.rstrip('.') or cls.__name__}: expected a mapping, got {data!r}",
+            f"set its fields with dotted keys, e.g. {where}FIELD=VALUE",
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - fields
     if unknown:
         raise ConfigError(
-            f"{where or cls.__name__ + ' '}unknown keys {sorted(unknown)}",
-            f"known keys: {', '.join(sorted(fields))}",
+            f"unknown keys {sorted(where + str(k) for k in unknown)}",
+            f"known keys{' of ' + where.rstrip('.') if where else ''}: {', '.join(sorted(fields))}",
         )
+    values = {}
     for name, value in data.items():
         current = getattr(base, name)
         if dataclasses.is_dataclass(current):
@@ -293,25 +337,69 @@ def from_dict(cls, data, where="", base=None):
                     f"{where}{name}: expected a mapping, got {value!r}",
                     f"set its fields with dotted keys, e.g. {where}{name}.FIELD=VALUE",
                 )
-            value = from_dict(type(current), value, f"{where}{name}.", current)
+            values[name] = from_dict(type(current), value, f"{where}{name}.", current)
         else:
-            value = _coerce(value, hints[name], f"{where}{name}")
-        setattr(base, name, value)
-    return base
+            values[name] = _coerce(value, hints[name], f"{where}{name}")
+    try:
+        return dataclasses.replace(base, **values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # the dataclass's own checks (ranges, choices)
+        raise ConfigError(f"{where.rstrip('.') or cls.__name__}: {e}") from None
 
 
 def _set_path(tree, dotted, value):
     keys = dotted.split(".")
     for k in keys[:-1]:
-        tree = tree.setdefault(k, {})
+        sub = tree.get(k)
+        if not isinstance(sub, dict):
+            sub = tree[k] = {}
+        tree = sub
     tree[keys[-1]] = value
 
 
-def load_config(cls, preset=None, section=None, overrides=()):
-    """A ``cls`` config from a YAML preset (its ``section``) plus ``key=value`` overrides.
+def _set_default(tree, dotted, value):
+    """Set ``dotted`` in ``tree`` unless it (or a non-mapping above it) is already set."""
+    *heads, last = dotted.split(".")
+    for k in heads:
+        if k not in tree or tree[k] is None:
+            tree[k] = {}
+        if not isinstance(tree[k], dict):
+            return  # a wrong value there: from_dict reports it
+        tree = tree[k]
+    tree.setdefault(last, value)
 
-    Values are parsed as YAML (``steps=10`` is an int, ``relay.llm_trigger_fraction=0.5``
-    a float), dotted keys reach nested sections.
+
+def with_defaults(data, defaults):
+    """A copy of the nested dict ``data`` with each dotted key of ``defaults`` set where unset."""
+    data = copy.deepcopy(data or {})
+    for key, value in defaults.items():
+        _set_default(data, key, value)
+    return data
+
+
+def tokenizer_defaults(tokenizer, *relays):
+    """Loader ``defaults``: the tokenizer's eos and pad ids (``relax.tokenizer.special_ids``)
+    for each RelayConfig section named in ``relays`` (dotted, e.g. "relay", "eval.relay");
+    a preset or override that sets them wins."""
+    from relax.tokenizer import special_ids
+
+    eos, pad = special_ids(tokenizer)
+    out = {}
+    for r in relays:
+        out[f"{r}.eos_ids"], out[f"{r}.pad_id"] = list(eos), pad
+    return out
+
+
+def load_config(cls, preset=None, section=None, overrides=(), settings=None, defaults=None):
+    """A ``cls`` config from a YAML preset (its ``section``), ``settings``, then ``key=value`` overrides.
+
+    The one loader of training, eval and demo configs. Later layers win:
+    ``cls``'s defaults, ``defaults`` (dotted key -> value: what the run
+    derives, e.g. ``tokenizer_defaults``), the preset, ``settings`` (dotted
+    key -> value, None skipped: what command-line flags set), then the
+    overrides, parsed as YAML (``steps=10`` is an int,
+    ``relay.llm.temperature=0.5`` a float). Dotted keys reach nested sections.
     """
     data = {}
     if preset:
@@ -322,12 +410,20 @@ def load_config(cls, preset=None, section=None, overrides=()):
                     f"{preset}: no '{section}:' section", f"it has {', '.join(sorted(doc))}"
                 )
             doc = doc[section] or {}
-        data = doc
+        data = copy.deepcopy(doc)
+    data = with_defaults(data, defaults or {})
+    for key, value in (settings or {}).items():
+        if value is not None:
+            _set_path(data, key, value)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value", "write KEY=VALUE")
         key, raw = item.split("=", 1)
-        _set_path(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        _set_path(data, key.strip(), value)
     return from_dict(cls, data)
 
 

@@ -1,7 +1,7 @@
 """Teacher filtering: keep the training problems the LLM solves often enough.
 
-For every problem, ``k`` samples from the LLM (``relax.generate``, the
-teacher's sampling), graded with ``grade(response_text, answer)``; a problem
+For every problem, ``k`` samples from the LLM (``relax.generate`` with
+``sampling=`` the teacher's own settings, ``cfg.temperature`` / ``cfg.top_p``), graded with ``grade(response_text, answer)``; a problem
 is kept when its pass rate is above ``min_pass_rate`` (default 0: solved at
 least once in k = 16, as the paper). Every problem is written with its
 ``pass_rate`` to ``cfg.output`` (JSONL, kept rows only) and the full table to
@@ -18,18 +18,22 @@ from tqdm.auto import tqdm
 from relax.train.rollout import decode_responses, encode_prompts
 
 
+def teacher_sampling(cfg):
+    """The teacher's own sampling, from the FilterConfig (temperature, top_p)."""
+    from relax.relay.config import SamplingConfig
+
+    return SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p)
+
+
 def pass_rates(llm, llm_params, tokenizer, problems, cfg, grade, progress=True, prompt_fn=None):
     """Pass rate of each problem over ``cfg.k`` teacher samples. Returns float [len(problems)]."""
     import relax
-    from relax.relay.config import RelayConfig, SamplingConfig
+    from relax.relay.config import RelayConfig
+    from relax.tokenizer import special_ids
 
-    eos = tuple(i for i in {tokenizer.eos_token_id, tokenizer.pad_token_id} if i is not None)
-    gen = RelayConfig(
-        max_new_tokens=cfg.max_new_tokens,
-        slm=SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p),
-        eos_ids=eos,
-        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0],
-    )
+    eos, pad = special_ids(tokenizer)
+    gen = RelayConfig(max_new_tokens=cfg.max_new_tokens, eos_ids=eos, pad_id=pad)
+    sampling = teacher_sampling(cfg)
     key = jax.random.key(cfg.seed)
     rates = np.zeros(len(problems), np.float64)
     bar = tqdm(total=len(problems), desc="filter", disable=not progress)
@@ -37,7 +41,8 @@ def pass_rates(llm, llm_params, tokenizer, problems, cfg, grade, progress=True, 
         chunk = problems[start : start + cfg.batch_size]
         questions = [p["question"] for p in chunk for _ in range(cfg.k)]
         prompts, lens = encode_prompts(tokenizer, questions, prompt_fn=prompt_fn, pad_id=gen.pad_id)
-        out = relax.generate(llm, llm_params, prompts, lens, jax.random.fold_in(key, start), gen)
+        key_b = jax.random.fold_in(key, start)
+        out = relax.generate(llm, llm_params, prompts, lens, key_b, gen, sampling=sampling)
         texts = decode_responses(tokenizer, jax.device_get(out))
         ok = np.array([grade(t, chunk[i // cfg.k]["answer"]) for i, t in enumerate(texts)], bool)
         rates[start : start + len(chunk)] = ok.reshape(len(chunk), cfg.k).mean(axis=1)

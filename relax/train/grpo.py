@@ -6,7 +6,7 @@ Pure functions on arrays; the pmapped update that uses them is in
 Shapes: B sequences, T positions, V vocabulary. ``logits[b, t]`` predicts
 ``targets[b, t]`` (the caller shifts by one). The policy pi_theta is the
 rollouts' sampling distribution, softmax(logits / T) at the sampling
-temperature T (``GRPOConfig.temperature``), for the ratio, the old policy
+temperature T (``GRPOConfig.relay.slm.temperature``), for the ratio, the old policy
 and the KL reference alike. The training step gets its log-probs from
 ``relax.train.logprobs`` (the LM head in chunks, never [B, T, V] logits) and
 calls ``grpo_loss_from_logprobs``; ``grpo_loss_from_logits`` is the same
@@ -31,6 +31,8 @@ Deviations from the paper / official code:
 
 import jax
 import jax.numpy as jnp
+
+from relax import ops
 
 SLM_SOURCES = (2, 3)  # RelayOutput.source: 2 slm token, 3 command token
 
@@ -80,12 +82,6 @@ def token_logprobs(logits, targets):
     logits = logits.astype(jnp.float32)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(logits, axis=-1)
-
-
-def token_entropy(logits):
-    """Entropy of softmax(logits) per position. [B, T, V] -> [B, T]."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
 def policy_loss(
@@ -184,16 +180,16 @@ def grpo_loss_from_logprobs(logp, batch, cfg, num_tokens=None, entropy=None):
 def grpo_loss_from_logits(logits, batch, cfg, num_tokens=None):
     """The GRPO loss of one (micro-)batch given the policy's logits [B, T, V].
 
-    The policy is softmax(logits / ``cfg.temperature``), the distribution the
+    The policy is softmax(logits / ``cfg.relay.slm.temperature``), the distribution the
     rollouts sample from. ``batch`` also holds ``targets`` [B, T]. Adds the
     masked entropy (at the same temperature) to the metrics. The training
     loop does not call this (it never holds [B, T, V] logits; see
     ``relax.train.logprobs``); it is the unchunked definition the chunked
     path is tested against.
     """
-    logits = logits.astype(jnp.float32) / cfg.temperature
+    logits = logits.astype(jnp.float32) / cfg.relay.slm.temperature
     logp = token_logprobs(logits, batch["targets"])
-    return grpo_loss_from_logprobs(logp, batch, cfg, num_tokens, token_entropy(logits))
+    return grpo_loss_from_logprobs(logp, batch, cfg, num_tokens, ops.entropy(logits))
 
 
 def sequence_inputs(tokens, lengths):

@@ -44,6 +44,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from relax.errors import ConfigError
 from relax.train import distributed
 from relax.train.grpo import grpo_loss_from_logprobs
 from relax.train.logprobs import sequence_stats
@@ -63,7 +64,7 @@ from relax.train.update import (
 def make_grpo_loss(model, cfg):
     """``loss_fn(params, micro_batch, num_tokens)`` for ``make_update_step``.
 
-    The policy is softmax(logits / ``cfg.temperature``); the LM head runs in
+    The policy is softmax(logits / ``cfg.relay.slm.temperature``); the LM head runs in
     chunks of ``cfg.run.logprob_chunk`` positions, rematerialised in the
     backward (``relax.train.logprobs``), so no [B, T, V] buffer exists.
     """
@@ -75,7 +76,7 @@ def make_grpo_loss(model, cfg):
             mb["inputs"],
             mb["positions"],
             mb["targets"],
-            temperature=cfg.temperature,
+            temperature=cfg.relay.slm.temperature,
             chunk=cfg.run.logprob_chunk,
             entropy=True,
         )
@@ -88,45 +89,44 @@ ROLLOUT_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
 def check_sampling(cfg, sampling=None):
-    """ValueError unless the rollouts sample from softmax(logits / cfg.temperature) itself.
+    """ConfigError (a ValueError) unless the rollouts sample from softmax(logits / T) itself, T = cfg.relay.slm.temperature.
 
     The training, old-policy and reference log-probs are those of the
     tempered softmax; top-p / top-k truncate the sampling distribution, which
     these log-probs do not model (the ratio would be that of another policy
-    on the samples), and greedy rollouts have no distribution. ``sampling``
-    is the rollout's SLM ``SamplingConfig`` when known (``make_relay_rollout``
-    attaches it); its temperature must equal ``cfg.temperature``.
+    on the samples), and greedy rollouts have no distribution. Checked on
+    ``cfg.relay.slm`` and, when known, on ``sampling``, the SLM
+    ``SamplingConfig`` the rollout function really uses (``make_relay_rollout``
+    attaches it): its temperature must be cfg's.
     """
-    if not cfg.temperature > 0:
-        raise ValueError(f"GRPOConfig.temperature must be > 0, got {cfg.temperature}")
-    if cfg.top_p != 1.0:
-        raise ValueError(
-            f"GRPOConfig.top_p={cfg.top_p}: GRPO rollouts must sample with top_p=1.0 (the "
-            "training log-probs are those of the full tempered softmax, not of nucleus sampling)"
-        )
+    for name, s in (
+        ("GRPOConfig.relay.slm", cfg.relay.slm),
+        ("the rollout's SLM sampling", sampling),
+    ):
+        if s is None:
+            continue
+        if s.greedy:
+            raise ConfigError(f"{name} is greedy: GRPO needs sampled rollouts")
+        if s.top_k or s.top_p != 1.0:
+            raise ConfigError(
+                f"{name} has top_k={s.top_k}, top_p={s.top_p}: GRPO rollouts must sample "
+                "from the full tempered softmax (top_k=0, top_p=1.0), the distribution of the "
+                "training log-probs"
+            )
     if cfg.rollout_dtype not in ROLLOUT_DTYPES:
-        raise ValueError(
+        raise ConfigError(
             f"GRPOConfig.rollout_dtype must be one of {sorted(ROLLOUT_DTYPES)}, "
             f"got {cfg.rollout_dtype!r}"
         )
     if cfg.rollout_batch_size < 0:
-        raise ValueError(
+        raise ConfigError(
             f"GRPOConfig.rollout_batch_size must be >= 0 (0 = one call), got {cfg.rollout_batch_size}"
         )
-    if sampling is None:
-        return
-    if sampling.greedy:
-        raise ValueError("the rollout's SLM sampling is greedy: GRPO needs sampled rollouts")
-    if sampling.top_k or sampling.top_p != 1.0:
-        raise ValueError(
-            f"the rollout's SLM sampling has top_k={sampling.top_k}, top_p={sampling.top_p}: "
-            "GRPO rollouts must sample from the full tempered softmax (top_k=0, top_p=1.0)"
-        )
-    if sampling.temperature != cfg.temperature:
-        raise ValueError(
+    if sampling is not None and sampling.temperature != cfg.relay.slm.temperature:
+        raise ConfigError(
             f"the rollout samples at temperature {sampling.temperature} but "
-            f"GRPOConfig.temperature={cfg.temperature}: the training log-probs must be taken "
-            "at the sampling temperature"
+            f"GRPOConfig.relay.slm.temperature={cfg.relay.slm.temperature}: the training "
+            "log-probs must be taken at the sampling temperature"
         )
 
 
@@ -220,7 +220,9 @@ def train_grpo(
     ref_r = replicate(ref_params, run.devices)
     train_model = training_model(model, cfg.run.remat)
     update_fn = make_update_step(make_grpo_loss(train_model, cfg), optimizer)
-    logprob_fn = make_forward_logprobs(train_model, cfg.temperature, cfg.run.logprob_chunk)
+    logprob_fn = make_forward_logprobs(
+        train_model, cfg.relay.slm.temperature, cfg.run.logprob_chunk
+    )
     mbs = cfg.run.micro_batch_size
     mesh = Mesh(np.array(run.devices), ("data",))
     row_sharding = NamedSharding(mesh, PartitionSpec("data"))

@@ -30,7 +30,8 @@ XLA, which keeps it portable across CPU, GPU and TPU.
 import jax
 import jax.numpy as jnp
 
-from relax.train.grpo import token_entropy, token_logprobs
+from relax import ops
+from relax.train.grpo import token_logprobs
 
 DEFAULT_CHUNK = 1024  # positions per LM-head chunk: [1024, 151936] f32 logits = 0.6 GB
 
@@ -68,7 +69,7 @@ def chunked_token_stats(
         logits = logits_fn(xc).astype(jnp.float32) / temperature  # [C, V]
         out = {"logp": token_logprobs(logits, tc)}
         if entropy:
-            out["entropy"] = jax.lax.stop_gradient(token_entropy(logits))
+            out["entropy"] = jax.lax.stop_gradient(ops.entropy(logits))
         if argmax:
             out["argmax"] = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return out
