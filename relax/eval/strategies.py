@@ -25,9 +25,8 @@ avg@k) are cut into fixed chunks of `batch_size` rows, chunk c decoded with
 key fold_in(key(seed, benchmark), c) by the jitted decoder with its rows
 sharded over the local devices (one SPMD program, compiled once; each device
 decodes batch_size / D rows). The chunking does not depend on D, so 1 device
-and 4 devices give identical results. (`jax.pmap` of the decoder is not
-possible: the relay validates its inputs on the host, so it cannot be traced.) Prompts are padded to
-a multiple of `prompt_bucket` so a benchmark compiles once per strategy.
+and 4 devices give identical results. Prompts are padded to a multiple of
+`prompt_bucket` so a benchmark compiles once per strategy.
 
 Entry points: `evaluate(...) -> {"summary", "records", "config"}` and
 `run_strategy(...) -> [record]`; `relax.eval.report.write_report` writes files.

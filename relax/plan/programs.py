@@ -134,42 +134,14 @@ def _relay_call(slm, llm, relay_cfg, command, sampling=None):
     return make_relay_rollout(slm, llm, relay_cfg, command)
 
 
-def _jitted_loop(slm, llm, relay_cfg, command, rows, prompt_width, replicated):
-    """Today's fallback: `relay_generate` checks prompt lengths on the host, so it cannot be
-    traced; call the decoder's jitted loop (`decoder._run`) with the arguments
-    `decoder._prepare` gives it. The caches are made outside that jit, uncommitted, so
-    the real call replicates them over the devices: so do they here (donated, as there).
-
-    Returns (fn, cache args)."""
-    from relax.relay import decoder
-    from relax.relay.loop import Loop
-
-    L = prompt_width + relay_cfg.max_new_tokens
-    models = (slm,) if llm is None else (slm, llm)
-    caches = tuple(
-        _abstract(jax.eval_shape(lambda m=m: m.init_cache(rows, L)), replicated) for m in models
-    )
-    if llm is None:
-        loop, tables = Loop(slm=slm, llm=None, config=relay_cfg, max_n=1), ()
-    else:
-        loop = Loop(slm=slm, llm=llm, config=relay_cfg, max_n=command.max_n)
-        tables = command.device_tables(slm.config.vocab_size)
-
-    def run(sp, lp, pr, ln, key, sc, lc=None):
-        # (out, caches) as there; row_offset 0, as a call of all the rows
-        return decoder._run(loop, sp, lp, tables, pr, ln, key, sc, lc, jnp.int32(0))
-
-    return jax.jit(run, donate_argnums=(5, 6)), caches
-
-
 def relay_program(
     name, slm, sp, llm, lp, relay_cfg, command, rows, prompt_width, devices, sampling=None
 ):
     """One relay (or single-model, `llm` None, sampled with `sampling`) call of `rows` rows,
     sharded over `devices`.
 
-    Uses the public path (the rollout function / `relax.generate` traced inside a jit, as
-    the relay's contract allows) when it traces, else `_jitted_loop`.
+    The public path: the rollout function / `relax.generate` traced inside a jit, as the
+    relay decoder allows; its KV caches are that program's own buffers (temp).
     """
     mesh = Mesh(np.array(devices), ("data",))
     row_sh = NamedSharding(mesh, PartitionSpec("data"))
@@ -182,13 +154,7 @@ def relay_program(
         jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row_sh),
         jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
     )
-    fn = _relay_call(slm, llm, relay_cfg, command, sampling)
-    try:
-        jax.eval_shape(fn, *args)
-        fn = jax.jit(fn)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        fn, caches = _jitted_loop(slm, llm, relay_cfg, command, rows, prompt_width, replicated)
-        args = args + caches
+    fn = jax.jit(_relay_call(slm, llm, relay_cfg, command, sampling))
     L = prompt_width + relay_cfg.max_new_tokens
     shapes = f"{rows} rows x {L} slots / {len(devices)} dev"
     return Program(name, fn, args, shapes, devices=len(devices))
