@@ -10,8 +10,14 @@ CPU laptop (a few minutes of compilation for the relay loop).
            Qwen3-1.7B bf16 + LLM Qwen3-8B bf16, batch 16, prompt 1,024, budget 8,192.
   train    `jax.grad` of the summed final-norm activations (`Model.hidden`, no LM
            head) of one 12,287-token sequence, Qwen3-1.7B float32, remat on.
+  grpo     the GRPO loss + grad as the training loop builds it, same sequence.
 
     python scripts/memory_model.py [decode relay train] [--float32]
+
+decode and relay also compile the same program at a tiny capacity (16 cache
+slots; a 16-token prompt and budget) and report the difference, the temporaries
+that grow with the cache (`temp_from_cache(s)`): what an in-place cache keeps
+near zero, whatever else the backend holds.
 
 --float32 compiles decode and relay with float32 models instead. On CPU that is
 the figure to read for the cache: XLA's CPU backend has no bfloat16 matmul, so
@@ -80,20 +86,38 @@ DTYPE = jnp.bfloat16
 
 
 def decode(batch=16, slots=9216):
+    """Also `temp_at_16_slots`: the same step with a 16-slot cache. What the cache costs
+    in temporaries is the difference (`temp_from_cache`); the rest is capacity-free (on
+    CPU, mostly XLA's float32 copy of bfloat16 weights)."""
     model = Model(QWEN3_1_7B, dtype=DTYPE)
-    cache = abstract_cache(model, batch, slots)
     tok = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
-    lowered = jax.jit(model.apply, donate_argnums=3).lower(model.param_shapes(), tok, tok, cache)
-    return {"cache": nbytes(cache) / GIB, **memory(lowered)}
+
+    def compiled(s):
+        cache = abstract_cache(model, batch, s)
+        step = jax.jit(model.apply, donate_argnums=3)
+        return cache, memory(step.lower(model.param_shapes(), tok, tok, cache))
+
+    cache, full = compiled(slots)
+    _, small = compiled(16)
+    return {
+        "cache": nbytes(cache) / GIB,
+        **full,
+        "temp_at_16_slots": small["temp"],
+        "temp_from_cache": full["temp"] - small["temp"],
+    }
 
 
-def relay(batch=16, prompt=1024, budget=8192):
+def relay(batch=16, prompt=1024, budget=8192, small=False):
+    """Also `temp_at_32_slots` / `temp_from_caches`, as for decode: the same loop with a
+    16-token prompt and a 16-token budget, and the difference."""
     slm = Model(QWEN3_1_7B, dtype=DTYPE)
     llm = Model(QWEN3_8B, dtype=DTYPE)
     config = RelayConfig(max_new_tokens=budget)
     texts = ["<call>", "</call>"] + [str(d) for d in range(10)] + [f" w{i}" for i in range(500)]
     command = CallCommand.from_token_texts(texts)
-    loop = Loop(slm=slm, llm=llm, config=config, max_n=command.max_n)
+    loop = Loop(
+        slm=slm, llm=llm, config=config, max_n=command.max_n, vocab=QWEN3_1_7B.vocab_size
+    )
     tables = command.device_tables(QWEN3_1_7B.vocab_size)
     slots = prompt + budget
     caches = abstract_cache(slm, batch, slots), abstract_cache(llm, batch, slots)
@@ -106,14 +130,21 @@ def relay(batch=16, prompt=1024, budget=8192):
         jax.ShapeDtypeStruct((batch,), jnp.int32),
         jax.random.key(0),
         *caches,
+        jax.ShapeDtypeStruct((batch,), jnp.int32),  # row ids
     )
+    if small:
+        return memory(lowered)
     chunk_logits = batch * config.prefill_chunk * QWEN3_1_7B.vocab_size * 4
     params = nbytes(slm.param_shapes()) + nbytes(llm.param_shapes())
+    full = memory(lowered)
+    tiny = relay(batch, 16, 16, small=True)
     return {
         "caches": nbytes(caches) / GIB,
         "params": params / GIB,
         "logits_chunk": chunk_logits / GIB,
-        **memory(lowered),
+        **full,
+        "temp_at_32_slots": tiny["temp"],
+        "temp_from_caches": full["temp"] - tiny["temp"],
     }
 
 
@@ -128,7 +159,26 @@ def train(seq=12287):
     return memory(lowered)
 
 
-CASES = {"decode": decode, "relay": relay, "train": train}
+def grpo(seq=12287):
+    """Loss + grad of the GRPO loss the training loop builds (`make_grpo_loss` on the
+    `training_model`: remat, chunked log-probs at the rollout temperature), one sequence."""
+    from relax.train.config import GRPOConfig
+    from relax.train.grpo_train import make_grpo_loss
+    from relax.train.update import training_model
+
+    cfg = GRPOConfig()
+    model = training_model(Model(QWEN3_1_7B, dtype=jnp.float32), cfg.run.remat)
+    loss_fn = make_grpo_loss(model, cfg)
+    ints = jax.ShapeDtypeStruct((1, seq), jnp.int32)
+    floats = jax.ShapeDtypeStruct((1, seq), jnp.float32)
+    batch = {"inputs": ints, "positions": ints, "targets": ints, "loss_mask": floats,
+             "old_logp": floats, "ref_logp": floats,
+             "advantages": jax.ShapeDtypeStruct((1,), jnp.float32)}  # fmt: skip
+    grad = jax.grad(lambda p, mb: loss_fn(p, mb, jnp.float32(seq))[0])
+    return memory(jax.jit(grad).lower(model.param_shapes(), batch))
+
+
+CASES = {"decode": decode, "relay": relay, "train": train, "grpo": grpo}
 
 
 def main(argv):

@@ -15,10 +15,12 @@ bitcast of one block on read is free. On GPU and TPU the cache is plain
 bfloat16. float32 caches are float32 everywhere. `from_storage` and
 `to_storage` are the two views.
 
-Why no scatter. A scatter of [B, T] slots would be one op, but on CPU a
-bfloat16 scatter also runs in float32 (two cache-sized temporaries). The write
-is instead one `dynamic_update_slice` per row of a T-slot window (see
-`write_slots`); in place on every backend.
+The write (`write_slots`) is one scatter of the step's B x T slots into the
+layer's rows: in place, a few ops per step whatever B, and partitioned along
+rows when the cache is sharded over them (a loop of per-row update slices
+indexed by row makes XLA gather a row-sharded cache). On CPU a bfloat16
+scatter would run in float32 over the whole buffer; the raw-bits storage
+makes it an integer scatter, which does not.
 """
 
 import jax
@@ -58,36 +60,12 @@ def write_slots(buffer: jax.Array, layer: jax.Array, new: jax.Array, positions: 
     """Writes new [B, T, K, H] into buffer [L, B, S, K, H] at (layer, b, positions[b, t]),
     in place; positions < 0 or >= S write nothing.
 
-    Row by row, one `dynamic_update_slice` of a T-slot window starting at the row's
-    first position (moved back to end at S if it would overrun): the window's old
-    content is read, the row's tokens replace their slots in it, and it is written
-    back. A row's positions in one call are distinct and consecutive (the caller fills
-    slots contiguously), so they always fit one window. The loop over rows is unrolled
-    (B is static): a few small ops per row, no pass over the buffer.
+    One scatter of the B x T new slots (see the module docstring): XLA updates the
+    carried or donated buffer in place and, when the cache is sharded over rows,
+    partitions the scatter along them.
     """
     b, t = positions.shape
     s = buffer.shape[2]
-    w = min(t, s)
-    valid = (positions >= 0) & (positions < s)
-    first = jnp.min(jnp.where(valid, positions, s), axis=1)  # [B]
-    start = jnp.clip(first, 0, s - w)
-    # Which token lands at each window offset (-1: keep the old content).
-    offset = jnp.where(valid, positions - start[:, None], w)  # w: dropped
-    source = jnp.full((b, w), -1, jnp.int32)
-    source = source.at[jnp.arange(b)[:, None], offset].set(
-        jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), mode="drop"
-    )  # [B, W]
-    # Every row's old window is read before any row is written (the rows' windows are
-    # disjoint), so the writes form a plain chain of in-place updates.
-    zero = jnp.zeros((), jnp.int32)
-    at = [(layer, jnp.asarray(row, jnp.int32), start[row], zero, zero) for row in range(b)]
-    old = jnp.stack(
-        [jax.lax.dynamic_slice(buffer, i, (1, 1, w, *buffer.shape[3:]))[0, 0] for i in at]
-    )  # [B, W, K, H]
-    fresh = jnp.take_along_axis(
-        to_storage(new, buffer.dtype), jnp.maximum(source, 0)[..., None, None], axis=1
-    )
-    window = jnp.where((source >= 0)[..., None, None], fresh, old)  # [B, W, K, H]
-    for row in range(b):
-        buffer = jax.lax.dynamic_update_slice(buffer, window[row][None, None], at[row])
-    return buffer
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    slots = jnp.where((positions >= 0) & (positions < s), positions, s)  # s: dropped
+    return buffer.at[layer, rows, slots].set(to_storage(new, buffer.dtype), mode="drop")

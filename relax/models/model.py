@@ -68,6 +68,14 @@ class Model:
             c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, self.dtype
         )
 
+    def cache_sharding(self, rows):
+        """Shardings of the cache `init_cache` makes, with its batch axis laid out as `rows`
+        (a NamedSharding of [B]-leading arrays, e.g. rows over a mesh's data axis)."""
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        spec = PartitionSpec(None, rows.spec[0] if len(rows.spec) else None)
+        return {k: NamedSharding(rows.mesh, spec) for k in ("k", "v")}
+
     def apply(
         self, params: Params, tokens: jax.Array, positions: jax.Array, cache: Cache | None
     ) -> tuple[jax.Array, Cache | None]:

@@ -24,8 +24,8 @@ Costs follow content, not capacity:
   * The cache is carried. The whole stacked cache {"k","v": [L, B, S, K, H]}
     rides in the layer scan's carry (not in its xs and ys, which would be a
     second whole cache), and each layer writes only its T new slots per row
-    into it (relax.models.kv_cache.write_slots: one dynamic update slice per
-    row). Donated at the jit boundary, or carried by the relay's while loop,
+    into it (relax.models.kv_cache.write_slots: one scatter of the new
+    slots, partitioned along rows when the cache is sharded). Donated at the jit boundary, or carried by the relay's while loop,
     the step updates the cache in place: a decode step's compiled temporaries
     are a small fraction of the cache (scripts/memory_model.py measures them).
   * Decode and prefill read only the filled part. Attention against the cache

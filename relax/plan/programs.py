@@ -82,7 +82,15 @@ def sft_step(model: Model, cfg, n_dev: int) -> Program:
     batch = {k: _ints(n_dev, m, mbs, T) for k in ("inputs", "positions", "targets")}
     batch["loss_mask"] = _floats(n_dev, m, mbs, T)
     shapes = f"{m} x {mbs} rows x {T} tok / dev"
-    return _update("sft step", model, make_sft_loss(model), cfg.optim, n_dev, batch, shapes)
+    loss = make_sft_loss(_train_model(model, cfg), cfg.run.logprob_chunk)
+    return _update("sft step", model, loss, cfg.optim, n_dev, batch, shapes)
+
+
+def _train_model(model, cfg):
+    """The model as the training loops run it (`training_model`: remat per `run.remat`)."""
+    from relax.train.update import training_model
+
+    return training_model(model, cfg.run.remat)
 
 
 def _grpo_width(cfg):
@@ -104,7 +112,7 @@ def grpo_update(model: Model, cfg, n_dev: int) -> Program:
         batch[k] = _floats(n_dev, m, mbs, T)
     batch["advantages"] = _floats(n_dev, m, mbs)
     shapes = f"{m} x {mbs} rows x {T} tok / dev"
-    loss = make_grpo_loss(model, cfg)
+    loss = make_grpo_loss(_train_model(model, cfg), cfg)
     return _update("grpo update", model, loss, cfg.optim, n_dev, batch, shapes)
 
 
@@ -118,10 +126,13 @@ def grpo_logprobs(model: Model, cfg, n_dev: int) -> Program:
     batch = {k: _ints(n_dev, m, mbs, T) for k in ("inputs", "positions", "targets")}
     params = _stacked(model.param_shapes(), n_dev)
     shapes = f"{m} x {mbs} rows x {T} tok / dev"
-    return Program("old/ref logprobs", make_forward_logprobs(model), (params, batch), shapes)
+    fwd = make_forward_logprobs(
+        _train_model(model, cfg), cfg.relay.slm.temperature, cfg.run.logprob_chunk
+    )
+    return Program("old/ref logprobs", fwd, (params, batch), shapes)
 
 
-def _relay_call(slm, llm, relay_cfg, command, sampling=None):
+def _relay_call(slm, llm, relay_cfg, command, sampling=None, rows=None):
     """`fn(slm_params, llm_params, prompts, lens, key)`: the rollout function of `relax grpo`
     (`make_relay_rollout`), or `relax.generate` with `sampling` when `llm` is None."""
     import relax
@@ -129,9 +140,9 @@ def _relay_call(slm, llm, relay_cfg, command, sampling=None):
 
     if llm is None:
         return lambda sp, lp, pr, ln, key: relax.generate(
-            slm, sp, pr, ln, key, relay_cfg, sampling=sampling
+            slm, sp, pr, ln, key, relay_cfg, sampling=sampling, rows=rows
         )
-    return make_relay_rollout(slm, llm, relay_cfg, command)
+    return make_relay_rollout(slm, llm, relay_cfg, command, rows=rows)
 
 
 def relay_program(
@@ -154,7 +165,7 @@ def relay_program(
         jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row_sh),
         jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
     )
-    fn = jax.jit(_relay_call(slm, llm, relay_cfg, command, sampling))
+    fn = jax.jit(_relay_call(slm, llm, relay_cfg, command, sampling, rows=row_sh))
     L = prompt_width + relay_cfg.max_new_tokens
     shapes = f"{rows} rows x {L} slots / {len(devices)} dev"
     return Program(name, fn, args, shapes, devices=len(devices))

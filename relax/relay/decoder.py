@@ -309,6 +309,11 @@ class RelayDecoder:
     llm: object
     config: RelayConfig
     command: cmd.CallCommand | None = None
+    rows: jax.sharding.NamedSharding | None = None
+    """How [B]-leading arrays are laid out (rows over a mesh axis). The KV caches are made
+    with their batch axis laid out the same way (models with `cache_sharding`), so no
+    device holds other devices' rows. Default: the prompts' own sharding when they are a
+    concrete row-sharded array; under tracing without it, XLA chooses (it may replicate)."""
 
     def __post_init__(self):
         if not isinstance(self.config, RelayConfig):
@@ -365,7 +370,11 @@ class RelayDecoder:
             vocab=v,
         )
         tables = self.command.device_tables(v) if relay else None
-        caches = (self.slm.init_cache(B, L), self.llm.init_cache(B, L) if relay else None)
+        rows = self.rows if self.rows is not None else _rows_sharding(prompts)
+        caches = (
+            _new_cache(self.slm, B, L, rows),
+            _new_cache(self.llm, B, L, rows) if relay else None,
+        )
         if row_ids is None:
             row_ids = jnp.arange(B, dtype=jnp.int32)
         return (loop, slm_params, llm_params, tables, prompts, prompt_lens, key, *caches, row_ids)
@@ -373,6 +382,27 @@ class RelayDecoder:
     def __call__(self, slm_params, llm_params, prompts, prompt_lens, key, row_ids=None):
         args = self.arguments(slm_params, llm_params, prompts, prompt_lens, key, row_ids)
         return _run(*args)[0]
+
+
+def _rows_sharding(prompts):
+    """The row layout of concrete prompts sharded over a mesh axis, else None."""
+    if isinstance(prompts, jax.core.Tracer) or not isinstance(prompts, jax.Array):
+        return None
+    sharding = prompts.sharding
+    if not isinstance(sharding, jax.sharding.NamedSharding) or not sharding.spec:
+        return None
+    if sharding.spec[0] is None:
+        return None
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(sharding.spec[0]))
+
+
+def _new_cache(model, batch, max_len, rows):
+    """`model.init_cache`, laid out over `rows` when given (made in place: never whole on
+    one device first); inside a caller's trace the same call constrains the layout."""
+    if rows is None or not hasattr(model, "cache_sharding"):
+        return model.init_cache(batch, max_len)
+    make = jax.jit(lambda: model.init_cache(batch, max_len), out_shardings=model.cache_sharding(rows))
+    return make()
 
 
 def _row_ids(row_ids, row_offset, batch):
@@ -395,6 +425,7 @@ def relay_generate(
     command,
     row_ids=None,
     row_offset=0,
+    rows=None,
 ):
     """Runs the relay on a batch of right-padded prompts (`RelayDecoder`'s thin wrapper).
 
@@ -407,12 +438,13 @@ def relay_generate(
       key: a jax PRNG key. config: RelayConfig. command: CallCommand for the shared tokenizer.
       row_ids: [B] int32, each row's global identity for its samples (default 0..B-1);
         row_offset: shorthand for row_ids = row_offset + 0..B-1 (a batch split in calls).
+      rows: the row layout (`RelayDecoder.rows`), for traced row-sharded prompts.
     Returns:
       RelayOutput with [B, P + config.max_new_tokens] sequences.
     """
-    rows = _row_ids(row_ids, row_offset, np.shape(prompts)[0])
-    return RelayDecoder(slm, llm, config, command)(
-        slm_params, llm_params, prompts, prompt_lens, key, rows
+    ids = _row_ids(row_ids, row_offset, np.shape(prompts)[0])
+    return RelayDecoder(slm, llm, config, command, rows)(
+        slm_params, llm_params, prompts, prompt_lens, key, ids
     )
 
 
@@ -424,7 +456,9 @@ def _prepare(slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config
     )
 
 
-def generate(model, params, prompts, prompt_lens, key, config, sampling=None, row_ids=None):
+def generate(
+    model, params, prompts, prompt_lens, key, config, sampling=None, row_ids=None, rows=None
+):
     """Single-model generation with the same loop and output (no commands honoured).
 
     Commands the model writes are plain text here (source slm). `sampling` is
@@ -437,4 +471,6 @@ def generate(model, params, prompts, prompt_lens, key, config, sampling=None, ro
         if not isinstance(sampling, SamplingConfig):
             raise TypeError(f"sampling must be a relax.SamplingConfig, got {type(sampling).__name__}")
         config = dataclasses.replace(config, slm=sampling)
-    return RelayDecoder(model, None, config)(params, None, prompts, prompt_lens, key, row_ids)
+    return RelayDecoder(model, None, config, None, rows)(
+        params, None, prompts, prompt_lens, key, row_ids
+    )

@@ -69,7 +69,7 @@ def text_verifier(tokenizer, grade):
     return verify
 
 
-def make_relay_rollout(slm, llm, relay_config, command):
+def make_relay_rollout(slm, llm, relay_config, command, rows=None):
     """``rollout(slm_params, llm_params, prompts, lens, key, row_offset=0) -> RelayOutput``.
 
     ``relax.relay_generate`` with the SLM, the LLM, ``relay_config`` and the
@@ -77,7 +77,8 @@ def make_relay_rollout(slm, llm, relay_config, command):
     bfloat16 params (a cast copy of the float32 master weights, see
     ``GRPOConfig.rollout_dtype``) it computes and caches in bfloat16.
     ``row_offset`` is the decoder's: rows of a step split into several calls
-    sample as in one call. The function carries ``slm_sampling`` (the SLM's
+    sample as in one call. ``rows``: the row layout (``RelayDecoder.rows``) when
+    the rollout is traced on row-sharded prompts (concrete ones carry it). The function carries ``slm_sampling`` (the SLM's
     ``SamplingConfig``), which ``train_grpo`` checks against its config.
     """
     import relax
@@ -86,7 +87,7 @@ def make_relay_rollout(slm, llm, relay_config, command):
         model = _in_params_dtype(slm, slm_params)
         return relax.relay_generate(
             model, slm_params, llm, llm_params, prompts, lens, key, relay_config, command,
-            row_offset=row_offset,
+            row_offset=row_offset, rows=rows,
         )  # fmt: skip
 
     rollout.slm_sampling = relay_config.slm
