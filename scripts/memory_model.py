@@ -12,12 +12,16 @@ CPU laptop (a few minutes of compilation for the relay loop).
            head) of one 12,287-token sequence, Qwen3-1.7B float32, remat on.
   grpo     the GRPO loss + grad as the training loop builds it, same sequence.
 
-    python scripts/memory_model.py [decode relay train] [--float32]
+    python scripts/memory_model.py [decode relay train grpo] [--float32] [--accelerator-like]
 
 decode and relay also compile the same program at a tiny capacity (16 cache
 slots; a 16-token prompt and budget) and report the difference, the temporaries
 that grow with the cache (`temp_from_cache(s)`): what an in-place cache keeps
 near zero, whatever else the backend holds.
+
+--accelerator-like compiles with XLA:CPU's loop-invariant code motion off (as
+`relax plan` does): on CPU that pass hoists float32 copies of the bf16 weights
+out of the layer loop, memory a GPU or TPU program never holds.
 
 --float32 compiles decode and relay with float32 models instead. On CPU that is
 the figure to read for the cache: XLA's CPU backend has no bfloat16 matmul, so
@@ -28,7 +32,13 @@ Prints one line per program and ends with one JSON object of GiB figures.
 """
 
 import json
+import os
 import sys
+
+if "--accelerator-like" in sys.argv:  # before jax reads XLA_FLAGS
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_disable_hlo_passes=while-loop-invariant-code-motion"
+    )
 
 import jax
 import jax.numpy as jnp
@@ -185,7 +195,7 @@ def main(argv):
     global DTYPE
     if "--float32" in argv:
         DTYPE = jnp.float32
-        argv = [a for a in argv if a != "--float32"]
+    argv = [a for a in argv if a not in ("--float32", "--accelerator-like")]
     names = argv or list(CASES)
     result = {}
     for name in names:

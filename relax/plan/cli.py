@@ -9,7 +9,10 @@ and no weights are read, so it runs on a laptop for 8B-sized models. Per program
 prints XLA's `memory_analysis()` per device (arguments, temporaries, outputs; total =
 their sum minus donated aliases), whether that fits in `--device-memory`, the FLOPs and
 bytes of one call per device (`relax.plan.cost`: every loop iteration counted) and the
-roofline time max(flops / peak, bytes / bandwidth) on `--device`.
+roofline time max(flops / peak, bytes / bandwidth) on `--device`. It compiles with
+XLA:CPU's loop-invariant code motion off (`PLAN_XLA_FLAGS`): on CPU that pass hoists
+float32 copies of bf16 weights out of the layer loop, memory no accelerator program
+holds.
 
 Architectures come from each model's `config.json`, else a known name (Qwen3-0.6B /
 1.7B / 4B / 8B), else the section's `model_config` / `llm_config`; a GRPO student under
@@ -67,12 +70,22 @@ def _backends_initialised():
         return True
 
 
+# XLA:CPU has no bfloat16 matmul: it converts bf16 weights to float32, and its
+# loop-invariant code motion then hoists those converts for the whole layer stack out of
+# the layer loop, a float32 copy of every bf16 weight that a GPU or TPU program never
+# holds. The plan measures accelerator programs, so it compiles with that pass off.
+PLAN_XLA_FLAGS = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
+
+
 def _set_device_count(n):
-    """Ask for n fake CPU devices; only possible before jax initialises its backends."""
+    """Ask for n fake CPU devices (and PLAN_XLA_FLAGS); only possible before jax initialises
+    its backends."""
     if not _backends_initialised():
         flags = re.sub(
             r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")
         )
+        if PLAN_XLA_FLAGS not in flags:
+            flags = f"{flags} {PLAN_XLA_FLAGS}"
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
         os.environ["JAX_PLATFORMS"] = "cpu"
     import jax

@@ -9,8 +9,7 @@ sequence the preset allows). Nothing is allocated.
 
 Shapes follow the loops: pmapped programs take [devices, micro-batches, micro-batch
 size, ...] leaves; the rollout and eval relay are one SPMD call with rows sharded over
-the devices and params replicated; the filter calls `relax.generate` on host arrays,
-so it runs on one device with all its rows.
+the devices and params replicated; so is the filter's `relax.generate` call.
 """
 
 from __future__ import annotations
@@ -313,7 +312,8 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
             gen = RelayConfig(max_new_tokens=cfg_f.max_new_tokens, eos_ids=eos, pad_id=pad)
             p = prompt_len or (grpo.max_prompt_len if grpo else 1024)
             width = pad_prompts([[0] * p])[0].shape[1]
-            # `pass_rates` hands host arrays to relax.generate: one device runs all rows.
+            # `pass_rates` shards its rows over the largest device count dividing them.
+            n = math.gcd(len(devices), cfg_f.batch_size * cfg_f.k)
             return relay_program(
                 "filter generate",
                 teacher,
@@ -324,7 +324,7 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
                 None,
                 cfg_f.batch_size * cfg_f.k,
                 width,
-                devices[:1],
+                devices[:n],
                 sampling=teacher_sampling(cfg_f),
             )
 

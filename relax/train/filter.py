@@ -6,13 +6,19 @@ is kept when its pass rate is above ``min_pass_rate`` (default 0: solved at
 least once in k = 16, as the paper). Every problem is written with its
 ``pass_rate`` to ``cfg.output`` (JSONL, kept rows only) and the full table to
 ``<output>.all.jsonl``. It does not train.
+
+Each call generates ``batch_size x k`` rows, sharded over the local devices
+(params replicated once; the KV cache of each device holds only its rows),
+so the batch that fits grows with the device count.
 """
 
 import json
+import math
 import os
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from relax.train.rollout import decode_responses, encode_prompts
@@ -35,15 +41,27 @@ def pass_rates(llm, llm_params, tokenizer, problems, cfg, grade, progress=True, 
     gen = RelayConfig(max_new_tokens=cfg.max_new_tokens, eos_ids=eos, pad_id=pad)
     sampling = teacher_sampling(cfg)
     key = jax.random.key(cfg.seed)
+    devices = jax.local_devices()
+    n_dev = math.gcd(len(devices), cfg.batch_size * cfg.k)
+    mesh = Mesh(np.array(devices[:n_dev]), ("data",))
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    llm_params = jax.device_put(llm_params, NamedSharding(mesh, PartitionSpec()))
     rates = np.zeros(len(problems), np.float64)
     bar = tqdm(total=len(problems), desc="filter", disable=not progress)
     for start in range(0, len(problems), cfg.batch_size):
         chunk = problems[start : start + cfg.batch_size]
         questions = [p["question"] for p in chunk for _ in range(cfg.k)]
         prompts, lens = encode_prompts(tokenizer, questions, prompt_fn=prompt_fn, pad_id=gen.pad_id)
+        n = len(questions)
+        pad = -n % n_dev  # a short last chunk: copies of row 0, dropped after
+        idx = np.concatenate([np.arange(n), np.zeros(pad, np.int64)])
         key_b = jax.random.fold_in(key, start)
-        out = relax.generate(llm, llm_params, prompts, lens, key_b, gen, sampling=sampling)
-        texts = decode_responses(tokenizer, jax.device_get(out))
+        out = relax.generate(
+            llm, llm_params, jax.device_put(np.asarray(prompts)[idx], rows),
+            jax.device_put(np.asarray(lens)[idx], rows), key_b, gen, sampling=sampling,
+        )  # fmt: skip
+        out = jax.tree.map(lambda x: np.asarray(x)[:n], jax.device_get(out))
+        texts = decode_responses(tokenizer, out)
         ok = np.array([grade(t, chunk[i // cfg.k]["answer"]) for i, t in enumerate(texts)], bool)
         rates[start : start + len(chunk)] = ok.reshape(len(chunk), cfg.k).mean(axis=1)
         bar.update(len(chunk))
