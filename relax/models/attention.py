@@ -79,30 +79,6 @@ def dense_attention(q, k, v, q_pos, k_pos):
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 
-def _scores(qg, k):
-    """q . k over H: [B, T, K, G, H] x [B, C, K, H] -> [B, T, K, G, C] float32.
-
-    For a few queries (decode: T x G small) the product is a multiply-and-reduce that
-    reads each key once in its stored [C, K, H] layout; as a batched matmul, XLA on CPU
-    first transposes every key block to put K before C, a second pass over the cache.
-    """
-    if qg.shape[1] * qg.shape[3] <= 8:
-        prod = qg[:, :, None].astype(jnp.float32) * k[:, None, :, :, None, :].astype(jnp.float32)
-        return jnp.moveaxis(prod.sum(-1), 2, -1)  # [B, T, C, K, G] -> [B, T, K, G, C]
-    return jnp.einsum("btkgh,bckh->btkgc", qg, k, preferred_element_type=jnp.float32)
-
-
-def _weighted_values(p, v):
-    """sum over C of p [B, T, K, G, C] times v [B, C, K, H] -> [B, T, K, G, H] float32 (the
-    same choice as `_scores`)."""
-    if p.shape[1] * p.shape[3] <= 8:
-        prod = jnp.moveaxis(p, -1, 2)[..., None] * v[:, None, :, :, None, :].astype(jnp.float32)
-        return prod.sum(axis=2)
-    return jnp.einsum(
-        "btkgc,bckh->btkgh", p.astype(v.dtype), v, preferred_element_type=jnp.float32
-    )
-
-
 def _online_softmax(qg, q_pos, load, operands, num_blocks, skip=None):
     """Softmax attention of qg [B, T, K, G, H] over key blocks 0..num_blocks-1.
 
@@ -126,12 +102,14 @@ def _online_softmax(qg, q_pos, load, operands, num_blocks, skip=None):
         m, l, acc, ops = carry  # m, l [B, T, K, G] running max and denominator
         ops = jax.lax.optimization_barrier(ops)
         k, v, k_pos = load(j, ops)
-        s = _scores(qg, k)
+        s = jnp.einsum("btkgh,bckh->btkgc", qg, k, preferred_element_type=jnp.float32)
         s = jnp.where(_visible(q_pos, k_pos)[:, :, None, None, :], s * scale, _MASKED)
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.exp(s - m_new[..., None])
         corr = jnp.exp(m - m_new)
-        pv = _weighted_values(p, v)
+        pv = jnp.einsum(
+            "btkgc,bckh->btkgh", p.astype(v.dtype), v, preferred_element_type=jnp.float32
+        )
         return m_new, l * corr + p.sum(axis=-1), acc * corr[..., None] + pv, ops
 
     body = step

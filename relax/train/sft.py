@@ -130,7 +130,7 @@ def sft_plan(num_examples, cfg):
     )
     if cfg.steps and cfg.steps < total:
         return cfg.steps, f"{cfg.steps} steps (steps={cfg.steps} caps {total} = {why})"
-    if cfg.steps:
+    if cfg.steps > total:
         return total, (
             f"{total} steps = {why}; steps={cfg.steps} is only a cap "
             "(raise epochs for more steps)"
