@@ -614,7 +614,8 @@ def main(argv=None):
         for name, m in avg.items()
     }
     results["demo_config"] = _canon(cfg)
-    paths = write_report(results, cfg.out, title="relax demo (synthetic task)")
+    title = "relax demo --quick (smoke test)" if args.quick else "relax demo (synthetic task)"
+    paths = write_report(results, cfg.out, title=title)
     print(summary_table(results, wall))
     print(f"[demo] wrote {', '.join(paths.values())}")
     if args.quick:

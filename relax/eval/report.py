@@ -189,5 +189,5 @@ def write_report(results, out_dir, title="relax evaluation"):
         json.dump(_jsonable(results), f, indent=2)
     with open(paths["md"], "w") as f:
         f.write(markdown_report(summary, title))
-    plot(summary, paths["png"])
+    plot(summary, paths["png"], title=f"{title}: accuracy vs LLM-token share")
     return paths
