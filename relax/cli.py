@@ -22,7 +22,10 @@ COMMANDS = {
     "demo": ("relax.demo:main", "train and evaluate a miniature RelayLLM on CPU, end to end"),
     "sft": ("relax.train.cli:sft", "supervised warm-up (commands inserted into SLM solutions)"),
     "grpo": ("relax.train.cli:grpo", "GRPO with relay rollouts and a difficulty-aware reward"),
-    "filter": ("relax.train.cli:filter", "keep problems the LLM solves in more than min_pass_rate of k samples (default: at least once in 16)"),
+    "filter": (
+        "relax.train.cli:filter",
+        "keep problems the LLM solves in more than min_pass_rate of k samples (default: at least once in 16)",
+    ),
     "eval": ("relax.eval.cli:main", "evaluate strategies (slm, llm, relay, routers) on benchmarks"),
     "plan": ("relax.plan.cli:main", "per-device memory, FLOPs, roofline of a preset's programs"),
 }

@@ -37,7 +37,8 @@ import sys
 
 if "--accelerator-like" in sys.argv:  # before jax reads XLA_FLAGS
     os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_disable_hlo_passes=while-loop-invariant-code-motion"
+        os.environ.get("XLA_FLAGS", "")
+        + " --xla_disable_hlo_passes=while-loop-invariant-code-motion"
     )
 
 import jax
@@ -125,9 +126,7 @@ def relay(batch=16, prompt=1024, budget=8192, small=False):
     config = RelayConfig(max_new_tokens=budget)
     texts = ["<call>", "</call>"] + [str(d) for d in range(10)] + [f" w{i}" for i in range(500)]
     command = CallCommand.from_token_texts(texts)
-    loop = Loop(
-        slm=slm, llm=llm, config=config, max_n=command.max_n, vocab=QWEN3_1_7B.vocab_size
-    )
+    loop = Loop(slm=slm, llm=llm, config=config, max_n=command.max_n, vocab=QWEN3_1_7B.vocab_size)
     tables = command.device_tables(QWEN3_1_7B.vocab_size)
     slots = prompt + budget
     caches = abstract_cache(slm, batch, slots), abstract_cache(llm, batch, slots)

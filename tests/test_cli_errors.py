@@ -159,7 +159,9 @@ def test_benchmark_columns_are_explicit(tmp_path):
     """A `solution` column is never graded as the answer; the columns used are recorded."""
     path = tmp_path / "sol.jsonl"
     path.write_text(json.dumps({"problem": "1+1?", "solution": "1+1=2, so \\boxed{2}"}) + "\n")
-    with pytest.raises(BenchmarkUnavailable, match=r"no column for the answer.*'solution'|solution"):
+    with pytest.raises(
+        BenchmarkUnavailable, match=r"no column for the answer.*'solution'|solution"
+    ):
         load_benchmark("mine", path=str(path))
     bench = load_benchmark("mine", path=str(path), fields={"answer": "solution"})
     assert dict(bench.columns) == {"question": "problem", "answer": "solution"}
@@ -174,7 +176,9 @@ def test_prompt_ids_outside_the_vocabulary_are_an_error(ckpt):
     vocab = model.config.vocab_size
     prompts = np.array([[1, 2, 3], [4, vocab + 7, 0]], np.int32)
     cfg = relax.RelayConfig(max_new_tokens=2, eos_ids=(0,), pad_id=0)
-    with pytest.raises(InputError, match=rf"id {vocab + 7} at row 1, slot 1 .* vocabulary of {vocab}"):
+    with pytest.raises(
+        InputError, match=rf"id {vocab + 7} at row 1, slot 1 .* vocabulary of {vocab}"
+    ):
         relax.generate(model, params, prompts, np.array([3, 2]), jax.random.key(0), cfg)
     # Past a row's length the prompt is padding: any value there is ignored.
     out = relax.generate(model, params, prompts, np.array([3, 1]), jax.random.key(0), cfg)

@@ -153,7 +153,9 @@ def tekken_pieces():
     cfg = doc["config"]
     n_special = cfg["default_num_special_tokens"]
     named = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]"]
-    specials = [(named[i] if i < len(named) else f"<SPECIAL_{i}>").encode() for i in range(n_special)]
+    specials = [
+        (named[i] if i < len(named) else f"<SPECIAL_{i}>").encode() for i in range(n_special)
+    ]
     ranks = sorted(doc["vocab"], key=lambda v: v["rank"])[: cfg["default_vocab_size"] - n_special]
     return specials + [base64.b64decode(v["token_bytes"]) for v in ranks]
 

@@ -60,7 +60,9 @@ def test_inside_a_callers_jit(batch):
 
 def test_greedy_inside_jit_and_generate(batch):
     decoder, sp, lp, prompts, lens, _ = batch
-    greedy = dataclasses.replace(decoder, config=dataclasses.replace(CONFIG, slm=GREEDY, llm=GREEDY))
+    greedy = dataclasses.replace(
+        decoder, config=dataclasses.replace(CONFIG, slm=GREEDY, llm=GREEDY)
+    )
     check_same(
         jax.jit(greedy)(sp, lp, prompts, lens, jax.random.key(0)),
         greedy(sp, lp, prompts, lens, jax.random.key(0)),

@@ -41,6 +41,7 @@ from typing import NamedTuple
 from relax.errors import DataError
 
 __all__ = [
+    "ALIASES",
     "BENCHMARKS",
     "MATH_BENCHMARKS",
     "TRANSFER_BENCHMARKS",
@@ -48,7 +49,6 @@ __all__ = [
     "BenchmarkSpec",
     "BenchmarkUnavailable",
     "Problem",
-    "ALIASES",
     "format_choices",
     "load_benchmark",
 ]

@@ -29,7 +29,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from relax.errors import RelaxError
-
 from relax.models.config import ModelConfig
 from relax.models.model import Model
 

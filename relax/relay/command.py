@@ -162,7 +162,9 @@ def _anchor(tokenizer):
     """(id, text) of a plain token to decode others after: "a" as the tokenizer writes it."""
     ids = tokenizer("a", add_special_tokens=False)["input_ids"]
     if not ids:
-        raise ValueError("the tokenizer encodes 'a' as no tokens; cannot anchor in-context decoding")
+        raise ValueError(
+            "the tokenizer encodes 'a' as no tokens; cannot anchor in-context decoding"
+        )
     anchor = int(ids[-1])
     text = tokenizer.decode([anchor], skip_special_tokens=False, clean_up_tokenization_spaces=False)
     if not text or set(text) & (set("<>/call") | _WS | _DIGITS) - set("a"):
@@ -260,7 +262,9 @@ class CallCommand:
         texts = []
         step = 4096
         for lo in range(0, n, step):
-            for i, text in zip(range(lo, min(lo + step, n)), read([[i] for i in range(lo, min(lo + step, n))])):
+            for i, text in zip(
+                range(lo, min(lo + step, n)), read([[i] for i in range(lo, min(lo + step, n))])
+            ):
                 if not text.startswith(prefix):
                     raise ValueError(
                         f"token {i} changes the text of the token before it when decoded after it "

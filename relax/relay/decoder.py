@@ -72,12 +72,12 @@ from relax.relay.config import RelayConfig, SamplingConfig
 from relax.relay.loop import (  # noqa: F401  (the constants are part of this module's API)
     BUDGET,
     CALL_LIMIT,
-    INVALID,
     CALLING,
     COMMAND,
     DECODING,
     EOS,
     FINISHED,
+    INVALID,
     LLM,
     PAD,
     PROMPT,
@@ -401,7 +401,9 @@ def _new_cache(model, batch, max_len, rows):
     one device first); inside a caller's trace the same call constrains the layout."""
     if rows is None or not hasattr(model, "cache_sharding"):
         return model.init_cache(batch, max_len)
-    make = jax.jit(lambda: model.init_cache(batch, max_len), out_shardings=model.cache_sharding(rows))
+    make = jax.jit(
+        lambda: model.init_cache(batch, max_len), out_shardings=model.cache_sharding(rows)
+    )
     return make()
 
 
@@ -448,7 +450,9 @@ def relay_generate(
     )
 
 
-def _prepare(slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config, command, row_offset=0):
+def _prepare(
+    slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config, command, row_offset=0
+):
     """The arguments of `_run` for a relay call (tests lower `_run` with these)."""
     rows = _row_ids(None, row_offset, np.shape(prompts)[0])
     return RelayDecoder(slm, llm, config, command).arguments(
@@ -469,7 +473,9 @@ def generate(
     """
     if sampling is not None:
         if not isinstance(sampling, SamplingConfig):
-            raise TypeError(f"sampling must be a relax.SamplingConfig, got {type(sampling).__name__}")
+            raise TypeError(
+                f"sampling must be a relax.SamplingConfig, got {type(sampling).__name__}"
+            )
         config = dataclasses.replace(config, slm=sampling)
     return RelayDecoder(model, None, config, None, rows)(
         params, None, prompts, prompt_lens, key, row_ids

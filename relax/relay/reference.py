@@ -180,11 +180,10 @@ def generate(model, params, prompts, prompt_lens, key, config, sampling=None, ro
     if row_ids is None:
         row_ids = np.arange(prompts.shape[0])
     width = prompts.shape[1] + config.max_new_tokens
-    rows = [
-        _row(
-            model, params, None, None, prompts[b, : lens[b]].tolist(), key, int(row_ids[b]),
-            config, None, width,
-        )  # fmt: skip
-        for b in range(len(lens))
-    ]
+    rows = []
+    for b in range(len(lens)):
+        prompt = prompts[b, : lens[b]].tolist()
+        rows.append(
+            _row(model, params, None, None, prompt, key, int(row_ids[b]), config, None, width)
+        )
     return _pack(rows, prompts, config)

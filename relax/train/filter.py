@@ -60,7 +60,7 @@ def pass_rates(llm, llm_params, tokenizer, problems, cfg, grade, progress=True, 
             llm, llm_params, jax.device_put(np.asarray(prompts)[idx], rows),
             jax.device_put(np.asarray(lens)[idx], rows), key_b, gen, sampling=sampling,
         )  # fmt: skip
-        out = jax.tree.map(lambda x: np.asarray(x)[:n], jax.device_get(out))
+        out = jax.tree.map(lambda x, n=n: np.asarray(x)[:n], jax.device_get(out))
         texts = decode_responses(tokenizer, out)
         ok = np.array([grade(t, chunk[i // cfg.k]["answer"]) for i, t in enumerate(texts)], bool)
         rates[start : start + len(chunk)] = ok.reshape(len(chunk), cfg.k).mean(axis=1)
