@@ -21,7 +21,7 @@ def test_no_reference_to_pages_the_repository_lacks():
         if path == os.path.abspath(__file__):
             continue
         text = open(path).read()
-        assert "DESIGN.md" not in text, path
+        assert not re.search(r"DESIGN\.md", text), path
         cited.update(re.findall(r"docs/[\w\-]+\.md", text))
     assert cited, "docstrings cite docs/protocol.md"
     for page in cited:

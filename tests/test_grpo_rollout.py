@@ -92,7 +92,7 @@ def test_recomputed_logprobs_equal_rollout_logprobs(setup):
 
 
 def test_chunked_rollouts_equal_one_call(setup):
-    """8 rows as 4 calls of 2 rows (row_offset 0, 2, 4, 6) = one call of 8, token for token."""
+    """8 rows as 4 calls of 2 rows (row_ids 0-1, 2-3, 4-5, 6-7) = one call of 8, token for token."""
     _, params, llm_params, prompts, lens, rollout = setup
     key = jax.random.key(5)
     one = chunked_rollout(rollout, params, llm_params, prompts, lens, key, 0)

@@ -34,9 +34,7 @@ import os
 import re
 import sys
 
-CONFIG_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
-)
+from relax.train.config import CONFIG_DIR  # jax-free: XLA_FLAGS can still be set after
 
 
 def _parser():
@@ -101,25 +99,10 @@ def _set_device_count(n):
 
 
 def _load(preset, overrides):
-    import yaml
+    from relax.train.config import apply_overrides, read_yaml, resolve_preset
 
-    if not os.path.exists(preset):
-        named = os.path.join(CONFIG_DIR, preset + ".yaml")
-        if not os.path.exists(named):
-            raise SystemExit(f"relax plan: no preset {preset!r}")
-        preset = named
-    with open(preset) as f:
-        doc = yaml.safe_load(f) or {}
-    for item in overrides:
-        if "=" not in item:
-            raise SystemExit(f"relax plan: override {item!r} is not section.key=value")
-        key, raw = item.split("=", 1)
-        *path, last = key.strip().split(".")
-        node = doc
-        for k in path:
-            node = node.setdefault(k, {})
-        node[last] = yaml.safe_load(raw)
-    return preset, doc
+    preset = resolve_preset(preset, CONFIG_DIR)
+    return preset, apply_overrides(read_yaml(preset), overrides)
 
 
 def plan_preset(

@@ -26,11 +26,11 @@ call. Rows not taking part in a step are masked (position -1: nothing is
 written), so scheduling changes timing, never a row's tokens.
 
 Randomness: the token written at slot p of row b is drawn with
-`fold_in(fold_in(key, row_offset + b), p)` (relax.relay.sampling.token_key)
+`fold_in(fold_in(key, row_ids[b]), p)` (relax.relay.sampling.token_key)
 instead of a per-loop-step key, so a row's samples do not depend on the
 schedule or on the other rows, the eager reference can draw the same tokens,
-and a batch split into calls (`row_offset` = each call's first row) samples
-as one call.
+and a batch split into calls or shards (each passing its rows' global ids)
+samples as one call.
 
 Costs to know. A model step always runs on the whole batch (static shapes;
 masked rows still cost compute), so an LLM step costs the same for one
@@ -401,18 +401,16 @@ def _new_cache(model, batch, max_len, rows):
     one device first); inside a caller's trace the same call constrains the layout."""
     if rows is None or not hasattr(model, "cache_sharding"):
         return model.init_cache(batch, max_len)
-    make = jax.jit(
+    return _cache_maker(model, batch, max_len, rows)()
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_maker(model, batch, max_len, rows):
+    """The jitted, sharded `init_cache`, one per model, shape and layout (so a relay call
+    does not trace and compile it again)."""
+    return jax.jit(
         lambda: model.init_cache(batch, max_len), out_shardings=model.cache_sharding(rows)
     )
-    return make()
-
-
-def _row_ids(row_ids, row_offset, batch):
-    if row_offset and row_ids is not None:
-        raise ValueError("pass row_ids or row_offset, not both")
-    if row_offset:
-        return jnp.asarray(row_offset, jnp.int32) + jnp.arange(batch, dtype=jnp.int32)
-    return row_ids
 
 
 def relay_generate(
@@ -426,7 +424,6 @@ def relay_generate(
     config,
     command,
     row_ids=None,
-    row_offset=0,
     rows=None,
 ):
     """Runs the relay on a batch of right-padded prompts (`RelayDecoder`'s thin wrapper).
@@ -438,25 +435,21 @@ def relay_generate(
       slm_params, llm_params: their parameters.
       prompts: [B, P] int32, right-padded. prompt_lens: [B] int32, each in [1, P].
       key: a jax PRNG key. config: RelayConfig. command: CallCommand for the shared tokenizer.
-      row_ids: [B] int32, each row's global identity for its samples (default 0..B-1);
-        row_offset: shorthand for row_ids = row_offset + 0..B-1 (a batch split in calls).
+      row_ids: [B] int32, each row's global identity for its samples (default 0..B-1;
+        a batch split into calls passes each call's global row indices).
       rows: the row layout (`RelayDecoder.rows`), for traced row-sharded prompts.
     Returns:
       RelayOutput with [B, P + config.max_new_tokens] sequences.
     """
-    ids = _row_ids(row_ids, row_offset, np.shape(prompts)[0])
     return RelayDecoder(slm, llm, config, command, rows)(
-        slm_params, llm_params, prompts, prompt_lens, key, ids
+        slm_params, llm_params, prompts, prompt_lens, key, row_ids
     )
 
 
-def _prepare(
-    slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config, command, row_offset=0
-):
+def _prepare(slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config, command):
     """The arguments of `_run` for a relay call (tests lower `_run` with these)."""
-    rows = _row_ids(None, row_offset, np.shape(prompts)[0])
     return RelayDecoder(slm, llm, config, command).arguments(
-        slm_params, llm_params, prompts, prompt_lens, key, rows
+        slm_params, llm_params, prompts, prompt_lens, key
     )
 
 

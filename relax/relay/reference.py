@@ -147,12 +147,11 @@ def relay_generate(
     config,
     command,
     row_ids=None,
-    row_offset=0,
 ):
     """Same signature and result as relax.relay_generate, computed eagerly (see module docstring)."""
     prompts, lens = np.asarray(prompts), np.asarray(prompt_lens)
     if row_ids is None:
-        row_ids = row_offset + np.arange(prompts.shape[0])
+        row_ids = np.arange(prompts.shape[0])
     width = prompts.shape[1] + config.max_new_tokens
     rows = [
         _row(

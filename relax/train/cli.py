@@ -20,9 +20,7 @@ import os
 from relax.train import config as config_lib
 from relax.train import distributed
 
-CONFIG_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
-)
+CONFIG_DIR = config_lib.CONFIG_DIR
 
 
 def _parse(prog, argv, cls, section, defaults=None):

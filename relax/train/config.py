@@ -415,6 +415,12 @@ def load_config(cls, preset=None, section=None, overrides=(), settings=None, def
     for key, value in (settings or {}).items():
         if value is not None:
             _set_path(data, key, value)
+    apply_overrides(data, overrides)
+    return from_dict(cls, data)
+
+
+def apply_overrides(data, overrides):
+    """Set each ``key=value`` of ``overrides`` (dotted key, value parsed as YAML) in ``data``."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value", "write KEY=VALUE")
@@ -424,7 +430,7 @@ def load_config(cls, preset=None, section=None, overrides=(), settings=None, def
         except yaml.YAMLError:
             value = raw
         _set_path(data, key.strip(), value)
-    return from_dict(cls, data)
+    return data
 
 
 def read_yaml(path):
@@ -443,7 +449,13 @@ def read_yaml(path):
     return doc
 
 
-def resolve_preset(spec, config_dir):
+# The repository's presets (configs/ beside the package).
+CONFIG_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
+)
+
+
+def resolve_preset(spec, config_dir=CONFIG_DIR):
     """A preset path: ``spec`` itself if it is a file, else ``config_dir/spec.yaml``."""
     if os.path.isfile(spec):
         return spec

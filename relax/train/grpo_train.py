@@ -7,7 +7,7 @@ One step (the unit of checkpoints and metrics):
 2. roll out with the current policy on this host's devices, rows sharded
    over them and params replicated (XLA's SPMD partitioner splits the decode
    loop by rows), in sequential calls of ``rollout_batch_size`` rows so only
-   one call's KV caches exist at a time; call c passes ``row_offset``, so the
+   one call's KV caches exist at a time; each call passes its rows' ``row_ids``, so the
    tokens are those of one call on all rows (one compilation per call
    shape). The SLM decodes from a copy of the float32 master params cast to
    ``rollout_dtype`` (bfloat16 in the real presets) once per step;
@@ -186,7 +186,7 @@ def train_grpo(
       rollout: ``rollout(slm_params, llm_params, prompts, lens, key) -> RelayOutput``
         (``rollout.make_relay_rollout``, or a toy for tests); when a step runs
         in several calls (``rollout_batch_size``) it is also given
-        ``row_offset=`` (the call's first row; see ``relay_generate``). Its
+        ``row_ids=`` (the call's global row indices; see ``relay_generate``). Its
         SLM params arrive in ``rollout_dtype``. If it carries
         ``slm_sampling`` (``make_relay_rollout`` does), that is checked
         against ``cfg`` (``check_sampling``).

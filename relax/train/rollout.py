@@ -6,8 +6,8 @@
   the SLM (in its params' dtype, so a bf16 copy of the params decodes in
   bf16), the LLM, a ``RelayConfig`` and the ``CallCommand``.
 - ``chunked_rollout``: a step's rows in sequential calls of a fixed size,
-  with the decoder's ``row_offset`` so the tokens equal one call's; only one
-  call's KV caches are alive at a time.
+  each with its rows' global ``row_ids`` so the tokens equal one call's; only
+  one call's KV caches are alive at a time.
 - ``score``: correctness from a verifier, called = at least one honoured
   call, rho = LLM tokens / response tokens, then rewards and group advantages.
 - ``train_width`` / ``training_batch``: inputs / positions / targets and the
@@ -70,24 +70,24 @@ def text_verifier(tokenizer, grade):
 
 
 def make_relay_rollout(slm, llm, relay_config, command, rows=None):
-    """``rollout(slm_params, llm_params, prompts, lens, key, row_offset=0) -> RelayOutput``.
+    """``rollout(slm_params, llm_params, prompts, lens, key, row_ids=None) -> RelayOutput``.
 
     ``relax.relay_generate`` with the SLM, the LLM, ``relay_config`` and the
     ``CallCommand``. A ``relax.Model`` SLM decodes in its params' dtype: given
     bfloat16 params (a cast copy of the float32 master weights, see
     ``GRPOConfig.rollout_dtype``) it computes and caches in bfloat16.
-    ``row_offset`` is the decoder's: rows of a step split into several calls
+    ``row_ids`` are the decoder's: rows of a step split into several calls
     sample as in one call. ``rows``: the row layout (``RelayDecoder.rows``) when
     the rollout is traced on row-sharded prompts (concrete ones carry it). The function carries ``slm_sampling`` (the SLM's
     ``SamplingConfig``), which ``train_grpo`` checks against its config.
     """
     import relax
 
-    def rollout(slm_params, llm_params, prompts, lens, key, row_offset=0):
+    def rollout(slm_params, llm_params, prompts, lens, key, row_ids=None):
         model = _in_params_dtype(slm, slm_params)
         return relax.relay_generate(
             model, slm_params, llm, llm_params, prompts, lens, key, relay_config, command,
-            row_offset=row_offset, rows=rows,
+            row_ids=row_ids, rows=rows,
         )  # fmt: skip
 
     rollout.slm_sampling = relay_config.slm
@@ -111,12 +111,12 @@ def _in_params_dtype(model, params):
 def chunked_rollout(rollout, slm_params, llm_params, prompts, lens, key, rows_per_call, put=None):
     """The rollouts of [N, P] prompts in sequential calls of ``rows_per_call`` rows.
 
-    Call c gets rows [c * R, (c + 1) * R) and ``row_offset=c * R``, so the
+    Call c gets rows [c * R, (c + 1) * R) and those indices as ``row_ids``, so the
     result equals one call on all N rows (a row's samples depend on the key
     and its row index only); its outputs are fetched to the host before the
     next call starts, so one call's KV caches are alive at a time. With a
     single call (``rows_per_call`` 0 or >= N) ``rollout`` is called without
-    ``row_offset`` (any five-argument rollout works then). ``put`` places a
+    ``row_ids`` (any five-argument rollout works then). ``put`` places a
     host array on the devices (default: as is). Returns the ``RelayOutput``
     as host numpy arrays.
     """
@@ -130,9 +130,8 @@ def chunked_rollout(rollout, slm_params, llm_params, prompts, lens, key, rows_pe
     outs = []
     for o in range(0, n, rows_per_call):
         rows = slice(o, o + rows_per_call)
-        out = rollout(
-            slm_params, llm_params, put(prompts[rows]), put(lens[rows]), key, row_offset=o
-        )
+        ids = put(np.arange(o, o + rows_per_call, dtype=np.int32))
+        out = rollout(slm_params, llm_params, put(prompts[rows]), put(lens[rows]), key, row_ids=ids)
         outs.append(fetch(out))
     return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
