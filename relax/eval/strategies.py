@@ -45,6 +45,7 @@ import numpy as np
 from relax.data.grading import grade
 from relax.data.loaders import Benchmark, Problem
 from relax.eval import metrics
+from relax.mesh import MeshConfig
 from relax.relay.config import RelayConfig
 from relax.tokenizer import build_prompt
 
@@ -86,6 +87,8 @@ class EvalConfig:
     """entropy_router: tokens the LLM writes per trigger."""
     progress: bool = True
     """tqdm progress bars."""
+    mesh: MeshConfig = MeshConfig()
+    """The device mesh (relax.mesh): rows over data x fsdp, models over model."""
 
     def __post_init__(self):
         if self.batch_size < 1 or self.prompt_bucket < 1:

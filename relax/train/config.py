@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from relax.errors import ConfigError
+from relax.mesh import MeshConfig
 from relax.relay.config import RelayConfig, SamplingConfig
 
 
@@ -140,6 +141,8 @@ class SFTConfig:
     warmup_data: WarmupDataConfig = dataclasses.field(default_factory=WarmupDataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    """The device mesh (relax.mesh): ``mesh.fsdp=8`` etc.; default all devices on data."""
 
 
 @dataclasses.dataclass
@@ -224,6 +227,8 @@ class GRPOConfig:
         default_factory=lambda: OptimConfig(learning_rate=1e-6, warmup_ratio=0.0, decay="constant")
     )
     run: RunConfig = dataclasses.field(default_factory=lambda: RunConfig(output_dir="runs/grpo"))
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    """The device mesh (relax.mesh): ``mesh.fsdp=8`` etc.; default all devices on data."""
 
 
 @dataclasses.dataclass
@@ -256,6 +261,8 @@ class FilterConfig:
     seed: int = 0
     limit: int = 0
     dtype: str = "bfloat16"
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    """The device mesh (relax.mesh): ``mesh.fsdp=8`` etc.; default all devices on data."""
 
 
 def _type_name(tp):
