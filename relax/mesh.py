@@ -85,7 +85,7 @@ PARAM_AXES = {
     "layers/up": ("layers", "embed", "mlp"),
     "layers/down": ("layers", "mlp", "embed"),
 }
-CACHE_AXES = ("layers", "batch", "cache_len", "kv_heads", "head_dim")  # {"k", "v"} leaves
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_len", "head_dim")  # {"k", "v"} leaves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +224,7 @@ def rows_spec(mesh: Mesh, ndim: int = 1) -> PartitionSpec:
 
 
 def cache_specs(cache, mesh: Mesh):
-    """Specs of a KV cache {"k", "v": [L, B, S, K, H]}: rows over data x fsdp, kv heads
+    """Specs of a KV cache {"k", "v": [L, B, K, S, H]}: rows over data x fsdp, kv heads
     over model."""
     return jax.tree.map(lambda x: spec_for(x.shape, CACHE_AXES, mesh, "serve"), cache)
 

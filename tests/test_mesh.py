@@ -62,7 +62,7 @@ def test_indivisible_dims_stay_whole_and_unknown_params_fail():
 def test_cache_and_rows():
     mesh = M.make_mesh(M.MeshConfig(data=2, fsdp=1, model=2))
     cache = jax.eval_shape(lambda: Model(CFG).init_cache(4, 16))
-    assert M.cache_specs(cache, mesh)["k"] == P(None, "data", None, "model", None)
+    assert M.cache_specs(cache, mesh)["k"] == P(None, "data", "model", None, None)
     assert M.rows_spec(mesh, 2) == P("data", None)
     assert M.rows_spec(M.make_mesh(M.MeshConfig(data=2, fsdp=2)), 1) == P(("data", "fsdp"))
     assert M.describe(mesh) == "data=2 fsdp=1 model=2 (4 devices)"

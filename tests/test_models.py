@@ -406,8 +406,9 @@ def test_cached_attention_equals_dense(qkv):
     chunk of queries and for one decode query per row at uneven lengths."""
     q, k, v = qkv
     s = 29
-    cache_k = jnp.zeros((3, 2, s, 2, 8)).at[1].set(k[:, :s])  # layer 1 holds the keys
-    cache_v = jnp.zeros((3, 2, s, 2, 8)).at[1].set(v[:, :s])
+    # The cache is [L, B, K, S, H]; layer 1 holds the keys.
+    cache_k = jnp.zeros((3, 2, 2, s, 8)).at[1].set(k[:, :s].transpose(0, 2, 1, 3))
+    cache_v = jnp.zeros((3, 2, 2, s, 8)).at[1].set(v[:, :s].transpose(0, 2, 1, 3))
     slots = jnp.broadcast_to(jnp.arange(s), (2, s))
     for qpos in (
         jnp.asarray(_padded_positions([s, 11], s)),  # a prefill chunk, row 1 padded

@@ -1,7 +1,9 @@
 """The KV cache: its storage and its in-place update.
 
-The cache is {"k", "v": [L, B, S, K, H]}: every layer's keys and values in one
-stacked buffer each, slot s of row b holding the token at position s. It is
+The cache is {"k", "v": [L, B, K, S, H]}: every layer's keys and values in one
+stacked buffer each, slot s of row b holding the token at position s. Kv heads
+come before slots so that a block of slots of one row and head is contiguous and
+the attention's score matmuls read it as it lies (relax.models.attention). It is
 passed in and returned by `Model.apply`; donated at a jit boundary (or carried
 by a `while_loop`), it is updated in place: a step writes its T new slots per
 row and copies nothing else.
@@ -50,14 +52,14 @@ def from_storage(x: jax.Array) -> jax.Array:
 
 
 def init_cache(num_layers, batch, max_len, num_kv_heads, head_dim, dtype):
-    """An empty cache {"k", "v": [L, B, S, K, H]} for a model computing in `dtype`."""
-    shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
+    """An empty cache {"k", "v": [L, B, K, S, H]} for a model computing in `dtype`."""
+    shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
     stored = storage_dtype(dtype)
     return {"k": jnp.zeros(shape, stored), "v": jnp.zeros(shape, stored)}
 
 
 def write_slots(buffer: jax.Array, layer: jax.Array, new: jax.Array, positions: jax.Array):
-    """Writes new [B, T, K, H] into buffer [L, B, S, K, H] at (layer, b, positions[b, t]),
+    """Writes new [B, T, K, H] into buffer [L, B, K, S, H] at (layer, b, :, positions[b, t]),
     in place; positions < 0 or >= S write nothing.
 
     One scatter of the B x T new slots (see the module docstring): XLA updates the
@@ -65,7 +67,9 @@ def write_slots(buffer: jax.Array, layer: jax.Array, new: jax.Array, positions: 
     partitions the scatter along them.
     """
     b, t = positions.shape
-    s = buffer.shape[2]
+    s = buffer.shape[3]
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
     slots = jnp.where((positions >= 0) & (positions < s), positions, s)  # s: dropped
-    return buffer.at[layer, rows, slots].set(to_storage(new, buffer.dtype), mode="drop")
+    # Advanced indices (layer, rows, slots) around a slice: the indexed view is
+    # [B, T, K, H], the layout of `new`.
+    return buffer.at[layer, rows, :, slots].set(to_storage(new, buffer.dtype), mode="drop")

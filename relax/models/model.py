@@ -18,7 +18,7 @@ from relax.models.config import ModelConfig
 from relax.models.transformer import Transformer, lm_logits
 
 Params = Any  # a nested dict of arrays
-Cache = Any  # {"k", "v": [L, B, S, K, H]}, see relax.models.kv_cache
+Cache = Any  # {"k", "v": [L, B, K, S, H]}, see relax.models.kv_cache
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ are meaningless (finite, never NaN). A query at position p attends to slots
 
 Costs follow content, not capacity:
 
-  * The cache is carried. The whole stacked cache {"k","v": [L, B, S, K, H]}
+  * The cache is carried. The whole stacked cache {"k","v": [L, B, K, S, H]}
     rides in the layer scan's carry (not in its xs and ys, which would be a
     second whole cache), and each layer writes only its T new slots per row
     into it (relax.models.kv_cache.write_slots: one scatter of the new
@@ -115,7 +115,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, carry, layer, positions, cos, sin):
-        # carry: x [B, T, D] and the whole cache, None or {"k","v": [L, B, S, K, H]};
+        # carry: x [B, T, D] and the whole cache, None or {"k","v": [L, B, K, S, H]};
         # layer: this layer's index (scalar); positions [B, T]; cos, sin [B, T, H].
         x, cache = carry
         cfg = self.cfg
@@ -178,7 +178,7 @@ class Transformer(nn.Module):
 
     `__call__(tokens [B,T], positions [B,T], cache) -> (logits [B,T,V] float32, cache)`,
     with `cache` None (no cache: causal attention over the given tokens) or
-    {"k","v": [L, B, S, K, H]}.
+    {"k","v": [L, B, K, S, H]}.
     """
 
     cfg: ModelConfig
