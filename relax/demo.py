@@ -163,6 +163,13 @@ class DemoConfig:
 
     out: str = "runs/demo"
     seed: int = 0
+    seeds: int = 1
+    """GRPO and eval run for seeds seed, seed + 1, ..., seed + seeds - 1 on the same cached
+    teacher, student and warm-up; the report gives mean ± std over them (`--seeds N`)."""
+    ablations: bool = True
+    """Also train and evaluate the paper's ablations: relay_simple (reward correct - rho),
+    relay_unmasked (LLM tokens left in the policy loss) and fixed_n (every call writes
+    the relay's mean call length)."""
     max_new_tokens: int = 112
     """Tokens per answer of the warm-up's self-solutions and of the teacher filter (the
     relay sections `grpo.relay` and `eval.relay` have their own budget)."""
@@ -181,7 +188,10 @@ SPLIT_SEEDS = {"llm": 101, "slm": 102, "warmup": 103, "rl": 104}
 
 def _config_dir():
     here = os.path.dirname(os.path.abspath(__file__))
-    for cand in (os.path.join(os.getcwd(), "configs"), os.path.join(os.path.dirname(here), "configs")):
+    for cand in (
+        os.path.join(os.getcwd(), "configs"),
+        os.path.join(os.path.dirname(here), "configs"),
+    ):
         if os.path.isdir(cand):
             return cand
     return os.path.join(os.path.dirname(here), "configs")
@@ -193,9 +203,19 @@ def parse_args(argv):
         description="Train and evaluate a miniature RelayLLM end to end on CPU.",
     )
     p.add_argument("--config", default=None, help="YAML preset (default configs/demo.yaml)")
-    p.add_argument("--quick", action="store_true", help="toy scale smoke test (configs/demo-quick.yaml)")
+    p.add_argument(
+        "--quick", action="store_true", help="toy scale smoke test (configs/demo-quick.yaml)"
+    )
     p.add_argument("--out", default=None, help="output folder (default runs/demo, runs/demo-quick)")
-    p.add_argument("--fresh", action="store_true", help="retrain every stage, ignoring cached outputs")
+    p.add_argument(
+        "--fresh", action="store_true", help="retrain every stage, ignoring cached outputs"
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="GRPO + eval seeds (mean ± std over them; default the preset's, 1)",
+    )
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grpo.steps=20")
     return p.parse_args(argv)
 
@@ -208,9 +228,17 @@ def load_demo_config(args, tokenizer=None):
     `tokenizer`, its eos and pad ids fill the relay sections that leave them unset."""
     from relax.train.config import load_config, resolve_preset, tokenizer_defaults
 
-    preset = resolve_preset(args.config or (QUICK_CONFIG if args.quick else DEFAULT_CONFIG), _config_dir())
+    preset = resolve_preset(
+        args.config or (QUICK_CONFIG if args.quick else DEFAULT_CONFIG), _config_dir()
+    )
     defaults = tokenizer_defaults(tokenizer, *RELAY_SECTIONS) if tokenizer is not None else None
     cfg = load_config(DemoConfig, preset, None, args.overrides, defaults=defaults)
+    if args.seeds is not None:
+        cfg.seeds = args.seeds
+    if cfg.seeds < 1:
+        from relax.errors import ConfigError
+
+        raise ConfigError(f"seeds must be >= 1, got {cfg.seeds}")
     if args.out:
         cfg.out = args.out
     if args.quick and not args.out and cfg.out == "runs/demo":
@@ -245,7 +273,9 @@ class Stages:
     def finish(self, name, settings, info=None):
         seconds = time.time() - self.times.pop(name)
         with open(self.path(name, "stage.json"), "w") as f:
-            json.dump({"settings": _canon(settings), "seconds": seconds, "info": info or {}}, f, indent=2)
+            json.dump(
+                {"settings": _canon(settings), "seconds": seconds, "info": info or {}}, f, indent=2
+            )
         print(f"[demo] stage {name} done in {seconds:.0f}s", flush=True)
 
     def info(self, name):
@@ -313,8 +343,13 @@ def _sft_config(out_dir, steps, batch_size, lr, seed, epochs=1, max_len=512):
         steps=steps,
         optim=OptimConfig(learning_rate=lr, warmup_ratio=0.05, decay="cosine", end_lr_ratio=0.1),
         run=RunConfig(
-            output_dir=out_dir, seed=seed, num_devices=1, micro_batch_size=batch_size,
-            checkpoint_every=0, keep_checkpoints=1, export=False,
+            output_dir=out_dir,
+            seed=seed,
+            num_devices=1,
+            micro_batch_size=batch_size,
+            checkpoint_every=0,
+            keep_checkpoints=1,
+            export=False,
         ),
     )
 
@@ -347,10 +382,14 @@ def stage_pretrain(st, name, sec, cfg, task, tok_dir, tokenizer):
         st.start(name)
         model = _model(sec, tokenizer)
         params = model.init_params(jax.random.key(sec.seed))
-        problems = synthetic.make_dataset(sec.problems, SPLIT_SEEDS[name], task, num_known=sec.known_items)
+        problems = synthetic.make_dataset(
+            sec.problems, SPLIT_SEEDS[name], task, num_known=sec.known_items
+        )
         examples = reference_examples(tokenizer, problems, sec.read_commands, sec.seed)
         steps = len(examples) // sec.batch_size
-        run_cfg = _sft_config(st.path(name, "train"), steps, sec.batch_size, sec.learning_rate, sec.seed)
+        run_cfg = _sft_config(
+            st.path(name, "train"), steps, sec.batch_size, sec.learning_rate, sec.seed
+        )
         print(f"[demo] {name}: {model.num_params():,} parameters, {steps} steps", flush=True)
         params = train_sft(model, params, examples, run_cfg, pad_id=tokenizer.pad_token_id)
         relax.save_hf(model, params, st.path(name, "model"))
@@ -371,29 +410,54 @@ def stage_warmup(st, cfg, task, tok_dir, tokenizer, slm, slm_params, slm_digest)
     from relax.train.sft import train_sft
 
     sec = cfg.warmup
-    gen_settings = {"slm": slm_digest, "max_new_tokens": cfg.max_new_tokens,
-                    **{k: getattr(sec, k) for k in ("problems", "samples", "temperature", "reference_fallback")}}
+    gen_settings = {
+        "slm": slm_digest,
+        "max_new_tokens": cfg.max_new_tokens,
+        **{
+            k: getattr(sec, k) for k in ("problems", "samples", "temperature", "reference_fallback")
+        },
+    }
     sol_path = st.path("self_solutions", "solutions.jsonl")
     if not st.done("self_solutions", gen_settings):
         st.start("self_solutions")
         problems = synthetic.make_dataset(sec.problems, SPLIT_SEEDS["warmup"], task)
         eos, pad = special_ids(tokenizer)
-        gen = RelayConfig(max_new_tokens=cfg.max_new_tokens, slm=SamplingConfig(temperature=sec.temperature),
-                          eos_ids=eos, pad_id=pad)
+        gen = RelayConfig(
+            max_new_tokens=cfg.max_new_tokens,
+            slm=SamplingConfig(temperature=sec.temperature),
+            eos_ids=eos,
+            pad_id=pad,
+        )
         rows = warmup.self_solutions(
-            slm, slm_params, tokenizer, problems, gen, relax.grade, jax.random.key(cfg.seed),
-            batch_size=128, samples=sec.samples,
+            slm,
+            slm_params,
+            tokenizer,
+            problems,
+            gen,
+            relax.grade,
+            jax.random.key(cfg.seed),
+            batch_size=128,
+            samples=sec.samples,
         )
         if len(rows) < 2 and sec.reference_fallback:
-            print(f"[demo] the SLM solved {len(rows)} problems; warming up on reference solutions", flush=True)
-            rows = [{"question": p["question"], "answer": p["answer"], "response": p["solution"]}
-                    for p in problems]
+            print(
+                f"[demo] the SLM solved {len(rows)} problems; warming up on reference solutions",
+                flush=True,
+            )
+            rows = [
+                {"question": p["question"], "answer": p["answer"], "response": p["solution"]}
+                for p in problems
+            ]
         if len(rows) < 2:
             raise RuntimeError(f"the SLM solved only {len(rows)} warm-up problems; train it longer")
         with open(sol_path, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-        st.finish("self_solutions", gen_settings, {"solutions": len(rows), "generated": sec.problems * sec.samples})
+        st.finish(
+            "self_solutions",
+            gen_settings,
+            {"solutions": len(rows), "generated": sec.problems * sec.samples},
+        )
     with open(sol_path) as f:
         rows = [json.loads(line) for line in f]
 
@@ -401,14 +465,18 @@ def stage_warmup(st, cfg, task, tok_dir, tokenizer, slm, slm_params, slm_digest)
     if not st.done("warmup", settings):
         st.start("warmup")
         data_cfg = WarmupDataConfig(
-            max_commands=sec.max_commands, mantissa_max=sec.mantissa_max, max_exponent=sec.max_exponent
+            max_commands=sec.max_commands,
+            mantissa_max=sec.mantissa_max,
+            max_exponent=sec.max_exponent,
         )
         # each pass over the solutions draws fresh command positions and n's
         passes = rows * sec.epochs
         examples = warmup.build_warmup_examples(passes, tokenizer, data_cfg, seed=cfg.seed)
         with open(st.path("warmup", "examples.jsonl"), "w") as f:
             for r, e in zip(passes, examples):
-                f.write(json.dumps({"question": r["question"], "response": e["response_text"]}) + "\n")
+                f.write(
+                    json.dumps({"question": r["question"], "response": e["response_text"]}) + "\n"
+                )
         bs = min(sec.batch_size, len(examples))
         steps = len(examples) // bs
         run_cfg = _sft_config(st.path("warmup", "train"), steps, bs, sec.learning_rate, cfg.seed)
@@ -432,21 +500,66 @@ def stage_filter(st, cfg, task, tokenizer, llm, llm_params, llm_digest):
     if not st.done("filter", settings):
         st.start("filter")
         problems = synthetic.make_dataset(sec.problems, SPLIT_SEEDS["rl"], task)
-        fcfg = FilterConfig(output=path, k=sec.k, batch_size=max(1, 256 // sec.k),
-                            max_new_tokens=cfg.max_new_tokens, temperature=sec.temperature, top_p=sec.top_p,
-                            seed=cfg.seed)
-        kept = teacher_filter.filter_problems(llm, llm_params, tokenizer, problems, fcfg, relax.grade)
+        fcfg = FilterConfig(
+            output=path,
+            k=sec.k,
+            batch_size=max(1, 256 // sec.k),
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=sec.temperature,
+            top_p=sec.top_p,
+            seed=cfg.seed,
+        )
+        kept = teacher_filter.filter_problems(
+            llm, llm_params, tokenizer, problems, fcfg, relax.grade
+        )
         st.finish("filter", settings, {"kept": len(kept), "of": len(problems)})
     with open(path) as f:
         kept = [json.loads(line) for line in f]
     if len(kept) < cfg.grpo.prompts_per_step and sec.allow_unfiltered:
-        print(f"[demo] the teacher solved {len(kept)} problems; GRPO uses them unfiltered", flush=True)
+        print(
+            f"[demo] the teacher solved {len(kept)} problems; GRPO uses them unfiltered", flush=True
+        )
         kept = synthetic.make_dataset(sec.problems, SPLIT_SEEDS["rl"], task)
     return kept
 
 
-def stage_grpo(st, name, cfg, tok_dir, tokenizer, slm, init_params, llm, llm_params, problems, reward,
-               max_calls, digest):
+@dataclasses.dataclass(frozen=True)
+class GRPORun:
+    """One GRPO run of the demo: what it starts from and how it differs from `relay`."""
+
+    name: str
+    init: str  # "warmup" (the warm-up student) or "slm" (the base student)
+    reward: str | None = None  # None: cfg.grpo.reward
+    calls: bool = True  # False: max_calls 0 (calls not honoured in the rollouts)
+    mask_llm_tokens: bool = True
+    ablation: bool = False  # trained only with cfg.ablations
+
+
+GRPO_RUNS = (
+    GRPORun("relay", "warmup"),
+    GRPORun("grpo_slm", "slm", reward="accuracy", calls=False),
+    GRPORun("relay_simple", "warmup", reward="simple", ablation=True),
+    GRPORun("relay_unmasked", "warmup", mask_llm_tokens=False, ablation=True),
+)
+
+
+def stage_grpo(
+    st,
+    name,
+    cfg,
+    tok_dir,
+    tokenizer,
+    slm,
+    init_params,
+    llm,
+    llm_params,
+    problems,
+    reward,
+    max_calls,
+    digest,
+    seed=None,
+    mask_llm_tokens=True,
+):
     """GRPO from `init_params` with relay rollouts; returns the trained params."""
     import relax
     from relax.relay.command import CallCommand
@@ -456,8 +569,17 @@ def stage_grpo(st, name, cfg, tok_dir, tokenizer, slm, init_params, llm, llm_par
     from relax.train.rollout import make_relay_rollout, text_verifier
 
     sec = cfg.grpo
+    seed = cfg.seed if seed is None else seed
     relay_cfg = dataclasses.replace(sec.relay, max_calls=max_calls)
-    settings = {"grpo": sec, "reward": reward, "relay": relay_cfg, "from": digest, "problems": len(problems)}
+    settings = {
+        "grpo": sec,
+        "reward": reward,
+        "relay": relay_cfg,
+        "from": digest,
+        "problems": len(problems),
+        "seed": seed,
+        "mask_llm_tokens": mask_llm_tokens,
+    }
     if not st.done(name, settings):
         st.start(name)
         gcfg = GRPOConfig(
@@ -466,14 +588,26 @@ def stage_grpo(st, name, cfg, tok_dir, tokenizer, slm, init_params, llm, llm_par
             mini_batch_prompts=sec.mini_batch_prompts,
             reward=reward,
             kl_coef=sec.kl_coef,
+            mask_llm_tokens=mask_llm_tokens,
             relay=relay_cfg,
             epochs=max(1, -(-sec.steps * sec.prompts_per_step // max(1, len(problems)))),
             steps=sec.steps,
-            optim=OptimConfig(learning_rate=sec.learning_rate, warmup_ratio=0.0, decay="constant",
-                              weight_decay=0.01, grad_clip=1.0),
-            run=RunConfig(output_dir=st.path(name, "train"), seed=cfg.seed, num_devices=1,
-                          micro_batch_size=sec.mini_batch_prompts * sec.group_size,
-                          checkpoint_every=0, keep_checkpoints=1, export=False),
+            optim=OptimConfig(
+                learning_rate=sec.learning_rate,
+                warmup_ratio=0.0,
+                decay="constant",
+                weight_decay=0.01,
+                grad_clip=1.0,
+            ),
+            run=RunConfig(
+                output_dir=st.path(name, "train"),
+                seed=seed,
+                num_devices=1,
+                micro_batch_size=sec.mini_batch_prompts * sec.group_size,
+                checkpoint_every=0,
+                keep_checkpoints=1,
+                export=False,
+            ),
         )
         command = CallCommand.from_tokenizer(tokenizer)
         rollout = make_relay_rollout(slm, llm, relay_cfg, command)
@@ -482,12 +616,21 @@ def stage_grpo(st, name, cfg, tok_dir, tokenizer, slm, init_params, llm, llm_par
         def encode(problem):
             q = problem["question"]
             if q not in prompt_ids:
-                prompt_ids[q] = tokenizer(build_prompt(tokenizer, q), add_special_tokens=False)["input_ids"]
+                prompt_ids[q] = tokenizer(build_prompt(tokenizer, q), add_special_tokens=False)[
+                    "input_ids"
+                ]
             return prompt_ids[q]
 
         params = train_grpo(
-            slm, init_params, problems, gcfg, rollout, text_verifier(tokenizer, relax.grade), encode,
-            llm_params=llm_params, pad_id=relay_cfg.pad_id,
+            slm,
+            init_params,
+            problems,
+            gcfg,
+            rollout,
+            text_verifier(tokenizer, relax.grade),
+            encode,
+            llm_params=llm_params,
+            pad_id=relay_cfg.pad_id,
         )
         relax.save_hf(slm, params, st.path(name, "model"))
         shutil.copytree(tok_dir, st.path(name, "model"), dirs_exist_ok=True)
@@ -495,8 +638,10 @@ def stage_grpo(st, name, cfg, tok_dir, tokenizer, slm, init_params, llm, llm_par
     return relax.load_hf(st.path(name, "model"), dtype="float32")[1]
 
 
-def stage_eval(st, cfg, task, tokenizer, slm, params, llm, llm_params):
-    """Every strategy on held-out problems; the report files; returns results."""
+def stage_eval(st, cfg, task, tokenizer, slm, params, llm, llm_params, seed=None):
+    """Every strategy on held-out problems; returns `evaluate`'s results.
+
+    params: the student's params by name: "slm" (base) and one per GRPO run."""
     from relax.data import synthetic
     from relax.data.loaders import Benchmark, Problem
     from relax.eval.strategies import EvalConfig, evaluate
@@ -504,11 +649,23 @@ def stage_eval(st, cfg, task, tokenizer, slm, params, llm, llm_params):
     sec = cfg.eval
     problems = synthetic.make_dataset(sec.problems, sec.seed, task)
     bench = Benchmark(
-        "synthetic", tuple(Problem(id=str(i), question=p["question"], answer=p["answer"], kind="math")
-                           for i, p in enumerate(problems)), 1,
+        "synthetic",
+        tuple(
+            Problem(id=str(i), question=p["question"], answer=p["answer"], kind="math")
+            for i, p in enumerate(problems)
+        ),
+        1,
     )
-    ecfg = EvalConfig(relay=sec.relay, batch_size=sec.batch_size, seed=cfg.seed, entropy_tau=sec.entropy_tau,
-                      entropy_k=sec.entropy_k, prompt_bucket=16)
+    # fixed_n=None: the fixed-length ablation writes the relay's own mean call length
+    ecfg = EvalConfig(
+        relay=sec.relay,
+        batch_size=sec.batch_size,
+        seed=cfg.seed if seed is None else seed,
+        entropy_tau=sec.entropy_tau,
+        entropy_k=sec.entropy_k,
+        prompt_bucket=16,
+        fixed_n=None,
+    )
     strategies = [
         ("slm", "slm", {"slm_params": params["slm"]}),
         ("grpo_slm", "slm", {"slm_params": params["grpo_slm"]}),
@@ -518,8 +675,19 @@ def stage_eval(st, cfg, task, tokenizer, slm, params, llm, llm_params):
         ("random_router", "random_router", {"slm_params": params["slm"]}),
         ("entropy_router", "entropy_router", {"slm_params": params["slm"]}),
     ]
+    if "relay_simple" in params:
+        strategies += [
+            ("relay_simple", "relay", {"slm_params": params["relay_simple"]}),
+            ("relay_unmasked", "relay", {"slm_params": params["relay_unmasked"]}),
+            ("fixed_n", "fixed_n", {"slm_params": params["relay"]}),
+        ]
     results = evaluate(strategies, slm, params["slm"], llm, llm_params, [bench], tokenizer, ecfg)
     results["call_placement"] = call_placement(results["records"].get("relay", []))
+    avg = {k: v["average"] for k, v in results["summary"].items()}
+    acc_slm, acc_llm, acc_relay = (avg[k]["accuracy"] for k in ("slm", "llm", "relay"))
+    results["gap_closed"] = (
+        (acc_relay - acc_slm) / (acc_llm - acc_slm) if acc_llm > acc_slm else None
+    )
     return results
 
 
@@ -545,24 +713,68 @@ def call_placement(records):
 # ---------------------------------------------------------------------------
 
 
-def summary_table(results, wall):
-    """The paper-style table (strategy, accuracy, LLM-token share, LLM prefill) as text."""
+def _mean_of(dicts):
+    """Field-wise mean of dicts of numbers (nested dicts recursed; None if any is None)."""
+    out = {}
+    for key, first in dicts[0].items():
+        vals = [d.get(key) for d in dicts]
+        if isinstance(first, dict):
+            out[key] = _mean_of(vals)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            out[key] = sum(vals) / len(vals)
+        else:
+            out[key] = None if any(v is None for v in vals) else first
+    return out
+
+
+def seed_spread(per_seed):
+    """From each seed's `stage_eval` results: the per-seed values of accuracy and LLM-token
+    share per strategy and of the gap closed (`relax.eval.report.markdown_spread`'s
+    input), and the summary of means over seeds (every metric of every strategy)."""
+    names = list(per_seed[0]["summary"])
+    spread = {
+        name: {
+            m: [r["summary"][name]["average"][m] for r in per_seed]
+            for m in ("accuracy", "call_ratio")
+        }
+        for name in names
+    }
+    spread["gap_closed"] = [r["gap_closed"] for r in per_seed]
+    summary = {name: _mean_of([r["summary"][name] for r in per_seed]) for name in names}
+    return spread, summary
+
+
+def summary_table(results, wall, spread=None):
+    """The paper-style table (strategy, accuracy, LLM-token share, LLM prefill) as text;
+    with `spread` (several seeds) accuracy and share are mean ± std."""
+    from relax.eval.report import mean_std
+
     avg = {k: v["average"] for k, v in results["summary"].items()}
+    n = len(results.get("seeds") or [0])
     lines = [
         "| strategy | accuracy (%) | LLM tokens (%) | LLM prefill tokens | calls / answer |",
         "|---|---|---|---|---|",
     ]
     for name, m in avg.items():
+        acc, share = f"{m['accuracy']:.1f}", f"{m['call_ratio']:.2f}"
+        if spread:
+            acc += f" ± {mean_std(spread[name]['accuracy'])[1]:.1f}"
+            share += f" ± {mean_std(spread[name]['call_ratio'])[1]:.2f}"
         lines.append(
-            f"| {name} | {m['accuracy']:.1f} | {m['call_ratio']:.2f} | {m['llm_prefill_tokens']:.1f} | "
-            f"{m['calls']:.2f} |"
+            f"| {name} | {acc} | {share} | {m['llm_prefill_tokens']:.1f} | {m['calls']:.2f} |"
         )
     g = results["gap_closed"]
     cp = results.get("call_placement") or {}
     lines.append("")
-    lines.append(f"gap closed by relay: {'n/a' if g is None else f'{100 * g:.1f}%'}   wall time: {wall:.0f}s")
+    gap = "n/a" if g is None else f"{100 * g:.1f}%"
+    if spread and None not in spread["gap_closed"]:
+        gap += f" ± {100 * mean_std(spread['gap_closed'])[1]:.1f} (mean ± std of {n} seeds)"
+    lines.append(f"gap closed by relay: {gap}   wall time: {wall:.0f}s")
     if cp.get("commands"):
-        lines.append(f"relay commands right before the hard step: {cp['at_hard_step']} of {cp['commands']}")
+        lines.append(
+            f"relay commands right before the hard step: {cp['at_hard_step']} of {cp['commands']}"
+            + (" (first seed)" if spread else "")
+        )
     return "\n".join(lines)
 
 
@@ -586,22 +798,62 @@ def main(argv=None):
     warm_params = stage_warmup(st, cfg, task, tok_dir, tokenizer, slm, slm_params, slm_digest)
     problems = stage_filter(st, cfg, task, tokenizer, llm, llm_params, llm_digest)
     warm_digest = _digest({"slm": slm_digest, "warmup": cfg.warmup})
-    relay_params = stage_grpo(st, "relay", cfg, tok_dir, tokenizer, slm, warm_params, llm, llm_params, problems,
-                              cfg.grpo.reward, cfg.grpo.relay.max_calls, _digest([warm_digest, llm_digest]))
-    grpo_params = stage_grpo(st, "grpo_slm", cfg, tok_dir, tokenizer, slm, slm_params, llm, llm_params, problems,
-                             "accuracy", 0, _digest([slm_digest, llm_digest]))
-
-    print("[demo] stage eval", flush=True)
-    params = {"slm": slm_params, "grpo_slm": grpo_params, "relay": relay_params}
-    results = stage_eval(st, cfg, task, tokenizer, slm, params, llm, llm_params)
+    inits = {
+        "warmup": (warm_params, _digest([warm_digest, llm_digest])),
+        "slm": (slm_params, _digest([slm_digest, llm_digest])),
+    }
+    runs = [r for r in GRPO_RUNS if cfg.ablations or not r.ablation]
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    per_seed = []
+    for seed in seeds:
+        # the first seed's stages keep their plain names, so a one-seed run's cache serves
+        prefix = "" if seed == cfg.seed else f"seed{seed}/"
+        params = {"slm": slm_params}
+        for r in runs:
+            init, digest = inits[r.init]
+            params[r.name] = stage_grpo(
+                st,
+                prefix + r.name,
+                cfg,
+                tok_dir,
+                tokenizer,
+                slm,
+                init,
+                llm,
+                llm_params,
+                problems,
+                r.reward or cfg.grpo.reward,
+                cfg.grpo.relay.max_calls if r.calls else 0,
+                digest,
+                seed=seed,
+                mask_llm_tokens=r.mask_llm_tokens,
+            )
+        print(f"[demo] stage eval (seed {seed})", flush=True)
+        per_seed.append(
+            stage_eval(st, cfg, task, tokenizer, slm, params, llm, llm_params, seed=seed)
+        )
+    results = per_seed[0]
+    spread = None
+    if len(per_seed) > 1:
+        spread, results["summary"] = seed_spread(per_seed)
+        results["gap_closed"] = (
+            sum(spread["gap_closed"]) / len(seeds) if None not in spread["gap_closed"] else None
+        )
     avg = {k: v["average"] for k, v in results["summary"].items()}
-    acc_slm, acc_llm, acc_relay = (avg[k]["accuracy"] for k in ("slm", "llm", "relay"))
-    results["gap_closed"] = (acc_relay - acc_slm) / (acc_llm - acc_slm) if acc_llm > acc_slm else None
     wall = time.time() - t0
     results["wall_time_s"] = wall
+    results["seeds"] = seeds
     results["stage_seconds"] = {
         name: st.info(name)["seconds"]
-        for name in ("tokenizer", "llm", "slm", "self_solutions", "warmup", "filter", "relay", "grpo_slm")
+        for name in (
+            "tokenizer",
+            "llm",
+            "slm",
+            "self_solutions",
+            "warmup",
+            "filter",
+            *(r.name for r in runs),
+        )
     }
     results["strategies"] = {
         name: {
@@ -613,10 +865,27 @@ def main(argv=None):
         }
         for name, m in avg.items()
     }
+    if spread:
+        from relax.eval.report import mean_std
+
+        for name, m in results["strategies"].items():
+            m["accuracy_std"] = mean_std(spread[name]["accuracy"])[1]
+            m["llm_token_share_std"] = mean_std(spread[name]["call_ratio"])[1]
+        results["per_seed"] = [
+            {
+                "seed": seed,
+                "gap_closed": r["gap_closed"],
+                "call_placement": r["call_placement"],
+                "accuracy": {k: v["average"]["accuracy"] for k, v in r["summary"].items()},
+                "llm_token_share": {k: v["average"]["call_ratio"] for k, v in r["summary"].items()},
+                "fixed_n_used": r["config"].get("fixed_n_used"),
+            }
+            for seed, r in zip(seeds, per_seed)
+        ]
     results["demo_config"] = _canon(cfg)
     title = "relax demo --quick (smoke test)" if args.quick else "relax demo (synthetic task)"
-    paths = write_report(results, cfg.out, title=title)
-    print(summary_table(results, wall))
+    paths = write_report(results, cfg.out, title=title, spread=spread)
+    print(summary_table(results, wall, spread))
     print(f"[demo] wrote {', '.join(paths.values())}")
     if args.quick:
         print(

@@ -15,7 +15,18 @@ import pytest
 from relax import demo
 from relax.errors import ConfigError
 
-STRATEGIES = ("slm", "grpo_slm", "llm", "relay", "teacher_free", "random_router", "entropy_router")
+STRATEGIES = (
+    "slm",
+    "grpo_slm",
+    "llm",
+    "relay",
+    "teacher_free",
+    "random_router",
+    "entropy_router",
+    "relay_simple",
+    "relay_unmasked",
+    "fixed_n",
+)
 
 
 def test_stage_cache_reuses_and_fresh_retrains(tmp_path):
@@ -59,7 +70,8 @@ def test_quick_demo_end_to_end(tmp_path):
         assert os.path.getsize(os.path.join(out, f)) > 0
     import relax
 
-    for stage in ("llm", "slm", "warmup", "relay", "grpo_slm"):
+    assert res["config"]["fixed_n_used"].keys() == {"fixed_n"}  # the relay's mean call length
+    for stage in ("llm", "slm", "warmup", "relay", "grpo_slm", "relay_simple", "relay_unmasked"):
         path = os.path.join(out, stage, "model")
         assert os.path.exists(os.path.join(path, "config.json"))
         assert os.path.exists(os.path.join(path, "tokenizer.json"))
@@ -99,3 +111,26 @@ def test_call_placement_counts_commands_before_a_price():
     ]
     assert demo.call_placement(records) == {"commands": 4, "at_hard_step": 2, "share": 0.5}
     assert demo.call_placement([])["share"] is None
+
+
+def test_seed_spread_means_and_std():
+    """Several seeds: per-seed values, field-wise means of the summaries, and the table
+    with mean ± std (sample std: values 40 and 60 give 50 ± 14.1)."""
+
+    def one(acc, share, gap):
+        avg = {"accuracy": acc, "call_ratio": share, "llm_prefill_tokens": 2.0, "calls": 1.0}
+        return {
+            "summary": {"relay": {"benchmarks": {"b": dict(avg)}, "average": avg}},
+            "gap_closed": gap,
+        }
+
+    spread, summary = demo.seed_spread([one(40.0, 1.0, 0.5), one(60.0, 3.0, 0.7)])
+    assert spread["relay"] == {"accuracy": [40.0, 60.0], "call_ratio": [1.0, 3.0]}
+    assert spread["gap_closed"] == [0.5, 0.7]
+    assert summary["relay"]["average"]["accuracy"] == 50.0
+    assert summary["relay"]["benchmarks"]["b"]["call_ratio"] == 2.0
+    table = demo.summary_table(
+        {"summary": summary, "gap_closed": 0.6, "seeds": [0, 1]}, wall=1.0, spread=spread
+    )
+    assert "| relay | 50.0 ± 14.1 | 2.00 ± 1.41 |" in table
+    assert "gap closed by relay: 60.0% ± 14.1 (mean ± std of 2 seeds)" in table

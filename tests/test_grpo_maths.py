@@ -141,3 +141,13 @@ def test_llm_logits_do_not_change_the_loss():
     assert float(grpo.grpo_loss_from_logits(other, batch, cfg)[0]) == float(loss)
     inf = jnp.where((src == 4)[..., None], jnp.inf, logits)
     assert float(grpo.grpo_loss_from_logits(inf, batch, cfg)[0]) == float(loss)
+
+
+def test_loss_mask_llm_tokens_knob():
+    """The default masks the LLM's tokens (source 4) out of the loss; the ablation
+    (official code) keeps them in; prompt and padding stay out either way."""
+    source = np.array([[1, 1, 2, 3, 3, 4, 4, 2, 0]])  # prompt, slm, command, llm, slm, pad
+    masked = np.asarray(grpo.loss_mask_from_source(source))
+    unmasked = np.asarray(grpo.loss_mask_from_source(source, mask_llm_tokens=False))
+    np.testing.assert_array_equal(masked, [[0, 0, 1, 1, 1, 0, 0, 1, 0]])
+    np.testing.assert_array_equal(unmasked, [[0, 0, 1, 1, 1, 1, 1, 1, 0]])

@@ -19,7 +19,7 @@ import json
 import math
 import os
 
-__all__ = ["markdown_report", "markdown_table", "plot", "write_report"]
+__all__ = ["markdown_report", "markdown_spread", "markdown_table", "plot", "write_report"]
 
 _PRETTY = {
     "math500": "MATH-500",
@@ -98,10 +98,44 @@ def markdown_report(summary, title="relax evaluation"):
     )
 
 
+def markdown_spread(spread):
+    """The across-seeds table: per strategy the mean ± std (sample std, ddof 1) of
+    accuracy and LLM-token share, from `spread` = {strategy: {"accuracy": [...],
+    "call_ratio": [...]}} (one value per seed), plus the gap closed when given as
+    spread["gap_closed"] (fractions)."""
+    n = max(len(v["accuracy"]) for k, v in spread.items() if k != "gap_closed")
+    rows = [
+        f"| Strategy | Accuracy % (mean ± std, {n} seeds) | LLM tokens % (mean ± std) |",
+        "|---|---:|---:|",
+    ]
+    for strategy, v in spread.items():
+        if strategy == "gap_closed":
+            continue
+        rows.append(f"| {strategy} | {_mean_std(v['accuracy'])} | {_mean_std(v['call_ratio'])} |")
+    gap = [100 * g for g in spread.get("gap_closed", []) if g is not None]
+    if gap:
+        rows.append("")
+        rows.append(f"Gap closed by relay: {_mean_std(gap, 1)} % ({len(gap)} seeds)")
+    return "\n".join(rows)
+
+
+def mean_std(values):
+    """(mean, sample std) of a list of numbers; std 0 for one value."""
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def _mean_std(values, digits=2):
+    m, sd = mean_std(values)
+    return f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
 _MARKERS = "osD^vP*Xhp<>"
 
 
-def plot(summary, path, title="Accuracy vs LLM-token share"):
+def plot(summary, path, title="Accuracy vs LLM-token share", spread=None):
     """PNG: average accuracy (0-100 %) against LLM-token share, one legend entry a strategy.
 
     Strategies are told apart by colour and marker and named in a legend
@@ -109,7 +143,8 @@ def plot(summary, path, title="Accuracy vs LLM-token share"):
     however close the points are. The dashed line is the query-level random
     router between the SLM and the LLM, drawn when both were evaluated. The
     share axis is linear up to 1 % and logarithmic above (relay-like
-    strategies sit near 1 %, the LLM at 100 %).
+    strategies sit near 1 %, the LLM at 100 %). With `spread` (see
+    `markdown_spread`) each point is the mean over seeds with ±1 std bars.
     """
     import matplotlib
 
@@ -132,6 +167,18 @@ def plot(summary, path, title="Accuracy vs LLM-token share"):
     colours = plt.get_cmap("tab10").colors
     for i, (strategy, res) in enumerate(summary.items()):
         a = res["average"]
+        if spread and strategy in spread:
+            ax.errorbar(
+                [a["call_ratio"]],
+                [a["accuracy"]],
+                xerr=[mean_std(spread[strategy]["call_ratio"])[1]],
+                yerr=[mean_std(spread[strategy]["accuracy"])[1]],
+                fmt="none",
+                ecolor=colours[i % len(colours)],
+                elinewidth=1.0,
+                capsize=3,
+                zorder=2,
+            )
         ax.scatter(
             [a["call_ratio"]],
             [a["accuracy"]],
@@ -174,11 +221,13 @@ def _jsonable(x):
     return x
 
 
-def write_report(results, out_dir, title="relax evaluation"):
+def write_report(results, out_dir, title="relax evaluation", spread=None):
     """Write results.json, results.md and results.png into out_dir; return their paths.
 
     `results` is what `strategies.evaluate` returns (a dict with "summary"), or a
-    bare summary ({strategy: {"benchmarks", "average"}})."""
+    bare summary ({strategy: {"benchmarks", "average"}}). `spread`: per-seed values
+    (see `markdown_spread`): results.md gains the mean ± std table and the plot
+    error bars (the summary should then hold the means)."""
     os.makedirs(out_dir, exist_ok=True)
     summary = results["summary"] if "summary" in results else results
     paths = {
@@ -189,5 +238,7 @@ def write_report(results, out_dir, title="relax evaluation"):
         json.dump(_jsonable(results), f, indent=2)
     with open(paths["md"], "w") as f:
         f.write(markdown_report(summary, title))
-    plot(summary, paths["png"], title=f"{title}: accuracy vs LLM-token share")
+        if spread:
+            f.write("\n## Across seeds\n\n" + markdown_spread(spread) + "\n")
+    plot(summary, paths["png"], title=f"{title}: accuracy vs LLM-token share", spread=spread)
     return paths

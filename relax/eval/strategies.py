@@ -76,8 +76,9 @@ class EvalConfig:
     """Prompt width is rounded up to a multiple of this (fewer compilations)."""
     enable_thinking: bool = False
     """Qwen3 thinking mode in the chat template (the paper: off)."""
-    fixed_n: int = 100
-    """fixed_n: tokens per honoured call."""
+    fixed_n: int | None = 100
+    """fixed_n: tokens per honoured call; None = the relay's mean LLM tokens per honoured
+    call measured earlier in the same `evaluate` call (else 100)."""
     router_p: float | None = None
     """random_router: probability of sending a query to the LLM; None = the LLM-token
     share measured for `relay` earlier in the same `evaluate` call (else 0.5)."""
@@ -93,7 +94,7 @@ class EvalConfig:
     def __post_init__(self):
         if self.batch_size < 1 or self.prompt_bucket < 1:
             raise ValueError("batch_size and prompt_bucket must be >= 1")
-        if self.fixed_n < 1 or self.entropy_k < 1:
+        if (self.fixed_n is not None and self.fixed_n < 1) or self.entropy_k < 1:
             raise ValueError("fixed_n and entropy_k must be >= 1")
         if self.router_p is not None and not 0.0 <= self.router_p <= 1.0:
             raise ValueError(f"router_p must be in [0, 1], got {self.router_p}")
@@ -167,7 +168,13 @@ def _no_calls(relay, cfg):
 
 
 def _fixed_calls(relay, cfg):
-    return dataclasses.replace(relay, fixed_call_tokens=cfg.fixed_n)
+    return dataclasses.replace(relay, fixed_call_tokens=100 if cfg.fixed_n is None else cfg.fixed_n)
+
+
+def mean_call_length(records):
+    """LLM tokens per honoured call over `records` (a relay's), rounded; None without calls."""
+    calls = sum(r["calls"] for r in records)
+    return max(1, round(sum(r["llm_tokens"] for r in records) / calls)) if calls else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -481,7 +488,7 @@ def evaluate(
         raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
     if command is None and any(s.command for _, kind, _ in specs for s in _parts(kind)):
         command = _command(tokenizer)  # once for all strategies
-    records, router_used = {}, {}
+    records, router_used, fixed_used = {}, {}, {}
     for label, kind, over in specs:
         kw = dict(slm=slm, slm_params=slm_params, llm=llm, llm_params=llm_params)
         kw.update(over)
@@ -493,6 +500,11 @@ def evaluate(
             router_p = relay["call_ratio"] / 100.0
         if routed:
             router_used[label] = next(p for p in (router_p, cfg.router_p, 0.5) if p is not None)
+        run_cfg = cfg
+        if STRATEGIES[kind].relay is _fixed_calls and cfg.fixed_n is None and "relay" in records:
+            n = mean_call_length(records["relay"])
+            run_cfg = dataclasses.replace(cfg, fixed_n=n)
+            fixed_used[label] = n
         records[label] = run_strategy(
             kind,
             kw["slm"],
@@ -501,7 +513,7 @@ def evaluate(
             kw["llm_params"],
             benchmarks,
             tokenizer,
-            cfg,
+            run_cfg,
             command=command,
             label=label,
             router_p=router_p,
@@ -516,5 +528,6 @@ def evaluate(
         slm_params=n_slm,
         llm_params=n_llm,
         router_p_used=router_used,
+        fixed_n_used=fixed_used,
     )
     return {"summary": summary, "records": records, "config": config}

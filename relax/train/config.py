@@ -165,6 +165,9 @@ class GRPOConfig:
       clip_low, clip_high: [epsilon_low, epsilon_high] ratio clip (0.2, 0.3).
       dual_clip: [c] dual-clip bound for negative advantages (3.0).
       kl_coef: [beta] weight of the k3 KL to pi_ref (0.01).
+      mask_llm_tokens: LLM-written tokens get no gradient (the paper's loss;
+        default). False leaves them in the policy loss as the official code
+        does (an ablation: the student is pushed towards text it did not write).
       relay: the rollouts' ``relax.RelayConfig``, the one source of the relay
         settings: ``max_new_tokens`` [budget] SLM + LLM tokens per rollout
         (paper: 8192), ``max_calls`` (paper RL: 2), ``max_call_tokens`` (8192),
@@ -210,6 +213,7 @@ class GRPOConfig:
     clip_high: float = 0.3
     dual_clip: float = 3.0
     kl_coef: float = 0.01
+    mask_llm_tokens: bool = True
     relay: RelayConfig = dataclasses.field(
         default_factory=lambda: RelayConfig(
             max_new_tokens=8192,

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from relax import ops
 
 SLM_SOURCES = (2, 3)  # RelayOutput.source: 2 slm token, 3 command token
+LLM_SOURCE = 4  # RelayOutput.source of an LLM token
 
 
 def group_advantages(rewards, group_size, eps=1e-6):
@@ -68,10 +69,17 @@ def group_advantages(rewards, group_size, eps=1e-6):
     return (centred / (std + eps)).reshape(-1)
 
 
-def loss_mask_from_source(source):
-    """1.0 where the token is the SLM's own (slm or command), else 0. [B, T] -> [B, T]."""
+def loss_mask_from_source(source, mask_llm_tokens=True):
+    """1.0 where the token is the SLM's own (slm or command), else 0. [B, T] -> [B, T].
+
+    mask_llm_tokens=False also sets 1.0 at LLM tokens (source 4): the official
+    code's behaviour, where the teacher's tokens enter the student's policy loss as
+    if it had sampled them. It exists for the ablation only."""
     source = jnp.asarray(source)
-    return ((source == SLM_SOURCES[0]) | (source == SLM_SOURCES[1])).astype(jnp.float32)
+    own = (source == SLM_SOURCES[0]) | (source == SLM_SOURCES[1])
+    if not mask_llm_tokens:
+        own = own | (source == LLM_SOURCE)
+    return own.astype(jnp.float32)
 
 
 def token_logprobs(logits, targets):

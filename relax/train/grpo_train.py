@@ -255,7 +255,7 @@ def train_grpo(
         del rollout_params
         sc = score(out, examples, verifier, G, cfg.reward)
         width = train_width(_global_max(out.lengths), out.tokens.shape[1] - 1)
-        batch = training_batch(out, sc["advantages"], width)
+        batch = training_batch(out, sc["advantages"], width, cfg.mask_llm_tokens)
         fwd = {k: batch[k] for k in ("inputs", "positions", "targets")}
         split = split_devices(fwd, n_dev, mbs)
         batch["old_logp"] = merge_devices(logprob_fn(run.params, split))

@@ -178,11 +178,12 @@ def train_width(max_length, full_width, min_width=MIN_TRAIN_WIDTH):
     return min(width, full_width)
 
 
-def training_batch(out, advantages, width=None):
+def training_batch(out, advantages, width=None, mask_llm_tokens=True):
     """The GRPO training arrays of rollouts ``out`` (host numpy, [N, T] each).
 
     Input t predicts target t + 1; ``loss_mask`` is 1 where that target is an
-    SLM or command token (``source`` 2 or 3), 0 at prompt, LLM and padding.
+    SLM or command token (``source`` 2 or 3), 0 at prompt, LLM and padding
+    (``mask_llm_tokens=False``: 1 at LLM tokens too, the official code's ablation).
     ``width`` T defaults to L - 1 (all of ``out``'s slots); a smaller one (see
     ``train_width``) drops trailing slots, which must be padding of every row.
     """
@@ -200,6 +201,6 @@ def training_batch(out, advantages, width=None):
         "inputs": tokens[:, :T],
         "positions": np.where(t < lengths[:, None], t, -1).astype(np.int32),
         "targets": tokens[:, 1 : T + 1],
-        "loss_mask": np.asarray(grpo.loss_mask_from_source(source[:, 1 : T + 1])),
+        "loss_mask": np.asarray(grpo.loss_mask_from_source(source[:, 1 : T + 1], mask_llm_tokens)),
         "advantages": np.asarray(advantages, np.float32),
     }
