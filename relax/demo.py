@@ -51,6 +51,9 @@ class TaskSection:
     min_steps: int = 2
     max_steps: int = 4
     max_sold: int = 1
+    min_sold: int = 1
+    layout: str = "prices_first"
+    """"prices_first" (the prices open the answer) or "inline" (sales among the gains)."""
 
 
 @dataclasses.dataclass
@@ -682,7 +685,7 @@ def stage_eval(st, cfg, task, tokenizer, slm, params, llm, llm_params, seed=None
             ("fixed_n", "fixed_n", {"slm_params": params["relay"]}),
         ]
     results = evaluate(strategies, slm, params["slm"], llm, llm_params, [bench], tokenizer, ecfg)
-    results["call_placement"] = call_placement(results["records"].get("relay", []))
+    results["call_placement"] = call_placement(results["records"].get("relay", []), tokenizer)
     avg = {k: v["average"] for k, v in results["summary"].items()}
     acc_slm, acc_llm, acc_relay = (avg[k]["accuracy"] for k in ("slm", "llm", "relay"))
     results["gap_closed"] = (
@@ -691,23 +694,44 @@ def stage_eval(st, cfg, task, tokenizer, slm, params, llm, llm_params, seed=None
     return results
 
 
-def call_placement(records):
-    """Where the relay's commands land: how many sit right before a price (the hard step).
+PRICE = r"(?:^|(?<=\. ))\d+(?=\. )"
+"""A price in a solution (the hard step): a number that opens the text or follows ". " and is
+followed by ". " (a sum opens "9+4:", a total follows "So ", a carry follows "carry ")."""
 
-    The SLM keeps its commands in its own text, so they are visible in the
-    response. Solutions open with the prices ("37. 52. 37+52: ..."), so a
-    command sits at a hard step when the text before it, commands removed,
-    is only whole prices: nothing at all, or "37. " before a second price.
-    """
+
+def call_placement(records, tokenizer, within=2):
+    """Where the relay's honoured commands land relative to the hard steps (the prices).
+
+    The SLM keeps its commands in its own text, so they are visible in the response;
+    a record's first `calls` commands are the honoured ones. A command is at a hard
+    step when the next price in the response (commands removed) starts at most
+    `within` tokens after it: the LLM is then asked to write the price. Returns the
+    counts and the share."""
     import re
 
-    pattern = re.compile(r"<call>\s*\d+\s*</call>")
-    total = at_hard = 0
+    command, price = re.compile(r"<call>\s*\d+\s*</call>"), re.compile(PRICE)
+    total = near = 0
     for r in records:
-        for m in pattern.finditer(r["response"]):
+        text, pieces, at = r["response"], [], []
+        last = 0
+        for m in command.finditer(text):
+            pieces.append(text[last : m.start()])
+            at.append(sum(map(len, pieces)))  # the command's place in the stripped text
+            last = m.end()
+        stripped = "".join(pieces) + text[last:]
+        starts = [m.start() for m in price.finditer(stripped)]
+        for i in at[: r["calls"]]:
             total += 1
-            at_hard += bool(re.fullmatch(r"(\d+\. )*", pattern.sub("", r["response"][: m.start()])))
-    return {"commands": total, "at_hard_step": at_hard, "share": at_hard / total if total else None}
+            nxt = next((j for j in starts if j >= i), None)
+            if nxt is not None:
+                gap = tokenizer(stripped[i:nxt], add_special_tokens=False)["input_ids"]
+                near += len(gap) <= within
+    return {
+        "commands": total,
+        "at_hard_step": near,
+        "within_tokens": within,
+        "share": near / total if total else None,
+    }
 
 
 # ---------------------------------------------------------------------------

@@ -99,18 +99,10 @@ def test_reference_examples_mask_the_commands_they_insert(tmp_path):
         commands = re.findall(r"<call>[1-9]</call>", masked)
         assert "".join(commands) == masked and len(commands) <= 3
         inserted += len(commands)
-        assert re.sub(r"<call>[1-9]</call>", "", tok.decode(b["response_ids"][:-1])) == p["solution"]
+        assert (
+            re.sub(r"<call>[1-9]</call>", "", tok.decode(b["response_ids"][:-1])) == p["solution"]
+        )
     assert 40 <= inserted <= 80  # 0..3 per solution, 1.5 on average
-
-
-def test_call_placement_counts_commands_before_a_price():
-    records = [
-        {"response": "<call>2</call>37. 37+5: <call>3</call>7+5=12"},
-        {"response": "37. <call>2</call>52. 3<call>2</call>7+52: 7+2=9"},
-        {"response": "37. 37+5: 7+5=12"},  # no command
-    ]
-    assert demo.call_placement(records) == {"commands": 4, "at_hard_step": 2, "share": 0.5}
-    assert demo.call_placement([])["share"] is None
 
 
 def test_seed_spread_means_and_std():
@@ -134,3 +126,33 @@ def test_seed_spread_means_and_std():
     )
     assert "| relay | 50.0 ± 14.1 | 2.00 ± 1.41 |" in table
     assert "gap closed by relay: 60.0% ± 14.1 (mean ± std of 2 seeds)" in table
+
+
+def test_call_placement_counts_honoured_calls_near_a_price(tmp_path):
+    """A call is at a hard step when the next price (commands removed) starts at most two
+    tokens after it; only a record's first `calls` commands count (honoured ones)."""
+    import relax
+    from relax.data import synthetic
+
+    tok = relax.load_tokenizer(synthetic.save_tokenizer(str(tmp_path / "tok")))
+    records = [
+        # right before the first price: at a hard step
+        {
+            "response": "<call>2</call>37. 37+5: 7+5=12 carry 1. 3+1=4. So 42. \\boxed{42}",
+            "calls": 1,
+        },
+        # inside a price, the next price far away: not
+        {"response": "37. 3<call>2</call>7+5: 7+5=12 carry 1. So 42. 50. \\boxed{92}", "calls": 1},
+        # one token (the space) before a mid-solution price: at a hard step
+        {
+            "response": "5+4: 5+4=9 carry 0. So 9.<call>2</call> 37. 9+37: So 46. \\boxed{46}",
+            "calls": 1,
+        },
+        # the second command was not honoured (calls = 1): not counted
+        {"response": "<call>2</call>37. <call>1</call>37+5: So 42. \\boxed{42}", "calls": 1},
+        # a call before a sum, no price after it: not
+        {"response": "5+4: <call>3</call>5+4=9 carry 0. So 9. \\boxed{9}", "calls": 1},
+    ]
+    placement = demo.call_placement(records, tok)
+    assert placement == {"commands": 5, "at_hard_step": 3, "within_tokens": 2, "share": 0.6}
+    assert demo.call_placement([], tok)["share"] is None

@@ -55,7 +55,9 @@ def test_solutions_are_right_and_grade_correct():
 def test_catalog_is_fixed_by_its_seed():
     t = synthetic.TaskConfig(num_items=30)
     assert synthetic.catalog(t) == synthetic.catalog(t)
-    assert synthetic.catalog(t) != synthetic.catalog(synthetic.TaskConfig(num_items=30, catalog_seed=7))
+    assert synthetic.catalog(t) != synthetic.catalog(
+        synthetic.TaskConfig(num_items=30, catalog_seed=7)
+    )
     names = list(synthetic.catalog(t))
     assert len(set(names)) == 30 and all(3 <= len(n) <= 7 for n in names)
 
@@ -82,7 +84,9 @@ def test_tokenizer_round_trips_and_chat_prompt(tokenizer):
     assert len(tokenizer) < 200
     # digits are single tokens, so prices are a few tokens
     for d in "0123456789":
-        assert tokenizer(d, add_special_tokens=False)["input_ids"] == [tokenizer.convert_tokens_to_ids(d)]
+        assert tokenizer(d, add_special_tokens=False)["input_ids"] == [
+            tokenizer.convert_tokens_to_ids(d)
+        ]
     # every id decodes alone to its own text (what the command automaton walks)
     assert "".join(tokenizer.decode([i]) for i in ids) == text
 
@@ -122,3 +126,29 @@ def test_num_known_restricts_the_items_sold():
     known = list(synthetic.catalog(task))[:5]
     for p in synthetic.make_dataset(50, seed=6, task=task, num_known=5):
         assert re.search(r"sells a (\w+),", p["question"]).group(1) in known
+
+
+def test_inline_layout_places_prices_after_easy_steps():
+    """layout=inline: each sale is its own event after at least one gain, its price is
+    written right before the sum that adds it, hard_spans point at the prices, and the
+    answer is the true total."""
+    import re
+
+    task = synthetic.TaskConfig(
+        num_items=12, min_steps=1, max_steps=2, min_sold=2, max_sold=2, layout="inline"
+    )
+    prices = synthetic.catalog(task)
+    starts = set()
+    for p in synthetic.make_dataset(50, 3, task):
+        spans = p["hard_spans"]
+        assert len(spans) == 2 and spans[0][0] > 0  # never the answer's first token
+        starts.add(spans[0][0])
+        sold = re.findall(r"sells a (\w+)", p["question"])
+        assert [p["solution"][a:b] for a, b in spans] == [str(prices[i]) for i in sold]
+        value = int(re.search(r"has (\d+) coins", p["question"]).group(1))
+        gains = [int(k) for k in re.findall(r"(\d+) more", p["question"])]
+        assert int(p["answer"]) == value + sum(gains) + sum(prices[i] for i in sold)
+        assert p["solution"].endswith(f"\\boxed{{{p['answer']}}}")
+    assert len(starts) > 3  # the first price's place varies
+    with pytest.raises(ValueError, match="layout"):
+        synthetic.TaskConfig(layout="diagonal")

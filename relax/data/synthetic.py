@@ -117,6 +117,9 @@ WORD_TOKENS = (
 ) + tuple(" " + name for name, _ in NAMES)
 
 
+LAYOUTS = ("prices_first", "inline")
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
     """The synthetic task's knobs.
@@ -126,7 +129,12 @@ class TaskConfig:
       same catalog, so it is part of the task, not of a data split.
     min_steps / max_steps: number of "finds k more" gains per problem (each
       one more column addition after the sale).
-    max_sold: items sold per problem (hard steps), 1..max_sold.
+    min_sold / max_sold: items sold per problem (hard steps), min_sold..max_sold.
+    layout: "prices_first" (the prices open the solution: one fixed, salient place)
+      or "inline" (the events happen in the question's order, sales among the gains,
+      after the first gain, so each price is needed mid-solution after a varying
+      number of easy steps: a student must place its calls by content, not by
+      position).
     """
 
     num_items: int = 64
@@ -134,6 +142,8 @@ class TaskConfig:
     min_steps: int = 2
     max_steps: int = 4
     max_sold: int = 1
+    min_sold: int = 1
+    layout: str = "prices_first"
 
     def __post_init__(self):
         if not 1 <= self.num_items <= 2000:
@@ -142,8 +152,12 @@ class TaskConfig:
             raise ValueError(
                 f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}"
             )
-        if not 1 <= self.max_sold <= 3:
-            raise ValueError(f"max_sold must be in 1..3, got {self.max_sold}")
+        if not 1 <= self.min_sold <= self.max_sold <= 3:
+            raise ValueError(
+                f"need 1 <= min_sold <= max_sold <= 3, got {self.min_sold}, {self.max_sold}"
+            )
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
 
 
 def catalog(task):
@@ -187,22 +201,48 @@ def make_problem(rng, task, prices=None, items=None):
     items = list(items or prices)
     name, pronoun = rng.choice(NAMES)
     value = rng.randint(0, 9)
-    sold = rng.sample(items, rng.randint(1, task.max_sold))
+    sold = rng.sample(items, rng.randint(task.min_sold, task.max_sold))
     gains = [rng.randint(1, 9) for _ in range(rng.randint(task.min_steps, task.max_steps))]
-    clauses = ["sells " + " and ".join(f"a {item}" for item in sold)]
-    clauses += [f"{rng.choice(GAINS)} {k} more" for k in gains]
+    if task.layout == "prices_first":
+        events = [("sale", sold)] + [("gain", k) for k in gains]
+    else:  # inline: every sale its own event, at a random place after the first gain
+        events = [("gain", k) for k in gains]
+        for item in sold:
+            events.insert(rng.randint(1, len(events)), ("sale", [item]))
+    clauses = []
+    for kind, arg in events:
+        if kind == "sale":
+            clauses.append("sells " + " and ".join(f"a {item}" for item in arg))
+        else:
+            clauses.append(f"{rng.choice(GAINS)} {arg} more")
     question = (
-        f"{name} has {value} coins. {pronoun.capitalize()} " + ", then ".join(clauses)
+        f"{name} has {value} coins. {pronoun.capitalize()} "
+        + ", then ".join(clauses)
         + f". How many coins does {pronoun} have now?"
     )
-    # The prices come first, and every later step reads the number just
-    # written or one from the prompt: see the module docstring.
     text, hard_spans = "", []
-    for item in sold:
+
+    def price(item):
+        nonlocal text
         hard_spans.append((len(text), len(text) + len(str(prices[item]))))
         text += f"{prices[item]}. "
-    total = prices[sold[0]]
-    for addend in [prices[item] for item in sold[1:]] + [value] + gains:
+        return prices[item]
+
+    if task.layout == "prices_first":
+        # The prices come first, and every later step reads the number just
+        # written or one from the prompt: see the module docstring.
+        for item in sold:
+            price(item)
+        total = prices[sold[0]]
+        addends = [prices[item] for item in sold[1:]] + [value] + gains
+    else:
+        # The running total starts at the coins she has; a sale writes its price
+        # (the hard step) right before the sum that adds it.
+        total, addends = value, []
+        for kind, arg in events:
+            step, total = _column_sum(total, price(arg[0]) if kind == "sale" else arg)
+            text += step + " "
+    for addend in addends:
         step, total = _column_sum(total, addend)
         text += step + " "
     text += f"\\boxed{{{total}}}"
