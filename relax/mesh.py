@@ -21,6 +21,9 @@ model runs on any mesh; ``param_specs`` reports which. Two profiles of the table
                matmuls need no gather of weights, only the usual tensor-parallel
                reductions.
 
+``relay_mesh`` is the mesh of one host's relay calls (``model`` as configured, the
+other local devices on ``data``); ``rows_sharding`` lays a batch's rows over it.
+
 What this module does not do: run anything. It builds meshes and shardings; the
 training step, the relay and ``relax plan`` place their arrays with them.
 """
@@ -200,6 +203,12 @@ def param_shardings(params, mesh: Mesh, profile: str = "train"):
     )
 
 
+def put_params(params, mesh: Mesh, profile: str = "serve"):
+    """`params` placed on `mesh` by `param_shardings` (once per run: a frozen model in the
+    relay is placed with "serve" and stays there)."""
+    return jax.device_put(params, param_shardings(params, mesh, profile))
+
+
 def opt_state_specs(optimizer, opt_state, params_specs):
     """Specs of an optax state `opt_state` (arrays or ShapeDtypeStructs) of `optimizer`:
     every params-shaped part (AdamW's mu, nu) takes the params' specs, the rest (step
@@ -227,6 +236,27 @@ def cache_specs(cache, mesh: Mesh):
     """Specs of a KV cache {"k", "v": [L, B, S, K, H]}: rows over data x fsdp, kv heads
     over model."""
     return jax.tree.map(lambda x: spec_for(x.shape, CACHE_AXES, mesh, "serve"), cache)
+
+
+def rows_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """NamedSharding of `rows_spec`: how a relay call's prompts and outputs are laid out."""
+    return NamedSharding(mesh, rows_spec(mesh, ndim))
+
+
+def relay_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
+    """The mesh of a relay call (rollouts, eval, filtering) on `devices` (default: this
+    process's): `config.model` devices per model replica, every other device on `data`.
+
+    A relay call is one host's: its rows are that host's share, so the mesh is built from
+    local devices whatever the training mesh spans; rows split over data x fsdp alike, so
+    `config.fsdp` only adds to the row split here."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    return make_mesh(MeshConfig(data=-1, fsdp=1, model=config.model), devices)
+
+
+def row_devices(mesh: Mesh) -> int:
+    """Devices a batch's rows are split over (data x fsdp)."""
+    return axis_size(mesh, ROWS)
 
 
 def describe(mesh: Mesh) -> str:
