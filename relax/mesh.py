@@ -243,15 +243,35 @@ def rows_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     return NamedSharding(mesh, rows_spec(mesh, ndim))
 
 
-def relay_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
+def relay_mesh(config: MeshConfig = MeshConfig(), devices=None, rows: int | None = None) -> Mesh:
     """The mesh of a relay call (rollouts, eval, filtering) on `devices` (default: this
-    process's): `config.model` devices per model replica, every other device on `data`.
+    process's): `config.model` devices per model replica, the others on `data`.
 
     A relay call is one host's: its rows are that host's share, so the mesh is built from
     local devices whatever the training mesh spans; rows split over data x fsdp alike, so
-    `config.fsdp` only adds to the row split here."""
+    `config.fsdp` only adds to the row split here. `rows`: the call's row count; the mesh
+    then takes the most row devices that divide it (the rest stay idle)."""
     devices = list(jax.local_devices() if devices is None else devices)
-    return make_mesh(MeshConfig(data=-1, fsdp=1, model=config.model), devices)
+    model = config.model if config.model != -1 else len(devices)
+    if len(devices) % model:
+        raise ValueError(f"mesh.model={model} does not divide the {len(devices)} devices")
+    replicas = len(devices) // model
+    if rows is not None:
+        replicas = math.gcd(replicas, rows)
+    return make_mesh(MeshConfig(data=replicas, fsdp=1, model=model), devices[: replicas * model])
+
+
+def put_served(model, params, mesh: Mesh):
+    """A frozen model's params placed for the relay: a relax `Model`'s by the "serve"
+    rules (`put_params`), any other model of the contract replicated (its parameter names
+    are not in `PARAM_AXES`)."""
+    from relax.models import Model
+
+    if params is None:
+        return None
+    if isinstance(model, Model):
+        return put_params(params, mesh, "serve")
+    return jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
 
 
 def row_devices(mesh: Mesh) -> int:

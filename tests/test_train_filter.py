@@ -82,6 +82,24 @@ def test_filter_samples_with_the_teachers_temperature(tmp_path):
     assert samples(0.7) == samples(0.7) and samples(0.7) != samples(2.0)
 
 
+def test_filter_with_a_tensor_parallel_teacher(tmp_path):
+    """mesh.model=2 (the teacher's 4 heads, 2 kv heads, MLP and vocabulary over two devices,
+    rows over the other two) samples what the data-parallel filter samples."""
+    from relax.mesh import MeshConfig
+
+    tok = relax.load_tokenizer(save_tokenizer(str(tmp_path / "tok")))
+    model, params = tiny_model()
+    problems = [{"question": f"Ann has {i} coins.", "answer": "1"} for i in range(2)]
+
+    def samples(mesh):
+        seen = []
+        cfg = FilterConfig(k=4, batch_size=2, max_new_tokens=6, output="", mesh=mesh)
+        pass_rates(model, params, tok, problems, cfg, lambda t, a: seen.append(t), progress=False)
+        return seen
+
+    assert samples(MeshConfig(model=2)) == samples(MeshConfig())
+
+
 def test_self_solutions_keeps_graded_correct(tmp_path):
     """The warm-up source: the SLM's own samples, kept when the grader says correct."""
     from relax.relay.config import RelayConfig, SamplingConfig

@@ -449,15 +449,17 @@ class RelayDecoder:
 
 
 def _rows_sharding(prompts):
-    """The row layout of concrete prompts sharded over a mesh axis, else None."""
+    """The row layout of concrete prompts sharded over a mesh axis (or replicated over a mesh
+    with a `model` axis: the caches still split by kv head), else None."""
     if isinstance(prompts, jax.core.Tracer) or not isinstance(prompts, jax.Array):
         return None
     sharding = prompts.sharding
-    if not isinstance(sharding, jax.sharding.NamedSharding) or not sharding.spec:
+    if not isinstance(sharding, jax.sharding.NamedSharding) or sharding.mesh.size == 1:
         return None
-    if sharding.spec[0] is None:
-        return None
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(sharding.spec[0]))
+    lead = sharding.spec[0] if sharding.spec else None
+    if lead is None and sharding.mesh.shape.get("model", 1) == 1:
+        return None  # replicated rows and no model axis: nothing to lay out
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(lead))
 
 
 def _cache_sharding(model, rows):
