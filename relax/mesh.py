@@ -21,6 +21,9 @@ model runs on any mesh; ``param_specs`` reports which. Two profiles of the table
                matmuls need no gather of weights, only the usual tensor-parallel
                reductions.
 
+``relay_mesh`` is the mesh of one host's relay calls (``model`` as configured, the
+other local devices on ``data``); ``rows_sharding`` lays a batch's rows over it.
+
 What this module does not do: run anything. It builds meshes and shardings; the
 training step, the relay and ``relax plan`` place their arrays with them.
 """
@@ -200,6 +203,12 @@ def param_shardings(params, mesh: Mesh, profile: str = "train"):
     )
 
 
+def put_params(params, mesh: Mesh, profile: str = "serve"):
+    """`params` placed on `mesh` by `param_shardings` (once per run: a frozen model in the
+    relay is placed with "serve" and stays there)."""
+    return jax.device_put(params, param_shardings(params, mesh, profile))
+
+
 def opt_state_specs(optimizer, opt_state, params_specs):
     """Specs of an optax state `opt_state` (arrays or ShapeDtypeStructs) of `optimizer`:
     every params-shaped part (AdamW's mu, nu) takes the params' specs, the rest (step
@@ -227,6 +236,47 @@ def cache_specs(cache, mesh: Mesh):
     """Specs of a KV cache {"k", "v": [L, B, K, S, H]}: rows over data x fsdp, kv heads
     over model."""
     return jax.tree.map(lambda x: spec_for(x.shape, CACHE_AXES, mesh, "serve"), cache)
+
+
+def rows_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """NamedSharding of `rows_spec`: how a relay call's prompts and outputs are laid out."""
+    return NamedSharding(mesh, rows_spec(mesh, ndim))
+
+
+def relay_mesh(config: MeshConfig = MeshConfig(), devices=None, rows: int | None = None) -> Mesh:
+    """The mesh of a relay call (rollouts, eval, filtering) on `devices` (default: this
+    process's): `config.model` devices per model replica, the others on `data`.
+
+    A relay call is one host's: its rows are that host's share, so the mesh is built from
+    local devices whatever the training mesh spans; rows split over data x fsdp alike, so
+    `config.fsdp` only adds to the row split here. `rows`: the call's row count; the mesh
+    then takes the most row devices that divide it (the rest stay idle)."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    model = config.model if config.model != -1 else len(devices)
+    if len(devices) % model:
+        raise ValueError(f"mesh.model={model} does not divide the {len(devices)} devices")
+    replicas = len(devices) // model
+    if rows is not None:
+        replicas = math.gcd(replicas, rows)
+    return make_mesh(MeshConfig(data=replicas, fsdp=1, model=model), devices[: replicas * model])
+
+
+def put_served(model, params, mesh: Mesh):
+    """A frozen model's params placed for the relay: a relax `Model`'s by the "serve"
+    rules (`put_params`), any other model of the contract replicated (its parameter names
+    are not in `PARAM_AXES`)."""
+    from relax.models import Model
+
+    if params is None:
+        return None
+    if isinstance(model, Model):
+        return put_params(params, mesh, "serve")
+    return jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+
+
+def row_devices(mesh: Mesh) -> int:
+    """Devices a batch's rows are split over (data x fsdp)."""
+    return axis_size(mesh, ROWS)
 
 
 def describe(mesh: Mesh) -> str:

@@ -132,6 +132,7 @@ def relay(batch=16, prompt=1024, budget=8192, small=False):
     caches = abstract_cache(slm, batch, slots), abstract_cache(llm, batch, slots)
     lowered = _run.lower(
         loop,
+        None,  # layout: one device
         slm.param_shapes(),
         llm.param_shapes(),
         tables,

@@ -486,3 +486,12 @@ def test_prompts_on_the_qwen3_tokenizer():
     assert "Options:\nA. 4\nB. 6\nC. 7\n" + INSTRUCTION in mc_text
     thinking = tok.decode(encode_prompts(tok, ["What is 1+1?"], enable_thinking=True)[0])
     assert thinking.endswith("<|im_start|>assistant\n")
+
+
+def test_tensor_parallel_eval_equals_one_device(setup, relay_records):
+    """mesh.model=2 on 4 devices: the teacher's heads, MLP and vocabulary split over two
+    devices, rows over the other two; the same records as one device."""
+    from relax.mesh import MeshConfig
+
+    cfg = dataclasses.replace(setup["cfg"], mesh=MeshConfig(model=2))
+    assert _run(setup, "relay", cfg=cfg, devices=jax.devices()) == relay_records

@@ -207,3 +207,36 @@ def test_train_grpo_with_chunked_bf16_relay_rollouts(setup, tmp_path):
         assert abs(r["ratio"] - 1.0) < 1e-5 and r["skipped"] == 0
         assert r["train_width"] == 16 + RELAY.max_new_tokens - 1  # prompts padded to 16; < 128
         assert np.isfinite(r["entropy"]) and r["entropy"] > 0
+
+
+def test_train_grpo_with_tensor_parallel_rollouts(setup, tmp_path):
+    """mesh.model=2: the teacher and the student's bf16 rollout copy split over two devices
+    (heads, MLP, vocabulary; caches by kv head) give the data-parallel run's step."""
+    from relax.train.config import load_config
+    from relax.train.grpo_train import train_grpo
+    from relax.train.metrics import read_metrics
+
+    slm, params, llm_params, prompts, lens, rollout = setup
+    problems = [{"question": prompts[i, : lens[i]].tolist()} for i in range(4)]
+
+    def one_step(out, *mesh):
+        cfg = load_config(
+            GRPOConfig,
+            overrides=[
+                "group_size=2", "prompts_per_step=4", "mini_batch_prompts=4", "steps=1",
+                f"relay.slm.temperature={TEMP}", "rollout_batch_size=4", "rollout_dtype=bfloat16",
+                "run.num_devices=2", "run.micro_batch_size=2", "run.logprob_chunk=16",
+                "run.checkpoint_every=0", f"run.output_dir={out}", "reward=accuracy", *mesh,
+            ],
+        )  # fmt: skip
+        train_grpo(
+            slm, params, problems, cfg, rollout, lambda ids, ex: 3 in ids, lambda p: p["question"],
+            llm_params=llm_params, progress=False,
+        )  # fmt: skip
+        (row,) = read_metrics(str(out))
+        return row
+
+    tp, dp = one_step(tmp_path / "tp", "mesh.model=2"), one_step(tmp_path / "dp")
+    for k in ("reward", "accuracy", "call_rate", "llm_token_share", "response_tokens"):
+        assert tp[k] == dp[k], k
+    np.testing.assert_allclose(tp["loss"], dp["loss"], rtol=1e-6)

@@ -105,3 +105,21 @@ def test_architecture_resolution(tmp_path):
     assert resolve("", {"num_layers": 3}, "sft.model")[0].num_layers == 3
     with pytest.raises(PlanError, match="sft.model: no architecture"):
         resolve("runs/nothing/final", None, "sft.model")
+
+
+def test_mesh_splits_the_relay_per_device():
+    """`--mesh model=2` on 4 devices: the rollout relay's weights split over two devices
+    (tensor parallel) and its caches by rows and kv head, on a mesh the report names.
+    Per device: below the one-device plan in all, below the data-parallel plan in
+    arguments (the weights; the caches are split four ways in both)."""
+    plan = lambda n, mesh=None: cli.plan_preset(
+        "configs/train-tiny.yaml", [TINY_LLM], devices=n, only={"rollout relay"}, mesh=mesh
+    )["programs"][0]
+    dp, tp, single = plan(4), plan(4, "model=2"), plan(1)  # 4 first: it sets the count
+    assert "error" not in tp, tp
+    assert dp["mesh"] == "data=4 fsdp=1 model=1" and tp["mesh"] == "data=2 fsdp=1 model=2"
+    assert "64 rows (16 / row shard)" in dp["shapes"] and "(32 / row shard)" in tp["shapes"]
+    assert tp["total_bytes"] < single["total_bytes"] / 2
+    assert tp["argument_bytes"] < 0.6 * dp["argument_bytes"]
+    with pytest.raises(SystemExit, match="expected data=N"):
+        cli.plan_preset("configs/train-tiny.yaml", [TINY_LLM], devices=4, mesh="tp=2")

@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import relax
+import relax.mesh
 from relax.relay.config import GREEDY
 from relax.relay.decoder import INVALID, RelayDecoder
 from tests.test_relay_random import CONFIG, V, check_same, setup  # noqa: F401  (fixture)
@@ -136,3 +137,89 @@ def test_invalid_rows_under_tracing_end_alone(batch):
         )
     with pytest.raises(relax.errors.InputError, match="row 5, slot 0"):
         decoder.validate(sp, lp, np.where(bad_lens[:, None] > 0, bad_prompts, 1), lens)
+
+
+# Tensor parallelism: the teacher's and the student's weights split over `model` by the
+# "serve" profile (heads, MLP width, vocabulary), the KV caches by kv head, rows over data.
+
+
+def serve_params(params, mesh):
+    """The Biased wrapper's params as a run places them: its Model's by the "serve" rules,
+    the two bias tables replicated."""
+    rep = NamedSharding(mesh, P())
+    return {
+        "inner": relax.mesh.put_params(params["inner"], mesh, "serve"),
+        "bias": jax.device_put(params["bias"], rep),
+        "follow": jax.device_put(params["follow"], rep),
+    }
+
+
+def test_tensor_parallel_relay_equals_unsharded(batch):
+    """data=2 x model=2: same tokens as the one-device call, row for row (sampled), with the
+    teacher's weights and both caches really split."""
+    decoder, sp, lp, prompts, lens, plain = batch
+    mesh = relax.mesh.make_mesh(relax.mesh.MeshConfig(data=2, model=2), jax.devices()[:4])
+    rows = relax.mesh.rows_sharding(mesh)
+    sps, lps = serve_params(sp, mesh), serve_params(lp, mesh)
+    # q [L, D, N, H]: heads over model; down [L, F, D]: MLP width over model; vocab too.
+    layers = lps["inner"]["layers"]
+    assert {s.data.shape for s in layers["q"].addressable_shards} == {(2, 32, 2, 8)}
+    assert {s.data.shape for s in layers["down"].addressable_shards} == {(2, 32, 32)}
+    assert {s.data.shape for s in lps["inner"]["embed"].addressable_shards} == {(V // 2, 32)}
+    out = relax.relay_generate(
+        decoder.slm, sps, decoder.llm, lps, jax.device_put(prompts, rows),
+        jax.device_put(lens, rows), jax.random.key(3), decoder.config, decoder.command,
+        rows=rows,
+    )  # fmt: skip
+    check_same(out, plain)
+    args = dataclasses.replace(decoder, rows=rows).arguments(sps, lps, prompts, lens, key=None)
+    for cache in args[8:10]:  # [L, B, S, K, H]: rows over data, kv heads over model
+        assert cache["k"].sharding.spec == P(None, "data", None, "model")
+        assert {s.data.shape[1::2] for s in cache["k"].addressable_shards} == {(4, 1)}
+
+
+def test_tensor_parallel_chunked_rollout_greedy(batch):
+    """The rollout path (make_relay_rollout, chunked_rollout in two calls of 4 rows) on
+    data=2 x model=2 equals one unsharded greedy call."""
+    from relax.train.rollout import chunked_rollout, make_relay_rollout
+
+    decoder, sp, lp, prompts, lens, _ = batch
+    cfg = dataclasses.replace(CONFIG, slm=GREEDY, llm=GREEDY)
+    want = RelayDecoder(decoder.slm, decoder.llm, cfg, decoder.command)(
+        sp, lp, prompts, lens, jax.random.key(0)
+    )
+    mesh = relax.mesh.make_mesh(relax.mesh.MeshConfig(data=2, model=2), jax.devices()[:4])
+    rows = relax.mesh.rows_sharding(mesh)
+    rollout = make_relay_rollout(decoder.slm, decoder.llm, cfg, decoder.command, rows=rows)
+    put = lambda x: jax.device_put(x, rows)
+    sps, lps = serve_params(sp, mesh), serve_params(lp, mesh)
+    got = chunked_rollout(rollout, sps, lps, prompts, lens, jax.random.key(0), 4, put=put)
+    check_same(got, want)
+
+
+def test_model_parallel_over_four_devices():
+    """model=4 (kv heads 4: one per device), rows whole: the chunked sampled rollout equals
+    the unsharded call."""
+    from relax.relay.command import CallCommand
+    from relax.train.rollout import chunked_rollout, make_relay_rollout
+    from tests.test_relay_random import TEXTS, make
+
+    slm, sp = make(jax.random.PRNGKey(5), 1, 32, kv_heads=4)
+    llm, lp = make(jax.random.PRNGKey(6), 2, 32, kv_heads=4)
+    rng = np.random.RandomState(1)
+    lens = rng.randint(1, 8, size=8).astype(np.int32)
+    prompts = np.where(np.arange(7) < lens[:, None], rng.randint(12, V, size=(8, 7)), 0)
+    command = CallCommand.from_token_texts(TEXTS[:-1], max_n=1000)
+    want = relax.relay_generate(slm, sp, llm, lp, prompts, lens, jax.random.key(9), CONFIG, command)
+    assert int(np.asarray(want.llm_tokens).sum()) > 0
+    mesh = relax.mesh.make_mesh(relax.mesh.MeshConfig(data=1, model=4), jax.devices()[:4])
+    rows = relax.mesh.rows_sharding(mesh)
+    assert rows.spec == P(None)
+    lps = serve_params(lp, mesh)
+    assert {s.data.shape for s in lps["inner"]["layers"]["k"].addressable_shards} == {(2, 32, 1, 8)}
+    rollout = make_relay_rollout(slm, llm, CONFIG, command, rows=rows)
+    put = lambda x: jax.device_put(x, rows)
+    got = chunked_rollout(
+        rollout, serve_params(sp, mesh), lps, prompts, lens, jax.random.key(9), 4, put=put
+    )
+    check_same(got, want)

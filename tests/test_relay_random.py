@@ -61,11 +61,15 @@ class Biased:
         logits, cache = self.inner.apply(params["inner"], tokens, positions, cache)
         return self.scale * logits + params["bias"] + params["follow"][tokens], cache
 
+    def cache_sharding(self, rows):
+        return self.inner.cache_sharding(rows)
 
-def make(key, layers, hidden):
+
+def make(key, layers, hidden, kv_heads=2):
     cfg = ModelConfig(
         family="qwen3", vocab_size=V, hidden_size=hidden, intermediate_size=2 * hidden,
-        num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=hidden // 4, tie_embeddings=False,
+        num_layers=layers, num_heads=4, num_kv_heads=kv_heads, head_dim=hidden // 4,
+        tie_embeddings=False,
     )  # fmt: skip
     model = Model(cfg, dtype=jnp.float32)
     bias = np.zeros(V, np.float32)

@@ -66,20 +66,31 @@ def test_filter_keeps_problems_above_threshold(tmp_path):
     ] == ["yes", "yes"]
 
 
-def test_filter_samples_with_the_teachers_temperature(tmp_path):
-    """FilterConfig.temperature is the teacher's sampling: changing it changes the samples."""
+def teacher_samples(tmp_path, **cfg):
+    """The texts the filter grades for two problems x k = 4 with FilterConfig(**cfg)."""
     tok = relax.load_tokenizer(save_tokenizer(str(tmp_path / "tok")))
     model, params = tiny_model()
     problems = [{"question": f"Ann has {i} coins.", "answer": "1"} for i in range(2)]
+    seen = []
+    cfg = FilterConfig(k=4, batch_size=2, max_new_tokens=6, output="", **cfg)
+    pass_rates(model, params, tok, problems, cfg, lambda t, a: seen.append(t), progress=False)
+    return seen
 
-    def samples(temperature):
-        seen = []
-        cfg = FilterConfig(k=4, batch_size=2, max_new_tokens=6, output="", temperature=temperature)
-        pass_rates(model, params, tok, problems, cfg, lambda t, a: seen.append(t), progress=False)
-        return seen
 
+def test_filter_samples_with_the_teachers_temperature(tmp_path):
+    """FilterConfig.temperature is the teacher's sampling: changing it changes the samples."""
+    samples = lambda t: teacher_samples(tmp_path, temperature=t)
     assert len(samples(0.7)) == 8
     assert samples(0.7) == samples(0.7) and samples(0.7) != samples(2.0)
+
+
+def test_filter_with_a_tensor_parallel_teacher(tmp_path):
+    """mesh.model=2 (the teacher's 4 heads, 2 kv heads, MLP and vocabulary over two devices,
+    rows over the other two) samples what the data-parallel filter samples."""
+    from relax.mesh import MeshConfig
+
+    tp = teacher_samples(tmp_path, mesh=MeshConfig(model=2))
+    assert tp == teacher_samples(tmp_path, mesh=MeshConfig())
 
 
 def test_self_solutions_keeps_graded_correct(tmp_path):

@@ -24,9 +24,11 @@ Batching: the samples of a benchmark (a problem repeated `repeats` times for
 avg@k) are cut into fixed chunks of `batch_size` rows, chunk c decoded with
 key fold_in(key(seed, benchmark), c) by the jitted decoder with its rows
 sharded over the local devices (one SPMD program, compiled once; each device
-decodes batch_size / D rows). The chunking does not depend on D, so 1 device
-and 4 devices give identical results. Prompts are padded to a multiple of
-`prompt_bucket` so a benchmark compiles once per strategy.
+decodes batch_size / D rows). With `mesh.model` > 1 the models' weights and KV
+caches are split over `model` devices (tensor parallel, relax.mesh "serve";
+placed once per run) and the rows over the rest. The chunking does not depend
+on the mesh, so 1 device and 4 devices give identical results. Prompts are
+padded to a multiple of `prompt_bucket` so a benchmark compiles once per strategy.
 
 Entry points: `evaluate(...) -> {"summary", "records", "config"}` and
 `run_strategy(...) -> [record]`; `relax.eval.report.write_report` writes files.
@@ -45,7 +47,7 @@ import numpy as np
 from relax.data.grading import grade
 from relax.data.loaders import Benchmark, Problem
 from relax.eval import metrics
-from relax.mesh import MeshConfig
+from relax.mesh import MeshConfig, put_served
 from relax.relay.config import RelayConfig
 from relax.tokenizer import build_prompt
 
@@ -64,7 +66,7 @@ __all__ = [
 class EvalConfig:
     """How an evaluation runs. `relay` carries budgets, sampling, eos and pad."""
 
-    relay: RelayConfig = RelayConfig()
+    relay: RelayConfig = dataclasses.field(default_factory=RelayConfig)
     """Decoding: max_new_tokens, call limits, sampling per model (`slm`, `llm`), eos_ids,
     pad_id (`relax eval` sets these two from the tokenizer unless told otherwise)."""
     batch_size: int = 16
@@ -88,7 +90,7 @@ class EvalConfig:
     """entropy_router: tokens the LLM writes per trigger."""
     progress: bool = True
     """tqdm progress bars."""
-    mesh: MeshConfig = MeshConfig()
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     """The device mesh (relax.mesh): rows over data x fsdp, models over model."""
 
     def __post_init__(self):
@@ -246,26 +248,24 @@ _OUT_FIELDS = (
 )
 
 
-def _decode_samples(fn, prompts, lens, base_key, slm_params, llm_params, cfg, devices, desc):
+def _decode_samples(fn, prompts, lens, base_key, slm_params, llm_params, cfg, mesh, desc):
     """Run decoder `fn` over all rows in fixed chunks of cfg.batch_size; numpy arrays of _OUT_FIELDS.
 
     Chunk c is decoded with key fold_in(base_key, c), its rows sharded over
-    the devices (jit with a batch-sharded input: one compiled SPMD program,
-    each device decoding batch_size / D rows). The chunks, their keys and
-    each row's computation do not depend on D, so neither do the results.
-    D is the largest device count that divides batch_size.
+    the mesh's row devices (jit with a batch-sharded input: one compiled SPMD
+    program, each device decoding batch_size / D rows of its model shard) and
+    the params as `_eval_mesh` placed them. The chunks, their keys and each
+    row's computation do not depend on the mesh, so neither do the results.
     """
-    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
+
+    from relax.mesh import rows_sharding
 
     n = prompts.shape[0]
     bs = cfg.batch_size
     n_chunks = max(1, math.ceil(n / bs))
-    D = math.gcd(len(devices), bs)
-    mesh = Mesh(np.array(devices[:D]), ("data",))
-    rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    sp = jax.device_put(slm_params, replicated) if slm_params is not None else None
-    lp = jax.device_put(llm_params, replicated) if llm_params is not None else None
+    rows, replicated = rows_sharding(mesh), NamedSharding(mesh, P())
     # Pad the rows to whole chunks with copies of row 0 (dropped afterwards).
     idx = np.concatenate([np.arange(n), np.zeros(n_chunks * bs - n, np.int64)])
     pr, ln = prompts[idx].reshape(n_chunks, bs, -1), lens[idx].reshape(n_chunks, bs)
@@ -277,9 +277,19 @@ def _decode_samples(fn, prompts, lens, base_key, slm_params, llm_params, cfg, de
     outs = []
     for c in chunks:
         key = jax.device_put(jax.random.fold_in(base_key, c), replicated)
-        out = fn(sp, lp, jax.device_put(pr[c], rows), jax.device_put(ln[c], rows), key)
+        out = fn(
+            slm_params, llm_params, jax.device_put(pr[c], rows), jax.device_put(ln[c], rows), key
+        )
         outs.append({f: np.asarray(getattr(out, f)) for f in _OUT_FIELDS})
     return {f: np.concatenate([o[f] for o in outs])[:n] for f in _OUT_FIELDS}
+
+
+def _eval_mesh(cfg, devices):
+    """The mesh of eval's relay calls: `cfg.mesh.model` devices per model replica (tensor
+    parallel), rows over the most replicas that divide `batch_size`."""
+    from relax.mesh import relay_mesh
+
+    return relay_mesh(cfg.mesh, devices, rows=cfg.batch_size)
 
 
 def _bench_key(seed, name, tag=0):
@@ -290,35 +300,35 @@ def _bench_key(seed, name, tag=0):
 def _costs(writer, resp, read, out, i):
     """A record's token counters: one model wrote everything, or the relay's counters."""
     if writer == "llm":  # the LLM alone wrote everything
-        return dict(
-            slm_tokens=0,
-            command_tokens=0,
-            llm_tokens=resp,
-            calls=0,
-            llm_prefill_tokens=read,
-            slm_processed=0,
-            llm_processed=read,
-        )
+        return {
+            "slm_tokens": 0,
+            "command_tokens": 0,
+            "llm_tokens": resp,
+            "calls": 0,
+            "llm_prefill_tokens": read,
+            "slm_processed": 0,
+            "llm_processed": read,
+        }
     if writer == "slm":
-        return dict(
-            slm_tokens=resp,
-            command_tokens=0,
-            llm_tokens=0,
-            calls=0,
-            llm_prefill_tokens=0,
-            slm_processed=read,
-            llm_processed=0,
-        )
+        return {
+            "slm_tokens": resp,
+            "command_tokens": 0,
+            "llm_tokens": 0,
+            "calls": 0,
+            "llm_prefill_tokens": 0,
+            "slm_processed": read,
+            "llm_processed": 0,
+        }
     pre = int(out["llm_prefill_tokens"][i])  # everything the LLM ingested
-    return dict(
-        slm_tokens=int(out["slm_tokens"][i]),
-        command_tokens=int(out["command_tokens"][i]),
-        llm_tokens=int(out["llm_tokens"][i]),
-        calls=int(out["calls"][i]),
-        llm_prefill_tokens=pre,
-        slm_processed=read,
-        llm_processed=pre,
-    )
+    return {
+        "slm_tokens": int(out["slm_tokens"][i]),
+        "command_tokens": int(out["command_tokens"][i]),
+        "llm_tokens": int(out["llm_tokens"][i]),
+        "calls": int(out["calls"][i]),
+        "llm_prefill_tokens": pre,
+        "slm_processed": read,
+        "llm_processed": pre,
+    }
 
 
 def _records(label, bench_name, samples, out, prompt_lens, tokenizer, writers):
@@ -400,14 +410,22 @@ def run_strategy(
     parts = _parts(kind)
     if command is None and any(s.command for s in parts):
         command = _command(tokenizer)
+    mesh = _eval_mesh(cfg, devices)
+    on_mesh = {}
+
+    def placed(name, model, p):
+        if name not in on_mesh:
+            on_mesh[name] = put_served(model, p, mesh)
+        return on_mesh[name]
+
     fns, params = {}, {}
     for s in parts:
         s_cfg = dataclasses.replace(cfg, relay=s.relay(cfg.relay, cfg))
         fns[s.name] = s.decoder(slm, llm, s_cfg, command)
-        # only the params this decoder reads are placed on the devices
+        # only the params this decoder reads are placed on the devices, once
         params[s.name] = (
-            slm_params if "slm" in s.models else None,
-            llm_params if "llm" in s.models else None,
+            placed("slm", slm, slm_params) if "slm" in s.models else None,
+            placed("llm", llm, llm_params) if "llm" in s.models else None,
         )
     p_route = cfg.router_p if router_p is None else router_p
     if p_route is None:
@@ -423,7 +441,7 @@ def run_strategy(
         width = cfg.prompt_bucket * math.ceil(max(len(x) for x in ids) / cfg.prompt_bucket)
         prompts, lens = _pad(ids, width, cfg.relay.pad_id)
         desc = f"{label}/{bench.name}"
-        common = dict(cfg=cfg, devices=devices)
+        common = {"cfg": cfg, "mesh": mesh}
         writers = [strategy.writer] * len(samples)
         if strategy.route:
             rng = np.random.default_rng([cfg.seed, zlib.crc32(bench.name.encode())])
@@ -490,7 +508,7 @@ def evaluate(
         command = _command(tokenizer)  # once for all strategies
     records, router_used, fixed_used = {}, {}, {}
     for label, kind, over in specs:
-        kw = dict(slm=slm, slm_params=slm_params, llm=llm, llm_params=llm_params)
+        kw = {"slm": slm, "slm_params": slm_params, "llm": llm, "llm_params": llm_params}
         kw.update(over)
         router_p = None
         routed = bool(STRATEGIES[kind].route)

@@ -70,11 +70,18 @@ class Model:
 
     def cache_sharding(self, rows):
         """Shardings of the cache `init_cache` makes, with its batch axis laid out as `rows`
-        (a NamedSharding of [B]-leading arrays, e.g. rows over a mesh's data axis)."""
+        (a NamedSharding of [B]-leading arrays, e.g. `relax.mesh.rows_sharding(mesh)`) and,
+        on a relax mesh with a `model` axis, its kv heads split over it when they divide
+        (relax.mesh `RULES`, "serve"): each device then holds its rows' caches of its heads,
+        the heads its tensor-parallel shard of the attention weights computes."""
         from jax.sharding import NamedSharding, PartitionSpec
 
-        spec = PartitionSpec(None, rows.spec[0] if len(rows.spec) else None)
-        return {k: NamedSharding(rows.mesh, spec) for k in ("k", "v")}
+        from relax.mesh import spec_for
+
+        mesh = rows.mesh
+        heads = spec_for((self.config.num_kv_heads,), ("kv_heads",), mesh, "serve")[0]
+        spec = PartitionSpec(None, rows.spec[0] if len(rows.spec) else None, None, heads)
+        return {k: NamedSharding(mesh, spec) for k in ("k", "v")}
 
     def apply(
         self, params: Params, tokens: jax.Array, positions: jax.Array, cache: Cache | None

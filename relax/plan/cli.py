@@ -4,7 +4,9 @@
 
 Every program the preset's stages run (SFT step, GRPO update, old/ref log-probs, rollout
 relay call, eval relay call, filter generate) is lowered and compiled for N fake CPU
-devices on `jax.ShapeDtypeStruct` inputs at the preset's shapes: nothing is allocated
+devices on `jax.ShapeDtypeStruct` inputs at the preset's shapes, placed on each stage's
+`mesh:` (`--mesh data=1,fsdp=2,model=4` for every stage, `grpo.mesh.model=4` for one;
+see relax.plan.programs for the placements): nothing is allocated
 and no weights are read, so it runs on a laptop for 8B-sized models. Per program it
 prints XLA's `memory_analysis()` per device (arguments, temporaries, outputs; total =
 their sum minus donated aliases), whether that fits in `--device-memory`, the FLOPs and
@@ -51,6 +53,11 @@ def _parser():
         help="eval settings YAML for the eval relay program ('' = no eval program)",
     )
     p.add_argument("--prompt-len", type=int, help="eval / filter prompt width")
+    p.add_argument(
+        "--mesh",
+        help="mesh of every stage, e.g. data=1,fsdp=2,model=4 (default: each section's "
+        "mesh:, itself all devices on data); one stage: grpo.mesh.model=4",
+    )
     p.add_argument("--only", help="comma-separated program names (default: all)")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     p.add_argument("overrides", nargs="*", help="section.key=value edits of the preset")
@@ -98,11 +105,28 @@ def _set_device_count(n):
     return jax.devices("cpu")[:n]
 
 
-def _load(preset, overrides):
+STAGES = ("sft", "grpo", "filter")
+
+
+def mesh_overrides(doc, mesh):
+    """`--mesh data=1,fsdp=2,model=4` as `section.mesh.axis=size` overrides of every stage
+    the preset has."""
+    items = [i.strip() for i in mesh.split(",") if i.strip()]
+    for item in items:
+        axis, _, size = item.partition("=")
+        if axis not in ("data", "fsdp", "model") or not size.lstrip("-").isdigit():
+            raise SystemExit(f"relax plan: --mesh {mesh!r}: expected data=N,fsdp=N,model=N")
+    return [f"{sec}.mesh.{item}" for sec in STAGES if doc.get(sec) is not None for item in items]
+
+
+def _load(preset, overrides, mesh=None):
     from relax.train.config import apply_overrides, read_yaml, resolve_preset
 
     preset = resolve_preset(preset, CONFIG_DIR)
-    return preset, apply_overrides(read_yaml(preset), overrides)
+    doc = read_yaml(preset)
+    if mesh:  # before the explicit overrides, which may refine one stage
+        doc = apply_overrides(doc, mesh_overrides(doc, mesh))
+    return preset, apply_overrides(doc, overrides)
 
 
 def plan_preset(
@@ -115,6 +139,7 @@ def plan_preset(
     prompt_len=None,
     only=None,
     log=None,
+    mesh=None,
 ):
     """The report of a preset: {"preset", "devices", "device", "device_memory", "programs",
     "all_fit"}. Each program row is `measure`'s, or {"name", "error", "fits": False}."""
@@ -126,7 +151,7 @@ def plan_preset(
     if dev is None:
         raise SystemExit(f"relax plan: unknown --device {device!r}")
     memory = parse_bytes(device_memory) if device_memory else int(dev.hbm_bytes)
-    path, doc = _load(preset, overrides)
+    path, doc = _load(preset, overrides, mesh)
     from relax.plan.arch import PlanError
 
     if "task" in doc:
@@ -188,6 +213,7 @@ def main(argv=None):
         args.prompt_len,
         only,
         log=lambda m: print(m, file=sys.stderr, flush=True),
+        mesh=args.mesh,
     )
     from relax.plan.report import format_table
 

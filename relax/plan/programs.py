@@ -7,22 +7,26 @@ as eval runs it, `relax.generate` as the filter runs it) and returns it with
 `jax.ShapeDtypeStruct` arguments at the preset's shapes (worst case: the longest
 sequence the preset allows). Nothing is allocated.
 
-Shapes follow the loops: pmapped programs take [devices, micro-batches, micro-batch
-size, ...] leaves; the rollout and eval relay are one SPMD call with rows sharded over
-the devices and params replicated; so is the filter's `relax.generate` call.
+Shapes and placements follow the loops, on each stage's `mesh` (relax.mesh) over the N
+devices: the SFT and GRPO updates and the log-prob forward are the mesh update step of
+relax.train.update (params, gradients and AdamW state by the "train" rules: the model
+width over `fsdp`, heads / MLP / vocabulary over `model`; [micro-batches, rows, ...]
+batches, rows over data x fsdp), or pmapped [devices, micro-batches, micro-batch size,
+...] where that module has only the pmapped step; the rollout, eval and filter relay
+calls run on `relax.mesh.relay_mesh` (`model` devices per model replica, tensor
+parallel by the "serve" rules, KV caches by rows and kv head; rows over the rest).
+XLA's `memory_analysis` of such a program is per device.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from relax.models import Model
 
@@ -36,6 +40,19 @@ class Program:
     """What was compiled, in words ("rows 1024 x 12288 slots")."""
     devices: int = 1
     """Devices one call spans: an SPMD program's global costs are divided by this."""
+    mesh: str = ""
+    """The mesh it runs on ("data=1 fsdp=2 model=4"), empty for a pmapped program."""
+
+
+def _mesh_name(mesh):
+    return " ".join(f"{a}={mesh.shape[a]}" for a in mesh.axis_names)
+
+
+def _placed(tree, shardings):
+    """Abstract `tree` with each leaf at its NamedSharding in `shardings` (a pytree like it)."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
 
 
 def _abstract(tree, sharding=None):
@@ -61,28 +78,77 @@ def _split(rows, n_dev, mbs, what):
     return rows // (n_dev * mbs)
 
 
-def _update(name, model, loss_fn, optim_cfg, n_dev, batch, shapes):
+def _sharded_update_api():
+    """The mesh update step of relax.train.update (`train_shardings`, `make_update_step(loss,
+    optimizer, state)`), or None where that module has only the pmapped step."""
+    from relax.train import update
+
+    return update if hasattr(update, "train_shardings") else None
+
+
+def _training_batch(keys_int, keys_float, rows, mbs, T, devices, mesh_cfg, what):
+    """(mesh or None, batch, shapes) of a training program's batch of `rows` rows.
+
+    On the mesh update: [M, R, T] leaves, R = mbs x the row devices (data x fsdp), rows
+    sharded over them. Else pmapped [devices, M, mbs, T] leaves."""
+    from relax import mesh as mesh_lib
+
+    api = _sharded_update_api()
+    if api is None:
+        if not mesh_cfg.is_data_parallel:
+            raise ValueError(
+                f"mesh {mesh_cfg} needs the mesh update step; relax.train.update here has "
+                "only the pmapped (data-parallel) one"
+            )
+        n_dev = len(devices)
+        m = _split(rows, n_dev, mbs, what)
+        batch = {k: _ints(n_dev, m, mbs, T) for k in keys_int}
+        batch.update({k: _floats(n_dev, m, mbs, T) for k in keys_float})
+        return None, batch, f"{m} x {mbs} rows x {T} tok / dev"
+    mesh = mesh_lib.make_mesh(mesh_cfg, devices)
+    r_dev = mesh_lib.row_devices(mesh)
+    m = _split(rows, r_dev, mbs, what)
+    sh = NamedSharding(mesh, api.batch_spec(mesh))
+    batch = {k: jax.ShapeDtypeStruct((m, mbs * r_dev, T), jnp.int32, sharding=sh) for k in keys_int}
+    for k in keys_float:
+        batch[k] = jax.ShapeDtypeStruct((m, mbs * r_dev, T), jnp.float32, sharding=sh)
+    return mesh, batch, f"{m} x {mbs} rows x {T} tok / row shard"
+
+
+def _update(name, model, loss_fn, optim_cfg, devices, mesh_cfg, rows, mbs, T, floats, what):
+    """The update step of `loss_fn`: on the mesh (params, grads and AdamW state by the
+    "train" rules) when relax.train.update has it, else pmapped."""
     from relax.train.update import make_optimizer, make_update_step
 
     optimizer = make_optimizer(optim_cfg, 1000)
     params = model.param_shapes()
     opt_state = jax.eval_shape(optimizer.init, params)
-    step = make_update_step(loss_fn, optimizer)
-    return Program(name, step, (_stacked(params, n_dev), _stacked(opt_state, n_dev), batch), shapes)
+    ints = ("inputs", "positions", "targets")
+    mesh, batch, shapes = _training_batch(ints, floats, rows, mbs, T, devices, mesh_cfg, what)
+    if "advantages" in floats:  # [.., rows] per row, not per token
+        batch["advantages"] = jax.ShapeDtypeStruct(
+            batch["advantages"].shape[:-1], jnp.float32, sharding=batch["advantages"].sharding
+        )
+    if mesh is None:
+        n = len(devices)
+        step = make_update_step(loss_fn, optimizer)
+        args = (_stacked(params, n), _stacked(opt_state, n), batch)
+        return Program(name, step, args, shapes)
+    state = _sharded_update_api().train_shardings(mesh, params, optimizer)
+    step = make_update_step(loss_fn, optimizer, state)
+    args = (_placed(params, state.params), _placed(opt_state, state.opt_state), batch)
+    return Program(name, step, args, shapes, devices=mesh.size, mesh=_mesh_name(mesh))
 
 
-def sft_step(model: Model, cfg, n_dev: int) -> Program:
-    """`relax sft`'s pmapped update: batch_size rows of max_len - 1 tokens."""
+def sft_step(model: Model, cfg, devices) -> Program:
+    """`relax sft`'s update: batch_size rows of max_len - 1 tokens."""
     from relax.train.sft import make_sft_loss
 
-    mbs = cfg.run.micro_batch_size
-    m = _split(cfg.batch_size, n_dev, mbs, "sft.batch_size")
-    T = cfg.max_len - 1
-    batch = {k: _ints(n_dev, m, mbs, T) for k in ("inputs", "positions", "targets")}
-    batch["loss_mask"] = _floats(n_dev, m, mbs, T)
-    shapes = f"{m} x {mbs} rows x {T} tok / dev"
     loss = make_sft_loss(_train_model(model, cfg), cfg.run.logprob_chunk)
-    return _update("sft step", model, loss, cfg.optim, n_dev, batch, shapes)
+    return _update(
+        "sft step", model, loss, cfg.optim, devices, cfg.mesh, cfg.batch_size,
+        cfg.run.micro_batch_size, cfg.max_len - 1, ("loss_mask",), "sft.batch_size",
+    )  # fmt: skip
 
 
 def _train_model(model, cfg):
@@ -99,36 +165,44 @@ def _grpo_width(cfg):
     return prompt, prompt + cfg.relay.max_new_tokens  # a rollout row: the padded prompt + budget
 
 
-def grpo_update(model: Model, cfg, n_dev: int) -> Program:
-    """`relax grpo`'s pmapped update of one mini-batch (mini_batch_prompts x G rows)."""
+def grpo_update(model: Model, cfg, devices) -> Program:
+    """`relax grpo`'s update of one mini-batch (mini_batch_prompts x G rows)."""
     from relax.train.grpo_train import make_grpo_loss
 
-    mbs = cfg.run.micro_batch_size
-    m = _split(cfg.mini_batch_prompts * cfg.group_size, n_dev, mbs, "mini_batch_prompts x G")
-    T = _grpo_width(cfg)[1] - 1
-    batch = {k: _ints(n_dev, m, mbs, T) for k in ("inputs", "positions", "targets")}
-    for k in ("loss_mask", "old_logp", "ref_logp"):
-        batch[k] = _floats(n_dev, m, mbs, T)
-    batch["advantages"] = _floats(n_dev, m, mbs)
-    shapes = f"{m} x {mbs} rows x {T} tok / dev"
     loss = make_grpo_loss(_train_model(model, cfg), cfg)
-    return _update("grpo update", model, loss, cfg.optim, n_dev, batch, shapes)
+    floats = ("loss_mask", "old_logp", "ref_logp", "advantages")
+    return _update(
+        "grpo update", model, loss, cfg.optim, devices, cfg.mesh,
+        cfg.mini_batch_prompts * cfg.group_size, cfg.run.micro_batch_size,
+        _grpo_width(cfg)[1] - 1, floats, "mini_batch_prompts x G",
+    )  # fmt: skip
 
 
-def grpo_logprobs(model: Model, cfg, n_dev: int) -> Program:
+def grpo_logprobs(model: Model, cfg, devices) -> Program:
     """The old-policy / reference log-prob forward over a whole rollout step."""
     from relax.train.update import make_forward_logprobs
 
-    mbs = cfg.run.micro_batch_size
-    m = _split(cfg.prompts_per_step * cfg.group_size, n_dev, mbs, "prompts_per_step x G")
     T = _grpo_width(cfg)[1] - 1
-    batch = {k: _ints(n_dev, m, mbs, T) for k in ("inputs", "positions", "targets")}
-    params = _stacked(model.param_shapes(), n_dev)
-    shapes = f"{m} x {mbs} rows x {T} tok / dev"
-    fwd = make_forward_logprobs(
-        _train_model(model, cfg), cfg.relay.slm.temperature, cfg.run.logprob_chunk
+    rows = cfg.prompts_per_step * cfg.group_size
+    ints = ("inputs", "positions", "targets")
+    mbs = cfg.run.micro_batch_size
+    mesh, batch, shapes = _training_batch(
+        ints, (), rows, mbs, T, devices, cfg.mesh, "prompts_per_step x G"
     )
-    return Program("old/ref logprobs", fwd, (params, batch), shapes)
+    fwd_model = _train_model(model, cfg)
+    temp, chunk = cfg.relay.slm.temperature, cfg.run.logprob_chunk
+    if mesh is None:
+        fwd = make_forward_logprobs(fwd_model, temp, chunk)
+        params = _stacked(model.param_shapes(), len(devices))
+        return Program("old/ref logprobs", fwd, (params, batch), shapes)
+    api = _sharded_update_api()
+    from relax.train.update import make_optimizer
+
+    params = model.param_shapes()
+    state = api.train_shardings(mesh, params, make_optimizer(cfg.optim, 1000))
+    fwd = make_forward_logprobs(fwd_model, temp, chunk, mesh)
+    args = (_placed(params, state.params), batch)
+    return Program("old/ref logprobs", fwd, args, shapes, devices=mesh.size, mesh=_mesh_name(mesh))
 
 
 def _relay_call(slm, llm, relay_cfg, command, sampling=None, rows=None):
@@ -145,29 +219,37 @@ def _relay_call(slm, llm, relay_cfg, command, sampling=None, rows=None):
 
 
 def relay_program(
-    name, slm, sp, llm, lp, relay_cfg, command, rows, prompt_width, devices, sampling=None
-):
-    """One relay (or single-model, `llm` None, sampled with `sampling`) call of `rows` rows,
-    sharded over `devices`.
+    name, slm, sp, llm, lp, relay_cfg, command, rows, prompt_width, devices, mesh_cfg,
+    sampling=None,
+):  # fmt: skip
+    """One relay (or single-model, `llm` None, sampled with `sampling`) call of `rows` rows
+    on the relay mesh of `devices` (`relax.mesh.relay_mesh`: `mesh_cfg.model` devices per
+    model replica, rows over the most replicas that divide them), as the loops run it.
 
     The public path: the rollout function / `relax.generate` traced inside a jit, as the
-    relay decoder allows; its KV caches are that program's own buffers (temp).
+    relay decoder allows, on params placed by the "serve" rules (tensor parallel over
+    `model`); its KV caches are that program's own buffers (temp), split by rows and kv
+    head.
     """
-    mesh = Mesh(np.array(devices), ("data",))
-    row_sh = NamedSharding(mesh, PartitionSpec("data"))
+    from relax import mesh as mesh_lib
+
+    mesh = mesh_lib.relay_mesh(mesh_cfg, devices, rows=rows)
+    row_sh = mesh_lib.rows_sharding(mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     key = jax.eval_shape(lambda: jax.random.key(0))
+    serve = lambda p: _placed(p, mesh_lib.param_shardings(p, mesh, "serve"))
     args = (
-        _abstract(sp, replicated),
-        None if lp is None else _abstract(lp, replicated),
+        serve(sp),
+        None if lp is None else serve(lp),
         jax.ShapeDtypeStruct((rows, prompt_width), jnp.int32, sharding=row_sh),
         jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row_sh),
         jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
     )
     fn = jax.jit(_relay_call(slm, llm, relay_cfg, command, sampling, rows=row_sh))
     L = prompt_width + relay_cfg.max_new_tokens
-    shapes = f"{rows} rows x {L} slots / {len(devices)} dev"
-    return Program(name, fn, args, shapes, devices=len(devices))
+    per = rows // mesh_lib.row_devices(mesh)
+    shapes = f"{rows} rows ({per} / row shard) x {L} slots"
+    return Program(name, fn, args, shapes, devices=mesh.size, mesh=_mesh_name(mesh))
 
 
 def stand_in_command(vocab_size: int):
@@ -213,7 +295,6 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
     from relax.relay.config import RelayConfig
     from relax.train import config as config_lib
 
-    n = len(devices)
     out = []
     archs = {}  # path -> (arch, source): a later stage reading an earlier stage's model
 
@@ -242,15 +323,15 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
         a, src = arch(cfg.model, cfg.model_config, "sft.model")
         archs[cfg.run.output_dir] = (a, src)  # the SFT output has the SFT model's architecture
         model = Model(a, dtype=dtype(cfg.run.dtype))
-        add("sft step", lambda: sft_step(model, cfg, n), f"slm {src}")
+        add("sft step", lambda: sft_step(model, cfg, devices), f"slm {src}")
     grpo = None
     if doc.get("grpo") is not None:
         grpo = cfg = config_lib.from_dict(config_lib.GRPOConfig, doc["grpo"], "grpo.")
         sa, ssrc = arch(cfg.slm, cfg.model_config, "grpo.slm")
         la, lsrc = arch(cfg.llm, cfg.llm_config, "grpo.llm")
         slm = Model(sa, dtype=dtype(cfg.run.dtype))
-        add("grpo update", lambda: grpo_update(slm, cfg, n), f"slm {ssrc}")
-        add("old/ref logprobs", lambda: grpo_logprobs(slm, cfg, n), f"slm {ssrc}")
+        add("grpo update", lambda: grpo_update(slm, cfg, devices), f"slm {ssrc}")
+        add("old/ref logprobs", lambda: grpo_logprobs(slm, cfg, devices), f"slm {ssrc}")
         # The rollout's SLM dtype: `rollout_dtype` where the config has one, else the
         # trained params' dtype (today's rollout samples from the f32 master weights).
         r_slm = Model(sa, dtype=dtype(getattr(cfg, "rollout_dtype", "") or cfg.run.dtype))
@@ -275,6 +356,7 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
                 rows,
                 width,
                 devices,
+                cfg.mesh,
             ),
             f"slm {ssrc}; llm {lsrc}",
         )
@@ -284,7 +366,6 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
             def eval_program():
                 ecfg, bs, bucket = _eval_settings(eval_path, sa.vocab_size)
                 p = prompt_len or cfg.max_prompt_len
-                d = math.gcd(n, bs)  # as eval: the most devices that divide the batch
                 return relay_program(
                     "eval relay",
                     e_slm,
@@ -295,7 +376,8 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
                     command,
                     bs,
                     -(-p // bucket) * bucket,
-                    devices[:d],
+                    devices,
+                    cfg.mesh,  # eval runs on the GRPO stage's hardware and mesh
                 )
 
             add("eval relay", eval_program, f"bf16 slm {ssrc}; llm {lsrc}")
@@ -312,8 +394,6 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
             gen = RelayConfig(max_new_tokens=cfg_f.max_new_tokens, eos_ids=eos, pad_id=pad)
             p = prompt_len or (grpo.max_prompt_len if grpo else 1024)
             width = pad_prompts([[0] * p])[0].shape[1]
-            # `pass_rates` shards its rows over the largest device count dividing them.
-            n = math.gcd(len(devices), cfg_f.batch_size * cfg_f.k)
             return relay_program(
                 "filter generate",
                 teacher,
@@ -324,7 +404,8 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
                 None,
                 cfg_f.batch_size * cfg_f.k,
                 width,
-                devices[:n],
+                devices,
+                cfg_f.mesh,
                 sampling=teacher_sampling(cfg_f),
             )
 

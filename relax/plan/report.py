@@ -21,6 +21,7 @@ def measure(prog, device, memory):
     row = {
         "name": prog.name,
         "shapes": prog.shapes,
+        "mesh": prog.mesh,
         "argument_bytes": int(ma.argument_size_in_bytes),
         "temp_bytes": int(ma.temp_size_in_bytes),
         "output_bytes": int(ma.output_size_in_bytes),
@@ -48,6 +49,7 @@ def format_table(report):
     head = (
         "program",
         "shapes",
+        "mesh",
         "args",
         "temp",
         "out",
@@ -69,6 +71,7 @@ def format_table(report):
             (
                 r["name"],
                 r["shapes"],
+                r.get("mesh") or "pmap",
                 format_bytes(r["argument_bytes"]),
                 format_bytes(r["temp_bytes"]),
                 format_bytes(r["output_bytes"]),

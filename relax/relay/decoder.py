@@ -52,6 +52,20 @@ values are known there (`InputError` naming the row and slot), else on device
 (the row ends with finish reason INVALID). A prompt width + `max_new_tokens`
 past a model's `max_position_embeddings` only warns, once per model and width.
 
+On a device mesh (relax.mesh). Rows split over `data` x `fsdp`; each model's weights
+split over `model` by the "serve" rules (attention heads, MLP width, vocabulary: tensor
+parallelism), its KV cache by kv head over `model` as well, so a device holds its rows'
+cache of the heads its weight shard computes. A caller places the params once
+(`relax.mesh.put_params(params, mesh, "serve")`) and passes
+`rows=relax.mesh.rows_sharding(mesh)`; the caches are then made in that layout
+(`Model.cache_sharding`) and the loop state is pinned to it each iteration (`Layout`):
+XLA's SPMD partitioner inserts the reductions of each layer's matmuls. Tensor
+parallelism rather than FSDP-style weights gathered per layer because decode reads every
+weight once per token: FSDP would all-gather the whole teacher for every token written
+(16 GB for an 8B model in bf16), while tensor parallelism moves only [B, D] activations
+(two reductions a layer). Sampling draws are layout-invariant (partitionable threefry),
+so a sharded call gives the unsharded call's tokens row for row.
+
 Not done here: beam search, speculative decoding, stop strings other than EOS.
 """
 
@@ -116,13 +130,50 @@ class RelayOutput:
     LLM-visible token at most once."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a sharded call's loop state lives (static, hashable): the row layout of every
+    [B]-leading array and the shardings of the two caches, as (treedef, leaves) pairs."""
+
+    rows: jax.sharding.NamedSharding
+    slm_cache: tuple | None
+    llm_cache: tuple | None
+
+    @staticmethod
+    def frozen(tree):
+        if tree is None:
+            return None
+        leaves, treedef = jax.tree.flatten(tree)
+        return treedef, tuple(leaves)
+
+
+def _constrain(s: State, layout: Layout | None) -> State:
+    """The loop state pinned to `layout`. XLA's sharding propagation does not always carry
+    an input's layout through a while loop with conds inside; without the hint it may keep
+    a cache replicated or gather it per step. Rows stay with their device, caches by kv
+    head with the weights that write them."""
+    if layout is None:
+        return s
+    pin = jax.lax.with_sharding_constraint
+    out = {
+        f.name: pin(getattr(s, f.name), layout.rows)
+        for f in dataclasses.fields(s)
+        if f.name not in ("slm_cache", "llm_cache")
+    }
+    for name, sh in (("slm_cache", layout.slm_cache), ("llm_cache", layout.llm_cache)):
+        if sh is not None:
+            out[name] = pin(getattr(s, name), jax.tree.unflatten(*sh))
+    return s.replace(**out)
+
+
 # The caches are donated: they are the largest buffers of the run, and donating
 # them lets XLA update them in place inside the loop instead of keeping the
 # caller's (empty) copies alive next to the loop's. Inside a caller's jit the
 # donation is moot (the caches are that program's own buffers).
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(7, 8))
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(8, 9))
 def _run(
     loop: Loop,
+    layout: Layout | None,
     slm_params,
     llm_params,
     tables,
@@ -168,9 +219,10 @@ def _run(
         llm_prefill=zeros,
         row_ids=row_ids.astype(jnp.int32),
     )
+    s = _constrain(s, layout)
     s = jax.lax.while_loop(
         lambda s: jnp.any(s.phase != FINISHED),
-        lambda s: body(loop, slm_params, llm_params, tables, key, lens, s),
+        lambda s: _constrain(body(loop, slm_params, llm_params, tables, key, lens, s), layout),
         s,
     )
     count = lambda k: jnp.sum(s.source == k, axis=1).astype(jnp.int32)
@@ -310,10 +362,14 @@ class RelayDecoder:
     config: RelayConfig
     command: cmd.CallCommand | None = None
     rows: jax.sharding.NamedSharding | None = None
-    """How [B]-leading arrays are laid out (rows over a mesh axis). The KV caches are made
-    with their batch axis laid out the same way (models with `cache_sharding`), so no
-    device holds other devices' rows. Default: the prompts' own sharding when they are a
-    concrete row-sharded array; under tracing without it, XLA chooses (it may replicate)."""
+    """How [B]-leading arrays are laid out (rows over a mesh axis; on a relax mesh
+    `relax.mesh.rows_sharding(mesh)`). The KV caches are made with their batch axis laid
+    out the same way and, on a mesh with a `model` axis, their kv heads split over it
+    (models with `cache_sharding`), so no device holds other devices' rows or heads; the
+    loop state keeps that layout. Params are used where they are (place them once with
+    `relax.mesh.put_params(params, mesh, "serve")`). Default: the prompts' own sharding
+    when they are a concrete row-sharded array; under tracing without it, XLA chooses
+    (it may replicate)."""
 
     def __post_init__(self):
         if not isinstance(self.config, RelayConfig):
@@ -371,13 +427,21 @@ class RelayDecoder:
         )
         tables = self.command.device_tables(v) if relay else None
         rows = self.rows if self.rows is not None else _rows_sharding(prompts)
-        caches = (
-            _new_cache(self.slm, B, L, rows),
-            _new_cache(self.llm, B, L, rows) if relay else None,
+        shardings = (
+            _cache_sharding(self.slm, rows),
+            _cache_sharding(self.llm, rows) if relay else None,
         )
+        caches = (
+            _new_cache(self.slm, B, L, shardings[0]),
+            _new_cache(self.llm, B, L, shardings[1]) if relay else None,
+        )
+        layout = None
+        if rows is not None:
+            layout = Layout(rows, *(Layout.frozen(sh) for sh in shardings))
         if row_ids is None:
             row_ids = jnp.arange(B, dtype=jnp.int32)
-        return (loop, slm_params, llm_params, tables, prompts, prompt_lens, key, *caches, row_ids)
+        args = (slm_params, llm_params, tables, prompts, prompt_lens, key, *caches, row_ids)
+        return (loop, layout, *args)
 
     def __call__(self, slm_params, llm_params, prompts, prompt_lens, key, row_ids=None):
         args = self.arguments(slm_params, llm_params, prompts, prompt_lens, key, row_ids)
@@ -385,31 +449,41 @@ class RelayDecoder:
 
 
 def _rows_sharding(prompts):
-    """The row layout of concrete prompts sharded over a mesh axis, else None."""
+    """The row layout of concrete prompts sharded over a mesh axis (or replicated over a mesh
+    with a `model` axis: the caches still split by kv head), else None."""
     if isinstance(prompts, jax.core.Tracer) or not isinstance(prompts, jax.Array):
         return None
     sharding = prompts.sharding
-    if not isinstance(sharding, jax.sharding.NamedSharding) or not sharding.spec:
+    if not isinstance(sharding, jax.sharding.NamedSharding) or sharding.mesh.size == 1:
         return None
-    if sharding.spec[0] is None:
-        return None
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(sharding.spec[0]))
+    lead = sharding.spec[0] if sharding.spec else None
+    if lead is None and sharding.mesh.shape.get("model", 1) == 1:
+        return None  # replicated rows and no model axis: nothing to lay out
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(lead))
 
 
-def _new_cache(model, batch, max_len, rows):
-    """`model.init_cache`, laid out over `rows` when given (made in place: never whole on
-    one device first); inside a caller's trace the same call constrains the layout."""
+def _cache_sharding(model, rows):
+    """The shardings of `model`'s cache for rows laid out as `rows` (`cache_sharding` of
+    relax's Model: rows, and kv heads over a mesh's `model` axis), else None."""
     if rows is None or not hasattr(model, "cache_sharding"):
+        return None
+    return model.cache_sharding(rows)
+
+
+def _new_cache(model, batch, max_len, sharding):
+    """`model.init_cache`, laid out as `sharding` when given (made in place: never whole on
+    one device first); inside a caller's trace the same call constrains the layout."""
+    if sharding is None:
         return model.init_cache(batch, max_len)
-    return _cache_maker(model, batch, max_len, rows)()
+    return _cache_maker(model, batch, max_len, Layout.frozen(sharding))()
 
 
 @functools.lru_cache(maxsize=64)
-def _cache_maker(model, batch, max_len, rows):
+def _cache_maker(model, batch, max_len, sharding):
     """The jitted, sharded `init_cache`, one per model, shape and layout (so a relay call
     does not trace and compile it again)."""
     return jax.jit(
-        lambda: model.init_cache(batch, max_len), out_shardings=model.cache_sharding(rows)
+        lambda: model.init_cache(batch, max_len), out_shardings=jax.tree.unflatten(*sharding)
     )
 
 

@@ -8,19 +8,20 @@ least once in k = 16, as the paper). Every problem is written with its
 ``<output>.all.jsonl``. It does not train.
 
 Each call generates ``batch_size x k`` rows, sharded over the local devices
-(params replicated once; the KV cache of each device holds only its rows),
-so the batch that fits grows with the device count.
+(the KV cache of each device holds only its rows), so the batch that fits grows
+with the device count. With ``mesh.model`` > 1 the teacher's weights and KV
+cache are split over ``model`` devices (tensor parallel, placed once; see
+relax.relay.decoder) and the rows over the rest.
 """
 
 import json
-import math
 import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from relax.mesh import put_served, relay_mesh, row_devices, rows_sharding
 from relax.train.rollout import decode_responses, encode_prompts
 
 
@@ -41,11 +42,9 @@ def pass_rates(llm, llm_params, tokenizer, problems, cfg, grade, progress=True, 
     gen = RelayConfig(max_new_tokens=cfg.max_new_tokens, eos_ids=eos, pad_id=pad)
     sampling = teacher_sampling(cfg)
     key = jax.random.key(cfg.seed)
-    devices = jax.local_devices()
-    n_dev = math.gcd(len(devices), cfg.batch_size * cfg.k)
-    mesh = Mesh(np.array(devices[:n_dev]), ("data",))
-    rows = NamedSharding(mesh, PartitionSpec("data"))
-    llm_params = jax.device_put(llm_params, NamedSharding(mesh, PartitionSpec()))
+    mesh = relay_mesh(cfg.mesh, rows=cfg.batch_size * cfg.k)
+    rows, n_dev = rows_sharding(mesh), row_devices(mesh)
+    llm_params = put_served(llm, llm_params, mesh)  # once: tensor parallel over `model`
     rates = np.zeros(len(problems), np.float64)
     bar = tqdm(total=len(problems), desc="filter", disable=not progress)
     for start in range(0, len(problems), cfg.batch_size):

@@ -41,10 +41,11 @@ chunking).
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from relax.errors import ConfigError
+from relax.mesh import put_served, relay_mesh, row_devices, rows_sharding
 from relax.train import distributed
 from relax.train.grpo import grpo_loss_from_logprobs
 from relax.train.logprobs import sequence_stats
@@ -192,7 +193,8 @@ def train_grpo(
         against ``cfg`` (``check_sampling``).
       verifier: ``verifier(response_ids, problem) -> bool``.
       encode: ``encode(problem) -> prompt ids`` (list of ints).
-      llm_params: the teacher's params (replicated once over the local devices).
+      llm_params: the teacher's params (placed once on the rollout mesh: tensor parallel
+        over ``mesh.model`` devices when the rollout's teacher is a relax Model).
       on_step: optional ``on_step(step, metrics)`` callback.
     Metrics per step (JSONL/TensorBoard): reward, accuracy, call_rate,
     llm_token_share, response_tokens, loss, pg_loss, kl, clip_frac,
@@ -210,11 +212,15 @@ def train_grpo(
         raise ValueError(
             f"{cfg.prompts_per_step} prompts x G={G} do not split over {procs} x {n_dev} devices"
         )
+    # The rollout mesh: this host's devices, mesh.model per model replica (the teacher and
+    # the student's rollout copy tensor parallel over it), rows over the rest.
+    mesh = relay_mesh(cfg.mesh, run.devices)
+    row_sharding, n_rows = rows_sharding(mesh), row_devices(mesh)
     rows_per_call = min(cfg.rollout_batch_size or local_rows, local_rows)
-    if local_rows % rows_per_call or rows_per_call % n_dev:
+    if local_rows % rows_per_call or rows_per_call % n_rows:
         raise ValueError(
             f"GRPOConfig.rollout_batch_size={cfg.rollout_batch_size} must divide this host's "
-            f"{local_rows} rollout rows per step and be a multiple of its {n_dev} devices"
+            f"{local_rows} rollout rows per step and be a multiple of its {n_rows} row devices"
         )
     run.check_split(cfg.mini_batch_prompts * G, "mini_batch_prompts x group_size")
     ref_r = replicate(ref_params, run.devices)
@@ -224,13 +230,11 @@ def train_grpo(
         train_model, cfg.relay.slm.temperature, cfg.run.logprob_chunk
     )
     mbs = cfg.run.micro_batch_size
-    mesh = Mesh(np.array(run.devices), ("data",))
-    row_sharding = NamedSharding(mesh, PartitionSpec("data"))
     cast = _caster(ROLLOUT_DTYPES[cfg.rollout_dtype])
     rows_per_update = cfg.mini_batch_prompts * G // procs
-    llm_spmd = None  # the frozen teacher, replicated once on the rollout mesh
-    if llm_params is not None:
-        llm_spmd = _spmd_replicated(replicate(llm_params, run.devices), mesh)
+    # the frozen teacher, placed once on the rollout mesh (by the serve rules when the
+    # rollout names a relax Model teacher, else replicated)
+    llm_spmd = put_served(getattr(rollout, "llm", None), llm_params, mesh)
     bar = tqdm(total=total, initial=run.step, desc="grpo", disable=not (progress and run.main))
     while run.step < total:
         idx = distributed.shard_rows(step_problems(run.step, len(problems), cfg))
@@ -241,7 +245,7 @@ def train_grpo(
         # SPMD calls over this host's devices: rows sharded, params replicated, in the
         # rollout dtype (one cast copy per step, dropped before the update).
         key = jax.random.fold_in(run.key(), jax.process_index())
-        rollout_params = cast(_spmd_replicated(run.params, mesh))
+        rollout_params = put_served(model, cast(_spmd_replicated(run.params, mesh)), mesh)
         out = chunked_rollout(
             rollout,
             rollout_params,

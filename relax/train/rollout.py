@@ -78,8 +78,11 @@ def make_relay_rollout(slm, llm, relay_config, command, rows=None):
     ``GRPOConfig.rollout_dtype``) it computes and caches in bfloat16.
     ``row_ids`` are the decoder's: rows of a step split into several calls
     sample as in one call. ``rows``: the row layout (``RelayDecoder.rows``) when
-    the rollout is traced on row-sharded prompts (concrete ones carry it). The function carries ``slm_sampling`` (the SLM's
-    ``SamplingConfig``), which ``train_grpo`` checks against its config.
+    the rollout is traced on row-sharded prompts (concrete ones carry it); on a
+    ``relax.mesh.relay_mesh`` with ``model`` > 1, params placed by
+    ``relax.mesh.put_served`` run tensor parallel and the caches split by kv head
+    (relax.relay.decoder). The function carries ``slm_sampling`` (the SLM's
+    ``SamplingConfig``), which ``train_grpo`` checks against its config, and ``llm``.
     """
     import relax
 
@@ -91,6 +94,7 @@ def make_relay_rollout(slm, llm, relay_config, command, rows=None):
         )  # fmt: skip
 
     rollout.slm_sampling = relay_config.slm
+    rollout.llm = llm  # how `train_grpo` places the teacher's params (relax.mesh.put_served)
     return rollout
 
 
