@@ -173,9 +173,9 @@ def test_tensor_parallel_relay_equals_unsharded(batch):
     )  # fmt: skip
     check_same(out, plain)
     args = dataclasses.replace(decoder, rows=rows).arguments(sps, lps, prompts, lens, key=None)
-    for cache in args[8:10]:  # [L, B, S, K, H]: rows over data, kv heads over model
-        assert cache["k"].sharding.spec == P(None, "data", None, "model")
-        assert {s.data.shape[1::2] for s in cache["k"].addressable_shards} == {(4, 1)}
+    for cache in args[8:10]:  # [L, B, K, S, H]: rows over data, kv heads over model
+        assert cache["k"].sharding.spec == P(None, "data", "model")
+        assert {s.data.shape[1:3] for s in cache["k"].addressable_shards} == {(4, 1)}
 
 
 def test_tensor_parallel_chunked_rollout_greedy(batch):

@@ -80,7 +80,8 @@ class Model:
 
         mesh = rows.mesh
         heads = spec_for((self.config.num_kv_heads,), ("kv_heads",), mesh, "serve")[0]
-        spec = PartitionSpec(None, rows.spec[0] if len(rows.spec) else None, None, heads)
+        # [L, B, K, S, H]: rows on axis 1, kv heads on axis 2
+        spec = PartitionSpec(None, rows.spec[0] if len(rows.spec) else None, heads)
         return {k: NamedSharding(mesh, spec) for k in ("k", "v")}
 
     def apply(
