@@ -694,9 +694,10 @@ def stage_eval(st, cfg, task, tokenizer, slm, params, llm, llm_params, seed=None
     return results
 
 
-PRICE = r"(?:^|(?<=\. ))\d+(?=\. )"
-"""A price in a solution (the hard step): a number that opens the text or follows ". " and is
-followed by ". " (a sum opens "9+4:", a total follows "So ", a carry follows "carry ")."""
+PRICE = r"(?:^|(?<=\. )|(?<=sells for ))\d+(?=\. )"
+"""A price in a solution (the hard step): a number followed by ". " that opens the text,
+follows ". " or follows "sells for " (a sum opens "9+4:", a total follows "So ", a carry
+follows "carry ")."""
 
 
 def call_placement(records, tokenizer, within=2):

@@ -222,8 +222,10 @@ def make_problem(rng, task, prices=None, items=None):
     )
     text, hard_spans = "", []
 
-    def price(item):
+    def price(item, named=False):
         nonlocal text
+        if named:  # inline: the item's name first, so the price is recalled from it
+            text += f"{item} sells for "
         hard_spans.append((len(text), len(text) + len(str(prices[item]))))
         text += f"{prices[item]}. "
         return prices[item]
@@ -240,7 +242,7 @@ def make_problem(rng, task, prices=None, items=None):
         # (the hard step) right before the sum that adds it.
         total, addends = value, []
         for kind, arg in events:
-            step, total = _column_sum(total, price(arg[0]) if kind == "sale" else arg)
+            step, total = _column_sum(total, price(arg[0], named=True) if kind == "sale" else arg)
             text += step + " "
     for addend in addends:
         step, total = _column_sum(total, addend)

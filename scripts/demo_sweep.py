@@ -1,0 +1,142 @@
+"""Sweeps of the demo's GRPO recipe on its cached stages, scored on a validation split.
+
+    python scripts/demo_sweep.py                       # grpo_slm at three learning rates
+    python scripts/demo_sweep.py --runs grpo_slm,relay --lr 2e-4,5e-5 --kl 0.01,0.05
+
+It reuses `relax demo`'s cached teacher, student, warm-up and filtered problems
+(run `relax demo` first, same --config and --out), trains each GRPO run of the
+grid (`relax.demo.GRPO_RUNS` by name) under `<out>/sweep/`, and evaluates it on a
+validation split: problems drawn with --val-seed, a stream disjoint from the
+held-out eval problems (eval.seed), so nothing is tuned on those. For each run
+it prints accuracy and its errors split by kind, against the reference
+solution: `price` (the first wrong character is inside a price, the hard step),
+`arithmetic` (elsewhere) and `format` (no \\boxed{} answer). The trained SLM is
+evaluated greedily without calls (`slm`) and, for relay runs, with them (`relay`).
+The last line is one JSON object with every row.
+"""
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+
+COMMAND = re.compile(r"<call>\s*\d+\s*</call>")
+
+
+def error_kind(response, problem):
+    """"price", "arithmetic" or "format" for a wrong response (commands removed)."""
+    text = COMMAND.sub("", response)
+    if "\\boxed{" not in text:
+        return "format"
+    ref = problem["solution"]
+    first = next((i for i, (a, b) in enumerate(zip(text, ref)) if a != b), min(len(text), len(ref)))
+    return "price" if any(a <= first < b for a, b in problem["hard_spans"]) else "arithmetic"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=None, help="the demo preset (default configs/demo.yaml)")
+    p.add_argument("--out", default=None, help="the demo's output folder (default the preset's)")
+    p.add_argument("--runs", default="grpo_slm", help="comma-separated GRPO_RUNS names")
+    p.add_argument("--lr", default="2e-4,5e-5,2e-5", help="learning rates")
+    p.add_argument("--kl", default=None, help="KL coefficients (default the preset's)")
+    p.add_argument("--steps", default=None, help="GRPO steps (default the preset's)")
+    p.add_argument("--val-seed", type=int, default=8, help="data seed of the validation split")
+    p.add_argument("--problems", type=int, default=300, help="validation problems")
+    p.add_argument("overrides", nargs="*", help="demo key=value overrides")
+    args = p.parse_args(argv)
+
+    import relax
+    from relax import demo
+    from relax.data import synthetic
+    from relax.data.loaders import Benchmark, Problem
+    from relax.eval.strategies import EvalConfig, run_strategy
+
+    dargs = demo.parse_args(
+        ([f"--config={args.config}"] if args.config else [])
+        + ([f"--out={args.out}"] if args.out else [])
+        + args.overrides
+    )
+    cfg = demo.load_demo_config(dargs)
+    st = demo.Stages(cfg.out, fresh=False)
+    task, tok_dir = demo.stage_task(st, cfg)
+    tokenizer = relax.load_tokenizer(tok_dir)
+    cfg = demo.load_demo_config(dargs, tokenizer)
+    llm, llm_params = demo.stage_pretrain(st, "llm", cfg.llm, cfg, task, tok_dir, tokenizer)
+    slm, slm_params = demo.stage_pretrain(st, "slm", cfg.slm, cfg, task, tok_dir, tokenizer)
+    llm_digest = demo._digest({"llm": cfg.llm, "task": cfg.task})
+    slm_digest = demo._digest({"slm": cfg.slm, "task": cfg.task})
+    warm = demo.stage_warmup(st, cfg, task, tok_dir, tokenizer, slm, slm_params, slm_digest)
+    problems = demo.stage_filter(st, cfg, task, tokenizer, llm, llm_params, llm_digest)
+    warm_digest = demo._digest({"slm": slm_digest, "warmup": cfg.warmup})
+    inits = {
+        "warmup": (warm, demo._digest([warm_digest, llm_digest])),
+        "slm": (slm_params, demo._digest([slm_digest, llm_digest])),
+    }
+
+    val = synthetic.make_dataset(args.problems, args.val_seed, task)
+    bench = Benchmark(
+        "validation",
+        tuple(
+            Problem(id=str(i), question=q["question"], answer=q["answer"], kind="math")
+            for i, q in enumerate(val)
+        ),
+        1,
+    )
+    ecfg = EvalConfig(relay=cfg.eval.relay, batch_size=cfg.eval.batch_size, prompt_bucket=16)
+
+    def score(kind, params):
+        recs = run_strategy(kind, slm, params, llm, llm_params, bench, tokenizer, ecfg)
+        kinds = {"price": 0, "arithmetic": 0, "format": 0}
+        for r in recs:
+            if not r["correct"]:
+                kinds[error_kind(r["response"], val[int(r["id"])])] += 1
+        llm_share = sum(r["llm_tokens"] for r in recs) / max(1, sum(r["response_tokens"] for r in recs))
+        n = len(recs)
+        return {
+            "accuracy": 100.0 * sum(r["correct"] for r in recs) / n,
+            **{f"{k}_errors": 100.0 * v / n for k, v in kinds.items()},
+            "llm_share": 100.0 * llm_share,
+        }
+
+    rows = [{"run": "base slm", **score("slm", slm_params)}]
+    rows.append({"run": "warm-up slm", **score("slm", warm)})
+    by_name = {r.name: r for r in demo.GRPO_RUNS}
+    kls = [float(x) for x in args.kl.split(",")] if args.kl else [cfg.grpo.kl_coef]
+    steps = [int(x) for x in args.steps.split(",")] if args.steps else [cfg.grpo.steps]
+    for name in args.runs.split(","):
+        r = by_name[name]
+        init, digest = inits[r.init]
+        for lr in (float(x) for x in args.lr.split(",")):
+            for kl in kls:
+                for n_steps in steps:
+                    g = dataclasses.replace(cfg.grpo, learning_rate=lr, kl_coef=kl, steps=n_steps)
+                    run_cfg = dataclasses.replace(cfg, grpo=g)
+                    label = f"{name} lr={lr:g} kl={kl:g} steps={n_steps}"
+                    params = demo.stage_grpo(
+                        st, f"sweep/{name}-lr{lr:g}-kl{kl:g}-s{n_steps}", run_cfg, tok_dir,
+                        tokenizer, slm, init, llm, llm_params, problems,
+                        r.reward or g.reward, g.relay.max_calls if r.calls else 0, digest,
+                        mask_llm_tokens=r.mask_llm_tokens,
+                    )  # fmt: skip
+                    rows.append({"run": label, "strategy": "slm", **score("slm", params)})
+                    if r.calls:
+                        rows.append({"run": label, "strategy": "relay", **score("relay", params)})
+    print(
+        f"validation: {args.problems} problems, data seed {args.val_seed} (eval uses {cfg.eval.seed})"
+    )
+    print("| run | decode | accuracy % | price err % | arithmetic err % | format err % | LLM % |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(
+            f"| {row['run']} | {row.get('strategy', 'slm')} | {row['accuracy']:.1f} | "
+            f"{row['price_errors']:.1f} | {row['arithmetic_errors']:.1f} | "
+            f"{row['format_errors']:.1f} | {row['llm_share']:.2f} |"
+        )
+    print(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
