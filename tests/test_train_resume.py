@@ -78,8 +78,14 @@ def start_distributed(out, port=12391):
 
 
 def saved_params(out, step):
-    mgr = ocp.CheckpointManager(os.path.join(out, "ckpt"))
-    state = mgr.restore(step, args=ocp.args.StandardRestore())
+    """A checkpoint's params as host arrays, whatever mesh (and processes) saved them."""
+    import jax
+
+    mgr = ocp.CheckpointManager(
+        os.path.join(out, "ckpt"), item_handlers=ocp.StandardCheckpointHandler()
+    )
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), mgr.item_metadata(step))
+    state = mgr.restore(step, args=ocp.args.StandardRestore(target))
     mgr.close()
     return state["params"], int(state["step"]), int(state["data_position"])
 
