@@ -7,9 +7,11 @@ as eval runs it, `relax.generate` as the filter runs it) and returns it with
 `jax.ShapeDtypeStruct` arguments at the preset's shapes (worst case: the longest
 sequence the preset allows). Nothing is allocated.
 
-Shapes follow the loops: pmapped programs take [devices, micro-batches, micro-batch
-size, ...] leaves; the rollout and eval relay are one SPMD call with rows sharded over
-the devices and params replicated; so is the filter's `relax.generate` call.
+Shapes follow the loops: the training update and the log-prob forward run on the
+stage's mesh (its `mesh` section) with params at the training shardings and
+[micro-batches, rows, ...] batch leaves, rows over data x fsdp; the rollout and eval
+relay are one SPMD call with rows sharded over the devices and params replicated; so
+is the filter's `relax.generate` call.
 """
 
 from __future__ import annotations
@@ -42,11 +44,6 @@ def _abstract(tree, sharding=None):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def _stacked(tree, n):
-    """A leading device axis of size n (what `replicate` gives a pmap)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype), tree)
-
-
 def _ints(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.int32)
 
@@ -61,28 +58,62 @@ def _split(rows, n_dev, mbs, what):
     return rows // (n_dev * mbs)
 
 
-def _update(name, model, loss_fn, optim_cfg, n_dev, batch, shapes):
-    from relax.train.update import make_optimizer, make_update_step
+def _train_mesh(cfg, n_dev):
+    """The stage's training mesh (its `mesh` section) over the first `n_dev` devices."""
+    from relax.mesh import make_mesh
 
-    optimizer = make_optimizer(optim_cfg, 1000)
+    return make_mesh(cfg.mesh, jax.devices()[:n_dev])
+
+
+def _train_batch(mesh, cfg, rows, T, what, floats=("loss_mask",), per_row=()):
+    """The update's batch: `rows` rows as [M, R, T] leaves, rows over data x fsdp
+    (`relax.train.update.shard_batch`); returns (batch, shapes note)."""
+    from relax.mesh import ROWS, axis_size
+    from relax.train.update import batch_spec
+
+    mbs = cfg.run.micro_batch_size
+    shards = axis_size(mesh, ROWS)
+    m = _split(rows, shards, mbs, what)
+    sh = NamedSharding(mesh, batch_spec(mesh))
+    leaf = lambda dtype, *tail: jax.ShapeDtypeStruct((m, shards * mbs, *tail), dtype, sharding=sh)
+    batch = {k: leaf(jnp.int32, T) for k in ("inputs", "positions", "targets")}
+    batch.update({k: leaf(jnp.float32, T) for k in floats})
+    batch.update({k: leaf(jnp.float32) for k in per_row})
+    return batch, f"{m} x {mbs} rows x {T} tok / row shard"
+
+
+def _update(name, model, loss_fn, cfg, mesh, batch, shapes):
+    from relax.train.update import (
+        is_data_parallel,
+        make_optimizer,
+        make_update_step,
+        train_shardings,
+    )
+
+    optimizer = make_optimizer(cfg.optim, 1000)
     params = model.param_shapes()
+    state = train_shardings(mesh, params, optimizer)
     opt_state = jax.eval_shape(optimizer.init, params)
-    step = make_update_step(loss_fn, optimizer)
-    return Program(name, step, (_stacked(params, n_dev), _stacked(opt_state, n_dev), batch), shapes)
+    step = make_update_step(loss_fn, optimizer, state)
+    args = (_placed(params, state.params), _placed(opt_state, state.opt_state), batch)
+    # The data-parallel step is a shard_map: its jaxpr is one device's program already.
+    return Program(name, step, args, shapes, devices=1 if is_data_parallel(mesh) else mesh.size)
+
+
+def _placed(tree, shardings):
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
 
 
 def sft_step(model: Model, cfg, n_dev: int) -> Program:
-    """`relax sft`'s pmapped update: batch_size rows of max_len - 1 tokens."""
+    """`relax sft`'s update on the stage's mesh: batch_size rows of max_len - 1 tokens."""
     from relax.train.sft import make_sft_loss
 
-    mbs = cfg.run.micro_batch_size
-    m = _split(cfg.batch_size, n_dev, mbs, "sft.batch_size")
-    T = cfg.max_len - 1
-    batch = {k: _ints(n_dev, m, mbs, T) for k in ("inputs", "positions", "targets")}
-    batch["loss_mask"] = _floats(n_dev, m, mbs, T)
-    shapes = f"{m} x {mbs} rows x {T} tok / dev"
+    mesh = _train_mesh(cfg, n_dev)
+    batch, shapes = _train_batch(mesh, cfg, cfg.batch_size, cfg.max_len - 1, "sft.batch_size")
     loss = make_sft_loss(_train_model(model, cfg), cfg.run.logprob_chunk)
-    return _update("sft step", model, loss, cfg.optim, n_dev, batch, shapes)
+    return _update("sft step", model, loss, cfg, mesh, batch, shapes)
 
 
 def _train_model(model, cfg):
@@ -100,35 +131,34 @@ def _grpo_width(cfg):
 
 
 def grpo_update(model: Model, cfg, n_dev: int) -> Program:
-    """`relax grpo`'s pmapped update of one mini-batch (mini_batch_prompts x G rows)."""
+    """`relax grpo`'s update of one mini-batch (mini_batch_prompts x G rows) on its mesh."""
     from relax.train.grpo_train import make_grpo_loss
 
-    mbs = cfg.run.micro_batch_size
-    m = _split(cfg.mini_batch_prompts * cfg.group_size, n_dev, mbs, "mini_batch_prompts x G")
-    T = _grpo_width(cfg)[1] - 1
-    batch = {k: _ints(n_dev, m, mbs, T) for k in ("inputs", "positions", "targets")}
-    for k in ("loss_mask", "old_logp", "ref_logp"):
-        batch[k] = _floats(n_dev, m, mbs, T)
-    batch["advantages"] = _floats(n_dev, m, mbs)
-    shapes = f"{m} x {mbs} rows x {T} tok / dev"
+    mesh = _train_mesh(cfg, n_dev)
+    batch, shapes = _train_batch(
+        mesh, cfg, cfg.mini_batch_prompts * cfg.group_size, _grpo_width(cfg)[1] - 1,
+        "mini_batch_prompts x G", ("loss_mask", "old_logp", "ref_logp"), ("advantages",),
+    )  # fmt: skip
     loss = make_grpo_loss(_train_model(model, cfg), cfg)
-    return _update("grpo update", model, loss, cfg.optim, n_dev, batch, shapes)
+    return _update("grpo update", model, loss, cfg, mesh, batch, shapes)
 
 
 def grpo_logprobs(model: Model, cfg, n_dev: int) -> Program:
     """The old-policy / reference log-prob forward over a whole rollout step."""
-    from relax.train.update import make_forward_logprobs
+    from relax.train.update import make_forward_logprobs, make_optimizer, train_shardings
 
-    mbs = cfg.run.micro_batch_size
-    m = _split(cfg.prompts_per_step * cfg.group_size, n_dev, mbs, "prompts_per_step x G")
-    T = _grpo_width(cfg)[1] - 1
-    batch = {k: _ints(n_dev, m, mbs, T) for k in ("inputs", "positions", "targets")}
-    params = _stacked(model.param_shapes(), n_dev)
-    shapes = f"{m} x {mbs} rows x {T} tok / dev"
+    mesh = _train_mesh(cfg, n_dev)
+    batch, shapes = _train_batch(
+        mesh, cfg, cfg.prompts_per_step * cfg.group_size, _grpo_width(cfg)[1] - 1,
+        "prompts_per_step x G", floats=(),
+    )  # fmt: skip
+    params = model.param_shapes()
+    state = train_shardings(mesh, params, make_optimizer(cfg.optim, 1000))
     fwd = make_forward_logprobs(
-        _train_model(model, cfg), cfg.relay.slm.temperature, cfg.run.logprob_chunk
+        _train_model(model, cfg), cfg.relay.slm.temperature, cfg.run.logprob_chunk, mesh
     )
-    return Program("old/ref logprobs", fwd, (params, batch), shapes)
+    args = (_placed(params, state.params), batch)
+    return Program("old/ref logprobs", fwd, args, shapes, devices=mesh.size)
 
 
 def _relay_call(slm, llm, relay_cfg, command, sampling=None, rows=None):
