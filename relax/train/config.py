@@ -82,7 +82,8 @@ class RunConfig:
         events) and the exported model (``final/``) go here.
       seed: one seed for data order, command insertion, rollouts and init.
       dtype: parameter/compute dtype of the trained model, "float32" or "bfloat16".
-      num_devices: local devices in the pmap (0 = all).
+      num_devices: devices of each process the stage's mesh spans (0 = all);
+        the mesh section then lays them out (``mesh.data=-1`` takes all of them).
       micro_batch_size: sequences per device per forward/backward; gradients
         of a step's micro-batches are accumulated exactly before the update.
       logprob_chunk: positions (over the micro-batch's flattened B x T) per
