@@ -207,3 +207,51 @@ def test_nan_loss_skips_step(tiny, mesh_cfg):
         not np.array_equal(a, b)
         for a, b in zip(jax.tree.leaves(update.host_copy(p1)), jax.tree.leaves(before[0]))
     )
+
+
+def test_checkpoint_on_data_parallel_mesh_resumes_on_fsdp_mesh(tiny, tmp_path):
+    """Saved on mesh data=4 at step 2, restored onto fsdp=2 x data=2: params and AdamW
+    state bit-identical to what was saved, now sharded over fsdp; the run continues
+    to step 4 and ends at the params of the uninterrupted data=4 run (to 1e-6)."""
+    import shutil
+
+    from relax.train.checkpoint import Checkpointer
+    from relax.train.loop import TrainRun
+
+    model, params = tiny
+
+    def cfg(out, *extra):
+        return load_config(
+            SFTConfig,
+            overrides=[
+                "batch_size=8", "epochs=4", "steps=4", "max_len=16", f"run.output_dir={out}",
+                "run.checkpoint_every=2", "run.export=false", "run.micro_batch_size=2",
+                "optim.learning_rate=1e-3", "optim.eps=1e-4", *extra,
+            ],
+        )  # fmt: skip
+
+    ref_dir, res_dir = tmp_path / "ref", tmp_path / "resumed"
+    ref = train_sft(model, params, toy_examples(16), cfg(ref_dir), progress=False)
+    shutil.copytree(ref_dir, res_dir)
+    shutil.rmtree(res_dir / "ckpt" / "4")
+    sharded = cfg(res_dir, "mesh.data=2", "mesh.fsdp=2")
+    opt = update.make_optimizer(sharded.optim, 4)
+    run = TrainRun(sharded.run, params, opt, 4, mesh=sharded.mesh)
+    assert run.step == 2 and run.resumed_from == 2
+    up = run.params["layers"]["up"]
+    assert up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    assert {s.data.shape for s in up.addressable_shards} == {(1, 16, 64)}
+    saved = Checkpointer(str(ref_dir / "ckpt")).restore(
+        *update.host_copy((run.params, run.opt_state)), run.rng, step=2
+    )
+    for a, b in zip(
+        jax.tree.leaves(update.host_copy((run.params, run.opt_state))),
+        jax.tree.leaves(saved[:2]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    run.ckpt.close()
+    got = train_sft(model, params, toy_examples(16), sharded, progress=False)
+    assert [r["step"] for r in read_metrics(str(res_dir))] == [1, 2, 3, 4]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
