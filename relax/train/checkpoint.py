@@ -96,7 +96,7 @@ class Checkpointer:
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 return self.restore(params, opt_state, rng, step=step)
-            except Exception as e:  # orbax raises many types for a damaged step
+            except Exception as e:  # noqa: BLE001  (orbax raises many types for a damaged step)
                 aside = os.path.join(self.directory + "-broken", str(step))
                 os.makedirs(os.path.dirname(aside), exist_ok=True)
                 if os.path.exists(aside):

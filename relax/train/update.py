@@ -21,11 +21,11 @@ over the same mesh, chosen by the mesh:
 
   data-parallel  (fsdp = model = 1): ``shard_map`` over the rows axes, params
                  replicated. Each device runs the body on its own [M, mbs] rows and
-                 the token count, loss, metrics and gradients are ``psum``\\ ed over
-                 data x fsdp: the program ``jax.pmap`` over ``data`` would be, written
-                 on the mesh's arrays so that rollouts, checkpoints and the sharded
-                 path share them (a pmap needs its own [devices, ...] arrays and a
-                 conversion per step for the rollouts' SPMD jit).
+                 the token count, loss, metrics and gradients are summed (``psum``)
+                 over data x fsdp: exactly the program a ``jax.pmap`` over ``data``
+                 runs, but on the mesh's own arrays, which the rollouts, checkpoints
+                 and the sharded path share (a pmap needs [devices, ...] arrays of
+                 its own, and a conversion per step for the rollouts' SPMD jit).
   sharded        (fsdp or model > 1): ``jit`` with in/out shardings. The body sees the
                  global batch; XLA's partitioner gathers each layer's weights where
                  used (FSDP) and reduce-scatters the gradients onto the params'
@@ -42,7 +42,8 @@ order.
 A non-finite loss or gradient norm skips the update: params and optimizer state are
 returned unchanged and ``metrics["skipped"]`` is 1.
 
-What this module does not do: build batches, sample, or checkpoint.
+What this module does not do: build batches (it only places them, ``shard_batch``),
+sample, or checkpoint.
 """
 
 import dataclasses
