@@ -241,9 +241,9 @@ def test_checkpoint_on_data_parallel_mesh_resumes_on_fsdp_mesh(tiny, tmp_path):
     up = run.params["layers"]["up"]
     assert up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
     assert {s.data.shape for s in up.addressable_shards} == {(1, 16, 64)}
-    saved = Checkpointer(str(ref_dir / "ckpt")).restore(
-        *update.host_copy((run.params, run.opt_state)), run.rng, step=2
-    )
+    ckpt = Checkpointer(str(ref_dir / "ckpt"))
+    saved = ckpt.restore(*update.host_copy((run.params, run.opt_state)), run.rng, step=2)
+    ckpt.close()
     for a, b in zip(
         jax.tree.leaves(update.host_copy((run.params, run.opt_state))),
         jax.tree.leaves(saved[:2]),
