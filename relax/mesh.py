@@ -133,7 +133,7 @@ class MeshConfig:
 
     @property
     def is_data_parallel(self) -> bool:
-        """Every device on `data` (fsdp = model = 1): the pmapped path serves."""
+        """Every device on `data` (fsdp = model = 1): the data-parallel update serves."""
         return self.fsdp == 1 and self.model == 1
 
 

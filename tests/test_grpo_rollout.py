@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from relax.mesh import MeshConfig, make_mesh
 from relax.models import Model, ModelConfig
 from relax.relay.command import CallCommand
 from relax.relay.config import RelayConfig, SamplingConfig
@@ -79,15 +80,15 @@ def test_recomputed_logprobs_equal_rollout_logprobs(setup):
     out = chunked_rollout(rollout, params, llm_params, prompts, lens, jax.random.key(3), 0)
     assert int(out.calls.sum()) >= 2 and int(out.llm_tokens.sum()) > 0  # real relay traffic
     batch = training_batch(out, np.zeros(len(lens)))
-    split = update.split_devices({k: batch[k] for k in ("inputs", "positions", "targets")}, 2, 2)
-    rep = update.replicate(params, jax.local_devices()[:2])
+    mesh = make_mesh(MeshConfig(), jax.devices()[:2])
+    split = update.shard_batch({k: batch[k] for k in ("inputs", "positions", "targets")}, mesh, 2)
     mask = batch["loss_mask"] > 0
     want = np.asarray(out.slm_logprobs)[:, 1:][mask]
     for chunk in (5, 1024):
-        fwd = update.make_forward_logprobs(slm, temperature=TEMP, chunk=chunk)
-        got = update.merge_devices(fwd(rep, split))[mask]
+        fwd = update.make_forward_logprobs(slm, temperature=TEMP, chunk=chunk, mesh=mesh)
+        got = update.unshard_batch(fwd(params, split), 2)[mask]
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-    at_one = update.merge_devices(update.make_forward_logprobs(slm, 1.0)(rep, split))[mask]
+    at_one = update.unshard_batch(update.make_forward_logprobs(slm, 1.0)(params, split), 2)[mask]
     assert np.max(np.abs(at_one - want)) > 1e-2
 
 

@@ -135,14 +135,16 @@ def test_sft_loss_and_grad_equal_full(case):
     assert rel_err(ga, gb) <= 1e-5
 
 
-def test_forward_logprobs_pmapped_equal_full(case):
+def test_forward_logprobs_on_mesh_equal_full(case):
     """2 devices x 1 micro-batch of 1 row: the old-policy / reference forward."""
+    from relax.mesh import MeshConfig, make_mesh
+
     model, params, batch = case
-    devices = jax.local_devices()[:2]
-    fwd = update.make_forward_logprobs(model, temperature=TEMP, chunk=CHUNK)
-    split = update.split_devices(
-        {k: np.asarray(batch[k]) for k in ("inputs", "positions", "targets")}, 2, 1
+    mesh = make_mesh(MeshConfig(), jax.devices()[:2])
+    fwd = update.make_forward_logprobs(model, temperature=TEMP, chunk=CHUNK, mesh=mesh)
+    split = update.shard_batch(
+        {k: np.asarray(batch[k]) for k in ("inputs", "positions", "targets")}, mesh, 1
     )
-    got = update.merge_devices(fwd(update.replicate(params, devices), split))
+    got = update.unshard_batch(fwd(params, split), 1)
     want = grpo.token_logprobs(full_logits(model, params, batch) / TEMP, batch["targets"])
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

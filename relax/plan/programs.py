@@ -11,11 +11,10 @@ Shapes and placements follow the loops, on each stage's `mesh` (relax.mesh) over
 devices: the SFT and GRPO updates and the log-prob forward are the mesh update step of
 relax.train.update (params, gradients and AdamW state by the "train" rules: the model
 width over `fsdp`, heads / MLP / vocabulary over `model`; [micro-batches, rows, ...]
-batches, rows over data x fsdp), or pmapped [devices, micro-batches, micro-batch size,
-...] where that module has only the pmapped step; the rollout, eval and filter relay
-calls run on `relax.mesh.relay_mesh` (`model` devices per model replica, tensor
-parallel by the "serve" rules, KV caches by rows and kv head; rows over the rest).
-XLA's `memory_analysis` of such a program is per device.
+batches, rows over data x fsdp); the rollout, eval and filter relay calls run on
+`relax.mesh.relay_mesh` (`model` devices per model replica, tensor parallel by the
+"serve" rules, KV caches by rows and kv head; rows over the rest). XLA's
+`memory_analysis` of such a program is per device.
 """
 
 from __future__ import annotations
@@ -59,11 +58,6 @@ def _abstract(tree, sharding=None):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def _stacked(tree, n):
-    """A leading device axis of size n (what `replicate` gives a pmap)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype), tree)
-
-
 def _ints(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.int32)
 
@@ -78,77 +72,57 @@ def _split(rows, n_dev, mbs, what):
     return rows // (n_dev * mbs)
 
 
-def _sharded_update_api():
-    """The mesh update step of relax.train.update (`train_shardings`, `make_update_step(loss,
-    optimizer, state)`), or None where that module has only the pmapped step."""
-    from relax.train import update
+def _train_mesh(cfg, devices):
+    """The stage's training mesh (its `mesh` section) over `devices`."""
+    from relax.mesh import make_mesh
 
-    return update if hasattr(update, "train_shardings") else None
-
-
-def _training_batch(keys_int, keys_float, rows, mbs, T, devices, mesh_cfg, what):
-    """(mesh or None, batch, shapes) of a training program's batch of `rows` rows.
-
-    On the mesh update: [M, R, T] leaves, R = mbs x the row devices (data x fsdp), rows
-    sharded over them. Else pmapped [devices, M, mbs, T] leaves."""
-    from relax import mesh as mesh_lib
-
-    api = _sharded_update_api()
-    if api is None:
-        if not mesh_cfg.is_data_parallel:
-            raise ValueError(
-                f"mesh {mesh_cfg} needs the mesh update step; relax.train.update here has "
-                "only the pmapped (data-parallel) one"
-            )
-        n_dev = len(devices)
-        m = _split(rows, n_dev, mbs, what)
-        batch = {k: _ints(n_dev, m, mbs, T) for k in keys_int}
-        batch.update({k: _floats(n_dev, m, mbs, T) for k in keys_float})
-        return None, batch, f"{m} x {mbs} rows x {T} tok / dev"
-    mesh = mesh_lib.make_mesh(mesh_cfg, devices)
-    r_dev = mesh_lib.row_devices(mesh)
-    m = _split(rows, r_dev, mbs, what)
-    sh = NamedSharding(mesh, api.batch_spec(mesh))
-    batch = {k: jax.ShapeDtypeStruct((m, mbs * r_dev, T), jnp.int32, sharding=sh) for k in keys_int}
-    for k in keys_float:
-        batch[k] = jax.ShapeDtypeStruct((m, mbs * r_dev, T), jnp.float32, sharding=sh)
-    return mesh, batch, f"{m} x {mbs} rows x {T} tok / row shard"
+    return make_mesh(cfg.mesh, devices)
 
 
-def _update(name, model, loss_fn, optim_cfg, devices, mesh_cfg, rows, mbs, T, floats, what):
-    """The update step of `loss_fn`: on the mesh (params, grads and AdamW state by the
-    "train" rules) when relax.train.update has it, else pmapped."""
-    from relax.train.update import make_optimizer, make_update_step
+def _train_batch(mesh, cfg, rows, T, what, floats=("loss_mask",), per_row=()):
+    """The update's batch: `rows` rows as [M, R, T] leaves, rows over data x fsdp
+    (`relax.train.update.shard_batch`); returns (batch, shapes note)."""
+    from relax.mesh import ROWS, axis_size
+    from relax.train.update import batch_spec
 
-    optimizer = make_optimizer(optim_cfg, 1000)
+    mbs = cfg.run.micro_batch_size
+    shards = axis_size(mesh, ROWS)
+    m = _split(rows, shards, mbs, what)
+    sh = NamedSharding(mesh, batch_spec(mesh))
+    leaf = lambda dtype, *tail: jax.ShapeDtypeStruct((m, shards * mbs, *tail), dtype, sharding=sh)
+    batch = {k: leaf(jnp.int32, T) for k in ("inputs", "positions", "targets")}
+    batch.update({k: leaf(jnp.float32, T) for k in floats})
+    batch.update({k: leaf(jnp.float32) for k in per_row})
+    return batch, f"{m} x {mbs} rows x {T} tok / row shard"
+
+
+def _update(name, model, loss_fn, cfg, mesh, batch, shapes):
+    from relax.train.update import (
+        is_data_parallel,
+        make_optimizer,
+        make_update_step,
+        train_shardings,
+    )
+
+    optimizer = make_optimizer(cfg.optim, 1000)
     params = model.param_shapes()
+    state = train_shardings(mesh, params, optimizer)
     opt_state = jax.eval_shape(optimizer.init, params)
-    ints = ("inputs", "positions", "targets")
-    mesh, batch, shapes = _training_batch(ints, floats, rows, mbs, T, devices, mesh_cfg, what)
-    if "advantages" in floats:  # [.., rows] per row, not per token
-        batch["advantages"] = jax.ShapeDtypeStruct(
-            batch["advantages"].shape[:-1], jnp.float32, sharding=batch["advantages"].sharding
-        )
-    if mesh is None:
-        n = len(devices)
-        step = make_update_step(loss_fn, optimizer)
-        args = (_stacked(params, n), _stacked(opt_state, n), batch)
-        return Program(name, step, args, shapes)
-    state = _sharded_update_api().train_shardings(mesh, params, optimizer)
     step = make_update_step(loss_fn, optimizer, state)
     args = (_placed(params, state.params), _placed(opt_state, state.opt_state), batch)
-    return Program(name, step, args, shapes, devices=mesh.size, mesh=_mesh_name(mesh))
+    # The data-parallel step is a shard_map: its jaxpr is one device's program already.
+    n = 1 if is_data_parallel(mesh) else mesh.size
+    return Program(name, step, args, shapes, devices=n, mesh=_mesh_name(mesh))
 
 
 def sft_step(model: Model, cfg, devices) -> Program:
-    """`relax sft`'s update: batch_size rows of max_len - 1 tokens."""
+    """`relax sft`'s update on the stage's mesh: batch_size rows of max_len - 1 tokens."""
     from relax.train.sft import make_sft_loss
 
+    mesh = _train_mesh(cfg, devices)
+    batch, shapes = _train_batch(mesh, cfg, cfg.batch_size, cfg.max_len - 1, "sft.batch_size")
     loss = make_sft_loss(_train_model(model, cfg), cfg.run.logprob_chunk)
-    return _update(
-        "sft step", model, loss, cfg.optim, devices, cfg.mesh, cfg.batch_size,
-        cfg.run.micro_batch_size, cfg.max_len - 1, ("loss_mask",), "sft.batch_size",
-    )  # fmt: skip
+    return _update("sft step", model, loss, cfg, mesh, batch, shapes)
 
 
 def _train_model(model, cfg):
@@ -166,41 +140,32 @@ def _grpo_width(cfg):
 
 
 def grpo_update(model: Model, cfg, devices) -> Program:
-    """`relax grpo`'s update of one mini-batch (mini_batch_prompts x G rows)."""
+    """`relax grpo`'s update of one mini-batch (mini_batch_prompts x G rows) on its mesh."""
     from relax.train.grpo_train import make_grpo_loss
 
-    loss = make_grpo_loss(_train_model(model, cfg), cfg)
-    floats = ("loss_mask", "old_logp", "ref_logp", "advantages")
-    return _update(
-        "grpo update", model, loss, cfg.optim, devices, cfg.mesh,
-        cfg.mini_batch_prompts * cfg.group_size, cfg.run.micro_batch_size,
-        _grpo_width(cfg)[1] - 1, floats, "mini_batch_prompts x G",
+    mesh = _train_mesh(cfg, devices)
+    batch, shapes = _train_batch(
+        mesh, cfg, cfg.mini_batch_prompts * cfg.group_size, _grpo_width(cfg)[1] - 1,
+        "mini_batch_prompts x G", ("loss_mask", "old_logp", "ref_logp"), ("advantages",),
     )  # fmt: skip
+    loss = make_grpo_loss(_train_model(model, cfg), cfg)
+    return _update("grpo update", model, loss, cfg, mesh, batch, shapes)
 
 
 def grpo_logprobs(model: Model, cfg, devices) -> Program:
     """The old-policy / reference log-prob forward over a whole rollout step."""
-    from relax.train.update import make_forward_logprobs
+    from relax.train.update import make_forward_logprobs, make_optimizer, train_shardings
 
-    T = _grpo_width(cfg)[1] - 1
-    rows = cfg.prompts_per_step * cfg.group_size
-    ints = ("inputs", "positions", "targets")
-    mbs = cfg.run.micro_batch_size
-    mesh, batch, shapes = _training_batch(
-        ints, (), rows, mbs, T, devices, cfg.mesh, "prompts_per_step x G"
-    )
-    fwd_model = _train_model(model, cfg)
-    temp, chunk = cfg.relay.slm.temperature, cfg.run.logprob_chunk
-    if mesh is None:
-        fwd = make_forward_logprobs(fwd_model, temp, chunk)
-        params = _stacked(model.param_shapes(), len(devices))
-        return Program("old/ref logprobs", fwd, (params, batch), shapes)
-    api = _sharded_update_api()
-    from relax.train.update import make_optimizer
-
+    mesh = _train_mesh(cfg, devices)
+    batch, shapes = _train_batch(
+        mesh, cfg, cfg.prompts_per_step * cfg.group_size, _grpo_width(cfg)[1] - 1,
+        "prompts_per_step x G", floats=(),
+    )  # fmt: skip
     params = model.param_shapes()
-    state = api.train_shardings(mesh, params, make_optimizer(cfg.optim, 1000))
-    fwd = make_forward_logprobs(fwd_model, temp, chunk, mesh)
+    state = train_shardings(mesh, params, make_optimizer(cfg.optim, 1000))
+    fwd = make_forward_logprobs(
+        _train_model(model, cfg), cfg.relay.slm.temperature, cfg.run.logprob_chunk, mesh
+    )
     args = (_placed(params, state.params), batch)
     return Program("old/ref logprobs", fwd, args, shapes, devices=mesh.size, mesh=_mesh_name(mesh))
 

@@ -1,13 +1,16 @@
 """Orbax checkpoints of a training run: params, optimizer state, step, rng, data position.
 
 A checkpoint is one pytree ``{"params", "opt_state", "step", "rng",
-"data_position"}`` of host arrays, saved with ``ocp.CheckpointManager``
-(atomic: a save interrupted by SIGKILL leaves no half-written step, and the
-previous one is used). Restoring needs a template of the same structure
-(the freshly initialised state), which also fixes dtypes and namedtuple
-types of the optax state. Resuming restores exactly: params bit-identical,
-the same rng and data position, so a killed run ends where an uninterrupted
-one would.
+"data_position"}`` saved with ``ocp.CheckpointManager`` (atomic: a save
+interrupted by SIGKILL leaves no half-written step, and the previous one is
+used). params and optimizer state are saved as the sharded arrays they are on
+the training mesh: each process writes the shards it holds, nothing is gathered
+to one host. Restoring needs a template of the same structure (abstract arrays
+of the freshly initialised state, ``jax.ShapeDtypeStruct`` with ``sharding=``),
+which fixes dtypes and namedtuple types of the optax state and where each array
+lands: the *current* mesh's shardings, so a run saved on one mesh shape resumes
+on another. Resuming restores exactly: params bit-identical, the same rng and
+data position, so a killed run ends where an uninterrupted one would.
 
 A checkpoint that cannot be restored (a file deleted or truncated inside
 ``ckpt/N/``) is never deleted: ``restore_newest`` warns once naming its step,
@@ -41,6 +44,12 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step, params, opt_state, rng, data_position):
+        """Save (asynchronously) ``params`` and ``opt_state`` as they are (jax arrays on any
+        mesh, or host arrays) with the step, rng and data position.
+
+        orbax copies the arrays to host memory before ``save`` returns (on CPU a view,
+        which keeps XLA from reusing the buffers of a donated update meanwhile), then
+        writes in the background."""
         state = {
             "params": params,
             "opt_state": opt_state,
@@ -48,30 +57,27 @@ class Checkpointer:
             "rng": np.asarray(jax.random.key_data(rng) if _is_typed_key(rng) else rng),
             "data_position": np.asarray(data_position, np.int64),
         }
-        state = jax.device_get(state)
         self.manager.save(int(step), args=ocp.args.StandardSave(state))
 
     def restore(self, params, opt_state, rng, step=None):
-        """Restore ``step`` (default latest) into the structure of the given state.
+        r"""Restore ``step`` (default latest) into the structure of the given state.
 
-        Returns (params, opt_state, step, rng, data_position) as host arrays,
-        or None when there is no checkpoint.
+        ``params`` and ``opt_state``: arrays or ``jax.ShapeDtypeStruct``\ s; those with a
+        ``sharding`` are restored as jax arrays with it (each device reads its slice),
+        the others as host arrays. Returns (params, opt_state, step, rng,
+        data_position), or None when there is no checkpoint.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             return None
-        template = jax.device_get(
-            {
-                "params": params,
-                "opt_state": opt_state,
-                "step": np.asarray(0, np.int64),
-                "rng": np.asarray(rng),
-                "data_position": np.asarray(0, np.int64),
-            }
-        )
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        abstract = {
+            "params": jax.tree.map(_abstract, params),
+            "opt_state": jax.tree.map(_abstract, opt_state),
+            "step": _abstract(np.asarray(0, np.int64)),
+            "rng": _abstract(np.asarray(rng)),
+            "data_position": _abstract(np.asarray(0, np.int64)),
+        }
         state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        state = jax.tree.map(np.asarray, state)
         return (
             state["params"],
             state["opt_state"],
@@ -90,7 +96,7 @@ class Checkpointer:
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 return self.restore(params, opt_state, rng, step=step)
-            except Exception as e:  # orbax raises many types for a damaged step
+            except Exception as e:  # noqa: BLE001  (orbax raises many types for a damaged step)
                 aside = os.path.join(self.directory + "-broken", str(step))
                 os.makedirs(os.path.dirname(aside), exist_ok=True)
                 if os.path.exists(aside):
@@ -111,6 +117,16 @@ class Checkpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _abstract(x):
+    """The restore target of one leaf: its shape, dtype and (for jax arrays and abstract
+    arrays that carry one) sharding; a host array for the rest."""
+    sharding = getattr(x, "sharding", None)
+    if sharding is None:
+        x = np.asarray(x)
+        return np.zeros(x.shape, x.dtype)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
 def _is_typed_key(x):

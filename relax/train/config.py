@@ -82,8 +82,10 @@ class RunConfig:
         events) and the exported model (``final/``) go here.
       seed: one seed for data order, command insertion, rollouts and init.
       dtype: parameter/compute dtype of the trained model, "float32" or "bfloat16".
-      num_devices: local devices in the pmap (0 = all).
-      micro_batch_size: sequences per device per forward/backward; gradients
+      num_devices: devices of each process the stage's mesh spans (0 = all);
+        the mesh section then lays them out (``mesh.data=-1`` takes all of them).
+      micro_batch_size: sequences per row shard (a device of data x fsdp) per
+        forward/backward; gradients
         of a step's micro-batches are accumulated exactly before the update.
       logprob_chunk: positions (over the micro-batch's flattened B x T) per
         LM-head chunk of the training forward: the losses never hold
@@ -186,11 +188,12 @@ class GRPOConfig:
         row index in the step only). Bounds the two KV caches: Qwen3-1.7B +
         Qwen3-8B in bfloat16 hold ~3.2 GB per row at 12k slots. 0 = all rows
         of the step in one call. Must divide the host's rows of a step and be
-        a multiple of the local device count.
-      rollout_dtype: "bfloat16" or "float32" (default; no copy): the SLM
-        decodes from a copy of the float32 master params cast to this dtype
-        once per step, and computes and caches in it (``make_relay_rollout``
-        builds the bfloat16 model; a custom rollout must accept such params).
+        a multiple of the host's row shards (its devices of data x fsdp).
+      rollout_dtype: "bfloat16" or "float32" (default; no copy on a data-parallel
+        mesh): the SLM decodes from a copy of the float32 master params cast to
+        this dtype (and placed by the mesh's "serve" rules) once per step, and
+        computes and caches in it (``make_relay_rollout`` builds the bfloat16
+        model; a custom rollout must accept such params).
         The real presets use "bfloat16". The training forward (ratio, KL,
         loss) always uses the master params, so decode rounding never enters
         the ratio.

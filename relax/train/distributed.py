@@ -4,9 +4,11 @@ A run is multi-host when JAX's distributed environment is present: the
 explicit ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
 ``JAX_PROCESS_ID`` variables (GPU hosts, localhost tests), or a cluster that
 ``jax.distributed.initialize()`` detects by itself (Cloud TPU pod slices,
-SLURM, Open MPI), which ``RELAX_DISTRIBUTED=1`` asks for. Each process then
-feeds its own contiguous slice of every global batch to its local devices;
-the pmapped update's ``pmean`` runs over all devices of all processes.
+SLURM, Open MPI), which ``RELAX_DISTRIBUTED=1`` asks for. The training mesh
+(``relax.mesh.make_mesh``) then spans the devices of every process, and each
+process feeds its own contiguous slice of every global batch to its devices
+(``relax.train.update.shard_batch``); the update's reductions run over the
+whole mesh.
 
 It does not launch processes; the README shows the launch lines.
 """

@@ -1,6 +1,6 @@
 """GRPO maths: group advantages, token log-probs, the clipped policy loss with k3 KL.
 
-Pure functions on arrays; the pmapped update that uses them is in
+Pure functions on arrays; the update step that uses them is in
 ``relax.train.update`` and the training loop in ``relax.train.grpo_train``.
 
 Shapes: B sequences, T positions, V vocabulary. ``logits[b, t]`` predicts
@@ -116,7 +116,7 @@ def policy_loss(
 
     The log-ratio is clamped to [-20, 20] before exp, as in verl. Args are
     [B, T] except advantages [B]. ``num_tokens`` defaults to ``mask.sum()``;
-    the pmapped update passes the global count so shards add up exactly.
+    the update step passes the global count so shards add up exactly.
 
     Returns (loss, metrics); every metric is a masked sum / num_tokens, so
     metrics of micro-batches and devices add up like the loss.

@@ -1,16 +1,20 @@
-"""The GRPO loop: relay rollouts, per-group rewards, pmapped clipped-PG updates.
+"""The GRPO loop: relay rollouts, per-group rewards, clipped-PG updates on the device mesh.
 
 One step (the unit of checkpoints and metrics):
 
 1. take ``prompts_per_step`` problems (a seeded permutation per epoch; this
    process's contiguous share), repeat each G times (prompt-major rows);
-2. roll out with the current policy on this host's devices, rows sharded
-   over them and params replicated (XLA's SPMD partitioner splits the decode
-   loop by rows), in sequential calls of ``rollout_batch_size`` rows so only
-   one call's KV caches exist at a time; each call passes its rows' ``row_ids``, so the
-   tokens are those of one call on all rows (one compilation per call
+2. roll out with the current policy on the run's mesh (the one the update runs
+   on): rows over data x fsdp, each process feeding its share, in sequential
+   calls of ``rollout_batch_size`` rows per process so only one call's KV
+   caches exist at a time; each call passes its rows' global ``row_ids``, so
+   the tokens are those of one call on all rows (one compilation per call
    shape). The SLM decodes from a copy of the float32 master params cast to
-   ``rollout_dtype`` (bfloat16 in the real presets) once per step;
+   ``rollout_dtype`` (bfloat16 in the real presets) once per step by a jitted
+   cast straight into the "serve" placement of ``relax.mesh`` (heads / MLP /
+   vocabulary over ``model``, the model width whole): the master params are
+   read where they live, never converted or gathered on a host; the teacher
+   is placed there once;
 3. score on the host: verifier -> correct, honoured calls -> called,
    rho = LLM tokens / response tokens, the reward, group advantages;
 4. the training batch is trimmed to the step's longest sequence, rounded up
@@ -26,17 +30,18 @@ One step (the unit of checkpoints and metrics):
    softmax(logits / ``temperature``), the distribution the rollouts sample
    from, and none of them holds [B, T, V] logits (``relax.train.logprobs``);
 6. split into ``prompts_per_step / mini_batch_prompts`` mini-batches, in
-   order, one pmapped optimizer update each (``ppo_epochs`` = 1).
+   order, one optimizer update each (``relax.train.update``; ``ppo_epochs`` = 1).
 
 Deviations and simplifications: mini-batches are not shuffled (the rows are
 already a random permutation of prompts); rollouts whose prompt is longer
 than ``max_prompt_len`` are not supported (filter them beforehand); rollouts
 must sample from the full tempered softmax (top-p < 1, top-k and greedy are
 rejected, ``check_sampling``), because the training log-probs do not model
-truncation; a host's rows sample from ``fold_in(key, process index)`` and
-their index on that host, so results depend on the process count (as before
-chunking).
+truncation. A row samples from the step's key and its global row index, so
+rollouts do not depend on the process count or the chunking.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -45,20 +50,21 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from relax.errors import ConfigError
-from relax.mesh import put_served, relay_mesh, row_devices, rows_sharding
+from relax.mesh import param_shardings, rows_spec
 from relax.train import distributed
 from relax.train.grpo import grpo_loss_from_logprobs
 from relax.train.logprobs import sequence_stats
 from relax.train.loop import TrainRun
 from relax.train.rollout import chunked_rollout, pad_prompts, score, train_width, training_batch
 from relax.train.update import (
+    is_data_parallel,
+    local_rows,
     make_forward_logprobs,
     make_optimizer,
     make_update_step,
-    merge_devices,
-    replicate,
-    split_devices,
+    place,
     training_model,
+    unshard_batch,
 )
 
 
@@ -149,18 +155,6 @@ def step_problems(step, num_problems, cfg):
     return order[s * cfg.prompts_per_step : (s + 1) * cfg.prompts_per_step]
 
 
-def _spmd_replicated(tree, mesh):
-    """pmap-replicated arrays [n_dev, ...] as one replicated array on ``mesh`` (no host copy)."""
-    sharding = NamedSharding(mesh, PartitionSpec())
-
-    def conv(x):
-        by_device = {s.device: s.data[0] for s in x.addressable_shards}
-        shards = [by_device[d] for d in mesh.devices.flat]
-        return jax.make_array_from_single_device_arrays(x.shape[1:], sharding, shards)
-
-    return jax.tree.map(conv, tree)
-
-
 def train_grpo(
     model,
     params,
@@ -193,8 +187,7 @@ def train_grpo(
         against ``cfg`` (``check_sampling``).
       verifier: ``verifier(response_ids, problem) -> bool``.
       encode: ``encode(problem) -> prompt ids`` (list of ints).
-      llm_params: the teacher's params (placed once on the rollout mesh: tensor parallel
-        over ``mesh.model`` devices when the rollout's teacher is a relax Model).
+      llm_params: the teacher's params (placed once on the mesh, "serve" profile).
       on_step: optional ``on_step(step, metrics)`` callback.
     Metrics per step (JSONL/TensorBoard): reward, accuracy, call_rate,
     llm_token_share, response_tokens, loss, pg_loss, kl, clip_frac,
@@ -205,36 +198,35 @@ def train_grpo(
     check_sampling(cfg, getattr(rollout, "slm_sampling", None))
     total, updates_per_step = grpo_schedule(len(problems), cfg)
     optimizer = make_optimizer(cfg.optim, total * updates_per_step)
-    run = TrainRun(cfg.run, params, optimizer, total)
-    n_dev, procs, G = run.n_dev, jax.process_count(), cfg.group_size
-    local_rows = cfg.prompts_per_step * G // procs
-    if (cfg.prompts_per_step % procs) or local_rows % n_dev:
+    run = TrainRun(cfg.run, params, optimizer, total, mesh=cfg.mesh)
+    procs, G, shards = jax.process_count(), cfg.group_size, run.local_row_shards
+    local_rows_ = cfg.prompts_per_step * G // procs
+    if (cfg.prompts_per_step % procs) or local_rows_ % shards:
         raise ValueError(
-            f"{cfg.prompts_per_step} prompts x G={G} do not split over {procs} x {n_dev} devices"
+            f"{cfg.prompts_per_step} prompts x G={G} do not split over {procs} processes x "
+            f"{shards} row shards (data x fsdp) each"
         )
-    # The rollout mesh: this host's devices, mesh.model per model replica (the teacher and
-    # the student's rollout copy tensor parallel over it), rows over the rest.
-    mesh = relay_mesh(cfg.mesh, run.devices)
-    row_sharding, n_rows = rows_sharding(mesh), row_devices(mesh)
-    rows_per_call = min(cfg.rollout_batch_size or local_rows, local_rows)
-    if local_rows % rows_per_call or rows_per_call % n_rows:
+    rows_per_call = min(cfg.rollout_batch_size or local_rows_, local_rows_)
+    if local_rows_ % rows_per_call or rows_per_call % shards:
         raise ValueError(
             f"GRPOConfig.rollout_batch_size={cfg.rollout_batch_size} must divide this host's "
-            f"{local_rows} rollout rows per step and be a multiple of its {n_rows} row devices"
+            f"{local_rows_} rollout rows per step and be a multiple of its {shards} row shards"
         )
     run.check_split(cfg.mini_batch_prompts * G, "mini_batch_prompts x group_size")
-    ref_r = replicate(ref_params, run.devices)
+    mesh, mbs = run.mesh, cfg.run.micro_batch_size
+    ref = place(ref_params, run.shardings.params)  # frozen, sharded like the policy
     train_model = training_model(model, cfg.run.remat)
-    update_fn = make_update_step(make_grpo_loss(train_model, cfg), optimizer)
+    update_fn = make_update_step(make_grpo_loss(train_model, cfg), optimizer, run.shardings)
     logprob_fn = make_forward_logprobs(
-        train_model, cfg.relay.slm.temperature, cfg.run.logprob_chunk
+        train_model, cfg.relay.slm.temperature, cfg.run.logprob_chunk, mesh
     )
-    mbs = cfg.run.micro_batch_size
-    cast = _caster(ROLLOUT_DTYPES[cfg.rollout_dtype])
+    serve = _serve_shardings(params, mesh)
+    cast = _caster(ROLLOUT_DTYPES[cfg.rollout_dtype], run.shardings.params, serve)
+    on_mesh = _on_mesh(rollout, mesh, local_rows_)
     rows_per_update = cfg.mini_batch_prompts * G // procs
-    # the frozen teacher, placed once on the rollout mesh (by the serve rules when the
-    # rollout names a relax Model teacher, else replicated)
-    llm_spmd = put_served(getattr(rollout, "llm", None), llm_params, mesh)
+    llm = None  # the frozen teacher, placed once on the mesh
+    if llm_params is not None:
+        llm = place(llm_params, _serve_shardings(llm_params, mesh))
     bar = tqdm(total=total, initial=run.step, desc="grpo", disable=not (progress and run.main))
     while run.step < total:
         idx = distributed.shard_rows(step_problems(run.step, len(problems), cfg))
@@ -242,35 +234,25 @@ def train_grpo(
         prompts, lens = pad_prompts(
             [list(encode(problems[i])) for i in idx for _ in range(G)], pad_id
         )
-        # SPMD calls over this host's devices: rows sharded, params replicated, in the
-        # rollout dtype (one cast copy per step, dropped before the update).
-        key = jax.random.fold_in(run.key(), jax.process_index())
-        rollout_params = put_served(model, cast(_spmd_replicated(run.params, mesh)), mesh)
+        # Rows over the mesh, the policy in the rollout dtype and serve placement (one
+        # cast copy per step, dropped before the update).
+        rollout_params = cast(run.params)
         out = chunked_rollout(
-            rollout,
-            rollout_params,
-            llm_spmd,
-            prompts,
-            lens,
-            key,
-            rows_per_call,
-            put=lambda x: jax.device_put(x, row_sharding),
+            on_mesh, rollout_params, llm, prompts, lens, run.key(0), rows_per_call
         )
         del rollout_params
         sc = score(out, examples, verifier, G, cfg.reward)
         width = train_width(_global_max(out.lengths), out.tokens.shape[1] - 1)
         batch = training_batch(out, sc["advantages"], width, cfg.mask_llm_tokens)
-        fwd = {k: batch[k] for k in ("inputs", "positions", "targets")}
-        split = split_devices(fwd, n_dev, mbs)
-        batch["old_logp"] = merge_devices(logprob_fn(run.params, split))
-        batch["ref_logp"] = merge_devices(logprob_fn(ref_r, split))
+        fwd = run.shard({k: batch[k] for k in ("inputs", "positions", "targets")})
+        batch["old_logp"] = unshard_batch(logprob_fn(run.params, fwd), mbs)
+        batch["ref_logp"] = unshard_batch(logprob_fn(ref, fwd), mbs)
+        del fwd
         upd = []
         for u in range(updates_per_step):
             mb = {k: v[u * rows_per_update : (u + 1) * rows_per_update] for k, v in batch.items()}
-            run.params, run.opt_state, m = update_fn(
-                run.params, run.opt_state, split_devices(mb, n_dev, mbs)
-            )
-            upd.append(jax.tree.map(lambda x: float(np.asarray(x)[0]), m))
+            run.params, run.opt_state, m = update_fn(run.params, run.opt_state, run.shard(mb))
+            upd.append({k: float(v.addressable_data(0)) for k, v in m.items()})
         metrics = {k: float(np.mean([m[k] for m in upd])) for k in upd[0]}
         metrics["skipped"] = float(sum(m["skipped"] for m in upd))
         metrics.update(_rollout_metrics(sc))
@@ -284,21 +266,54 @@ def train_grpo(
     return run.finish()
 
 
-def _caster(dtype):
-    """A jitted cast of a params tree's floating leaves to ``dtype`` (identity when they are)."""
+def _caster(dtype, train, serve):
+    """A jitted cast of the policy's floating leaves to ``dtype``, from the training
+    placement ``train`` straight into ``serve`` (NamedShardings); the params themselves
+    when dtype and placement already agree (no copy)."""
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=serve)
     def cast(tree):
         return jax.tree.map(
             lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
         )
 
+    same = all(a.spec == b.spec for a, b in zip(jax.tree.leaves(train), jax.tree.leaves(serve)))
+
     def maybe(tree):
-        if all(x.dtype == dtype for x in jax.tree.leaves(tree)):
+        if same and all(x.dtype == dtype for x in jax.tree.leaves(tree)):
             return tree
         return cast(tree)
 
     return maybe
+
+
+def _serve_shardings(params, mesh):
+    """Where a model's rollout copy lives: the "serve" profile of ``relax.mesh``;
+    replicated on a data-only mesh (where any model's params work)."""
+    if is_data_parallel(mesh):
+        return jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), params)
+    return param_shardings(params, mesh, "serve")
+
+
+def _on_mesh(rollout, mesh, local_count):
+    """``rollout`` on the mesh for ``chunked_rollout``: this process's host rows in (rows
+    over data x fsdp, ``row_ids`` made global), its rows back as host arrays."""
+    rows = NamedSharding(mesh, rows_spec(mesh))
+    offset = jax.process_index() * local_count
+
+    def put(x):
+        return jax.make_array_from_process_local_data(rows, np.asarray(x))
+
+    def call(slm_params, llm_params, prompts, lens, key, **kw):
+        if kw.get("row_ids") is not None:
+            kw["row_ids"] = put(np.asarray(kw["row_ids"]) + offset)
+        elif jax.process_count() > 1:
+            kw["row_ids"] = put(np.arange(len(lens), dtype=np.int32) + offset)
+        key = jax.device_put(key, NamedSharding(mesh, PartitionSpec()))
+        out = rollout(slm_params, llm_params, put(prompts), put(lens), key, **kw)
+        return jax.tree.map(local_rows, out)
+
+    return call
 
 
 def _global_max(lengths):

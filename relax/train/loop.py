@@ -1,12 +1,24 @@
-"""Run bookkeeping shared by the SFT and GRPO loops: state, resume, logging, checkpoints.
+"""Run bookkeeping shared by the SFT and GRPO loops: mesh, state, resume, logging, checkpoints.
 
-``TrainRun`` owns the replicated params and optimizer state, the step
-counter, the rng and the data position; it restores them from the latest
-orbax checkpoint that restores (exact resume; a damaged newest step is
-reported and set aside, see ``Checkpointer.restore_newest``), drops the
-metrics rows of steps that will run again, writes metrics, saves every
-``checkpoint_every`` steps, reports skipped (non-finite) steps, and exports
-the final model. The loops only compute batches and call ``update``.
+``TrainRun`` builds the run's device mesh from the stage config's ``mesh`` section
+(``relax.mesh.make_mesh`` over every process's devices, ``run.num_devices`` of each
+when set) and owns, on it:
+
+  params, opt_state   global NamedSharding arrays at ``update.train_shardings``: the
+                      "train" profile of ``relax.mesh`` (ZeRO-3 over ``fsdp``, tensor
+                      parallel over ``model``), replicated on a data-only mesh. They
+                      stay there for the whole run: the update donates and returns
+                      them in place, the GRPO rollouts read a cast of them, orbax
+                      saves them shard by shard.
+  step, rng, data position   host values, the same on every process.
+
+It restores them from the latest orbax checkpoint that restores, onto *this* run's
+mesh (a run saved on data=4 resumes on fsdp=2 x data=2; a damaged newest step is
+reported and set aside, see ``Checkpointer.restore_newest``), drops the metrics rows of
+steps that will run again, writes metrics, saves every ``checkpoint_every`` steps,
+reports skipped (non-finite) steps, and hands the final params to the host for
+export. The loops only compute batches (``shard`` places this process's rows) and call
+``update``.
 """
 
 import os
@@ -17,32 +29,57 @@ import jax
 import numpy as np
 
 from relax.errors import ConfigError
+from relax.mesh import MeshConfig, make_mesh
 from relax.train import distributed
 from relax.train.checkpoint import Checkpointer
 from relax.train.metrics import MetricsWriter
-from relax.train.update import local_devices, replicate, unreplicate
+from relax.train.update import (
+    host_copy,
+    local_row_shards,
+    mesh_devices,
+    place,
+    shard_batch,
+    train_shardings,
+)
 
 
 class TrainRun:
-    def __init__(self, run_cfg, params, optimizer, total_steps, resume=True):
+    def __init__(self, run_cfg, params, optimizer, total_steps, resume=True, mesh=None):
         self.cfg = run_cfg
         self.total_steps = int(total_steps)
-        self.devices = local_devices(run_cfg.num_devices)
-        self.n_dev = len(self.devices)
+        self.mesh = make_mesh(mesh or MeshConfig(), mesh_devices(run_cfg.num_devices))
+        self.shardings = train_shardings(self.mesh, params, optimizer)
+        self.row_shards, self.local_row_shards = local_row_shards(self.mesh)
+        if self.row_shards % jax.process_count():
+            raise ConfigError(
+                f"the mesh {dict(self.mesh.shape)} has {self.row_shards} row shards "
+                f"(data x fsdp), not a multiple of the {jax.process_count()} processes",
+                "every process must feed rows of its own: raise mesh.data or mesh.fsdp",
+            )
         self.main = distributed.is_main_process()
-        opt_state = optimizer.init(params)
         self.step = 0
         self.data_position = 0
         self.rng = np.asarray(jax.random.key_data(jax.random.key(run_cfg.seed)))
         self.ckpt = Checkpointer(os.path.join(run_cfg.output_dir, "ckpt"), run_cfg.keep_checkpoints)
         self.resumed_from = None
+        restored = None
         if resume:
-            restored = self.ckpt.restore_newest(params, opt_state, self.rng)
-            if restored is not None:
-                params, opt_state, self.step, self.rng, self.data_position = restored
-                self.resumed_from = self.step
-        self.params = replicate(params, self.devices)
-        self.opt_state = replicate(opt_state, self.devices)
+            abstract = lambda tree, shardings: jax.tree.map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+            )
+            restored = self.ckpt.restore_newest(
+                abstract(params, self.shardings.params),
+                abstract(jax.eval_shape(optimizer.init, params), self.shardings.opt_state),
+                self.rng,
+            )
+        if restored is not None:
+            self.params, self.opt_state, self.step, self.rng, self.data_position = restored
+            self.resumed_from = self.step
+        else:
+            self.params = place(params, self.shardings.params)
+            self.opt_state = jax.jit(optimizer.init, out_shardings=self.shardings.opt_state)(
+                self.params
+            )
         self.writer = MetricsWriter(run_cfg.output_dir, enabled=self.main)
         if resume:
             # Steps logged after the restored checkpoint will run again: drop their rows.
@@ -51,14 +88,18 @@ class TrainRun:
 
     def check_split(self, global_rows, what):
         """Fail early (before compiling) when a global batch does not split evenly."""
-        parts = jax.process_count() * self.n_dev * self.cfg.micro_batch_size
+        parts = self.row_shards * self.cfg.micro_batch_size
         if global_rows % parts:
             raise ConfigError(
-                f"{what} = {global_rows} rows must be a multiple of processes x devices x "
-                f"run.micro_batch_size = {jax.process_count()} x {self.n_dev} x "
+                f"{what} = {global_rows} rows must be a multiple of the mesh's row shards "
+                f"(data x fsdp = {self.row_shards}) x run.micro_batch_size = "
                 f"{self.cfg.micro_batch_size}",
-                "change one of them (run.num_devices=N uses fewer devices)",
+                "change one of them (mesh.data=N or run.num_devices=N uses fewer devices)",
             )
+
+    def shard(self, batch):
+        """This process's rows [b, ...] as the update's global [M, R, ...] arrays."""
+        return shard_batch(batch, self.mesh, self.cfg.micro_batch_size)
 
     def key(self, *path):
         """A key for this step: fold the step (and optional path ints) into the run rng."""
@@ -69,13 +110,14 @@ class TrainRun:
         return key
 
     def host_params(self):
-        return unreplicate(self.params)
+        """The whole params as host numpy arrays on every process (for export)."""
+        return host_copy(self.params)
 
     def end_step(self, metrics, data_position):
         """Advance the step, log, checkpoint and honour the kill hook."""
         self.step += 1
         self.data_position = int(data_position)
-        metrics = {k: float(np.asarray(v)) for k, v in metrics.items()}
+        metrics = {k: float(np.asarray(_scalar(v))) for k, v in metrics.items()}
         if metrics.get("skipped", 0.0) > 0:
             self.skipped_steps.append(self.step)
             print(
@@ -95,13 +137,7 @@ class TrainRun:
     def save(self):
         if self.ckpt.latest_step() == self.step:
             return
-        self.ckpt.save(
-            self.step,
-            unreplicate(self.params),
-            unreplicate(self.opt_state),
-            self.rng,
-            self.data_position,
-        )
+        self.ckpt.save(self.step, self.params, self.opt_state, self.rng, self.data_position)
 
     def finish(self):
         """Final checkpoint; returns host params."""
@@ -109,3 +145,8 @@ class TrainRun:
         self.ckpt.close()
         self.writer.close()
         return self.host_params()
+
+
+def _scalar(x):
+    """A replicated metric (a global array on many processes) as a local value."""
+    return x.addressable_data(0) if isinstance(x, jax.Array) else x

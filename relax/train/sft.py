@@ -1,4 +1,4 @@
-"""Warm-up SFT: next-token cross-entropy on response tokens only, pmapped AdamW.
+"""Warm-up SFT: next-token cross-entropy on response tokens only, AdamW on the device mesh.
 
 ``train_sft(model, params, examples, cfg)`` is the Python entry point (the
 CLI and the demo call it). An example is ``{"prompt_ids", "response_ids"}``
@@ -16,7 +16,6 @@ dropped). The step, data position, rng, params and optimizer state are
 checkpointed, so a resumed run replays exactly the same batches.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
@@ -30,7 +29,6 @@ from relax.train.update import (
     lr_schedule,
     make_optimizer,
     make_update_step,
-    split_devices,
     training_model,
 )
 
@@ -100,7 +98,9 @@ def pack_examples(examples, max_len, pad_id=0):
         seq = p + r
         tokens[i, : len(seq)] = seq
         lengths[i] = len(seq)
-        mask[i, len(p) - 1 : len(seq) - 1] = e.get("response_mask", 1.0)  # targets p .. len-1: the response
+        mask[i, len(p) - 1 : len(seq) - 1] = e.get(
+            "response_mask", 1.0
+        )  # targets p .. len-1: the response
     t = np.arange(width - 1)[None, :]
     return {
         "inputs": tokens[:, :-1],
@@ -132,8 +132,7 @@ def sft_plan(num_examples, cfg):
         return cfg.steps, f"{cfg.steps} steps (steps={cfg.steps} caps {total} = {why})"
     if cfg.steps > total:
         return total, (
-            f"{total} steps = {why}; steps={cfg.steps} is only a cap "
-            "(raise epochs for more steps)"
+            f"{total} steps = {why}; steps={cfg.steps} is only a cap (raise epochs for more steps)"
         )
     return total, f"{total} steps = {why}"
 
@@ -161,20 +160,17 @@ def train_sft(model, params, examples, cfg, pad_id=0, progress=True):
             why += f" ({len(examples) - n} of {len(examples)} examples are longer than max_len={cfg.max_len} and dropped)"
         print(f"[sft] {why}", flush=True)
     optimizer = make_optimizer(cfg.optim, total)
-    run = TrainRun(cfg.run, params, optimizer, total)
+    run = TrainRun(cfg.run, params, optimizer, total, mesh=cfg.mesh)
     run.check_split(cfg.batch_size, "batch_size")
     loss_fn = make_sft_loss(training_model(model, cfg.run.remat), cfg.run.logprob_chunk)
-    step_fn = make_update_step(loss_fn, optimizer)
+    step_fn = make_update_step(loss_fn, optimizer, run.shardings)
     schedule = lr_schedule(cfg.optim, total)
     bar = tqdm(total=total, initial=run.step, desc="sft", disable=not (progress and run.main))
     while run.step < total:
         rows = distributed.shard_rows(batch_rows(run.step, n, cfg))
-        batch = split_devices(
-            {k: v[rows] for k, v in data.items()}, run.n_dev, cfg.run.micro_batch_size
-        )
+        batch = run.shard({k: v[rows] for k, v in data.items()})
         lr = float(schedule(run.step))
         run.params, run.opt_state, metrics = step_fn(run.params, run.opt_state, batch)
-        metrics = jax.tree.map(lambda x: np.asarray(x)[0], metrics)
         metrics = run.end_step(dict(metrics, lr=lr), (run.step + 1) * cfg.batch_size)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")

@@ -1,18 +1,49 @@
-"""The optimizer and the pmapped update step shared by SFT and GRPO.
+"""The optimizer and the update step shared by SFT and GRPO, on the device mesh.
 
-One update = one optimizer step over a global batch. The batch is split over
-hosts (``distributed.shard_rows``), then over local devices (leading axis of
-the pmap), then into micro-batches (scanned, gradients summed). The loss of
-every micro-batch is a *masked sum divided by the global token count*
-(divided by the device count, because gradients are ``pmean``ed), so the
-update is the exact token mean over the global batch whatever the number of
-devices or micro-batches: 1, 2 or 4 devices give the same params up to float
-summation order.
+One update = one optimizer step over a global batch. Everything lives on ONE mesh
+(``relax.mesh``, axes ``data``, ``fsdp``, ``model``) built from the stage config's
+``mesh`` section, on one host or many:
 
-A non-finite loss or gradient norm skips the update: params and optimizer
-state are returned unchanged and ``metrics["skipped"]`` is 1.
+  params, AdamW state   NamedSharding arrays, ``relax.mesh`` "train" profile: the model
+                        width over ``fsdp`` (ZeRO-3: each device holds 1/fsdp), heads /
+                        MLP / vocabulary over ``model``; on a data-only mesh, replicated.
+  gradients             the params' shardings (constrained inside the step).
+  a batch               [M, R, ...]: M micro-batches of R rows, the rows over
+                        data x fsdp (``shard_batch``); each process feeds its share.
 
-What this module does not do: build batches, sample, or checkpoint.
+The same arrays are what the GRPO rollouts read (a jitted cast to the rollout dtype
+and the "serve" profile) and what orbax saves: nothing converts between parallelism
+models inside a step.
+
+One step body (``_step_body``: micro-batch scan with summed gradients, exact
+global-token-mean loss, gradient norm, non-finite skip, optimizer) is wrapped two ways
+over the same mesh, chosen by the mesh:
+
+  data-parallel  (fsdp = model = 1): ``shard_map`` over the rows axes, params
+                 replicated. Each device runs the body on its own [M, mbs] rows and
+                 the token count, loss, metrics and gradients are summed (``psum``)
+                 over data x fsdp: exactly the program a ``jax.pmap`` over ``data``
+                 runs, but on the mesh's own arrays, which the rollouts, checkpoints
+                 and the sharded path share (a pmap needs [devices, ...] arrays of
+                 its own, and a conversion per step for the rollouts' SPMD jit).
+  sharded        (fsdp or model > 1): ``jit`` with in/out shardings. The body sees the
+                 global batch; XLA's partitioner gathers each layer's weights where
+                 used (FSDP) and reduce-scatters the gradients onto the params'
+                 shardings. A manual program (``shard_map`` for both) would have to
+                 gather weights by hand inside the model.
+
+The body's only difference between the two is ``axes``: the mesh axes it sums over
+(the data-parallel program's rows) or none (the global program). The loss of every
+micro-batch is a *masked sum divided by the global token count*, so the update is the
+exact token mean over the global batch whatever the mesh or micro-batching: meshes of
+1, 2 or 4 devices, data or fsdp or model, give the same params up to float summation
+order.
+
+A non-finite loss or gradient norm skips the update: params and optimizer state are
+returned unchanged and ``metrics["skipped"]`` is 1.
+
+What this module does not do: build batches (it only places them, ``shard_batch``),
+sample, or checkpoint.
 """
 
 import dataclasses
@@ -21,9 +52,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
-AXIS = "data"
+from relax import mesh as mesh_lib
 
 
 def lr_schedule(cfg, total_steps):
@@ -63,37 +94,101 @@ def make_optimizer(cfg, total_steps):
     return optax.chain(*parts)
 
 
+def is_data_parallel(mesh):
+    """fsdp = model = 1: every device holds the whole model (the shard_map program)."""
+    return mesh.shape["fsdp"] == 1 and mesh.shape["model"] == 1
+
+
+def mesh_devices(num_devices=0):
+    """The devices a training mesh spans: each process's first ``num_devices`` local
+    devices (0 = all), in ``jax.devices()`` order."""
+    if not num_devices:
+        return jax.devices()
+    taken, out = {}, []
+    for d in jax.devices():
+        if taken.get(d.process_index, 0) < num_devices:
+            taken[d.process_index] = taken.get(d.process_index, 0) + 1
+            out.append(d)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Where a run's state lives: the mesh and the NamedShardings of params and AdamW state."""
+
+    mesh: jax.sharding.Mesh
+    params: object
+    """NamedShardings of the params (pytree like them)."""
+    opt_state: object
+    """NamedShardings of the optimizer state."""
+
+
+def train_shardings(mesh, params, optimizer):
+    """``TrainState`` of ``params`` (arrays or ShapeDtypeStructs) and ``optimizer`` on ``mesh``.
+
+    The "train" profile of ``relax.mesh``; on a data-parallel mesh every leaf is
+    replicated (and any model's params work, not only a relax ``Model``'s)."""
+    if is_data_parallel(mesh):
+        specs = jax.tree.map(lambda _: PartitionSpec(), params)
+    else:
+        specs = mesh_lib.param_specs(params, mesh, "train")
+    opt_specs = mesh_lib.opt_state_specs(optimizer, jax.eval_shape(optimizer.init, params), specs)
+    named = lambda tree: jax.tree.map(
+        lambda s: NamedSharding(mesh, s), tree, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+    return TrainState(mesh, named(specs), named(opt_specs))
+
+
+def place(tree, shardings):
+    """Host arrays (the same on every process) as global arrays with ``shardings``.
+
+    Each device gets only its slice (``make_array_from_callback``), so no device
+    ever holds a whole sharded matrix."""
+
+    def one(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def _tree_add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
 
-def make_update_step(loss_fn, optimizer):
-    """pmapped ``step(params, opt_state, batch) -> (params, opt_state, metrics)``.
+def _step_body(loss_fn, optimizer, axes=(), grad_shardings=None):
+    """``step(params, opt_state, batch) -> (params, opt_state, metrics)``.
 
-    ``loss_fn(params, micro_batch, num_tokens) -> (loss, metrics)`` must return
-    masked sums divided by ``num_tokens`` (loss and every metric). ``batch``
-    leaves are [devices, micro_batches, micro_batch_size, ...] and must hold
-    ``loss_mask``. params and opt_state carry a leading device axis
-    (``replicate``) and are donated: the update happens in place, so the
-    old copy never doubles peak memory.
+    ``axes``: mesh axes holding other rows of the batch, summed over (the per-device
+    program of ``shard_map``), or () when the body sees the global batch (``jit``).
+    ``grad_shardings``: where the gradient accumulators live (the params' shardings
+    of the sharded path), or None.
     """
 
+    def total(x):
+        return jax.lax.psum(x, axes) if axes else x
+
+    def constrain(grads):
+        if grad_shardings is None:
+            return grads
+        return jax.lax.with_sharding_constraint(grads, grad_shardings)
+
     def step(params, opt_state, batch):
-        n_dev = jax.lax.psum(1, AXIS)
-        global_tokens = jax.lax.psum(batch["loss_mask"].astype(jnp.float32).sum(), AXIS)
-        num_tokens = jnp.maximum(global_tokens, 1.0) / n_dev
+        global_tokens = total(batch["loss_mask"].astype(jnp.float32).sum())
+        num_tokens = jnp.maximum(global_tokens, 1.0)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         first = jax.tree.map(lambda x: x[0], batch)
-        shapes = jax.eval_shape(grad_fn, params, first, num_tokens)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        (aux_shapes, grad_shapes) = jax.eval_shape(grad_fn, params, first, num_tokens)
+        zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)
 
         def micro(acc, mb):
-            return _tree_add(acc, grad_fn(params, mb, num_tokens)), None
+            aux, grads = acc
+            mb_aux, mb_grads = grad_fn(params, mb, num_tokens)
+            return (_tree_add(aux, mb_aux), constrain(_tree_add(grads, mb_grads))), None
 
-        ((loss, metrics), grads), _ = jax.lax.scan(micro, zeros, batch)
-        grads = jax.lax.pmean(grads, AXIS)
-        loss = jax.lax.pmean(loss, AXIS)
-        metrics = jax.lax.pmean(metrics, AXIS)
+        init = (zeros(aux_shapes), constrain(zeros(grad_shapes)))
+        ((loss, metrics), grads), _ = jax.lax.scan(micro, init, batch)
+        loss, metrics, grads = total((loss, metrics, grads))
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
@@ -107,58 +202,114 @@ def make_update_step(loss_fn, optimizer):
         metrics["tokens"] = global_tokens
         return params, opt_state, metrics
 
-    return jax.pmap(step, axis_name=AXIS, donate_argnums=(0, 1))
+    return step
 
 
-def local_devices(num_devices=0):
-    devices = jax.local_devices()
-    return devices[:num_devices] if num_devices else devices
+def batch_spec(mesh):
+    """Spec of a batch leaf [M, R, ...]: micro-batches whole, rows over data x fsdp."""
+    return PartitionSpec(None, mesh_lib.ROWS)
 
 
-def replicate(tree, devices):
-    """Copy a pytree onto every device (leading device axis), as pmap expects.
+def make_update_step(loss_fn, optimizer, state: TrainState):
+    """``step(params, opt_state, batch) -> (params, opt_state, metrics)`` on ``state.mesh``.
 
-    Built shard by shard, so the host never holds n_dev copies of the params.
+    ``loss_fn(params, micro_batch, num_tokens) -> (loss, metrics)`` must return
+    masked sums divided by ``num_tokens`` (loss and every metric). ``batch``
+    leaves are [micro_batches, rows, ...] (``shard_batch``) and must hold
+    ``loss_mask``. params and opt_state live at ``state``'s shardings and are
+    donated: the update happens in place, so the old copy never doubles peak
+    memory. Metrics come back replicated.
     """
-    sharding = NamedSharding(Mesh(np.array(devices), (AXIS,)), PartitionSpec(AXIS))
+    mesh = state.mesh
+    replicated = NamedSharding(mesh, PartitionSpec())
+    if is_data_parallel(mesh):
+        body = _step_body(loss_fn, optimizer, axes=mesh_lib.ROWS)
+        # check_vma off: the gradient accumulator starts as (unvarying) zeros and
+        # becomes varying over the rows axes; the psum makes everything returned replicated.
+        fn = jax.shard_map(
+            body,
+            mesh=mesh,
+            in_specs=(PartitionSpec(), PartitionSpec(), batch_spec(mesh)),
+            out_specs=PartitionSpec(),
+            check_vma=False,
+        )
+    else:
+        fn = _step_body(loss_fn, optimizer, grad_shardings=state.params)
+    return jax.jit(
+        fn,
+        in_shardings=(state.params, state.opt_state, NamedSharding(mesh, batch_spec(mesh))),
+        out_shardings=(state.params, state.opt_state, replicated),
+        donate_argnums=(0, 1),
+    )
 
-    def rep(x):
-        x = jnp.asarray(x)
-        shards = [jax.device_put(x[None], d) for d in devices]
-        return jax.make_array_from_single_device_arrays((len(devices), *x.shape), sharding, shards)
 
-    return jax.tree.map(rep, tree)
+def local_row_shards(mesh):
+    """(row shards of the mesh, those whose rows this process feeds).
 
-
-def unreplicate(tree):
-    """Device 0's copy of a replicated pytree, as host numpy arrays that own their memory.
-
-    The explicit copy matters: on CPU, ``np.asarray`` of a device array can
-    alias the device buffer, and the params buffers are donated to the next
-    update, which would rewrite a checkpoint while orbax is still saving it.
-    """
-    return jax.tree.map(lambda x: np.array(x.addressable_shards[0].data[0], copy=True), tree)
+    A row shard is one slice of the rows over data x fsdp (its devices along
+    ``model`` hold the same rows)."""
+    total = mesh_lib.axis_size(mesh, mesh_lib.ROWS)
+    sharding = NamedSharding(mesh, PartitionSpec(mesh_lib.ROWS))
+    starts = {idx[0].start for idx in sharding.addressable_devices_indices_map((total,)).values()}
+    return total, len(starts)
 
 
-def split_devices(batch, n_dev, micro_batch_size):
-    """Host arrays [B, ...] -> [n_dev, B / (n_dev * mbs), mbs, ...] (rows stay in order)."""
+def shard_batch(batch, mesh, micro_batch_size):
+    """This process's rows [b, ...] (host arrays) -> global arrays [M, R, ...] on ``mesh``.
 
-    def split(x):
+    Row shard d of this process gets rows [d * M * mbs, (d + 1) * M * mbs) of its
+    share, micro-batch m of them at [m * mbs, (m + 1) * mbs): the rows a pmapped
+    update gave device d. R = mbs x the mesh's row shards; each process passes only
+    its own rows (``make_array_from_process_local_data``)."""
+    total, local = local_row_shards(mesh)
+    sharding = NamedSharding(mesh, batch_spec(mesh))
+
+    def one(x):
         x = np.asarray(x)
         rows = x.shape[0]
-        if rows % (n_dev * micro_batch_size):
+        if rows % (local * micro_batch_size):
             raise ValueError(
-                f"{rows} rows do not split over {n_dev} devices x micro-batches of {micro_batch_size}"
+                f"{rows} rows do not split over {local} row shards x micro-batches of "
+                f"{micro_batch_size}"
             )
-        return x.reshape(n_dev, rows // (n_dev * micro_batch_size), micro_batch_size, *x.shape[1:])
+        m = rows // (local * micro_batch_size)
+        y = x.reshape(local, m, micro_batch_size, *x.shape[1:]).swapaxes(0, 1)
+        y = y.reshape(m, local * micro_batch_size, *x.shape[1:])
+        return jax.make_array_from_process_local_data(
+            sharding, y, (m, total * micro_batch_size, *x.shape[1:])
+        )
 
-    return jax.tree.map(split, batch)
+    return jax.tree.map(one, batch)
 
 
-def merge_devices(x):
-    """Inverse of ``split_devices`` for one array: [n_dev, M, mbs, ...] -> [B, ...]."""
-    x = np.asarray(x)
-    return x.reshape(-1, *x.shape[3:])
+def local_rows(x, axis=0):
+    """This process's rows of a global array sharded along ``axis`` (host numpy, in order;
+    replicas along other axes counted once). A copy: the device buffer may be donated."""
+    parts = {}
+    for s in x.addressable_shards:
+        parts.setdefault(s.index[axis].start or 0, s.data)
+    return np.concatenate([np.array(parts[k]) for k in sorted(parts)], axis=axis)
+
+
+def unshard_batch(x, micro_batch_size):
+    """Inverse of ``shard_batch`` for one array: global [M, R, ...] -> this process's [b, ...]."""
+    y = local_rows(x, axis=1)
+    m, r = y.shape[:2]
+    local = r // micro_batch_size
+    y = y.reshape(m, local, micro_batch_size, *y.shape[2:]).swapaxes(0, 1)
+    return y.reshape(-1, *y.shape[3:])
+
+
+def host_copy(tree):
+    """Whole arrays on the host (every process), e.g. for export: a jitted copy onto every
+    device, then device 0's. Numpy arrays that own their memory (the params buffers are
+    donated to the next update)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return tree
+    mesh = leaves[0].sharding.mesh
+    whole = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, PartitionSpec()))(tree)
+    return jax.tree.map(lambda x: np.array(x.addressable_data(0), copy=True), whole)
 
 
 def training_model(model, remat=True):
@@ -172,14 +323,16 @@ def training_model(model, remat=True):
     return model
 
 
-def make_forward_logprobs(model, temperature=1.0, chunk=None):
-    """pmapped ``f(params, batch) -> token log-probs`` [n_dev, M, mbs, T], no gradient.
+def make_forward_logprobs(model, temperature=1.0, chunk=None, mesh=None):
+    """Jitted ``f(params, batch) -> token log-probs`` [M, R, T], no gradient.
 
     Used for the old-policy and reference log-probs of GRPO, at the rollouts'
     sampling ``temperature`` (log softmax(logits / T), the same function as
     the loss: ``relax.train.logprobs.sequence_stats``, the LM head in chunks
-    of ``chunk`` positions). Micro-batches are mapped one at a time to bound
-    memory.
+    of ``chunk`` positions). ``batch`` is ``shard_batch``'s layout and params
+    live where the training step keeps them; the output is sharded like the
+    batch on ``mesh`` (XLA's choice when None). Micro-batches are mapped one at a
+    time to bound memory.
     """
     from relax.train.logprobs import DEFAULT_CHUNK, sequence_stats
 
@@ -200,4 +353,6 @@ def make_forward_logprobs(model, temperature=1.0, chunk=None):
 
         return jax.lax.map(one, batch)
 
-    return jax.pmap(forward, axis_name=AXIS)
+    if mesh is None:
+        return jax.jit(forward)
+    return jax.jit(forward, out_shardings=NamedSharding(mesh, batch_spec(mesh)))
