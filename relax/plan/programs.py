@@ -54,18 +54,6 @@ def _placed(tree, shardings):
     )
 
 
-def _abstract(tree, sharding=None):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
-def _ints(*shape):
-    return jax.ShapeDtypeStruct(shape, jnp.int32)
-
-
-def _floats(*shape):
-    return jax.ShapeDtypeStruct(shape, jnp.float32)
-
-
 def _split(rows, n_dev, mbs, what):
     if rows % (n_dev * mbs):
         raise ValueError(f"{what} = {rows} rows do not split over {n_dev} devices x {mbs}")
