@@ -797,7 +797,8 @@ def summary_table(results, wall, spread=None):
     lines.append(f"gap closed by relay: {gap}   wall time: {wall:.0f}s")
     if cp.get("commands"):
         lines.append(
-            f"relay commands right before the hard step: {cp['at_hard_step']} of {cp['commands']}"
+            f"relay calls starting within {cp['within_tokens']} tokens before a hard step: "
+            f"{cp['at_hard_step']} of {cp['commands']} ({100 * cp['share']:.0f}%)"
             + (" (first seed)" if spread else "")
         )
     return "\n".join(lines)

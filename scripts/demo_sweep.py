@@ -18,6 +18,7 @@ The last line is one JSON object with every row.
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 
@@ -25,7 +26,7 @@ COMMAND = re.compile(r"<call>\s*\d+\s*</call>")
 
 
 def error_kind(response, problem):
-    """"price", "arithmetic" or "format" for a wrong response (commands removed)."""
+    """ "price", "arithmetic" or "format" for a wrong response (commands removed)."""
     text = COMMAND.sub("", response)
     if "\\boxed{" not in text:
         return "format"
@@ -44,6 +45,7 @@ def main(argv=None):
     p.add_argument("--steps", default=None, help="GRPO steps (default the preset's)")
     p.add_argument("--val-seed", type=int, default=8, help="data seed of the validation split")
     p.add_argument("--problems", type=int, default=300, help="validation problems")
+    p.add_argument("--with-demo", action="store_true", help="also score the demo's own GRPO runs")
     p.add_argument("overrides", nargs="*", help="demo key=value overrides")
     args = p.parse_args(argv)
 
@@ -92,7 +94,9 @@ def main(argv=None):
         for r in recs:
             if not r["correct"]:
                 kinds[error_kind(r["response"], val[int(r["id"])])] += 1
-        llm_share = sum(r["llm_tokens"] for r in recs) / max(1, sum(r["response_tokens"] for r in recs))
+        llm_share = sum(r["llm_tokens"] for r in recs) / max(
+            1, sum(r["response_tokens"] for r in recs)
+        )
         n = len(recs)
         return {
             "accuracy": 100.0 * sum(r["correct"] for r in recs) / n,
@@ -102,6 +106,14 @@ def main(argv=None):
 
     rows = [{"run": "base slm", **score("slm", slm_params)}]
     rows.append({"run": "warm-up slm", **score("slm", warm)})
+    for r in demo.GRPO_RUNS:  # the demo's own runs, where it trained them
+        path = st.path(r.name, "model")
+        if args.with_demo and os.path.exists(os.path.join(path, "config.json")):
+            params = relax.load_hf(path, dtype="float32")[1]
+            label = f"demo {r.name} lr={cfg.grpo.learning_rate:g} kl={cfg.grpo.kl_coef:g}"
+            rows.append({"run": label, "strategy": "slm", **score("slm", params)})
+            if r.calls:
+                rows.append({"run": label, "strategy": "relay", **score("relay", params)})
     by_name = {r.name: r for r in demo.GRPO_RUNS}
     kls = [float(x) for x in args.kl.split(",")] if args.kl else [cfg.grpo.kl_coef]
     steps = [int(x) for x in args.steps.split(",")] if args.steps else [cfg.grpo.steps]
