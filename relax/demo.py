@@ -694,10 +694,10 @@ def stage_eval(st, cfg, task, tokenizer, slm, params, llm, llm_params, seed=None
     return results
 
 
-PRICE = r"(?:^|(?<=\. )|(?<=sells for ))\d+(?=\. )"
+PRICE = r"(?:^|(?<=\. )|(?<=for ))\d+(?=\. )"
 """A price in a solution (the hard step): a number followed by ". " that opens the text,
-follows ". " or follows "sells for " (a sum opens "9+4:", a total follows "So ", a carry
-follows "carry ")."""
+follows ". " (the prices-first layout) or follows "for " (inline: "sells a bivo for 37. ");
+a sum opens "9+4:", a total follows "So ", a carry follows "carry ", a gain ends "more"."""
 
 
 def call_placement(records, tokenizer, within=2):

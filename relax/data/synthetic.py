@@ -222,10 +222,10 @@ def make_problem(rng, task, prices=None, items=None):
     )
     text, hard_spans = "", []
 
-    def price(item, named=False):
+    def price(item, clause=None):
         nonlocal text
-        if named:  # inline: the item's name first, so the price is recalled from it
-            text += f"{item} sells for "
+        if clause:  # inline: "sells a bivo for 37. ", the price recalled from the name
+            text += f"{clause} for "
         hard_spans.append((len(text), len(text) + len(str(prices[item]))))
         text += f"{prices[item]}. "
         return prices[item]
@@ -240,9 +240,16 @@ def make_problem(rng, task, prices=None, items=None):
     else:
         # The running total starts at the coins she has; a sale writes its price
         # (the hard step) right before the sum that adds it.
+        # Each step opens with its clause, copied from the question ("finds 4 more. ",
+        # "sells a bivo for 37. "): the clause just written points at the next one there.
         total, addends = value, []
-        for kind, arg in events:
-            step, total = _column_sum(total, price(arg[0], named=True) if kind == "sale" else arg)
+        for (kind, arg), clause in zip(events, clauses):
+            if kind == "sale":
+                addend = price(arg[0], clause)
+            else:
+                text += clause + ". "
+                addend = arg
+            step, total = _column_sum(total, addend)
             text += step + " "
     for addend in addends:
         step, total = _column_sum(total, addend)
