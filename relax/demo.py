@@ -646,19 +646,10 @@ def stage_eval(st, cfg, task, tokenizer, slm, params, llm, llm_params, seed=None
 
     params: the student's params by name: "slm" (base) and one per GRPO run."""
     from relax.data import synthetic
-    from relax.data.loaders import Benchmark, Problem
     from relax.eval.strategies import EvalConfig, evaluate
 
     sec = cfg.eval
-    problems = synthetic.make_dataset(sec.problems, sec.seed, task)
-    bench = Benchmark(
-        "synthetic",
-        tuple(
-            Problem(id=str(i), question=p["question"], answer=p["answer"], kind="math")
-            for i, p in enumerate(problems)
-        ),
-        1,
-    )
+    bench = synthetic_benchmark("synthetic", synthetic.make_dataset(sec.problems, sec.seed, task))
     # fixed_n=None: the fixed-length ablation writes the relay's own mean call length
     ecfg = EvalConfig(
         relay=sec.relay,
@@ -804,16 +795,30 @@ def summary_table(results, wall, spread=None):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    cfg = load_demo_config(args)
-    t0 = time.time()
-    os.makedirs(cfg.out, exist_ok=True)
-    st = Stages(cfg.out, args.fresh)
+@dataclasses.dataclass
+class Base:
+    """The cached stages every GRPO run starts from (see `base_stages`)."""
 
+    cfg: DemoConfig
+    task: object
+    tok_dir: str
+    tokenizer: object
+    llm: object
+    llm_params: object
+    slm: object
+    slm_params: object
+    problems: list
+    inits: dict
+    """{"warmup" | "slm": (params, digest)}: the warm-up and the base student, each with
+    the digest of what it was trained from (GRPO stages re-run when it changes)."""
+
+
+def base_stages(st, args):
+    """Tokenizer, teacher, student, warm-up and teacher-filtered RL problems (each cached in
+    `st`), with the config whose relay sections carry the tokenizer's eos / pad ids."""
     import relax
-    from relax.eval.report import write_report
 
+    cfg = load_demo_config(args)
     task, tok_dir = stage_task(st, cfg)
     tokenizer = relax.load_tokenizer(tok_dir)
     cfg = load_demo_config(args, tokenizer)  # the relay sections' eos / pad ids from it
@@ -828,6 +833,48 @@ def main(argv=None):
         "warmup": (warm_params, _digest([warm_digest, llm_digest])),
         "slm": (slm_params, _digest([slm_digest, llm_digest])),
     }
+    return Base(cfg, task, tok_dir, tokenizer, llm, llm_params, slm, slm_params, problems, inits)
+
+
+def train_run(st, base, run, name=None, cfg=None, seed=None):
+    """GRPO run `run` (a `GRPORun`) from its start point in `base`, as stage `name` (default
+    run.name) under `cfg` (default base.cfg); returns the trained params."""
+    cfg = cfg or base.cfg
+    init, digest = base.inits[run.init]
+    return stage_grpo(
+        st, name or run.name, cfg, base.tok_dir, base.tokenizer, base.slm, init, base.llm,
+        base.llm_params, base.problems, run.reward or cfg.grpo.reward,
+        cfg.grpo.relay.max_calls if run.calls else 0, digest, seed=seed,
+        mask_llm_tokens=run.mask_llm_tokens,
+    )  # fmt: skip
+
+
+def synthetic_benchmark(name, problems):
+    """A `Benchmark` of synthetic problems (ids are their indices)."""
+    from relax.data.loaders import Benchmark, Problem
+
+    return Benchmark(
+        name,
+        tuple(
+            Problem(id=str(i), question=p["question"], answer=p["answer"], kind="math")
+            for i, p in enumerate(problems)
+        ),
+        1,
+    )
+
+
+def main(argv=None):
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    cfg = load_demo_config(args)
+    t0 = time.time()
+    os.makedirs(cfg.out, exist_ok=True)
+    st = Stages(cfg.out, args.fresh)
+
+    from relax.eval.report import write_report
+
+    base = base_stages(st, args)
+    cfg, task, tokenizer = base.cfg, base.task, base.tokenizer
+    slm, slm_params, llm, llm_params = base.slm, base.slm_params, base.llm, base.llm_params
     runs = [r for r in GRPO_RUNS if cfg.ablations or not r.ablation]
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     per_seed = []
@@ -836,24 +883,7 @@ def main(argv=None):
         prefix = "" if seed == cfg.seed else f"seed{seed}/"
         params = {"slm": slm_params}
         for r in runs:
-            init, digest = inits[r.init]
-            params[r.name] = stage_grpo(
-                st,
-                prefix + r.name,
-                cfg,
-                tok_dir,
-                tokenizer,
-                slm,
-                init,
-                llm,
-                llm_params,
-                problems,
-                r.reward or cfg.grpo.reward,
-                cfg.grpo.relay.max_calls if r.calls else 0,
-                digest,
-                seed=seed,
-                mask_llm_tokens=r.mask_llm_tokens,
-            )
+            params[r.name] = train_run(st, base, r, prefix + r.name, seed=seed)
         print(f"[demo] stage eval (seed {seed})", flush=True)
         per_seed.append(
             stage_eval(st, cfg, task, tokenizer, slm, params, llm, llm_params, seed=seed)

@@ -38,31 +38,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 AXES = ("data", "fsdp", "model")
 ROWS = ("data", "fsdp")  # the mesh axes a batch's rows are split over
 
-# logical axis -> mesh axes it is split over, per profile (None: never split).
-RULES = {
-    "train": {
-        "batch": ROWS,
-        "embed": ("fsdp",),
-        "heads": ("model",),
-        "kv_heads": ("model",),
-        "mlp": ("model",),
-        "vocab": ("model",),
-        "layers": None,
-        "head_dim": None,
-        "cache_len": None,
-    },
-    "serve": {
-        "batch": ROWS,
-        "embed": None,
-        "heads": ("model",),
-        "kv_heads": ("model",),
-        "mlp": ("model",),
-        "vocab": ("model",),
-        "layers": None,
-        "head_dim": None,
-        "cache_len": None,
-    },
+_TRAIN_RULES = {
+    "batch": ROWS,
+    "embed": ("fsdp",),
+    "heads": ("model",),
+    "kv_heads": ("model",),
+    "mlp": ("model",),
+    "vocab": ("model",),
+    "layers": None,
+    "head_dim": None,
+    "cache_len": None,
 }
+# logical axis -> mesh axes it is split over, per profile (None: never split); "serve"
+# keeps the model width whole.
+RULES = {"train": _TRAIN_RULES, "serve": {**_TRAIN_RULES, "embed": None}}
 
 # Logical axes of each parameter of relax.models.Transformer (stacked layers first).
 PARAM_AXES = {

@@ -52,7 +52,6 @@ def main(argv=None):
     import relax
     from relax import demo
     from relax.data import synthetic
-    from relax.data.loaders import Benchmark, Problem
     from relax.eval.strategies import EvalConfig, run_strategy
 
     dargs = demo.parse_args(
@@ -60,32 +59,12 @@ def main(argv=None):
         + ([f"--out={args.out}"] if args.out else [])
         + args.overrides
     )
-    cfg = demo.load_demo_config(dargs)
-    st = demo.Stages(cfg.out, fresh=False)
-    task, tok_dir = demo.stage_task(st, cfg)
-    tokenizer = relax.load_tokenizer(tok_dir)
-    cfg = demo.load_demo_config(dargs, tokenizer)
-    llm, llm_params = demo.stage_pretrain(st, "llm", cfg.llm, cfg, task, tok_dir, tokenizer)
-    slm, slm_params = demo.stage_pretrain(st, "slm", cfg.slm, cfg, task, tok_dir, tokenizer)
-    llm_digest = demo._digest({"llm": cfg.llm, "task": cfg.task})
-    slm_digest = demo._digest({"slm": cfg.slm, "task": cfg.task})
-    warm = demo.stage_warmup(st, cfg, task, tok_dir, tokenizer, slm, slm_params, slm_digest)
-    problems = demo.stage_filter(st, cfg, task, tokenizer, llm, llm_params, llm_digest)
-    warm_digest = demo._digest({"slm": slm_digest, "warmup": cfg.warmup})
-    inits = {
-        "warmup": (warm, demo._digest([warm_digest, llm_digest])),
-        "slm": (slm_params, demo._digest([slm_digest, llm_digest])),
-    }
-
-    val = synthetic.make_dataset(args.problems, args.val_seed, task)
-    bench = Benchmark(
-        "validation",
-        tuple(
-            Problem(id=str(i), question=q["question"], answer=q["answer"], kind="math")
-            for i, q in enumerate(val)
-        ),
-        1,
-    )
+    st = demo.Stages(demo.load_demo_config(dargs).out, fresh=False)
+    base = demo.base_stages(st, dargs)
+    cfg, slm, llm, llm_params = base.cfg, base.slm, base.llm, base.llm_params
+    tokenizer = base.tokenizer
+    val = synthetic.make_dataset(args.problems, args.val_seed, base.task)
+    bench = demo.synthetic_benchmark("validation", val)
     ecfg = EvalConfig(relay=cfg.eval.relay, batch_size=cfg.eval.batch_size, prompt_bucket=16)
 
     def score(kind, params):
@@ -104,8 +83,8 @@ def main(argv=None):
             "llm_share": 100.0 * llm_share,
         }
 
-    rows = [{"run": "base slm", **score("slm", slm_params)}]
-    rows.append({"run": "warm-up slm", **score("slm", warm)})
+    rows = [{"run": "base slm", **score("slm", base.slm_params)}]
+    rows.append({"run": "warm-up slm", **score("slm", base.inits["warmup"][0])})
     for r in demo.GRPO_RUNS:  # the demo's own runs, where it trained them
         path = st.path(r.name, "model")
         if args.with_demo and os.path.exists(os.path.join(path, "config.json")):
@@ -119,19 +98,13 @@ def main(argv=None):
     steps = [int(x) for x in args.steps.split(",")] if args.steps else [cfg.grpo.steps]
     for name in args.runs.split(","):
         r = by_name[name]
-        init, digest = inits[r.init]
         for lr in (float(x) for x in args.lr.split(",")):
             for kl in kls:
                 for n_steps in steps:
                     g = dataclasses.replace(cfg.grpo, learning_rate=lr, kl_coef=kl, steps=n_steps)
-                    run_cfg = dataclasses.replace(cfg, grpo=g)
                     label = f"{name} lr={lr:g} kl={kl:g} steps={n_steps}"
-                    params = demo.stage_grpo(
-                        st, f"sweep/{name}-lr{lr:g}-kl{kl:g}-s{n_steps}", run_cfg, tok_dir,
-                        tokenizer, slm, init, llm, llm_params, problems,
-                        r.reward or g.reward, g.relay.max_calls if r.calls else 0, digest,
-                        mask_llm_tokens=r.mask_llm_tokens,
-                    )  # fmt: skip
+                    stage = f"sweep/{name}-lr{lr:g}-kl{kl:g}-s{n_steps}"
+                    params = demo.train_run(st, base, r, stage, dataclasses.replace(cfg, grpo=g))
                     rows.append({"run": label, "strategy": "slm", **score("slm", params)})
                     if r.calls:
                         rows.append({"run": label, "strategy": "relay", **score("relay", params)})
