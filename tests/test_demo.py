@@ -152,7 +152,14 @@ def test_call_placement_counts_honoured_calls_near_a_price(tmp_path):
         {"response": "<call>2</call>37. <call>1</call>37+5: So 42. \\boxed{42}", "calls": 1},
         # a call before a sum, no price after it: not
         {"response": "5+4: <call>3</call>5+4=9 carry 0. So 9. \\boxed{9}", "calls": 1},
+        # inline layout: right after "for", before the price: at a hard step
+        {
+            "response": "finds 4 more. 5+4: So 9. sells a bivo for <call>2</call>37. So 46.",
+            "calls": 1,
+        },
+        # inline layout: before the clause, 7 tokens ahead of the price: not
+        {"response": "So 9. <call>2</call>sells a bivo for 37. So 46.", "calls": 1},
     ]
     placement = demo.call_placement(records, tok)
-    assert placement == {"commands": 5, "at_hard_step": 3, "within_tokens": 2, "share": 0.6}
+    assert placement == {"commands": 7, "at_hard_step": 4, "within_tokens": 2, "share": 4 / 7}
     assert demo.call_placement([], tok)["share"] is None
