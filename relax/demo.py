@@ -121,6 +121,8 @@ class GRPOSection:
     mini_batch_prompts: int = 16
     group_size: int = 8
     learning_rate: float = 1e-4
+    adam_eps: float = 1e-8
+    """AdamW's epsilon (`OptimConfig.eps`)."""
     kl_coef: float = 0.01
     relay: RelayConfig = dataclasses.field(
         default_factory=lambda: RelayConfig(
@@ -597,6 +599,7 @@ def stage_grpo(
             steps=sec.steps,
             optim=OptimConfig(
                 learning_rate=sec.learning_rate,
+                eps=sec.adam_eps,
                 warmup_ratio=0.0,
                 decay="constant",
                 weight_decay=0.01,

@@ -103,7 +103,8 @@ def main(argv=None):
                 for n_steps in steps:
                     g = dataclasses.replace(cfg.grpo, learning_rate=lr, kl_coef=kl, steps=n_steps)
                     label = f"{name} lr={lr:g} kl={kl:g} steps={n_steps}"
-                    stage = f"sweep/{name}-lr{lr:g}-kl{kl:g}-s{n_steps}"
+                    # the grpo section's digest: runs differing in an override never share a folder
+                    stage = f"sweep/{name}-lr{lr:g}-kl{kl:g}-s{n_steps}-{demo._digest(g)[:6]}"
                     params = demo.train_run(st, base, r, stage, dataclasses.replace(cfg, grpo=g))
                     rows.append({"run": label, "strategy": "slm", **score("slm", params)})
                     if r.calls:
