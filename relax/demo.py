@@ -891,7 +891,7 @@ def main(argv=None):
         per_seed.append(
             stage_eval(st, cfg, task, tokenizer, slm, params, llm, llm_params, seed=seed)
         )
-    results = per_seed[0]
+    results = dict(per_seed[0])  # a copy: per_seed keeps each seed's own summary
     spread = None
     if len(per_seed) > 1:
         spread, results["summary"] = seed_spread(per_seed)
