@@ -171,7 +171,7 @@ class DemoConfig:
     seeds: int = 1
     """GRPO and eval run for seeds seed, seed + 1, ..., seed + seeds - 1 on the same cached
     teacher, student and warm-up; the report gives mean ± std over them (`--seeds N`)."""
-    ablations: bool = True
+    ablations: bool = False
     """Also train and evaluate the paper's ablations: relay_simple (reward correct - rho),
     relay_unmasked (LLM tokens left in the policy loss) and fixed_n (every call writes
     the relay's mean call length)."""
