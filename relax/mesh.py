@@ -47,7 +47,6 @@ _TRAIN_RULES = {
     "vocab": ("model",),
     "layers": None,
     "head_dim": None,
-    "cache_len": None,
 }
 # logical axis -> mesh axes it is split over, per profile (None: never split); "serve"
 # keeps the model width whole.
@@ -77,7 +76,6 @@ PARAM_AXES = {
     "layers/up": ("layers", "embed", "mlp"),
     "layers/down": ("layers", "mlp", "embed"),
 }
-CACHE_AXES = ("layers", "batch", "kv_heads", "cache_len", "head_dim")  # {"k", "v"} leaves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,11 +118,6 @@ class MeshConfig:
             raise ValueError(f"mesh {self} has {fixed} devices, but there are {num_devices}")
         return tuple(sizes)
 
-    @property
-    def is_data_parallel(self) -> bool:
-        """Every device on `data` (fsdp = model = 1): the data-parallel update serves."""
-        return self.fsdp == 1 and self.model == 1
-
 
 def make_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
     """The ("data", "fsdp", "model") mesh of `devices` (default: all, of every process).
@@ -141,6 +134,11 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
     except (AssertionError, NotImplementedError, ValueError):
         grid = np.array(devices).reshape(shape)
     return Mesh(grid, AXES)
+
+
+def is_data_parallel(mesh: Mesh) -> bool:
+    """fsdp = model = 1: nothing is split but the rows, every device holds whole models."""
+    return mesh.shape["fsdp"] == 1 and mesh.shape["model"] == 1
 
 
 def axis_size(mesh: Mesh, axes) -> int:
@@ -172,7 +170,10 @@ def _path_name(path) -> str:
 def param_specs(params, mesh: Mesh, profile: str = "train"):
     """PartitionSpecs of a relax Model's params (arrays or ShapeDtypeStructs), by
     `PARAM_AXES`. Unknown parameter names are an error: a new parameter must say
-    where it lives."""
+    where it lives. On a data-parallel mesh every leaf is whole (replicated), for any
+    model's params, relax's or not."""
+    if is_data_parallel(mesh):
+        return jax.tree.map(lambda _: PartitionSpec(), params)
 
     def one(path, x):
         name = _path_name(path)
@@ -221,12 +222,6 @@ def rows_spec(mesh: Mesh, ndim: int = 1) -> PartitionSpec:
     return PartitionSpec(lead, *([None] * (ndim - 1)))
 
 
-def cache_specs(cache, mesh: Mesh):
-    """Specs of a KV cache {"k", "v": [L, B, K, S, H]}: rows over data x fsdp, kv heads
-    over model."""
-    return jax.tree.map(lambda x: spec_for(x.shape, CACHE_AXES, mesh, "serve"), cache)
-
-
 def rows_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     """NamedSharding of `rows_spec`: how a relay call's prompts and outputs are laid out."""
     return NamedSharding(mesh, rows_spec(mesh, ndim))
@@ -268,7 +263,7 @@ def row_devices(mesh: Mesh) -> int:
     return axis_size(mesh, ROWS)
 
 
-def describe(mesh: Mesh) -> str:
-    """'data=2 fsdp=2 model=1 (4 devices)'."""
+def describe(mesh: Mesh, count: bool = True) -> str:
+    """'data=2 fsdp=2 model=1 (4 devices)' (without the count: 'data=2 fsdp=2 model=1')."""
     sizes = " ".join(f"{a}={mesh.shape[a]}" for a in AXES)
-    return f"{sizes} ({mesh.size} devices)"
+    return f"{sizes} ({mesh.size} devices)" if count else sizes

@@ -1,6 +1,7 @@
 """relax.mesh: mesh sizes, and where each parameter, cache and batch lives."""
 
 import jax
+import jax.numpy as jnp
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -57,12 +58,20 @@ def test_indivisible_dims_stay_whole_and_unknown_params_fail():
     assert specs["layers"]["q"] == P(None, None, "model", None)
     with pytest.raises(KeyError, match="no sharding rule"):
         M.param_specs({"mystery": jax.ShapeDtypeStruct((4,), "float32")}, mesh)
+    # a data-parallel mesh splits nothing: any model's params are whole there
+    data = M.make_mesh(M.MeshConfig())
+    assert M.param_specs({"mystery": jax.ShapeDtypeStruct((4,), "float32")}, data) == {
+        "mystery": P()
+    }
 
 
 def test_cache_and_rows():
     mesh = M.make_mesh(M.MeshConfig(data=2, fsdp=1, model=2))
     cache = jax.eval_shape(lambda: Model(CFG).init_cache(4, 16))
-    assert M.cache_specs(cache, mesh)["k"] == P(None, "data", "model", None, None)
+    # the model's own cache layout [L, B, K, S, H]: rows over data, kv heads over model
+    assert Model(CFG).cache_sharding(M.rows_sharding(mesh))["k"].spec == P(None, "data", "model")
+    assert jax.tree.map(jnp.shape, cache)["k"][2] == CFG.num_kv_heads
     assert M.rows_spec(mesh, 2) == P("data", None)
     assert M.rows_spec(M.make_mesh(M.MeshConfig(data=2, fsdp=2)), 1) == P(("data", "fsdp"))
     assert M.describe(mesh) == "data=2 fsdp=1 model=2 (4 devices)"
+    assert M.describe(mesh, count=False) == "data=2 fsdp=1 model=2"

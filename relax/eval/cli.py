@@ -82,14 +82,24 @@ def _parser():
         help=f"comma-separated, from {', '.join(STRATEGIES)} (default: slm,llm,relay)",
     )
     p.add_argument(
-        "--out", default="runs/eval", help="output folder for results.{json,md,png} (default: runs/eval)"
+        "--out",
+        default="runs/eval",
+        help="output folder for results.{json,md,png} (default: runs/eval)",
     )
-    p.add_argument("--config", help="YAML file of EvalConfig settings (e.g. configs/eval-paper.yaml)")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="model dtype")
+    p.add_argument(
+        "--config", help="YAML file of EvalConfig settings (e.g. configs/eval-paper.yaml)"
+    )
+    p.add_argument(
+        "--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="model dtype"
+    )
     p.add_argument("--seed", type=int, help="sampling keys and the random router's draws")
     p.add_argument("--batch-size", type=int, help="rows per decoder call")
-    p.add_argument("--prompt-bucket", type=int, help="prompt width rounded up to a multiple of this")
-    p.add_argument("--max-new-tokens", type=int, help="generation budget per answer (SLM + LLM tokens)")
+    p.add_argument(
+        "--prompt-bucket", type=int, help="prompt width rounded up to a multiple of this"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, help="generation budget per answer (SLM + LLM tokens)"
+    )
     p.add_argument("--max-calls", type=int, help="calls honoured per answer")
     p.add_argument("--max-call-tokens", type=int, help="longest LLM segment per call")
     p.add_argument("--prefill-chunk", type=int, help="tokens per catch-up prefill step")
@@ -104,7 +114,9 @@ def _parser():
         "--entropy-tau", type=float, help="entropy_router: entropy threshold in nats (default 2.0)"
     )
     p.add_argument(
-        "--entropy-k", type=int, help="entropy_router: tokens the LLM writes per trigger (default 16)"
+        "--entropy-k",
+        type=int,
+        help="entropy_router: tokens the LLM writes per trigger (default 16)",
     )
     p.add_argument(
         "--repeats",
@@ -202,7 +214,9 @@ def main(argv=None):
 
     tokenizer = load_tokenizer(args.tokenizer or args.slm)
     cfg = build_config(args, tokenizer)
-    benches = parse_benchmarks(args.benchmarks, seed=cfg.seed, limit=args.limit, repeats=args.repeats)
+    benches = parse_benchmarks(
+        args.benchmarks, seed=cfg.seed, limit=args.limit, repeats=args.repeats
+    )
     for b in benches:
         print(f"[eval] {b.name}: {len(b)} problems from {b.source}; columns {b.columns_text()}")
 

@@ -121,10 +121,9 @@ def markdown_spread(spread):
 
 def mean_std(values):
     """(mean, sample std) of a list of numbers; std 0 for one value."""
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, 0.0
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    import numpy as np
+
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def _mean_std(values, digits=2):

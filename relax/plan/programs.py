@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from relax import mesh as mesh_lib
 from relax.models import Model
 
 
@@ -41,10 +42,6 @@ class Program:
     """Devices one call spans: an SPMD program's global costs are divided by this."""
     mesh: str = ""
     """The mesh it runs on ("data=1 fsdp=2 model=4"), empty for a pmapped program."""
-
-
-def _mesh_name(mesh):
-    return " ".join(f"{a}={mesh.shape[a]}" for a in mesh.axis_names)
 
 
 def _placed(tree, shardings):
@@ -85,12 +82,7 @@ def _train_batch(mesh, cfg, rows, T, what, floats=("loss_mask",), per_row=()):
 
 
 def _update(name, model, loss_fn, cfg, mesh, batch, shapes):
-    from relax.train.update import (
-        is_data_parallel,
-        make_optimizer,
-        make_update_step,
-        train_shardings,
-    )
+    from relax.train.update import make_optimizer, make_update_step, train_shardings
 
     optimizer = make_optimizer(cfg.optim, 1000)
     params = model.param_shapes()
@@ -99,8 +91,8 @@ def _update(name, model, loss_fn, cfg, mesh, batch, shapes):
     step = make_update_step(loss_fn, optimizer, state)
     args = (_placed(params, state.params), _placed(opt_state, state.opt_state), batch)
     # The data-parallel step is a shard_map: its jaxpr is one device's program already.
-    n = 1 if is_data_parallel(mesh) else mesh.size
-    return Program(name, step, args, shapes, devices=n, mesh=_mesh_name(mesh))
+    n = 1 if mesh_lib.is_data_parallel(mesh) else mesh.size
+    return Program(name, step, args, shapes, devices=n, mesh=mesh_lib.describe(mesh, count=False))
 
 
 def sft_step(model: Model, cfg, devices) -> Program:
@@ -155,7 +147,14 @@ def grpo_logprobs(model: Model, cfg, devices) -> Program:
         _train_model(model, cfg), cfg.relay.slm.temperature, cfg.run.logprob_chunk, mesh
     )
     args = (_placed(params, state.params), batch)
-    return Program("old/ref logprobs", fwd, args, shapes, devices=mesh.size, mesh=_mesh_name(mesh))
+    return Program(
+        "old/ref logprobs",
+        fwd,
+        args,
+        shapes,
+        devices=mesh.size,
+        mesh=mesh_lib.describe(mesh, count=False),
+    )
 
 
 def _relay_call(slm, llm, relay_cfg, command, sampling=None, rows=None):
@@ -184,8 +183,6 @@ def relay_program(
     `model`); its KV caches are that program's own buffers (temp), split by rows and kv
     head.
     """
-    from relax import mesh as mesh_lib
-
     mesh = mesh_lib.relay_mesh(mesh_cfg, devices, rows=rows)
     row_sh = mesh_lib.rows_sharding(mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -202,7 +199,9 @@ def relay_program(
     L = prompt_width + relay_cfg.max_new_tokens
     per = rows // mesh_lib.row_devices(mesh)
     shapes = f"{rows} rows ({per} / row shard) x {L} slots"
-    return Program(name, fn, args, shapes, devices=mesh.size, mesh=_mesh_name(mesh))
+    return Program(
+        name, fn, args, shapes, devices=mesh.size, mesh=mesh_lib.describe(mesh, count=False)
+    )
 
 
 def stand_in_command(vocab_size: int):

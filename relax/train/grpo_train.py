@@ -50,14 +50,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from relax.errors import ConfigError
-from relax.mesh import param_shardings, rows_spec
+from relax.mesh import param_shardings, rows_sharding
 from relax.train import distributed
 from relax.train.grpo import grpo_loss_from_logprobs
 from relax.train.logprobs import sequence_stats
 from relax.train.loop import TrainRun
 from relax.train.rollout import chunked_rollout, pad_prompts, score, train_width, training_batch
 from relax.train.update import (
-    is_data_parallel,
     local_rows,
     make_forward_logprobs,
     make_optimizer,
@@ -220,13 +219,13 @@ def train_grpo(
     logprob_fn = make_forward_logprobs(
         train_model, cfg.relay.slm.temperature, cfg.run.logprob_chunk, mesh
     )
-    serve = _serve_shardings(params, mesh)
+    serve = param_shardings(params, mesh, "serve")  # the rollout copy's placement
     cast = _caster(ROLLOUT_DTYPES[cfg.rollout_dtype], run.shardings.params, serve)
     on_mesh = _on_mesh(rollout, mesh, local_rows_)
     rows_per_update = cfg.mini_batch_prompts * G // procs
     llm = None  # the frozen teacher, placed once on the mesh
     if llm_params is not None:
-        llm = place(llm_params, _serve_shardings(llm_params, mesh))
+        llm = place(llm_params, param_shardings(llm_params, mesh, "serve"))
     bar = tqdm(total=total, initial=run.step, desc="grpo", disable=not (progress and run.main))
     while run.step < total:
         idx = distributed.shard_rows(step_problems(run.step, len(problems), cfg))
@@ -287,18 +286,10 @@ def _caster(dtype, train, serve):
     return maybe
 
 
-def _serve_shardings(params, mesh):
-    """Where a model's rollout copy lives: the "serve" profile of ``relax.mesh``;
-    replicated on a data-only mesh (where any model's params work)."""
-    if is_data_parallel(mesh):
-        return jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), params)
-    return param_shardings(params, mesh, "serve")
-
-
 def _on_mesh(rollout, mesh, local_count):
     """``rollout`` on the mesh for ``chunked_rollout``: this process's host rows in (rows
     over data x fsdp, ``row_ids`` made global), its rows back as host arrays."""
-    rows = NamedSharding(mesh, rows_spec(mesh))
+    rows = rows_sharding(mesh)
     offset = jax.process_index() * local_count
 
     def put(x):

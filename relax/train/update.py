@@ -55,6 +55,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from relax import mesh as mesh_lib
+from relax.mesh import is_data_parallel
 
 
 def lr_schedule(cfg, total_steps):
@@ -94,11 +95,6 @@ def make_optimizer(cfg, total_steps):
     return optax.chain(*parts)
 
 
-def is_data_parallel(mesh):
-    """fsdp = model = 1: every device holds the whole model (the shard_map program)."""
-    return mesh.shape["fsdp"] == 1 and mesh.shape["model"] == 1
-
-
 def mesh_devices(num_devices=0):
     """The devices a training mesh spans: each process's first ``num_devices`` local
     devices (0 = all), in ``jax.devices()`` order."""
@@ -128,10 +124,7 @@ def train_shardings(mesh, params, optimizer):
 
     The "train" profile of ``relax.mesh``; on a data-parallel mesh every leaf is
     replicated (and any model's params work, not only a relax ``Model``'s)."""
-    if is_data_parallel(mesh):
-        specs = jax.tree.map(lambda _: PartitionSpec(), params)
-    else:
-        specs = mesh_lib.param_specs(params, mesh, "train")
+    specs = mesh_lib.param_specs(params, mesh, "train")
     opt_specs = mesh_lib.opt_state_specs(optimizer, jax.eval_shape(optimizer.init, params), specs)
     named = lambda tree: jax.tree.map(
         lambda s: NamedSharding(mesh, s), tree, is_leaf=lambda x: isinstance(x, PartitionSpec)
