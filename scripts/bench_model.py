@@ -3,8 +3,10 @@
 (a) Greedy decode tokens/s of `relax.generate` against `transformers`
     `generate` (PyTorch, same weights through save_hf), batch 8, 128 new tokens,
     on a random Qwen3 of about 20M parameters.
-(b) Forward+backward throughput of a ~50M-parameter Qwen3 at sequence 512, as a
-    fraction of this machine's measured float32 matmul peak.
+(b) Forward+backward throughput of a ~50M-parameter Qwen3 at sequence 512 (the
+    training forward relax's trainers run: layers rematerialised, chunked log-prob
+    loss; also without remat), as model FLOPs over this machine's measured float32
+    matmul peak.
 (c) Long-context greedy decode: batch 8, a 4,096-token prompt, 256 new tokens, a
     random 4-layer Qwen3, relax against `transformers` `generate` with its static
     cache (`cache_implementation="static"`), same weights.
@@ -29,6 +31,8 @@ import numpy as np
 
 import relax
 from relax.models import Model, ModelConfig
+from relax.train.logprobs import sequence_stats
+from relax.train.update import training_model
 
 PRESETS = {
     # ~20M parameters: a small vocabulary keeps the embedding from dominating.
@@ -182,15 +186,19 @@ def bench_cache_capacity(batch=8, filled=200, capacities=(256, 32768), repeats=1
     return out
 
 
-def matmul_peak_flops(dtype, n=2048, repeats=5):
+def matmul_peak_flops(dtype, n=2048, repeats=20):
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
     t = timed(lambda: jax.block_until_ready(f(a, a)), repeats)
     return 2 * n**3 / t
 
 
-def bench_train(cfg, dtype, batch, seq, repeats):
-    model = Model(cfg, dtype=dtype)
+def bench_train(cfg, dtype, batch, seq, repeats, remat=True):
+    """Seconds and FLOP/s of one loss + gradient of the training forward as relax's
+    trainers build it: `training_model` (each layer rematerialised when `remat`, the
+    `run.remat` default) and the chunked token log-probs of `sequence_stats` (SFT's
+    cross-entropy), no [B, T, V] logits."""
+    model = training_model(Model(cfg, dtype=dtype), remat)
     params = model.init_params(jax.random.key(0))
     tokens = jnp.asarray(
         np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq)), jnp.int32
@@ -198,17 +206,17 @@ def bench_train(cfg, dtype, batch, seq, repeats):
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
 
     def loss_fn(p):
-        logits, _ = model.apply(p, tokens[:, :-1], positions[:, :-1], None)
-        logp = jax.nn.log_softmax(logits)
-        return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
+        stats = sequence_stats(model, p, tokens[:, :-1], positions[:, :-1], tokens[:, 1:])
+        return -stats["logp"].mean()
 
     step = jax.jit(jax.value_and_grad(loss_fn))
     t = timed(lambda: jax.block_until_ready(step(params)), repeats)
     n = model.num_params()
     c = cfg
     t_len = seq - 1
-    # 6 N per token for the dense parts (forward 2N, backward 4N), plus the
-    # attention matmuls (QK^T and PV: 4 T^2 N H forward per layer, x3 with backward).
+    # Model FLOPs (recomputation not counted): 6 N per token for the dense parts
+    # (forward 2N, backward 4N), plus the attention matmuls (QK^T and PV: 4 T^2 N H
+    # forward per layer, x3 with backward).
     flops = 6 * n * batch * t_len + 12 * c.num_layers * batch * t_len**2 * c.num_heads * c.head_dim
     return {"train_params": n, "train_step_s": t, "train_flops_per_s": flops / t}
 
@@ -254,13 +262,22 @@ def main(argv=None):
     if not args.skip_train:
         peak = matmul_peak_flops(dtype)
         train = bench_train(PRESETS["train-50m"], dtype, args.train_batch, 512, args.repeats)
+        plain = bench_train(
+            PRESETS["train-50m"], dtype, args.train_batch, 512, args.repeats, remat=False
+        )
         util = train["train_flops_per_s"] / peak
+        util_plain = plain["train_flops_per_s"] / peak
         print(
             f"(b) train fwd+bwd, {train['train_params'] / 1e6:.1f}M params, batch "
             f"{args.train_batch} x 512: {train['train_flops_per_s'] / 1e9:.1f} GFLOP/s of "
-            f"{peak / 1e9:.1f} GFLOP/s matmul peak -> {util:.1%}"
+            f"{peak / 1e9:.1f} GFLOP/s matmul peak -> {util:.1%} (without remat {util_plain:.1%})"
         )
-        result.update(train, matmul_peak_flops_per_s=peak, train_flop_utilisation=util)
+        result.update(
+            train,
+            matmul_peak_flops_per_s=peak,
+            train_flop_utilisation=util,
+            train_flop_utilisation_no_remat=util_plain,
+        )
     if not args.skip_long:
         long = bench_decode(
             PRESETS["long-4l"],
@@ -268,7 +285,7 @@ def main(argv=None):
             args.batch,
             args.long_prompt_len,
             args.long_new_tokens,
-            1,
+            2,
             with_torch=not args.skip_torch,
             static=True,
             chunk=512,

@@ -422,6 +422,39 @@ def test_cached_attention_equals_dense(qkv):
         assert np.all(np.isfinite(np.asarray(ours)))
 
 
+def test_tile_block_keeps_score_tiles_small():
+    """Prefill chunks get blocks whose [B x N, C, C] score tile fits the budget; a decode
+    step keeps the full block; blocks never shrink below the floor or grow."""
+    from relax.models.attention import MIN_TILE_BLOCK, TILE_ELEMENTS, tile_block
+
+    assert (TILE_ELEMENTS, MIN_TILE_BLOCK) == (1 << 21, 128)
+    assert tile_block(512, 8 * 4, 512) == 256  # 32 x 256 x 256 = 2^21 scores
+    assert tile_block(512, 8 * 4, 1) == 512  # decode
+    assert tile_block(512, 8 * 8, 64) == 512  # a 64-token catch-up: 64 x 64 x 512 = 2^21
+    assert tile_block(512, 10**6, 512) == 128  # the floor
+    assert tile_block(8, 10**6, 512) == 8  # a block below the floor stays
+
+
+def test_cached_attention_with_smaller_tiles_equals_dense(qkv, monkeypatch):
+    """With a tile budget that halves the block (16 -> 8 slots, queries in blocks of 8 as
+    well), cached attention still equals dense attention."""
+    from relax.models import attention
+
+    monkeypatch.setattr(attention, "TILE_ELEMENTS", 2 * 4 * 8 * 8)
+    monkeypatch.setattr(attention, "MIN_TILE_BLOCK", 4)
+    assert attention.tile_block(16, 2 * 4, 29) == 8
+    q, k, v = qkv
+    s = 29
+    cache_k = jnp.zeros((1, 2, 2, s, 8)).at[0].set(k[:, :s].transpose(0, 2, 1, 3))
+    cache_v = jnp.zeros((1, 2, 2, s, 8)).at[0].set(v[:, :s].transpose(0, 2, 1, 3))
+    qpos = jnp.asarray(_padded_positions([s, 20], s))
+    ours = attention.cached_attention(q[:, :s], qpos, cache_k, cache_v, jnp.int32(0), 16)
+    slots = jnp.broadcast_to(jnp.arange(s), (2, s))
+    dense = dense_attention(q[:, :s], k[:, :s], v[:, :s], qpos, slots)
+    real = (qpos >= 0)[..., None, None]
+    assert np.abs(np.where(real, ours - dense, 0)).max() <= TOL
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_decode_step_updates_cache_in_place(dtype):
     """A donated decode step's compiled temporaries are a small fraction of the cache:
