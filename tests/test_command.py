@@ -92,6 +92,40 @@ def test_edge_cases_by_text():
     assert run("x", "<call>5</call>", "<call>", "0", "</call>") == [(1, 1, 5), (4, 2, 0)]
 
 
+def test_opens_marks_the_tokens_that_complete_an_opening_call():
+    """`opens[s, c]`: walking the token from state s completes `<call>` (what a decoder
+    masks to block calls), checked against the regex on random streams: a token opens
+    exactly when "<call>" occurs in the text with it and not without it, for texts with
+    no earlier opening."""
+    command = CallCommand.from_token_texts(TEXTS)
+    ix = {t: i for i, t in enumerate(TEXTS)}
+
+    def opens(prefix, tok):
+        state = 0
+        for t in prefix:
+            state = int(command.next_state[state, command.token_class[ix[t]]])
+        return bool(command.opens[state, command.token_class[ix[tok]]])
+
+    assert opens(["<", "call"], ">") and opens([], "<call>") and opens(["x"], "<call>5</call>")
+    assert opens(["<c"], "all") is False and opens(["<", "call", ">"], " ") is False
+    assert opens(["<", "ca"], "ll") is False and opens(["<", "ca", "ll"], ">3")
+    rng = random.Random(0)
+    weights = [5 if t in ("<", "call", ">", "ca", "ll", "<c") else 1 for t in TEXTS]
+    seen = 0
+    for _ in range(2000):
+        ids = rng.choices(range(len(TEXTS)), weights=weights, k=rng.randint(1, 12))
+        before = command.decode(ids[:-1])
+        if "<call>" in before:
+            continue
+        state = 0
+        for i in ids[:-1]:
+            state = int(command.next_state[state, command.token_class[i]])
+        expect = "<call>" in command.decode(ids)
+        assert bool(command.opens[state, command.token_class[ids[-1]]]) == expect, ids
+        seen += expect
+    assert seen > 30  # the streams do open commands
+
+
 @pytest.fixture(scope="module")
 def qwen():
     return qwen_tokenizer_and_command()

@@ -124,6 +124,35 @@ def check_same(a, b):
     np.testing.assert_allclose(np.asarray(a.slm_logprobs), np.asarray(b.slm_logprobs), atol=2e-4)
 
 
+@pytest.mark.parametrize("max_calls", [0, 1])
+def test_blocked_calls_equal_reference(setup, max_calls):
+    """on_call_limit="block": past max_calls the SLM never completes an opening `<call>`
+    (those tokens are masked out of its sampling), so no command follows the row's last
+    call; sampled, the decoder equals the eager reference. The same key without the block
+    does write commands there."""
+    slm, sp, llm, lp, prompts, lens, command = setup
+    key = jax.random.PRNGKey(5)
+    outs = {}
+    for mode in ("block", "continue"):
+        cfg = dataclasses.replace(CONFIG, max_calls=max_calls, on_call_limit=mode)
+        outs[mode] = decoder.relay_generate(slm, sp, llm, lp, prompts, lens, key, cfg, command)
+    got = outs["block"]
+    cfg = dataclasses.replace(CONFIG, max_calls=max_calls, on_call_limit="block")
+    check_same(got, reference.relay_generate(slm, sp, llm, lp, prompts, lens, key, cfg, command))
+
+    def after_last_call(out, b):
+        src, toks = np.asarray(out.source[b]), np.asarray(out.tokens[b])
+        llm_slots = np.nonzero(src == LLM)[0]
+        start = llm_slots[-1] + 1 if len(llm_slots) else int(lens[b])
+        return command.decode(toks[start : int(out.lengths[b])].tolist())
+
+    assert np.all(np.asarray(got.calls) <= max_calls)
+    assert not any("<call>" in after_last_call(got, b) for b in range(len(lens)))
+    assert any("<call>" in after_last_call(outs["continue"], b) for b in range(len(lens)))
+    if max_calls == 0:
+        assert int(np.sum(got.command_tokens)) == 0 and int(np.sum(got.llm_tokens)) == 0
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sampled_relay_equals_reference(setup, seed):
     slm, sp, llm, lp, prompts, lens, command = setup

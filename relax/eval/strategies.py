@@ -9,9 +9,10 @@ the table's descriptions. Every decoder returns a `relax.RelayOutput`.
   slm            the SLM alone (`relax.generate`, `relay.slm` sampling)
   llm            the LLM alone (`relax.generate`, `relay.llm` sampling)
   relay          RelayLLM: the SLM calls the LLM with `<call>n</call>` (`relax.relay_generate`)
-  teacher_free   the relay SLM with commands not honoured: `max_calls = 0` and
-                 `on_call_limit = "continue"`, so a command is plain text to the
-                 SLM, hidden from nobody (the LLM never runs)
+  teacher_free   the relay SLM with calls blocked: `max_calls = 0` and
+                 `on_call_limit = "block"`, so the SLM can never write a command
+                 (the tokens that would complete `<call>` are masked out of its
+                 sampling) and writes every step itself; the LLM never runs
   fixed_n        relay where every honoured call writes `fixed_n` tokens
                  (`RelayConfig.fixed_call_tokens`: whatever n the SLM asked for,
                  but never past the budget)
@@ -166,7 +167,7 @@ def _same_relay(relay, cfg):
 
 
 def _no_calls(relay, cfg):
-    return dataclasses.replace(relay, max_calls=0, on_call_limit="continue")
+    return dataclasses.replace(relay, max_calls=0, on_call_limit="block")
 
 
 def _fixed_calls(relay, cfg):
@@ -214,7 +215,7 @@ STRATEGIES = {
                  _generate("llm"), writer="llm"),
         Strategy("relay", "RelayLLM: the SLM calls the LLM with <call>n</call>", ("slm", "llm"),
                  _relay, command=True),
-        Strategy("teacher_free", "the relay SLM with calls not honoured (the LLM never runs)",
+        Strategy("teacher_free", "the relay SLM with calls blocked (no command can open; no LLM)",
                  ("slm", "llm"), _relay, relay=_no_calls, command=True),
         Strategy("fixed_n", "relay where every honoured call writes exactly --fixed-n tokens",
                  ("slm", "llm"), _relay, relay=_fixed_calls, command=True),

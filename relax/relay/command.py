@@ -128,7 +128,8 @@ def _walk(state: int, text: str, max_n: int):
     """Walks one token's characters from `state` (see the module docstring).
 
     Returns a tuple: next_state, mul, add, start_src, lt_src, complete, cmul,
-    cadd, cstart_src, completions. `lt_src` says where the row's last "<" is
+    cadd, cstart_src, completions, opens. `opens`: a command's opening `<call>`
+    completes inside the token (the automaton enters state 6). `lt_src` says where the row's last "<" is
     after the token (START_HERE or START_KEEP). Numbers are saturated at
     max_n; `mul` is clipped to max_n + 1 (any n >= 1 then saturates).
     """
@@ -136,9 +137,11 @@ def _walk(state: int, text: str, max_n: int):
     lt = START_LT  # the last "<" (START_LT: before this token)
     mul, add = 1, 0  # n_now = n_before * mul + add (mul == 0: fresh number)
     complete, cmul, cadd, cstart, completions = False, 1, 0, START_KEEP, 0
+    opens = False
     for ch in text:
         old = state
         state, digit, done = _char_step(state, ch)
+        opens |= state == 6 and old != 6
         if done:
             completions += 1
             if completions == 1:
@@ -155,7 +158,7 @@ def _walk(state: int, text: str, max_n: int):
             start = lt
         if ch == "<":
             lt = START_HERE
-    return state, mul, add, start, lt, complete, cmul, cadd, cstart, completions
+    return state, mul, add, start, lt, complete, cmul, cadd, cstart, completions, opens
 
 
 def _anchor(tokenizer):
@@ -217,6 +220,9 @@ class CallCommand:
     """[S, C] int32: see `cmul`."""
     cstart_src: np.ndarray
     """[S, C] int32: where the completed command started (START_*)."""
+    opens: np.ndarray
+    """[S, C] bool: a command's opening `<call>` completes inside the token (what a
+    decoder masks to block calls)."""
     max_n: int
     """n saturates here."""
     texts: tuple
@@ -341,6 +347,7 @@ class CallCommand:
             cmul=f[6].astype(np.int32),
             cadd=f[7].astype(np.int32),
             cstart_src=f[8].astype(np.int32),
+            opens=f[10].astype(bool),
             max_n=int(max_n),
             texts=tuple(texts),
             decode=decode,
@@ -373,6 +380,7 @@ class CallCommand:
         col = np.arange(self.num_classes)
         ok = (self.next_state == 0).all(0) & (self.mul == 1).all(0) & (self.add == 0).all(0)
         ok &= ~self.complete.any(0) & ~self.lt_here.any(0) & (self.start_src[0] == START_KEEP)
+        ok &= ~self.opens.any(0)
         if col[ok].size:
             plain = int(col[ok][0])
         else:
@@ -396,6 +404,7 @@ class CallCommand:
 # The [S, C] tables of a CallCommand, in CommandTables' field order after token_class.
 TABLE_FIELDS = (
     "next_state", "mul", "add", "start_src", "lt_here", "complete", "cmul", "cadd", "cstart_src",
+    "opens",
 )  # fmt: skip
 
 
@@ -417,6 +426,7 @@ class CommandTables:
     cmul: jax.Array
     cadd: jax.Array
     cstart_src: jax.Array
+    opens: jax.Array
 
 
 @functools.lru_cache(maxsize=32)

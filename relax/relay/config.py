@@ -55,7 +55,10 @@ class RelayConfig:
     """Calls honoured per row (the official eval honours 4, its RL rollout 2)."""
     on_call_limit: str = "continue"
     """A command with n >= 1 past max_calls: 'continue' (plain SLM text, hidden from the
-    LLM) or 'stop' (the row ends, finish_reason 2)."""
+    LLM), 'stop' (the row ends, finish_reason 2) or 'block' (no command past the limit:
+    the SLM never samples a token that would complete a command's opening `<call>`, as
+    if calling were not in its vocabulary; its log-probs are those of that masked
+    distribution)."""
     llm_trigger_fraction: float = 1.0
     """An LLM phase starts when rows waiting for the LLM reach this fraction of the
     active rows: 1.0 waits for all (the official scheduler), 0.0 serves a call at once."""
@@ -89,8 +92,8 @@ class RelayConfig:
         )
         check(self.max_calls >= 0, f"max_calls must be >= 0, got {self.max_calls}")
         check(
-            self.on_call_limit in ("continue", "stop"),
-            f"on_call_limit must be 'continue' or 'stop', got {self.on_call_limit!r}",
+            self.on_call_limit in ("continue", "stop", "block"),
+            f"on_call_limit must be 'continue', 'stop' or 'block', got {self.on_call_limit!r}",
         )
         check(
             0.0 <= self.llm_trigger_fraction <= 1.0,

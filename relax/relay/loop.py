@@ -195,6 +195,11 @@ def _slm_step(loop, params, t: cmd.CommandTables, key, prompt_lens, s: State, wi
     cfg = loop.config
     rows = s.phase == DECODING
     last, ready, s = _slm_ingest(loop, params, s, rows, width)
+    if loop.relay and cfg.on_call_limit == "block":
+        # Past the limit, tokens that would complete an opening "<call>" from the row's
+        # automaton state are never drawn.
+        opens = t.opens[s.auto[:, None], t.token_class[None, : last.shape[-1]]]
+        last = jnp.where(opens & (s.calls >= cfg.max_calls)[:, None], -jnp.inf, last)
     tok, lp = sample_batch(last, _keys(key, s), cfg.slm)
     s, slot = _append(s, ready, tok, SLM, logprobs=lp)
     is_eos = jnp.isin(tok, jnp.asarray(cfg.eos_ids, jnp.int32))

@@ -42,9 +42,15 @@ def _next_logits(model, params, context, width):
     return _forward(model)(params, jnp.asarray(tokens), jnp.asarray(positions))[0, len(context) - 1]
 
 
-def _draw(model, params, context, key, b, cfg, width):
+def _draw(model, params, context, key, b, cfg, width, blocked=None):
     """The SLM's draw: it sees the whole row, so the row slot is len(context)."""
-    return _sample_at(model, params, context, key, b, len(context), cfg, width)
+    return _sample_at(model, params, context, key, b, len(context), cfg, width, blocked)
+
+
+def _openers(command, segment, vocab):
+    """Ids that would complete an opening `<call>` after the segment, which holds none
+    (calls are blocked): the text after appending them contains `<call>`."""
+    return [v for v in range(vocab) if "<call>" in command.decode([*segment, v])]
 
 
 def _new_command(command, segment):
@@ -63,8 +69,12 @@ def _row(slm, slm_params, llm, llm_params, prompt, key, b, config, command, widt
     row, src, lps = list(prompt), [PROMPT] * len(prompt), [0.0] * len(prompt)
     calls = prefill = llm_seen = 0
     segment_start = len(row)  # the regex reads the SLM's text from here
+    block = command is not None and config.on_call_limit == "block"
     while True:
-        tok, lp = _draw(slm, slm_params, row, key, b, config.slm, width)
+        blocked = None
+        if block and calls >= config.max_calls:
+            blocked = functools.partial(_openers, command, row[segment_start:])
+        tok, lp = _draw(slm, slm_params, row, key, b, config.slm, width, blocked)
         row.append(tok), src.append(SLM), lps.append(lp)
         if tok in config.eos_ids:
             finish = EOS
@@ -106,8 +116,13 @@ def _row(slm, slm_params, llm, llm_params, prompt, key, b, config, command, widt
     return row, src, lps, finish, calls, prefill
 
 
-def _sample_at(model, params, context, key, b, slot, cfg, width):
-    tok, lp = _sample(_next_logits(model, params, context, width), token_key(key, b, slot), cfg)
+def _sample_at(model, params, context, key, b, slot, cfg, width, blocked=None):
+    """blocked: None, or a function of the vocabulary size giving ids never to draw."""
+    logits = _next_logits(model, params, context, width)
+    ids = blocked(logits.shape[-1]) if blocked is not None else []
+    if ids:
+        logits = logits.at[jnp.asarray(ids)].set(-jnp.inf)
+    tok, lp = _sample(logits, token_key(key, b, slot), cfg)
     return int(tok), float(lp)
 
 
