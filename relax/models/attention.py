@@ -26,12 +26,15 @@ Three functions, one per situation:
                        model's whole stacked [L, B, K, S, H] buffer (this layer's index
                        is an argument), so nothing is copied out of it: each key block
                        is a `dynamic_slice` read inside a `while_loop` that stops after
-                       the last block holding a slot <= the batch's largest query
-                       position. A step therefore reads the filled part of the cache
-                       once (rounded up to a block), whatever the cache's capacity, and
-                       never pays for empty slots past the longest row. Long queries
-                       (a whole prompt at once) are split into blocks of C too, each
-                       stopping at its own last position.
+                       the last slot <= the batch's largest query position: whole
+                       blocks of C first, then the rest in blocks of C/4. A step
+                       therefore reads the filled part of the cache once (rounded up to
+                       a quarter block), whatever the cache's capacity, and never pays
+                       for empty slots past the longest row. Long queries (a whole
+                       prompt at once) are split into blocks too, each stopping at its
+                       own last position; `tile_block` shortens a prefill's blocks until
+                       one [B x N, C, C] score tile holds at most 2^21 scores, so the
+                       softmax works in cache instead of at memory speed.
 
 Layout. Inside, queries are [B, K, G, T, H] and keys/values [B, K, S, H] (the KV
 cache's own layout): every score and value matmul is then a batched matmul over

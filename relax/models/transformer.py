@@ -29,10 +29,10 @@ Costs follow content, not capacity:
     the step updates the cache in place: a decode step's compiled temporaries
     are a small fraction of the cache (scripts/memory_model.py measures them).
   * Decode and prefill read only the filled part. Attention against the cache
-    walks key blocks of C slots (`attention_block`, 512 by default) in a while
-    loop with an online softmax and stops after the block holding the batch's
-    largest position (relax.models.attention.cached_attention): one read of
-    the filled slots plus compute, whatever S is. A 32,768-slot cache costs
+    walks key blocks of C slots (`attention_block`, 512 by default; the tail in
+    quarter blocks) in a while loop with an online softmax and stops at the
+    batch's largest position (relax.models.attention.cached_attention): one read
+    of the filled slots plus compute, whatever S is. A 32,768-slot cache costs
     what a 256-slot one does at the same fill (scripts/bench_model.py (d)).
     It is plain XLA, so it runs the same on CPU, GPU and TPU.
   * Training attention is blockwise. Without a cache, sequences longer than
@@ -233,7 +233,11 @@ class Transformer(nn.Module):
 
 def lm_logits(x: jax.Array, head: jax.Array) -> jax.Array:
     """Logits [..., V] in float32 from final-norm activations x [..., D] and head [D, V]."""
-    return project(x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+    # An einsum, not `project`: on CPU a 2-D matmul against the transposed (tied)
+    # embedding makes XLA hold a float32 copy of a bfloat16 head (1.2 GiB for Qwen3-1.7B)
+    # in a decode step. The training losses call this on flattened [C, D] chunks, where
+    # the einsum is a 2-D matmul anyway.
+    return jnp.einsum("...d,dv->...v", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
 def project(x: jax.Array, w: jax.Array, contract: int = 1, preferred_element_type=None):
