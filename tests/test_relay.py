@@ -370,3 +370,13 @@ def test_lm_head_on_last_rows_equals_apply_fallback():
     np.testing.assert_allclose(
         np.asarray(ours.slm_logprobs), np.asarray(theirs.slm_logprobs), atol=1e-5
     )
+
+
+def test_catch_up_widths():
+    """A catch-up step is chunk, chunk / 2 or chunk / 4 wide (never 1: that is decoding)."""
+    from relax.relay.loop import catch_up_widths
+
+    assert catch_up_widths(64) == [64, 32, 16]
+    assert catch_up_widths(8) == [8, 4, 2]
+    assert catch_up_widths(3) == [3]
+    assert catch_up_widths(1) == []

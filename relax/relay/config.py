@@ -66,7 +66,8 @@ class RelayConfig:
     """...or when a row has waited this many loop iterations."""
     prefill_chunk: int = 64
     """Tokens a model ingests per row per step when catching up (prompt, the other
-    model's tokens)."""
+    model's tokens); a catch-up's last step is half or a quarter as wide when that holds
+    what is left."""
     slm: SamplingConfig = SamplingConfig()
     """Sampling of the small model."""
     llm: SamplingConfig = SamplingConfig()

@@ -10,8 +10,9 @@ How the two models are fed. Each model keeps its own KV cache for the whole
 run and a per-row count of what it has ingested; every step a model ingests
 what it has not yet seen and samples when it has caught up. So the same code
 does the prompt prefill, the SLM's ingestion of the LLM's tokens after a call
-and the LLM's lazy catch-up on the SLM's text at call time (in chunks of
-`prefill_chunk`), and one-token decoding. The SLM sees every token; the LLM
+and the LLM's lazy catch-up on the SLM's text at call time (in steps of
+`prefill_chunk` tokens, the last one as narrow as `prefill_chunk / 2` or `/ 4`
+when that holds the rest), and one-token decoding. The SLM sees every token; the LLM
 sees the prompt, SLM text and its own tokens, never command tokens. A partial
 command is only known to be a command when it completes, and tokens are
 marked `command` retroactively then; this is safe because the LLM only

@@ -141,12 +141,24 @@ def _slm_ingest(loop, params, s: State, rows, width):
     return last, ready, s.replace(slm_cache=cache, slm_seen=s.slm_seen + n_feed)
 
 
+def _visible_unseen(s: State):
+    """[B, L] bool: the slots the LLM has still to ingest (prompt, slm and llm tokens past
+    its scan position)."""
+    slots = jnp.arange(s.tokens.shape[1])[None]
+    visible = (s.source == PROMPT) | (s.source == SLM) | (s.source == LLM)
+    return visible & (slots >= s.llm_scan[:, None]) & (slots < s.length[:, None])
+
+
+def _llm_unseen(s: State):
+    """[B] int32: how many tokens each row's LLM has still to ingest."""
+    return jnp.sum(_visible_unseen(s), axis=1, dtype=jnp.int32)
+
+
 def _llm_ingest(loop, params, s: State, rows, width):
     """The LLM ingests up to `width` unseen visible slots (prompt, slm, llm) of each row in `rows`."""
     L = s.tokens.shape[1]
     slots = jnp.arange(L)[None]
-    visible = (s.source == PROMPT) | (s.source == SLM) | (s.source == LLM)
-    todo = visible & (slots >= s.llm_scan[:, None]) & (slots < s.length[:, None]) & rows[:, None]
+    todo = _visible_unseen(s) & rows[:, None]
     rank = jnp.cumsum(todo, axis=1) - 1  # [B, L] order among the unseen
     total = rank[:, -1] + 1
     n_feed = jnp.minimum(total, width)
@@ -268,19 +280,38 @@ def _llm_step(loop, params, key, prompt_lens, s: State, width):
     return s.replace(phase=phase, finish=finish)
 
 
-def _step(step, chunk, rows, unseen, s):
-    """step(s, width) for the `rows` if any: a chunked catch-up (width `chunk`) when some
-    row is more than one token behind, else one-token decoding.
+def catch_up_widths(chunk):
+    """The widths of a catch-up step: `chunk`, `chunk // 2`, `chunk // 4` (those above 1)."""
+    widths = []
+    while chunk > 1 and len(widths) < 3:
+        widths.append(chunk)
+        chunk //= 2
+    return widths
 
-    Two sibling conds, each a model step against a pass-through (exactly one runs),
-    rather than a cond between the two model steps nested in a cond: with both
-    branches of a conditional updating the KV cache, XLA gives it a second cache-sized
-    buffer, a copy of the whole cache; against a pass-through the update is in place."""
-    if chunk == 1:
-        return jax.lax.cond(jnp.any(rows), lambda s: step(s, 1), lambda s: s, s)
-    behind = jnp.max(jnp.where(rows, unseen, 0)) > 1
-    s = jax.lax.cond(jnp.any(rows) & behind, lambda s: step(s, chunk), lambda s: s, s)
-    return jax.lax.cond(jnp.any(rows) & ~behind, lambda s: step(s, 1), lambda s: s, s)
+
+def _step(step, chunk, rows, unseen, s):
+    """step(s, width) for the `rows` if any: a catch-up when some row is more than one
+    token behind, else one-token decoding.
+
+    A catch-up step is as narrow as it can be: the smallest of `catch_up_widths(chunk)`
+    holding what the furthest-behind row has left (all of `chunk` if more), so catching
+    up 93 tokens in chunks of 64 takes a 64- and a 32-wide step, not two 64-wide ones
+    (every row of a step costs its full width).
+
+    Sibling conds, each a model step against a pass-through (exactly one runs), rather
+    than conds between model steps nested in a cond: with two branches of a conditional
+    updating the KV cache, XLA gives it a second cache-sized buffer, a copy of the whole
+    cache; against a pass-through the update is in place."""
+    widths = catch_up_widths(chunk)
+    behind = jnp.max(jnp.where(rows, unseen, 0))
+    some = jnp.any(rows)
+    for i, w in enumerate(widths):
+        narrower = widths[i + 1] if i + 1 < len(widths) else 1
+        fits = behind <= w if i else True
+        run = some & (behind > narrower) & fits
+        s = jax.lax.cond(run, lambda s, w=w: step(s, w), lambda s: s, s)
+    decode = some & (behind <= 1) if widths else some
+    return jax.lax.cond(decode, lambda s: step(s, 1), lambda s: s, s)
 
 
 def body(loop, slm_params, llm_params, tables, key, prompt_lens, s: State):
@@ -300,8 +331,7 @@ def body(loop, slm_params, llm_params, tables, key, prompt_lens, s: State):
             lambda s, w: _llm_step(loop, llm_params, key, prompt_lens, s, w),
             loop.config.prefill_chunk,
             s.phase == CALLING,
-            # Unseen visible slots are at most the unseen slots; only > 1 or not matters.
-            s.length - s.llm_scan,
+            _llm_unseen(s),
             s,
         )
     s = _step(
