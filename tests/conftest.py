@@ -10,3 +10,21 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drops every compiled program after each test module. XLA:CPU maps memory for each
+    executable's code, and the whole suite's programs kept alive together exceed the
+    kernel's limit of 65,530 mappings per process (vm.max_map_count), after which the
+    next compilation crashes the process."""
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
