@@ -406,8 +406,8 @@ def test_cached_attention_equals_dense(qkv):
     chunk of queries and for one decode query per row at uneven lengths."""
     q, k, v = qkv
     s = 29
-    # The cache is [L, B, K, S, H]; layer 1 holds the keys.
-    cache_k = jnp.zeros((3, 2, 2, s, 8)).at[1].set(k[:, :s].transpose(0, 2, 1, 3))
+    # The cache holds keys [L, B, K, H, S] and values [L, B, K, S, H]; layer 1 holds them.
+    cache_k = jnp.zeros((3, 2, 2, 8, s)).at[1].set(k[:, :s].transpose(0, 2, 3, 1))
     cache_v = jnp.zeros((3, 2, 2, s, 8)).at[1].set(v[:, :s].transpose(0, 2, 1, 3))
     slots = jnp.broadcast_to(jnp.arange(s), (2, s))
     for qpos in (
@@ -445,7 +445,7 @@ def test_cached_attention_with_smaller_tiles_equals_dense(qkv, monkeypatch):
     assert attention.tile_block(16, 2 * 4, 29) == 8
     q, k, v = qkv
     s = 29
-    cache_k = jnp.zeros((1, 2, 2, s, 8)).at[0].set(k[:, :s].transpose(0, 2, 1, 3))
+    cache_k = jnp.zeros((1, 2, 2, 8, s)).at[0].set(k[:, :s].transpose(0, 2, 3, 1))
     cache_v = jnp.zeros((1, 2, 2, s, 8)).at[0].set(v[:, :s].transpose(0, 2, 1, 3))
     qpos = jnp.asarray(_padded_positions([s, 20], s))
     ours = attention.cached_attention(q[:, :s], qpos, cache_k, cache_v, jnp.int32(0), 16)

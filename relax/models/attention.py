@@ -23,8 +23,9 @@ Three functions, one per situation:
                        memory is linear in T. It is pure XLA, so the same code runs on
                        CPU, GPU and TPU, under `jax.checkpoint` (remat) too.
   cached_attention     prefill and decode against the KV cache. The cache is the
-                       model's whole stacked [L, B, K, S, H] buffer (this layer's index
-                       is an argument), so nothing is copied out of it: each key block
+                       model's whole stacked buffers (keys [L, B, K, H, S], values
+                       [L, B, K, S, H]; this layer's index is an argument), so
+                       nothing is copied out of it: each key block
                        is a `dynamic_slice` read inside a `while_loop` that stops after
                        the last slot <= the batch's largest query position: whole
                        blocks of C first, then the rest in blocks of C/4. A step
@@ -36,12 +37,16 @@ Three functions, one per situation:
                        one [B x N, C, C] score tile holds at most 2^21 scores, so the
                        softmax works in cache instead of at memory speed.
 
-Layout. Inside, queries are [B, K, G, T, H] and keys/values [B, K, S, H] (the KV
-cache's own layout): every score and value matmul is then a batched matmul over
-(B, K) whose operands are read as they lie, with G x T as one contiguous row
-dimension. Queries are transposed once per call (not per key block), which on CPU
-makes a prefill step's attention about 1.7x faster than the [B, T, K, G, H] layout
-that needs a transposed copy of every block.
+Layout. Inside, queries are [B, K, G, T, H] and keys/values [B, K, S, H]; the KV
+cache holds its keys as [B, K, H, S] (relax.models.kv_cache), so a block of them
+is the [H, C] right-hand side of the score matmul as it lies. Every score and
+value matmul is then a batched matmul over (B, K) whose operands are read as
+they lie, with G x T as one contiguous row dimension. Queries are transposed
+once per call (not per key block), which on CPU makes a prefill step's attention
+about 1.7x faster than the [B, T, K, G, H] layout that needs a transposed copy of
+every block; the cache's [H, S] keys make a decode step's score matmul (G x T = 2
+rows against a block) about 2x faster on CPU than [S, H] keys, which the matmul
+packs transposed first.
 
 Softmax statistics are float32; scores come out of float32-accumulating matmuls;
 probabilities are cast to the value dtype for the second matmul (as the dense path).
@@ -106,11 +111,14 @@ def dense_attention(q, k, v, q_pos, k_pos):
     return _heads_last(out).astype(q.dtype)
 
 
-def _online_softmax(qg, q_pos, load, operands, num_blocks, skip=None, state=None):
+def _online_softmax(
+    qg, q_pos, load, operands, num_blocks, skip=None, state=None, keys_t=False
+):
     """Softmax attention of qg [B, K, G, T, H] over key blocks 0..num_blocks-1.
 
     load(j, operands) -> (k [B, K, C, H], v [B, K, C, H], k_pos [B, C]), reading block j
-    out of `operands` (the arrays holding the keys). num_blocks is an int or a traced
+    out of `operands` (the arrays holding the keys); with `keys_t` k is [B, K, H, C]
+    (the KV cache's key layout). num_blocks is an int or a traced
     scalar (then the loop is a while loop: not reverse-differentiable, which only the
     custom VJP below needs, and it does not differentiate through this).
     skip(j) -> bool scalar: block j is known to be invisible to every query.
@@ -131,7 +139,8 @@ def _online_softmax(qg, q_pos, load, operands, num_blocks, skip=None, state=None
         m, l, acc, ops = carry  # m, l [B, K, G, T] running max and denominator
         ops = jax.lax.optimization_barrier(ops)
         k, v, k_pos = load(j, ops)
-        s = jnp.einsum("bkgth,bkch->bkgtc", qg, k, preferred_element_type=jnp.float32)
+        spec = "bkgth,bkhc->bkgtc" if keys_t else "bkgth,bkch->bkgtc"
+        s = jnp.einsum(spec, qg, k, preferred_element_type=jnp.float32)
         s = jnp.where(_visible(q_pos, k_pos), s * scale, _MASKED)
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.exp(s - m_new[..., None])
@@ -327,12 +336,12 @@ def tile_block(block, rows, t):
 
 def cached_attention(q, q_pos, cache_k, cache_v, layer, block=512):
     """Attention of q [B, T, N, H] (positions q_pos [B, T]) over the stacked cache
-    cache_k, cache_v [L, B, K, S, H] of layer `layer` (a scalar), whose slots s hold
-    position s. The cache already holds this step's keys. Reads blocks of
+    cache_k [L, B, K, H, S], cache_v [L, B, K, S, H] of layer `layer` (a scalar), whose
+    slots s hold position s. The cache already holds this step's keys. Reads blocks of
     `tile_block(block, B * N, T)` slots up to the block of the largest query position
     only; queries longer than a block go in blocks of that length. Returns [B, T, N, H]."""
     b, t, n, h = q.shape
-    _, _, kh, s, _ = cache_k.shape
+    _, _, kh, s, _ = cache_v.shape
     c = tile_block(min(block, s), b * n, t)
     ct = max(c // 4, 1)
 
@@ -341,10 +350,9 @@ def cached_attention(q, q_pos, cache_k, cache_v, layer, block=512):
         # at S (dynamic_slice would clamp it anyway) and its slots before `first`,
         # which an earlier block covered, are hidden.
         start = jnp.minimum(first, s - size)
-        k, v = (
-            from_storage(jax.lax.dynamic_slice(x, (layer, 0, 0, start, 0), (1, b, kh, size, h))[0])
-            for x in ops
-        )
+        k = jax.lax.dynamic_slice(ops[0], (layer, 0, 0, 0, start), (1, b, kh, h, size))
+        v = jax.lax.dynamic_slice(ops[1], (layer, 0, 0, start, 0), (1, b, kh, size, h))
+        k, v = from_storage(k[0]), from_storage(v[0])
         slots = start + jnp.arange(size, dtype=jnp.int32)
         k_pos = jnp.where(slots >= first, slots, -1)
         return k, v, jnp.broadcast_to(k_pos, (b, size))
@@ -357,10 +365,12 @@ def cached_attention(q, q_pos, cache_k, cache_v, layer, block=512):
         last = jnp.clip(jnp.max(qp), 0, s - 1)
         full = (last + 1) // c
         ops = (cache_k, cache_v)
-        state = _online_softmax(qg, qp, lambda j, o: read(j * c, c, o), ops, full)
+        load = lambda j, o: read(j * c, c, o)
+        state = _online_softmax(qg, qp, load, ops, full, keys_t=True)
         tail = (last + 1 - full * c + ct - 1) // ct
         load = lambda j, o: read(full * c + j * ct, ct, o)
-        out, _ = _softmax_result(_online_softmax(qg, qp, load, ops, tail, state=state))
+        state = _online_softmax(qg, qp, load, ops, tail, state=state, keys_t=True)
+        out, _ = _softmax_result(state)
         return out.astype(q.dtype)
 
     qg = _heads_first(q, kh)

@@ -1,9 +1,15 @@
 """The KV cache: its storage and its in-place update.
 
-The cache is {"k", "v": [L, B, K, S, H]}: every layer's keys and values in one
-stacked buffer each, slot s of row b holding the token at position s. Kv heads
-come before slots so that a block of slots of one row and head is contiguous and
-the attention's score matmuls read it as it lies (relax.models.attention). It is
+The cache is {"k": [L, B, K, H, S], "v": [L, B, K, S, H]}: every layer's keys
+and values in one stacked buffer each, slot s of row b holding the token at
+position s. Kv heads come before slots so that a block of slots of one row and
+head is contiguous and the attention's matmuls read it as it lies
+(relax.models.attention): keys with slots last, so a block of them is the
+[H, C] right-hand side of the score matmul q k^T as it lies, values with slots
+first, the [C, H] right-hand side of p v. (With keys [C, H] too, a decode
+step's score matmul packs every block transposed first; on CPU that made it
+about twice as slow as with [H, C] keys, and the SLM's decode step about 15%
+slower.) Axes 0-2 are the same in both, so the two shard alike. It is
 passed in and returned by `Model.apply`; donated at a jit boundary (or carried
 by a `while_loop`), it is updated in place: a step writes its T new slots per
 row and copies nothing else.
@@ -52,24 +58,31 @@ def from_storage(x: jax.Array) -> jax.Array:
 
 
 def init_cache(num_layers, batch, max_len, num_kv_heads, head_dim, dtype):
-    """An empty cache {"k", "v": [L, B, K, S, H]} for a model computing in `dtype`."""
-    shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
+    """An empty cache {"k": [L, B, K, H, S], "v": [L, B, K, S, H]} for a model computing
+    in `dtype`."""
     stored = storage_dtype(dtype)
-    return {"k": jnp.zeros(shape, stored), "v": jnp.zeros(shape, stored)}
+    return {
+        "k": jnp.zeros((num_layers, batch, num_kv_heads, head_dim, max_len), stored),
+        "v": jnp.zeros((num_layers, batch, num_kv_heads, max_len, head_dim), stored),
+    }
 
 
-def write_slots(buffer: jax.Array, layer: jax.Array, new: jax.Array, positions: jax.Array):
-    """Writes new [B, T, K, H] into buffer [L, B, K, S, H] at (layer, b, :, positions[b, t]),
-    in place; positions < 0 or >= S write nothing.
+def write_slots(buffer, layer, new, positions, slots_last=False):
+    """Writes new [B, T, K, H] into buffer [L, B, K, S, H] (values), or [L, B, K, H, S]
+    with `slots_last` (keys), at (layer, b, :, positions[b, t]), in place; positions < 0
+    or >= S write nothing.
 
     One scatter of the B x T new slots (see the module docstring): XLA updates the
     carried or donated buffer in place and, when the cache is sharded over rows,
     partitions the scatter along them.
     """
     b, t = positions.shape
-    s = buffer.shape[3]
+    s = buffer.shape[4 if slots_last else 3]
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
     slots = jnp.where((positions >= 0) & (positions < s), positions, s)  # s: dropped
-    # Advanced indices (layer, rows, slots) around a slice: the indexed view is
-    # [B, T, K, H], the layout of `new`.
-    return buffer.at[layer, rows, :, slots].set(to_storage(new, buffer.dtype), mode="drop")
+    # Advanced indices (layer, rows, slots) around slices: the indexed view is
+    # [B, T, K, H], the layout of `new`, in both layouts.
+    index = (layer, rows, slice(None), slice(None), slots) if slots_last else (
+        layer, rows, slice(None), slots
+    )
+    return buffer.at[index].set(to_storage(new, buffer.dtype), mode="drop")

@@ -18,7 +18,7 @@ from relax.models.config import ModelConfig
 from relax.models.transformer import Transformer, lm_logits
 
 Params = Any  # a nested dict of arrays
-Cache = Any  # {"k", "v": [L, B, K, S, H]}, see relax.models.kv_cache
+Cache = Any  # {"k": [L, B, K, H, S], "v": [L, B, K, S, H]}, see relax.models.kv_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +80,7 @@ class Model:
 
         mesh = rows.mesh
         heads = spec_for((self.config.num_kv_heads,), ("kv_heads",), mesh, "serve")[0]
-        # [L, B, K, S, H]: rows on axis 1, kv heads on axis 2
+        # [L, B, K, H, S] keys, [L, B, K, S, H] values: rows on axis 1, kv heads on axis 2
         spec = PartitionSpec(None, rows.spec[0] if len(rows.spec) else None, heads)
         return {k: NamedSharding(mesh, spec) for k in ("k", "v")}
 

@@ -21,8 +21,8 @@ are meaningless (finite, never NaN). A query at position p attends to slots
 
 Costs follow content, not capacity:
 
-  * The cache is carried. The whole stacked cache {"k","v": [L, B, K, S, H]}
-    rides in the layer scan's carry (not in its xs and ys, which would be a
+  * The cache is carried. The whole stacked cache (keys [L, B, K, H, S],
+    values [L, B, K, S, H]) rides in the layer scan's carry (not in its xs and ys, which would be a
     second whole cache), and each layer writes only its T new slots per row
     into it (relax.models.kv_cache.write_slots: one scatter of the new
     slots, partitioned along rows when the cache is sharded). Donated at the jit boundary, or carried by the relay's while loop,
@@ -117,7 +117,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, carry, layer, positions, cos, sin):
-        # carry: x [B, T, D] and the whole cache, None or {"k","v": [L, B, K, S, H]};
+        # carry: x [B, T, D] and the whole cache, None or the stacked cache;
         # layer: this layer's index (scalar); positions [B, T]; cos, sin [B, T, H].
         x, cache = carry
         cfg = self.cfg
@@ -154,8 +154,8 @@ class Block(nn.Module):
             # Write this step's keys and values into the carried cache in place, then
             # attend over the filled blocks of that same buffer.
             cache = {
-                name: write_slots(cache[name], layer, new, positions)
-                for name, new in (("k", kk), ("v", v))
+                "k": write_slots(cache["k"], layer, kk, positions, slots_last=True),
+                "v": write_slots(cache["v"], layer, v, positions),
             }
             attn = cached_attention(q, positions, cache["k"], cache["v"], layer, self.block)
         out = project(attn, self._param("o", (n, h, d), w_init), contract=2)
@@ -180,7 +180,7 @@ class Transformer(nn.Module):
 
     `__call__(tokens [B,T], positions [B,T], cache) -> (logits [B,T,V] float32, cache)`,
     with `cache` None (no cache: causal attention over the given tokens) or
-    {"k","v": [L, B, K, S, H]}.
+    the stacked cache {"k": [L, B, K, H, S], "v": [L, B, K, S, H]}.
     """
 
     cfg: ModelConfig
