@@ -380,3 +380,24 @@ def test_catch_up_widths():
     assert catch_up_widths(8) == [8, 4, 2]
     assert catch_up_widths(3) == [3]
     assert catch_up_widths(1) == []
+
+
+def test_sampling_argmax_and_draws_equal_jax():
+    # relax's argmax (two plain reductions) is jnp.argmax: first of tied maxima, first NaN;
+    # its draw is jax.random.categorical's, key for key.
+    from relax.relay import sampling
+    from relax.relay.config import SamplingConfig
+
+    rng = np.random.RandomState(0)
+    rows = rng.randint(-3, 3, size=(64, 37)).astype(np.float32)  # many ties
+    rows[5, [4, 9]] = np.nan
+    rows[6, :] = -np.inf
+    rows[7, 30] = np.inf
+    for row in rows:
+        assert int(sampling.argmax(jnp.asarray(row))) == int(jnp.argmax(row))
+    logits = jnp.asarray(rng.normal(size=(200, 37)), jnp.float32)
+    keys = jax.random.split(jax.random.PRNGKey(3), 200)
+    cfg = SamplingConfig(temperature=0.7)
+    ours, _ = sampling.sample_batch(logits, keys, cfg)
+    theirs = jax.vmap(lambda lg, k: jax.random.categorical(k, lg / 0.7))(logits, keys)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))

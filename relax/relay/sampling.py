@@ -19,9 +19,20 @@ import jax.numpy as jnp
 from relax.relay.config import SamplingConfig
 
 
+def argmax(x):
+    """`jnp.argmax` of a [V] row (the first largest; the first NaN if any), as two plain
+    reductions. XLA:CPU runs argmax's one (value, index) reduction element by element:
+    at V = 512 this is about 10x faster there, at V = 151,936 about 4.5x, and a decode
+    step of a small model spent more time in its argmax than in its LM head."""
+    m = jnp.max(x)  # NaN if x holds one
+    hit = (x == m) | jnp.isnan(x)
+    ids = jnp.arange(x.shape[0], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, ids, x.shape[0]))
+
+
 def greedy(logits):
     """argmax; log-prob under softmax(logits)."""
-    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    token = argmax(logits)
     return token, jax.nn.log_softmax(logits)[token]
 
 
@@ -52,7 +63,8 @@ def sample(logits, key, cfg: SamplingConfig):
         logits = _top_k_mask(logits, cfg.top_k)
     if cfg.top_p < 1.0:
         logits = _top_p_mask(logits, cfg.top_p)
-    token = jax.random.categorical(key, logits).astype(jnp.int32)
+    # jax.random.categorical's own draw (the Gumbel-max trick), with the faster argmax.
+    token = argmax(logits + jax.random.gumbel(key, logits.shape, logits.dtype))
     return token, jax.nn.log_softmax(logits)[token]
 
 
