@@ -243,7 +243,7 @@ def main(argv=None):
     (relay_out, gen_out), t_relay, t_gen = timed_pair(
         lambda: decoder.relay_generate(plain_slm, sp, llm, lp, prompts, lens, key, config, command),
         lambda: decoder.generate(plain_slm, sp, prompts, lens, key, config),
-        4 * args.repeats,  # runs of ~50 ms: more of them for a stable best
+        8 * args.repeats,  # runs of ~40 ms: many of them for a stable best
     )
     assert np.array_equal(np.asarray(relay_out.tokens), np.asarray(gen_out.tokens))
     assert int(np.sum(relay_out.calls)) == 0

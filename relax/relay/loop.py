@@ -329,18 +329,16 @@ def body(loop, slm_params, llm_params, tables, key, prompt_lens, s: State):
             | ~jnp.any(s.phase == DECODING)
         )
         s = s.replace(phase=jnp.where(trigger & waiting, CALLING, s.phase))
-        calling = s.phase == CALLING
-        # The [B, L] count only when a row is inside a call (most iterations have none).
-        unseen = jax.lax.cond(
-            jnp.any(calling), _llm_unseen, lambda s: jnp.zeros_like(s.length), s
-        )
-        s = _step(
+        # The LLM's steps (and the [B, L] count of what it has not seen) only when a row
+        # is inside a call: most iterations have none.
+        llm = lambda s: _step(
             lambda s, w: _llm_step(loop, llm_params, key, prompt_lens, s, w),
             loop.config.prefill_chunk,
-            calling,
-            unseen,
+            s.phase == CALLING,
+            _llm_unseen(s),
             s,
         )
+        s = jax.lax.cond(jnp.any(s.phase == CALLING), llm, lambda s: s, s)
     s = _step(
         lambda s, w: _slm_step(loop, slm_params, tables, key, prompt_lens, s, w),
         loop.config.prefill_chunk,
