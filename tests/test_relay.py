@@ -385,6 +385,7 @@ def test_catch_up_widths():
 def test_sampling_argmax_and_draws_equal_jax():
     # relax's argmax (two plain reductions) is jnp.argmax: first of tied maxima, first NaN;
     # its draw is jax.random.categorical's, key for key.
+    from relax import ops
     from relax.relay import sampling
     from relax.relay.config import SamplingConfig
 
@@ -394,7 +395,8 @@ def test_sampling_argmax_and_draws_equal_jax():
     rows[6, :] = -np.inf
     rows[7, 30] = np.inf
     for row in rows:
-        assert int(sampling.argmax(jnp.asarray(row))) == int(jnp.argmax(row))
+        assert int(ops.argmax(jnp.asarray(row))) == int(jnp.argmax(row))
+    np.testing.assert_array_equal(np.asarray(ops.argmax(jnp.asarray(rows))), rows.argmax(-1))
     logits = jnp.asarray(rng.normal(size=(200, 37)), jnp.float32)
     keys = jax.random.split(jax.random.PRNGKey(3), 200)
     cfg = SamplingConfig(temperature=0.7)

@@ -82,7 +82,5 @@ def write_slots(buffer, layer, new, positions, slots_last=False):
     slots = jnp.where((positions >= 0) & (positions < s), positions, s)  # s: dropped
     # Advanced indices (layer, rows, slots) around slices: the indexed view is
     # [B, T, K, H], the layout of `new`, in both layouts.
-    index = (layer, rows, slice(None), slice(None), slots) if slots_last else (
-        layer, rows, slice(None), slots
-    )
-    return buffer.at[index].set(to_storage(new, buffer.dtype), mode="drop")
+    heads = (slice(None), slice(None)) if slots_last else (slice(None),)  # K (and H)
+    return buffer.at[(layer, rows, *heads, slots)].set(to_storage(new, buffer.dtype), mode="drop")

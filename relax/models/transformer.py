@@ -22,11 +22,12 @@ are meaningless (finite, never NaN). A query at position p attends to slots
 Costs follow content, not capacity:
 
   * The cache is carried. The whole stacked cache (keys [L, B, K, H, S],
-    values [L, B, K, S, H]) rides in the layer scan's carry (not in its xs and ys, which would be a
-    second whole cache), and each layer writes only its T new slots per row
-    into it (relax.models.kv_cache.write_slots: one scatter of the new
-    slots, partitioned along rows when the cache is sharded). Donated at the jit boundary, or carried by the relay's while loop,
-    the step updates the cache in place: a decode step's compiled temporaries
+    values [L, B, K, S, H]) rides in the layer scan's carry (not in its xs and
+    ys, which would be a second whole cache), and each layer writes only its T
+    new slots per row into it (relax.models.kv_cache.write_slots: one scatter
+    of the new slots, partitioned along rows when the cache is sharded).
+    Donated at the jit boundary, or carried by the relay's while loop, the
+    step updates the cache in place: a decode step's compiled temporaries
     are a small fraction of the cache (scripts/memory_model.py measures them).
   * Decode and prefill read only the filled part. Attention against the cache
     walks key blocks of C slots (`attention_block`, 512 by default; the tail in

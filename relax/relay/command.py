@@ -413,7 +413,10 @@ class CommandTables:
     """The automaton as the decoder reads it on device: a pytree of arrays.
 
     token_class is [V] (the model's vocabulary, padded ids plain); the rest are
-    [S, C] and mean what the same-named `CallCommand` fields mean.
+    [S, C] and mean what the same-named `CallCommand` fields mean, except `opens`,
+    which is [S, V]: indexed by token id (the [S, C] table read through token_class
+    once, on the host), so a blocked-call step reads one row per row instead of
+    gathering the whole table every iteration of the loop.
     """
 
     token_class: jax.Array
@@ -432,4 +435,5 @@ class CommandTables:
 @functools.lru_cache(maxsize=32)
 def _device_tables(command: CallCommand, vocab_size: int) -> CommandTables:
     token_class, tables = command._padded(vocab_size)
+    tables["opens"] = tables["opens"][:, token_class]
     return CommandTables(token_class=token_class, **tables)

@@ -209,10 +209,8 @@ def _slm_step(loop, params, t: cmd.CommandTables, key, prompt_lens, s: State, wi
     last, ready, s = _slm_ingest(loop, params, s, rows, width)
     if loop.relay and cfg.on_call_limit == "block":
         # Past the limit, tokens that would complete an opening "<call>" from the row's
-        # automaton state are never drawn. opens_by_id [S, V] depends on the tables only,
-        # so XLA computes it once, outside the loop; a step reads one row of it per row.
-        opens_by_id = t.opens[:, t.token_class]
-        blocked = opens_by_id[s.auto] & (s.calls >= cfg.max_calls)[:, None]
+        # automaton state are never drawn (t.opens is [S, V], by token id).
+        blocked = t.opens[s.auto] & (s.calls >= cfg.max_calls)[:, None]
         last = jnp.where(blocked, -jnp.inf, last)
     tok, lp = sample_batch(last, _keys(key, s), cfg.slm)
     s, slot = _append(s, ready, tok, SLM, logprobs=lp)

@@ -71,7 +71,7 @@ def chunked_token_stats(
         if entropy:
             out["entropy"] = jax.lax.stop_gradient(ops.entropy(logits))
         if argmax:
-            out["argmax"] = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            out["argmax"] = ops.argmax(logits)
         return out
 
     out = jax.lax.map(body, (xs, ts))
