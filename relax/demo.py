@@ -73,11 +73,22 @@ class ModelSection:
     learning_rate: float = 3e-3
     seed: int = 0
     known_items: int = 0
-    """Its corpus sells only the first known_items items of the catalog (0 = all):
+    """It learns the prices of the first known_items items of the catalog only (0 = all):
     the prices it can know."""
+    unknown_items: str = "unsold"
+    """How its corpus keeps the other prices from it: "unsold" (it never sells them)
+    or "masked" (it sells every item, and the prices of the unknown ones are masked
+    out of the loss: it reads them but is never trained to write one, so it learns to
+    copy any item's name, as a step copied from the question needs)."""
     read_commands: int = 0
     """Up to this many `<call>n</call>` per solution, masked out of the loss
     (see `reference_examples`)."""
+
+    def __post_init__(self):
+        if self.unknown_items not in ("unsold", "masked"):
+            raise ValueError(
+                f'unknown_items must be "unsold" or "masked", got {self.unknown_items!r}'
+            )
 
 
 @dataclasses.dataclass
@@ -311,7 +322,7 @@ def stage_task(st, cfg):
     settings = {"task": cfg.task}
     if not st.done("tokenizer", settings):
         st.start("tokenizer")
-        synthetic.save_tokenizer(st.path("tokenizer"))
+        synthetic.save_tokenizer(st.path("tokenizer"), task)
         with open(st.path("tokenizer", "catalog.json"), "w") as f:
             json.dump(synthetic.catalog(task), f, indent=1)
         st.finish("tokenizer", settings)
@@ -359,17 +370,26 @@ def _sft_config(out_dir, steps, batch_size, lr, seed, epochs=1, max_len=512):
     )
 
 
-def reference_examples(tokenizer, problems, read_commands=0, seed=0):
+def reference_examples(tokenizer, problems, read_commands=0, seed=0, unknown=()):
     """SFT examples (prompt ids, response ids + EOS) of reference solutions.
 
     read_commands: up to this many `<call>n</call>` (n in 1..9) inserted per
     solution at random token boundaries by the warm-up's own inserter, masked
     out of the loss: the model learns to read past them, not to write them.
+    unknown: items whose prices are masked out of the loss the same way.
     """
     from relax.train import warmup
     from relax.train.config import WarmupDataConfig
 
-    rows = [{"question": p["question"], "response": p["solution"]} for p in problems]
+    unknown = set(unknown)
+    rows = [
+        {
+            "question": p["question"],
+            "response": p["solution"],
+            "hidden": [s for s, i in zip(p["hard_spans"], p["hard_items"]) if i in unknown],
+        }
+        for p in problems
+    ]
     cfg = WarmupDataConfig(max_commands=read_commands, mantissa_max=9, max_exponent=0)
     return warmup.build_warmup_examples(rows, tokenizer, cfg, seed=seed, learn_commands=False)
 
@@ -387,10 +407,12 @@ def stage_pretrain(st, name, sec, cfg, task, tok_dir, tokenizer):
         st.start(name)
         model = _model(sec, tokenizer)
         params = model.init_params(jax.random.key(sec.seed))
+        masked = sec.unknown_items == "masked" and sec.known_items > 0
         problems = synthetic.make_dataset(
-            sec.problems, SPLIT_SEEDS[name], task, num_known=sec.known_items
+            sec.problems, SPLIT_SEEDS[name], task, num_known=None if masked else sec.known_items
         )
-        examples = reference_examples(tokenizer, problems, sec.read_commands, sec.seed)
+        unknown = list(synthetic.catalog(task))[sec.known_items :] if masked else ()
+        examples = reference_examples(tokenizer, problems, sec.read_commands, sec.seed, unknown)
         steps = len(examples) // sec.batch_size
         run_cfg = _sft_config(
             st.path(name, "train"), steps, sec.batch_size, sec.learning_rate, sec.seed
@@ -690,7 +712,7 @@ def stage_eval(st, cfg, task, tokenizer, slm, params, llm, llm_params, seed=None
 
 PRICE = r"(?:^|(?<=\. )|(?<=for ))\d+(?=\. )"
 """A price in a solution (the hard step): a number followed by ". " that opens the text,
-follows ". " (the prices-first layout) or follows "for " (inline: "sells a bivo for 37. ");
+follows ". " (the prices-first layout) or follows "for " (inline: "Second: bivo for 37. ");
 a sum opens "9+4:", a total follows "So ", a carry follows "carry ", a gain ends "more"."""
 
 

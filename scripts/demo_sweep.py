@@ -11,7 +11,8 @@ held-out eval problems (eval.seed), so nothing is tuned on those. For each run
 it prints accuracy and its errors split by kind, against the reference
 solution: `price` (the first wrong character is inside a price, the hard step),
 `arithmetic` (elsewhere) and `format` (no \\boxed{} answer). The trained SLM is
-evaluated greedily without calls (`slm`) and, for relay runs, with them (`relay`).
+evaluated greedily without calls (`slm`) and, for relay runs, with them (`relay`),
+with the share of honoured calls that start within 2 tokens before a hard step.
 The last line is one JSON object with every row.
 """
 
@@ -77,10 +78,12 @@ def main(argv=None):
             1, sum(r["response_tokens"] for r in recs)
         )
         n = len(recs)
+        placement = demo.call_placement(recs, tokenizer)["share"]
         return {
             "accuracy": 100.0 * sum(r["correct"] for r in recs) / n,
             **{f"{k}_errors": 100.0 * v / n for k, v in kinds.items()},
             "llm_share": 100.0 * llm_share,
+            "at_hard_step": None if placement is None else 100.0 * placement,
         }
 
     rows = [{"run": "base slm", **score("slm", base.slm_params)}]
@@ -112,13 +115,17 @@ def main(argv=None):
     print(
         f"validation: {args.problems} problems, data seed {args.val_seed} (eval uses {cfg.eval.seed})"
     )
-    print("| run | decode | accuracy % | price err % | arithmetic err % | format err % | LLM % |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(
+        "| run | decode | accuracy % | price err % | arithmetic err % | format err % | LLM % "
+        "| calls at a hard step % |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
+        placed = "-" if row["at_hard_step"] is None else f"{row['at_hard_step']:.0f}"
         print(
             f"| {row['run']} | {row.get('strategy', 'slm')} | {row['accuracy']:.1f} | "
             f"{row['price_errors']:.1f} | {row['arithmetic_errors']:.1f} | "
-            f"{row['format_errors']:.1f} | {row['llm_share']:.2f} |"
+            f"{row['format_errors']:.1f} | {row['llm_share']:.2f} | {placed} |"
         )
     print(json.dumps(rows))
     return 0

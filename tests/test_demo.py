@@ -105,6 +105,38 @@ def test_reference_examples_mask_the_commands_they_insert(tmp_path):
     assert 40 <= inserted <= 80  # 0..3 per solution, 1.5 on average
 
 
+def test_reference_examples_mask_unknown_prices(tmp_path):
+    """`unknown` items: their prices, and nothing else, are masked out of the loss, also
+    when inserted commands move them (or sit right before or after them); the text the
+    model reads is the whole solution."""
+    import re
+
+    import relax
+    from relax.data import synthetic
+
+    task = synthetic.TaskConfig(num_items=8, min_sold=2, max_sold=2, layout="inline")
+    tok = relax.load_tokenizer(synthetic.save_tokenizer(str(tmp_path / "tok"), task))
+    problems = synthetic.make_dataset(60, 3, task)
+    unknown = set(list(synthetic.catalog(task))[4:])
+    shifted = 0
+    for read in (0, 3):
+        examples = demo.reference_examples(tok, problems, read, seed=2, unknown=unknown)
+        for p, e in zip(problems, examples):
+            ids, mask = e["response_ids"], e["response_mask"]
+            hidden = tok.decode([t for t, m in zip(ids, mask) if not m])
+            want = [
+                p["solution"][a:b]
+                for (a, b), i in zip(p["hard_spans"], p["hard_items"])
+                if i in unknown
+            ]
+            assert re.sub(r"<call>[1-9]</call>", "", hidden) == "".join(want)
+            assert re.sub(r"<call>[1-9]</call>", "", tok.decode(ids[:-1])) == p["solution"]
+            shifted += bool(read and want and e["commands"])
+    assert shifted > 10
+    with pytest.raises(ValueError, match="unknown_items"):
+        demo.ModelSection(unknown_items="forgotten")
+
+
 def test_seed_spread_means_and_std():
     """Several seeds: per-seed values, field-wise means of the summaries, and the table
     with mean ± std (sample std: values 40 and 60 give 50 ± 14.1)."""
@@ -154,11 +186,11 @@ def test_call_placement_counts_honoured_calls_near_a_price(tmp_path):
         {"response": "5+4: <call>3</call>5+4=9 carry 0. So 9. \\boxed{9}", "calls": 1},
         # inline layout: right after "for", before the price: at a hard step
         {
-            "response": "finds 4 more. 5+4: So 9. sells a bivo for <call>2</call>37. So 46.",
+            "response": "First: 4 more. 5+4: So 9. Second: bivo for <call>2</call>37. So 46.",
             "calls": 1,
         },
-        # inline layout: before the clause, 7 tokens ahead of the price: not
-        {"response": "So 9. <call>2</call>sells a bivo for 37. So 46.", "calls": 1},
+        # inline layout: before the event's marker, far ahead of the price: not
+        {"response": "So 9. <call>2</call>Second: bivo for 37. So 46.", "calls": 1},
     ]
     placement = demo.call_placement(records, tok)
     assert placement == {"commands": 7, "at_hard_step": 4, "within_tokens": 2, "share": 4 / 7}

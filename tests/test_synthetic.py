@@ -128,22 +128,38 @@ def test_num_known_restricts_the_items_sold():
         assert re.search(r"sells a (\w+),", p["question"]).group(1) in known
 
 
-def test_inline_layout_places_prices_after_easy_steps():
+def test_inline_layout_places_prices_after_easy_steps(tmp_path):
     """layout=inline: each sale is its own event after at least one gain, its price is
     written right before the sum that adds it, hard_spans point at the prices, and the
-    answer is the true total."""
-    import re
+    answer is the true total. The question numbers its events with one-token markers,
+    each step of the solution opens with its event's marker and the event copied from
+    the question, and the marker's token is followed by the event's first character
+    in both (the tokenizer gets the markers only for this layout)."""
+    import relax
 
     task = synthetic.TaskConfig(
         num_items=12, min_steps=1, max_steps=2, min_sold=2, max_sold=2, layout="inline"
     )
+    tok = relax.load_tokenizer(synthetic.save_tokenizer(str(tmp_path / "tok"), task))
+    plain = relax.load_tokenizer(synthetic.save_tokenizer(str(tmp_path / "plain")))
+    assert len(tok) == len(plain) + len(synthetic.ORDINALS) + 1  # the markers and " sold"
+    markers = {tok.convert_tokens_to_ids(m): m for m in synthetic.ORDINALS}
+    assert len(markers) == len(synthetic.ORDINALS) and None not in markers
     prices = synthetic.catalog(task)
     starts = set()
     for p in synthetic.make_dataset(50, 3, task):
+        events = re.findall(r"(\w+: )(\w+)(?: more| sold)\.", p["question"])
+        steps = re.findall(r"(\w+: )(\w+)(?: more| for \d+)\. ", p["solution"])
+        assert steps == events and [m for m, _ in events] == list(synthetic.ORDINALS[: len(events)])
+        for text in (p["question"], p["solution"]):
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert tok.decode(ids) == text
+            after = [tok.decode(ids[i + 1])[0] for i, t in enumerate(ids) if t in markers]
+            assert after == [content[0] for _, content in events]
         spans = p["hard_spans"]
         assert len(spans) == 2 and spans[0][0] > 0  # never the answer's first token
         starts.add(spans[0][0])
-        sold = re.findall(r"sells a (\w+)", p["question"])
+        sold = re.findall(r"(\w+) sold", p["question"])
         assert [p["solution"][a:b] for a, b in spans] == [str(prices[i]) for i in sold]
         value = int(re.search(r"has (\d+) coins", p["question"]).group(1))
         gains = [int(k) for k in re.findall(r"(\d+) more", p["question"])]
@@ -152,3 +168,5 @@ def test_inline_layout_places_prices_after_easy_steps():
     assert len(starts) > 3  # the first price's place varies
     with pytest.raises(ValueError, match="layout"):
         synthetic.TaskConfig(layout="diagonal")
+    with pytest.raises(ValueError, match="numbers at most 8 events"):
+        synthetic.TaskConfig(max_steps=6, max_sold=3, layout="inline")

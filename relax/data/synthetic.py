@@ -28,6 +28,28 @@ known item with that price instead of copying the name from the prompt.
 Every later step copies either the number written just before it or a
 number from the prompt, so a command before a price splits no copy.
 
+The inline layout (`TaskConfig(layout="inline")`, the hard preset) puts the
+prices mid-solution, each after a varying number of easy steps, so a student
+must call where the content needs a price it does not know:
+
+    Question: Ann has 5 coins. First: 4 more. Second: bivo sold. Third:
+              zop sold. How many coins does she have now?
+    Solution: First: 4 more. 5+4: 5+4=9 carry 0. 0=0. So 9. Second: bivo
+              for 37. 9+37: ... So 46. Third: zop for 52. ... \boxed{98}
+
+Each step opens with its event copied from the question. The question numbers
+its events with one-token markers ("Second: "), and what the marker is followed
+by there, the gain or the item's first letter, is what the step copies right
+after writing it: finding the next event is one step past the last marker
+written. Measured on a validation split with the hard preset's models: when
+each step instead copied its clause from an unnumbered question ("She finds 4
+more, then sells a bivo, ..."), the teacher solved 59% of the problems and the
+student 39% of those whose prices it knows, most errors a wrong clause or name;
+with the markers the teacher solves 83%, and the student, trained for 1,200
+steps, solves 99.7% of the problems whose prices it knows. Item names stay
+characters: made one token each, the 48 names were too rare for either model to
+learn to copy (0% solved).
+
 `make_dataset(..., num_known=k)` draws problems that only sell the first k
 items: the demo trains the small model on such a corpus, so it masters the
 easy steps but knows only k prices, while the teacher's corpus covers the
@@ -39,11 +61,12 @@ so an evaluation can check where the calls land.
 The tokenizer is character-level (every printable ASCII character and the
 newline, so any text, the digits of any `<call>n</call>` included, can be
 written), plus whole-word tokens for the template's fixed words and for
-`<call>`/`</call>`, and Qwen-style chat special tokens. It is saved as an
-ordinary Hugging Face tokenizer (tokenizer.json, tokenizer_config.json with a
-chat template) so `relax.load_tokenizer`, prompts, the command automaton and
-grading all run unchanged. What it does not do: it is no general-purpose
-tokenizer (no byte fallback, ASCII only).
+`<call>`/`</call>` (and the inline layout's markers), and Qwen-style chat
+special tokens. It is saved as an ordinary Hugging Face tokenizer
+(tokenizer.json, tokenizer_config.json with a chat template) so
+`relax.load_tokenizer`, prompts, the command automaton and grading all run
+unchanged. What it does not do: it is no general-purpose tokenizer (no byte
+fallback, ASCII only).
 """
 
 import dataclasses
@@ -119,6 +142,14 @@ WORD_TOKENS = (
 
 LAYOUTS = ("prices_first", "inline")
 
+# The inline layout's event markers: the question numbers its events with them, and
+# each step of the solution opens with its event's marker and copies the sentence that
+# follows it there. One token each, distinct, so the copy starts from one unambiguous
+# token (see the module docstring).
+ORDINALS = tuple(
+    w + ": " for w in ("First", "Second", "Third", "Fourth", "Fifth", "Sixth", "Seventh", "Eighth")
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
@@ -131,10 +162,10 @@ class TaskConfig:
       one more column addition after the sale).
     min_sold / max_sold: items sold per problem (hard steps), min_sold..max_sold.
     layout: "prices_first" (the prices open the solution: one fixed, salient place)
-      or "inline" (the events happen in the question's order, sales among the gains,
+      or "inline" (numbered events in the question's order, sales among the gains,
       after the first gain, so each price is needed mid-solution after a varying
       number of easy steps: a student must place its calls by content, not by
-      position).
+      position; see the module docstring). Inline needs max_steps + max_sold <= 8.
     """
 
     num_items: int = 64
@@ -158,6 +189,11 @@ class TaskConfig:
             )
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.layout == "inline" and self.max_steps + self.max_sold > len(ORDINALS):
+            raise ValueError(
+                f"the inline layout numbers at most {len(ORDINALS)} events, got up to "
+                f"{self.max_steps} gains + {self.max_sold} sales"
+            )
 
 
 def catalog(task):
@@ -191,11 +227,11 @@ def _column_sum(a, b):
 
 
 def make_problem(rng, task, prices=None, items=None):
-    """One problem: {"question", "solution", "answer", "hard_spans"}.
+    """One problem: {"question", "solution", "answer", "hard_spans", "hard_items"}.
 
     rng: a `random.Random`. items: the item names problems may sell (default
     the whole catalog). hard_spans: [(start, end)] character spans of the
-    prices (the hard tokens) inside `solution`.
+    prices (the hard tokens) inside `solution`; hard_items: the item of each.
     """
     prices = prices or catalog(task)
     items = list(items or prices)
@@ -215,18 +251,24 @@ def make_problem(rng, task, prices=None, items=None):
             clauses.append("sells " + " and ".join(f"a {item}" for item in arg))
         else:
             clauses.append(f"{rng.choice(GAINS)} {arg} more")
-    question = (
-        f"{name} has {value} coins. {pronoun.capitalize()} "
-        + ", then ".join(clauses)
-        + f". How many coins does {pronoun} have now?"
-    )
-    text, hard_spans = "", []
+    if task.layout == "prices_first":
+        story = f"{pronoun.capitalize()} " + ", then ".join(clauses) + "."
+    else:  # inline: "First: 4 more. Second: bivo sold. ..."
+        clauses = [
+            ORDINALS[i] + (f"{arg} more" if kind == "gain" else arg[0])
+            for i, (kind, arg) in enumerate(events)
+        ]
+        ends = ["." if kind == "gain" else " sold." for kind, _ in events]
+        story = " ".join(c + end for c, end in zip(clauses, ends))
+    question = f"{name} has {value} coins. {story} How many coins does {pronoun} have now?"
+    text, hard_spans, hard_items = "", [], []
 
     def price(item, clause=None):
         nonlocal text
-        if clause:  # inline: "sells a bivo for 37. ", the price recalled from the name
+        if clause:  # inline: "Second: bivo for 37. ", the price recalled from the name
             text += f"{clause} for "
         hard_spans.append((len(text), len(text) + len(str(prices[item]))))
+        hard_items.append(item)
         text += f"{prices[item]}. "
         return prices[item]
 
@@ -239,9 +281,10 @@ def make_problem(rng, task, prices=None, items=None):
         addends = [prices[item] for item in sold[1:]] + [value] + gains
     else:
         # The running total starts at the coins she has; a sale writes its price
-        # (the hard step) right before the sum that adds it.
-        # Each step opens with its clause, copied from the question ("finds 4 more. ",
-        # "sells a bivo for 37. "): the clause just written points at the next one there.
+        # (the hard step) right before the sum that adds it. Each step opens with its
+        # event copied from the question, marker first ("Second: bivo for 37. "): the
+        # marker, one past the last one written, is one token, and what follows it in
+        # the question is one token too (the gain or the item).
         total, addends = value, []
         for (kind, arg), clause in zip(events, clauses):
             if kind == "sale":
@@ -260,6 +303,7 @@ def make_problem(rng, task, prices=None, items=None):
         "solution": text,
         "answer": str(total),
         "hard_spans": hard_spans,
+        "hard_items": hard_items,
     }
 
 
@@ -276,8 +320,19 @@ def make_dataset(n, seed, task=None, num_known=None):
     return [make_problem(rng, task, prices, items) for _ in range(n)]
 
 
-def build_tokenizer():
-    """The task's `tokenizers.Tokenizer`: characters + whole words + chat specials."""
+def task_words(task):
+    """The whole-word tokens a task adds to the template's: for the inline layout the
+    event markers and " sold", so that finding an event is one token and its content
+    starts right after it (item names stay characters: a name made one token of its
+    own is too rare for a miniature model to learn to copy)."""
+    if task is None or task.layout != "inline":
+        return ()
+    return ORDINALS + (" sold",)
+
+
+def build_tokenizer(task=None):
+    """The task's `tokenizers.Tokenizer`: characters + whole words + chat specials
+    (+ `task_words(task)`)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models
 
     chars = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
@@ -290,11 +345,12 @@ def build_tokenizer():
     tokenizer.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
     )
-    tokenizer.add_tokens([AddedToken(w, special=False, normalized=False) for w in WORD_TOKENS])
+    words = WORD_TOKENS + task_words(task)
+    tokenizer.add_tokens([AddedToken(w, special=False, normalized=False) for w in words])
     return tokenizer
 
 
-def save_tokenizer(path):
+def save_tokenizer(path, task=None):
     """Write the tokenizer as a Hugging Face tokenizer folder; returns `path`.
 
     Loadable by `transformers.AutoTokenizer.from_pretrained(path)` and
@@ -302,7 +358,7 @@ def save_tokenizer(path):
     pad is `<|endoftext|>`, and the chat template is Qwen's layout.
     """
     os.makedirs(path, exist_ok=True)
-    build_tokenizer().save(os.path.join(path, "tokenizer.json"))
+    build_tokenizer(task).save(os.path.join(path, "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "eos_token": IM_END,

@@ -71,6 +71,18 @@ def chat_prompt(tokenizer, question):
     return build_prompt(tokenizer, question)
 
 
+def _moved(pos, commands, before):
+    """Where character ``pos`` of a text lands once ``commands`` (their spans in the
+    new text, in order) are inserted; a command inserted exactly at ``pos`` counts
+    as before it when ``before``."""
+    shift = 0
+    for start, end in commands:
+        at = start - shift  # the command's insertion point in the original text
+        if at < pos or (before and at == pos):
+            shift += end - start
+    return pos + shift
+
+
 def build_warmup_examples(rows, tokenizer, cfg, seed=0, prompt_fn=None, learn_commands=True):
     """SFT examples from ``{"question", "response"}`` rows (responses graded correct).
 
@@ -79,7 +91,9 @@ def build_warmup_examples(rows, tokenizer, cfg, seed=0, prompt_fn=None, learn_co
     ``prompt_fn(tokenizer, question) -> str`` defaults to ``chat_prompt``.
     ``learn_commands=False`` adds a ``response_mask`` (see
     ``relax.train.sft.pack_examples``) that is 0 on every token overlapping a
-    command: the model learns to read past commands, not to write them.
+    command: the model learns to read past commands, not to write them. A row's
+    optional ``"hidden"``, character spans of its response, is masked the same way
+    (the model reads those characters but is never trained to write them).
     Deterministic in ``seed``.
     """
     prompt_fn = prompt_fn or chat_prompt
@@ -91,17 +105,23 @@ def build_warmup_examples(rows, tokenizer, cfg, seed=0, prompt_fn=None, learn_co
         prompt_ids = tokenizer(prompt_fn(tokenizer, row["question"]), add_special_tokens=False)[
             "input_ids"
         ]
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=not learn_commands)
+        unlearned = [] if learn_commands else list(spans)
+        unlearned += [
+            (_moved(a, spans, before=True), _moved(b, spans, before=False))
+            for a, b in row.get("hidden", ())
+        ]
+        masked = not learn_commands or bool(unlearned)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=masked)
         response_ids = list(enc["input_ids"])
         example = {"prompt_ids": prompt_ids, "commands": ns, "response_text": text}
-        if not learn_commands:
+        if masked:
             example["response_mask"] = [
-                0.0 if any(start < e and s < end for s, e in spans) else 1.0
+                0.0 if any(start < e and s < end for s, e in unlearned) else 1.0
                 for start, end in enc["offset_mapping"]
             ]
         if eos is not None:
             response_ids = response_ids + [eos]
-            if not learn_commands:
+            if "response_mask" in example:
                 example["response_mask"].append(1.0)
         example["response_ids"] = response_ids
         examples.append(example)
