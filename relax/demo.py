@@ -386,7 +386,9 @@ def reference_examples(tokenizer, problems, read_commands=0, seed=0, unknown=())
         {
             "question": p["question"],
             "response": p["solution"],
-            "hidden": [s for s, i in zip(p["hard_spans"], p["hard_items"]) if i in unknown],
+            "hidden": [s for s, i in zip(p["hard_spans"], p["hard_items"]) if i in unknown]
+            if unknown
+            else [],
         }
         for p in problems
     ]
