@@ -783,6 +783,7 @@ def seed_spread(per_seed):
         for name in names
     }
     spread["gap_closed"] = [r["gap_closed"] for r in per_seed]
+    spread["call_placement"] = [(r.get("call_placement") or {}).get("share") for r in per_seed]
     summary = {name: _mean_of([r["summary"][name] for r in per_seed]) for name in names}
     return spread, summary
 
@@ -814,10 +815,15 @@ def summary_table(results, wall, spread=None):
         gap += f" ± {100 * mean_std(spread['gap_closed'])[1]:.1f} (mean ± std of {n} seeds)"
     lines.append(f"gap closed by relay: {gap}   wall time: {wall:.0f}s")
     if cp.get("commands"):
+        placed = [x for x in (spread or {}).get("call_placement", []) if x is not None]
         lines.append(
             f"relay calls starting within {cp['within_tokens']} tokens before a hard step: "
             f"{cp['at_hard_step']} of {cp['commands']} ({100 * cp['share']:.0f}%)"
-            + (" (first seed)" if spread else "")
+            + (
+                f", per seed {100 * mean_std(placed)[0]:.1f}% ± {100 * mean_std(placed)[1]:.1f}"
+                if len(placed) > 1
+                else ""
+            )
         )
     return "\n".join(lines)
 
@@ -922,6 +928,14 @@ def main(argv=None):
         results["gap_closed"] = (
             sum(spread["gap_closed"]) / len(seeds) if None not in spread["gap_closed"] else None
         )
+        placed = [r["call_placement"] for r in per_seed]
+        commands, near = (sum(p[k] for p in placed) for k in ("commands", "at_hard_step"))
+        results["call_placement"] = {  # pooled over the seeds
+            "commands": commands,
+            "at_hard_step": near,
+            "within_tokens": placed[0]["within_tokens"],
+            "share": near / commands if commands else None,
+        }
     avg = {k: v["average"] for k, v in results["summary"].items()}
     wall = time.time() - t0
     results["wall_time_s"] = wall

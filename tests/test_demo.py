@@ -141,16 +141,24 @@ def test_seed_spread_means_and_std():
     """Several seeds: per-seed values, field-wise means of the summaries, and the table
     with mean ± std (sample std: values 40 and 60 give 50 ± 14.1)."""
 
-    def one(acc, share, gap):
+    def one(acc, share, gap, placed):
         avg = {"accuracy": acc, "call_ratio": share, "llm_prefill_tokens": 2.0, "calls": 1.0}
         return {
             "summary": {"relay": {"benchmarks": {"b": dict(avg)}, "average": avg}},
             "gap_closed": gap,
+            "call_placement": {"share": placed},
         }
 
-    spread, summary = demo.seed_spread([one(40.0, 1.0, 0.5), one(60.0, 3.0, 0.7)])
+    spread, summary = demo.seed_spread([one(40.0, 1.0, 0.5, 0.8), one(60.0, 3.0, 0.7, 0.6)])
     assert spread["relay"] == {"accuracy": [40.0, 60.0], "call_ratio": [1.0, 3.0]}
-    assert spread["gap_closed"] == [0.5, 0.7]
+    assert spread["gap_closed"] == [0.5, 0.7] and spread["call_placement"] == [0.8, 0.6]
+    from relax.eval.report import markdown_spread
+
+    text = markdown_spread(spread)
+    assert (
+        "Relay calls starting within 2 tokens before a hard step: 70.0 ± 14.1 % (2 seeds)" in text
+    )
+    assert "call_placement" not in text
     assert summary["relay"]["average"]["accuracy"] == 50.0
     assert summary["relay"]["benchmarks"]["b"]["call_ratio"] == 2.0
     table = demo.summary_table(

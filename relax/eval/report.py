@@ -103,19 +103,27 @@ def markdown_spread(spread):
     accuracy and LLM-token share, from `spread` = {strategy: {"accuracy": [...],
     "call_ratio": [...]}} (one value per seed), plus the gap closed when given as
     spread["gap_closed"] (fractions)."""
-    n = max(len(v["accuracy"]) for k, v in spread.items() if k != "gap_closed")
+    extra = ("gap_closed", "call_placement")
+    n = max(len(v["accuracy"]) for k, v in spread.items() if k not in extra)
     rows = [
         f"| Strategy | Accuracy % (mean ± std, {n} seeds) | LLM tokens % (mean ± std) |",
         "|---|---:|---:|",
     ]
     for strategy, v in spread.items():
-        if strategy == "gap_closed":
+        if strategy in extra:
             continue
         rows.append(f"| {strategy} | {_mean_std(v['accuracy'])} | {_mean_std(v['call_ratio'])} |")
     gap = [100 * g for g in spread.get("gap_closed", []) if g is not None]
     if gap:
         rows.append("")
         rows.append(f"Gap closed by relay: {_mean_std(gap, 1)} % ({len(gap)} seeds)")
+    placed = [100 * s for s in spread.get("call_placement", []) if s is not None]
+    if placed:
+        rows.append("")
+        rows.append(
+            f"Relay calls starting within 2 tokens before a hard step: {_mean_std(placed, 1)} % "
+            f"({len(placed)} seeds)"
+        )
     return "\n".join(rows)
 
 
@@ -237,6 +245,13 @@ def write_report(results, out_dir, title="relax evaluation", spread=None):
         json.dump(_jsonable(results), f, indent=2)
     with open(paths["md"], "w") as f:
         f.write(markdown_report(summary, title))
+        placement = results.get("call_placement") or {}
+        if placement.get("commands"):
+            f.write(
+                f"\nRelay calls starting within {placement['within_tokens']} tokens before a "
+                f"hard step: {placement['at_hard_step']} of {placement['commands']} "
+                f"({100 * placement['share']:.1f}%)\n"
+            )
         if spread:
             f.write("\n## Across seeds\n\n" + markdown_spread(spread) + "\n")
     plot(summary, paths["png"], title=f"{title}: accuracy vs LLM-token share", spread=spread)
