@@ -791,7 +791,7 @@ def seed_spread(per_seed):
 def summary_table(results, wall, spread=None):
     """The paper-style table (strategy, accuracy, LLM-token share, LLM prefill) as text;
     with `spread` (several seeds) accuracy and share are mean ± std."""
-    from relax.eval.report import mean_std
+    from relax.eval.report import mean_std, placement_line
 
     avg = {k: v["average"] for k, v in results["summary"].items()}
     n = len(results.get("seeds") or [0])
@@ -815,16 +815,7 @@ def summary_table(results, wall, spread=None):
         gap += f" ± {100 * mean_std(spread['gap_closed'])[1]:.1f} (mean ± std of {n} seeds)"
     lines.append(f"gap closed by relay: {gap}   wall time: {wall:.0f}s")
     if cp.get("commands"):
-        placed = [x for x in (spread or {}).get("call_placement", []) if x is not None]
-        lines.append(
-            f"relay calls starting within {cp['within_tokens']} tokens before a hard step: "
-            f"{cp['at_hard_step']} of {cp['commands']} ({100 * cp['share']:.0f}%)"
-            + (
-                f", per seed {100 * mean_std(placed)[0]:.1f}% ± {100 * mean_std(placed)[1]:.1f}"
-                if len(placed) > 1
-                else ""
-            )
-        )
+        lines.append(placement_line(cp, (spread or {}).get("call_placement", ())))
     return "\n".join(lines)
 
 

@@ -253,7 +253,8 @@ def make_problem(rng, task, prices=None, items=None):
             clauses.append(f"{rng.choice(GAINS)} {arg} more")
     if task.layout == "prices_first":
         story = f"{pronoun.capitalize()} " + ", then ".join(clauses) + "."
-    else:  # inline: "First: 4 more. Second: bivo sold. ..."
+    else:  # inline: "First: 4 more. Second: bivo sold. ..." (the gain verbs drawn
+        # above go unused, so both layouts draw the same random stream)
         clauses = [
             ORDINALS[i] + (f"{arg} more" if kind == "gain" else arg[0])
             for i, (kind, arg) in enumerate(events)

@@ -127,6 +127,21 @@ def markdown_spread(spread):
     return "\n".join(rows)
 
 
+def placement_line(placement, shares=()):
+    """One line on where the relay's calls land, from `relax.demo.call_placement`'s
+    counts (pooled over seeds when there are several), plus the per-seed mean ± std
+    when `shares` (fractions, one per seed) has more than one value."""
+    line = (
+        f"Relay calls starting within {placement['within_tokens']} tokens before a hard step: "
+        f"{placement['at_hard_step']} of {placement['commands']} "
+        f"({100 * placement['share']:.1f}%)"
+    )
+    shares = [100 * x for x in shares if x is not None]
+    if len(shares) > 1:
+        line += f", per seed {_mean_std(shares, 1)} %"
+    return line
+
+
 def mean_std(values):
     """(mean, sample std) of a list of numbers; std 0 for one value."""
     import numpy as np
@@ -247,11 +262,7 @@ def write_report(results, out_dir, title="relax evaluation", spread=None):
         f.write(markdown_report(summary, title))
         placement = results.get("call_placement") or {}
         if placement.get("commands"):
-            f.write(
-                f"\nRelay calls starting within {placement['within_tokens']} tokens before a "
-                f"hard step: {placement['at_hard_step']} of {placement['commands']} "
-                f"({100 * placement['share']:.1f}%)\n"
-            )
+            f.write("\n" + placement_line(placement) + "\n")
         if spread:
             f.write("\n## Across seeds\n\n" + markdown_spread(spread) + "\n")
     plot(summary, paths["png"], title=f"{title}: accuracy vs LLM-token share", spread=spread)
