@@ -135,6 +135,9 @@ class GRPOSection:
     adam_eps: float = 1e-8
     """AdamW's epsilon (`OptimConfig.eps`)."""
     kl_coef: float = 0.01
+    scale_rewards: bool = True
+    """Advantages divided by each group's reward std (GRPO) or not (Dr. GRPO;
+    `GRPOConfig.scale_rewards`)."""
     relay: RelayConfig = dataclasses.field(
         default_factory=lambda: RelayConfig(
             max_new_tokens=112,
@@ -617,6 +620,7 @@ def stage_grpo(
             mini_batch_prompts=sec.mini_batch_prompts,
             reward=reward,
             kl_coef=sec.kl_coef,
+            scale_rewards=sec.scale_rewards,
             mask_llm_tokens=mask_llm_tokens,
             relay=relay_cfg,
             epochs=max(1, -(-sec.steps * sec.prompts_per_step // max(1, len(problems)))),

@@ -11,8 +11,8 @@ held-out eval problems (eval.seed), so nothing is tuned on those. For each run
 it prints accuracy and its errors split by kind, against the reference
 solution: `price` (the first wrong character is inside a price, the hard step),
 `arithmetic` (elsewhere) and `format` (no \\boxed{} answer). The trained SLM is
-evaluated greedily without calls (`slm`) and, for relay runs, with them (`relay`),
-with the share of honoured calls that start within 2 tokens before a hard step.
+evaluated greedily without calls (`slm`) and, for relay runs, with them (`relay`)
+and with calls blocked (`teacher_free`), with the share of honoured calls that start within 2 tokens before a hard step.
 The last line is one JSON object with every row.
 """
 
@@ -95,7 +95,8 @@ def main(argv=None):
             label = f"demo {r.name} lr={cfg.grpo.learning_rate:g} kl={cfg.grpo.kl_coef:g}"
             rows.append({"run": label, "strategy": "slm", **score("slm", params)})
             if r.calls:
-                rows.append({"run": label, "strategy": "relay", **score("relay", params)})
+                for kind in ("relay", "teacher_free"):
+                    rows.append({"run": label, "strategy": kind, **score(kind, params)})
     by_name = {r.name: r for r in demo.GRPO_RUNS}
     kls = [float(x) for x in args.kl.split(",")] if args.kl else [cfg.grpo.kl_coef]
     steps = [int(x) for x in args.steps.split(",")] if args.steps else [cfg.grpo.steps]
@@ -111,7 +112,8 @@ def main(argv=None):
                     params = demo.train_run(st, base, r, stage, dataclasses.replace(cfg, grpo=g))
                     rows.append({"run": label, "strategy": "slm", **score("slm", params)})
                     if r.calls:
-                        rows.append({"run": label, "strategy": "relay", **score("relay", params)})
+                        for kind in ("relay", "teacher_free"):
+                            rows.append({"run": label, "strategy": kind, **score(kind, params)})
     print(
         f"validation: {args.problems} problems, data seed {args.val_seed} (eval uses {cfg.eval.seed})"
     )

@@ -53,6 +53,23 @@ def test_group_advantages_match_float64():
         assert np.all(got[:g] == 0.0)
 
 
+def test_unscaled_advantages_by_hand():
+    """scale=False (Dr. GRPO): A = r - mean, no std division.
+    Unsolvable group, two of four called: r = [0.03, 0, 0.03, 0], mean 0.015,
+    A = [0.015, -0.015, 0.015, -0.015] (scaled it would be +-0.866: the bonus's
+    size is lost). One lucky success in four: r = [1, 0, 0, 0], A = [0.75, -0.25 x3]."""
+    r = jnp.array([0.03, 0.0, 0.03, 0.0, 1.0, 0.0, 0.0, 0.0, 1.5, 1.5, 1.5, 1.5])
+    np.testing.assert_allclose(
+        group_advantages(r, 4, scale=False),
+        [0.015, -0.015, 0.015, -0.015, 0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0],
+        atol=1e-7,
+    )
+    assert np.all(np.asarray(group_advantages(r, 4, scale=False))[8:] == 0.0)
+    np.testing.assert_allclose(
+        group_advantages(r, 4)[:4], [0.866025, -0.866025, 0.866025, -0.866025], atol=1e-4
+    )
+
+
 def test_group_of_one_gets_zero():
     np.testing.assert_array_equal(grpo.group_advantages(jnp.array([1.0, -2.0, 5.0]), 1), [0, 0, 0])
 

@@ -164,6 +164,10 @@ class GRPOConfig:
         prompts_per_step / mini_batch_prompts updates (paper: 32 -> 4).
       max_prompt_len: prompts are left as is up to this many tokens (longer dropped).
       reward: "difficulty_aware" (paper), "simple" (correct - rho) or "accuracy".
+      scale_rewards: divide each group's centred rewards by the group's std
+        (GRPO and the paper; default) or not (False: Dr. GRPO, TRL's
+        ``scale_rewards="none"``): then a group whose rewards differ only by a
+        small bonus gets small advantages, not unit-scale ones.
       clip_low, clip_high: [epsilon_low, epsilon_high] ratio clip (0.2, 0.3).
       dual_clip: [c] dual-clip bound for negative advantages (3.0).
       kl_coef: [beta] weight of the k3 KL to pi_ref (0.01).
@@ -212,6 +216,7 @@ class GRPOConfig:
     mini_batch_prompts: int = 32
     max_prompt_len: int = 4096
     reward: str = "difficulty_aware"
+    scale_rewards: bool = True
     clip_low: float = 0.2
     clip_high: float = 0.3
     dual_clip: float = 3.0

@@ -38,8 +38,16 @@ SLM_SOURCES = (2, 3)  # RelayOutput.source: 2 slm token, 3 command token
 LLM_SOURCE = 4  # RelayOutput.source of an LLM token
 
 
-def group_advantages(rewards, group_size, eps=1e-6):
+def group_advantages(rewards, group_size, eps=1e-6, scale=True):
     """GRPO advantages A_i = (r_i - mean_g) / (std_g + eps), per prompt group.
+
+    scale=False leaves out the division by the group's std: A_i = r_i - mean_g
+    (Dr. GRPO; TRL's ``scale_rewards="none"``). The std division gives every
+    group that is not all-equal advantages of unit scale, however small its
+    rewards' spread: a group that differs only by a small bonus (the
+    difficulty-aware reward's rho in an unsolvable group) or by one lucky
+    success among G failures pushes the policy as hard as a group that
+    separates right from wrong answers.
 
     std is unbiased (ddof = 1), as the official code's ``torch.std``. A group
     of one has no baseline, so its advantage is 0 (not NaN).
@@ -55,6 +63,7 @@ def group_advantages(rewards, group_size, eps=1e-6):
     Args:
       rewards: float [N], prompt-major (rows i*G .. i*G+G-1 share a prompt).
       group_size: G.
+      scale: divide by the group's std (GRPO, the default) or not (Dr. GRPO).
     Returns: float32 [N].
     """
     r = jnp.asarray(rewards, jnp.float32)
@@ -65,6 +74,8 @@ def group_advantages(rewards, group_size, eps=1e-6):
     g = r.reshape(-1, group_size)
     d = g - g[:, :1]  # exact 0 for every reward equal to the first
     centred = d - d.mean(axis=1, keepdims=True)
+    if not scale:
+        return centred.reshape(-1)
     std = jnp.sqrt(jnp.sum(centred * centred, axis=1, keepdims=True) / (group_size - 1))
     return (centred / (std + eps)).reshape(-1)
 

@@ -240,7 +240,7 @@ def train_grpo(
             on_mesh, rollout_params, llm, prompts, lens, run.key(0), rows_per_call
         )
         del rollout_params
-        sc = score(out, examples, verifier, G, cfg.reward)
+        sc = score(out, examples, verifier, G, cfg.reward, cfg.scale_rewards)
         width = train_width(_global_max(out.lengths), out.tokens.shape[1] - 1)
         batch = training_batch(out, sc["advantages"], width, cfg.mask_llm_tokens)
         fwd = run.shard({k: batch[k] for k in ("inputs", "positions", "targets")})

@@ -140,10 +140,11 @@ def chunked_rollout(rollout, slm_params, llm_params, prompts, lens, key, rows_pe
     return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
 
-def score(out, examples, verifier, group_size, reward="difficulty_aware"):
+def score(out, examples, verifier, group_size, reward="difficulty_aware", scale_rewards=True):
     """Per-rollout correctness, call flags, rho, rewards and advantages (host numpy).
 
-    ``examples[b]`` is the problem of row b (rows prompt-major in groups of G).
+    ``examples[b]`` is the problem of row b (rows prompt-major in groups of G);
+    ``scale_rewards``: the advantages divide by each group's std (GRPO) or not.
     """
     n = np.asarray(out.tokens).shape[0]
     correct = np.array([verifier(response_ids(out, b), examples[b]) for b in range(n)], bool)
@@ -152,7 +153,7 @@ def score(out, examples, verifier, group_size, reward="difficulty_aware"):
     response_tokens = (src >= 2).sum(axis=1)
     rho = np.asarray(rewards.call_ratio(np.asarray(out.llm_tokens), response_tokens))
     r = np.asarray(rewards.REWARDS[reward](correct, called, rho, group_size))
-    adv = np.asarray(grpo.group_advantages(r, group_size))
+    adv = np.asarray(grpo.group_advantages(r, group_size, scale=scale_rewards))
     return {
         "correct": correct,
         "called": called,
