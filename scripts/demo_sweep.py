@@ -12,7 +12,8 @@ it prints accuracy and its errors split by kind, against the reference
 solution: `price` (the first wrong character is inside a price, the hard step),
 `arithmetic` (elsewhere) and `format` (no \\boxed{} answer). The trained SLM is
 evaluated greedily without calls (`slm`) and, for relay runs, with them (`relay`)
-and with calls blocked (`teacher_free`), with the share of honoured calls that start within 2 tokens before a hard step.
+and with calls blocked (`teacher_free`), with the share of honoured calls that
+start within 2 tokens before a hard step.
 The last line is one JSON object with every row.
 """
 
@@ -86,6 +87,11 @@ def main(argv=None):
             "at_hard_step": None if placement is None else 100.0 * placement,
         }
 
+    def score_run(label, params, calls):
+        """The rows of one trained run: `slm`, and for relay runs `relay` and `teacher_free`."""
+        kinds = ("slm", "relay", "teacher_free") if calls else ("slm",)
+        return [{"run": label, "strategy": k, **score(k, params)} for k in kinds]
+
     rows = [{"run": "base slm", **score("slm", base.slm_params)}]
     rows.append({"run": "warm-up slm", **score("slm", base.inits["warmup"][0])})
     for r in demo.GRPO_RUNS:  # the demo's own runs, where it trained them
@@ -93,10 +99,7 @@ def main(argv=None):
         if args.with_demo and os.path.exists(os.path.join(path, "config.json")):
             params = relax.load_hf(path, dtype="float32")[1]
             label = f"demo {r.name} lr={cfg.grpo.learning_rate:g} kl={cfg.grpo.kl_coef:g}"
-            rows.append({"run": label, "strategy": "slm", **score("slm", params)})
-            if r.calls:
-                for kind in ("relay", "teacher_free"):
-                    rows.append({"run": label, "strategy": kind, **score(kind, params)})
+            rows += score_run(label, params, r.calls)
     by_name = {r.name: r for r in demo.GRPO_RUNS}
     kls = [float(x) for x in args.kl.split(",")] if args.kl else [cfg.grpo.kl_coef]
     steps = [int(x) for x in args.steps.split(",")] if args.steps else [cfg.grpo.steps]
@@ -110,10 +113,7 @@ def main(argv=None):
                     # the grpo section's digest: runs differing in an override never share a folder
                     stage = f"sweep/{name}-lr{lr:g}-kl{kl:g}-s{n_steps}-{demo._digest(g)[:6]}"
                     params = demo.train_run(st, base, r, stage, dataclasses.replace(cfg, grpo=g))
-                    rows.append({"run": label, "strategy": "slm", **score("slm", params)})
-                    if r.calls:
-                        for kind in ("relay", "teacher_free"):
-                            rows.append({"run": label, "strategy": kind, **score(kind, params)})
+                    rows += score_run(label, params, r.calls)
     print(
         f"validation: {args.problems} problems, data seed {args.val_seed} (eval uses {cfg.eval.seed})"
     )
