@@ -401,39 +401,48 @@ class CallCommand:
         return _device_tables(self, vocab_size)
 
 
-# The [S, C] tables of a CallCommand, in CommandTables' field order after token_class.
+# The [S, C] tables of a CallCommand (opens last).
 TABLE_FIELDS = (
     "next_state", "mul", "add", "start_src", "lt_here", "complete", "cmul", "cadd", "cstart_src",
     "opens",
 )  # fmt: skip
 
 
+# The tables read per (state, class) each step, in the order of CommandTables.cells.
+CELL_FIELDS = TABLE_FIELDS[:-1]
+_BOOL_CELLS = ("lt_here", "complete")
+
+
 @flax.struct.dataclass
 class CommandTables:
     """The automaton as the decoder reads it on device: a pytree of arrays.
 
-    token_class is [V] (the model's vocabulary, padded ids plain); the rest are
-    [S, C] and mean what the same-named `CallCommand` fields mean, except `opens`,
-    which is [S, V]: indexed by token id (the [S, C] table read through token_class
-    once, on the host), so a blocked-call step reads one row per row instead of
-    gathering the whole table every iteration of the loop.
+    token_class is [V] (the model's vocabulary, padded ids plain). cells is [S, C, F]
+    int32: the [S, C] tables named in `CELL_FIELDS`, stacked, so one gather reads all
+    of a row's entries (`cell`) where one gather per table would be nine small device
+    ops every loop iteration. opens is [S, V]: the [S, C] table indexed by token id
+    (read through token_class once, on the host), so a blocked-call step reads one row
+    per row instead of gathering the whole table every iteration of the loop. The
+    entries mean what the same-named `CallCommand` fields mean.
     """
 
     token_class: jax.Array
-    next_state: jax.Array
-    mul: jax.Array
-    add: jax.Array
-    start_src: jax.Array
-    lt_here: jax.Array
-    complete: jax.Array
-    cmul: jax.Array
-    cadd: jax.Array
-    cstart_src: jax.Array
+    cells: jax.Array
     opens: jax.Array
+
+    def cell(self, state, cls):
+        """{name: [B] entry} of every table in `CELL_FIELDS` at ([B] state, [B] class)."""
+        row = self.cells[state, cls]  # [B, F]
+        return {
+            name: row[:, i].astype(bool) if name in _BOOL_CELLS else row[:, i]
+            for i, name in enumerate(CELL_FIELDS)
+        }
 
 
 @functools.lru_cache(maxsize=32)
 def _device_tables(command: CallCommand, vocab_size: int) -> CommandTables:
     token_class, tables = command._padded(vocab_size)
-    tables["opens"] = tables["opens"][:, token_class]
-    return CommandTables(token_class=token_class, **tables)
+    cells = np.stack([tables[name].astype(np.int32) for name in CELL_FIELDS], axis=-1)
+    return CommandTables(
+        token_class=token_class, cells=cells, opens=tables["opens"][:, token_class]
+    )

@@ -90,6 +90,16 @@ class Loop:
         return self.llm is not None
 
 
+@flax.struct.dataclass
+class Draw:
+    """A model step's draw: per row the token, its log-prob and whether it is written
+    (the row took part and had caught up)."""
+
+    token: jax.Array
+    logprob: jax.Array
+    ready: jax.Array
+
+
 def _gather_rows(x, idx):
     """x[b, idx[b, t]] for [B, L] x and [B, T] idx (clipped)."""
     return jnp.take_along_axis(x, jnp.clip(idx, 0, x.shape[1] - 1), axis=1)
@@ -201,40 +211,48 @@ def _budget_left(loop, s, prompt_lens):
     return loop.config.max_new_tokens - (s.length - prompt_lens)
 
 
-def _slm_step(loop, params, t: cmd.CommandTables, key, prompt_lens, s: State, width):
-    """One SLM step for the rows decoding: ingest up to `width` tokens, sample, read the
-    command automaton."""
+def _slm_draw(loop, params, t: cmd.CommandTables, key, s: State, width):
+    """The SLM's model step for the rows decoding: ingest up to `width` unseen tokens and
+    draw the next token. Returns (state with the SLM's cache and count updated, draw)."""
     cfg = loop.config
-    rows = s.phase == DECODING
-    last, ready, s = _slm_ingest(loop, params, s, rows, width)
+    last, ready, s = _slm_ingest(loop, params, s, s.phase == DECODING, width)
     if loop.relay and cfg.on_call_limit == "block":
         # Past the limit, tokens that would complete an opening "<call>" from the row's
         # automaton state are never drawn (t.opens is [S, V], by token id).
         blocked = t.opens[s.auto] & (s.calls >= cfg.max_calls)[:, None]
         last = jnp.where(blocked, -jnp.inf, last)
     tok, lp = sample_batch(last, _keys(key, s), cfg.slm)
-    s, slot = _append(s, ready, tok, SLM, logprobs=lp)
+    return s, Draw(tok, lp, ready)
+
+
+def _slm_write(loop, t: cmd.CommandTables, prompt_lens, s: State, d: Draw):
+    """Writes the SLM's draw at each ready row and reads the command automaton: a
+    complete command marks its slots COMMAND and, if honoured, hands the row to the LLM.
+    A no-op for rows not ready."""
+    cfg = loop.config
+    ready, tok = d.ready, d.token
+    s, slot = _append(s, ready, tok, SLM, logprobs=d.logprob)
     is_eos = jnp.isin(tok, jnp.asarray(cfg.eos_ids, jnp.int32))
     left = _budget_left(loop, s, prompt_lens)
     phase, finish = s.phase, s.finish
     if loop.relay:
-        c = t.token_class[tok]
         a = s.auto
-        done_cmd = ready & t.complete[a, c]
-        n = _saturating(s.num, t.cmul[a, c], t.cadd[a, c], loop.max_n)
+        cell = t.cell(a, t.token_class[tok])  # every table's entry for (state, class)
+        done_cmd = ready & cell["complete"]
+        n = _saturating(s.num, cell["cmul"], cell["cadd"], loop.max_n)
         where_from = {cmd.START_KEEP: s.pstart, cmd.START_HERE: slot, cmd.START_LT: s.last_lt}
 
         def origin(src):
             return jnp.select([src == k for k in where_from], list(where_from.values()))
 
-        cstart = origin(t.cstart_src[a, c])
+        cstart = origin(cell["cstart_src"])
         L = s.tokens.shape[1]
         in_cmd = (jnp.arange(L)[None] >= cstart[:, None]) & (jnp.arange(L)[None] <= slot[:, None])
         source = jnp.where(done_cmd[:, None] & in_cmd, COMMAND, s.source)
-        auto = jnp.where(ready, t.next_state[a, c], a)
-        pstart = jnp.where(ready, origin(t.start_src[a, c]), s.pstart)
-        last_lt = jnp.where(ready & t.lt_here[a, c], slot, s.last_lt)
-        num = jnp.where(ready, _saturating(s.num, t.mul[a, c], t.add[a, c], loop.max_n), s.num)
+        auto = jnp.where(ready, cell["next_state"], a)
+        pstart = jnp.where(ready, origin(cell["start_src"]), s.pstart)
+        last_lt = jnp.where(ready & cell["lt_here"], slot, s.last_lt)
+        num = jnp.where(ready, _saturating(s.num, cell["mul"], cell["add"], loop.max_n), s.num)
 
         asks = done_cmd & (n >= 1) & ~is_eos
         honour = asks & (s.calls < cfg.max_calls) & (left > 0)
@@ -262,13 +280,19 @@ def _slm_step(loop, params, t: cmd.CommandTables, key, prompt_lens, s: State, wi
     return s.replace(phase=phase, finish=finish)
 
 
-def _llm_step(loop, params, key, prompt_lens, s: State, width):
-    """One LLM step for the rows inside a call: catch up (up to `width` tokens), then
-    sample the next token."""
+def _llm_draw(loop, params, key, s: State, width):
+    """The LLM's model step for the rows inside a call: catch up (up to `width` tokens),
+    then draw the next token."""
+    last, ready, s = _llm_ingest(loop, params, s, s.phase == CALLING, width)
+    tok, lp = sample_batch(last, _keys(key, s), loop.config.llm)
+    return s, Draw(tok, lp, ready)
+
+
+def _llm_write(loop, prompt_lens, s: State, d: Draw):
+    """Writes the LLM's draw at each ready row; the row's call ends after its last token
+    (back to the SLM), at EOS or at the budget. A no-op for rows not ready."""
     cfg = loop.config
-    rows = s.phase == CALLING
-    last, ready, s = _llm_ingest(loop, params, s, rows, width)
-    tok, _ = sample_batch(last, _keys(key, s), cfg.llm)
+    ready, tok = d.ready, d.token
     s, _ = _append(s, ready, tok, LLM)
     s = s.replace(call_left=s.call_left - ready)
     left = _budget_left(loop, s, prompt_lens)
@@ -289,9 +313,16 @@ def catch_up_widths(chunk):
     return widths
 
 
-def _step(step, chunk, rows, unseen, s):
-    """step(s, width) for the `rows` if any: a catch-up when some row is more than one
-    token behind, else one-token decoding.
+def no_draw(batch):
+    """The Draw of a step that did not run: no row ready."""
+    return Draw(
+        jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), bool)
+    )
+
+
+def _step(step, chunk, rows, unseen, carry):
+    """carry = step(carry, width) for the `rows` if any: a catch-up when some row is more
+    than one token behind, else one-token decoding.
 
     A catch-up step is as narrow as it can be: the smallest of `catch_up_widths(chunk)`
     holding what the furthest-behind row has left (all of `chunk` if more), so catching
@@ -301,49 +332,69 @@ def _step(step, chunk, rows, unseen, s):
     Sibling conds, each a model step against a pass-through (exactly one runs), rather
     than conds between model steps nested in a cond: with two branches of a conditional
     updating the KV cache, XLA gives it a second cache-sized buffer, a copy of the whole
-    cache; against a pass-through the update is in place."""
+    cache; against a pass-through the update is in place (nesting the catch-up conds in
+    one more cond brings the copy back too).
+
+    A pass-through branch copies every small array its step branch makes anew, so the
+    less a step returns, the cheaper the conds it does not run. The SLM's conds carry
+    (state, Draw) and hold only its model step and draw; `body` writes the draw once,
+    outside them (`_slm_write`). The LLM's step writes inside its conds (`_llm_write`):
+    carried through them as a Draw, XLA copies the LLM's whole cache in every branch
+    (measured on CPU), and the LLM's steps run only while a row is inside a call."""
     widths = catch_up_widths(chunk)
     behind = jnp.max(jnp.where(rows, unseen, 0))
     some = jnp.any(rows)
+    keep = lambda c: c
     for i, w in enumerate(widths):
         narrower = widths[i + 1] if i + 1 < len(widths) else 1
-        fits = behind <= w if i else True
-        run = some & (behind > narrower) & fits
-        s = jax.lax.cond(run, lambda s, w=w: step(s, w), lambda s: s, s)
+        run = some & (behind > narrower) & ((behind <= w) if i else True)
+        carry = jax.lax.cond(run, lambda c, w=w: step(c, w), keep, carry)
     decode = some & (behind <= 1) if widths else some
-    return jax.lax.cond(decode, lambda s: step(s, 1), lambda s: s, s)
+    return jax.lax.cond(decode, lambda c: step(c, 1), keep, carry)
 
 
 def body(loop, slm_params, llm_params, tables, key, prompt_lens, s: State):
     cfg = loop.config
     if loop.relay:
-        active = s.phase != FINISHED
         waiting = s.phase == WAITING
-        n_active = jnp.sum(active)
-        n_need = jnp.sum(waiting | (s.phase == CALLING))
-        trigger = jnp.any(waiting) & (
-            (n_need >= cfg.llm_trigger_fraction * n_active)
-            | jnp.any(waiting & (s.waited >= cfg.max_wait_steps))
-            | ~jnp.any(s.phase == DECODING)
+        # The five counts the schedule needs, in one reduction.
+        counts = jnp.sum(
+            jnp.stack(
+                [
+                    s.phase != FINISHED,
+                    waiting,
+                    s.phase == CALLING,
+                    s.phase == DECODING,
+                    waiting & (s.waited >= cfg.max_wait_steps),
+                ]
+            ),
+            axis=1,
+            dtype=jnp.int32,
+        )
+        n_active, n_waiting, n_calling, n_decoding, n_late = (counts[i] for i in range(5))
+        trigger = (n_waiting > 0) & (
+            (n_waiting + n_calling >= cfg.llm_trigger_fraction * n_active)
+            | (n_late > 0)
+            | (n_decoding == 0)
         )
         s = s.replace(phase=jnp.where(trigger & waiting, CALLING, s.phase))
+
         # The LLM's steps (and the [B, L] count of what it has not seen) only when a row
         # is inside a call: most iterations have none.
-        llm = lambda s: _step(
-            lambda s, w: _llm_step(loop, llm_params, key, prompt_lens, s, w),
-            loop.config.prefill_chunk,
-            s.phase == CALLING,
-            _llm_unseen(s),
-            s,
-        )
-        s = jax.lax.cond(jnp.any(s.phase == CALLING), llm, lambda s: s, s)
-    s = _step(
-        lambda s, w: _slm_step(loop, slm_params, tables, key, prompt_lens, s, w),
-        loop.config.prefill_chunk,
+        def llm_step(s, w):
+            s, d = _llm_draw(loop, llm_params, key, s, w)
+            return _llm_write(loop, prompt_lens, s, d)
+
+        llm = lambda s: _step(llm_step, cfg.prefill_chunk, s.phase == CALLING, _llm_unseen(s), s)
+        s = jax.lax.cond((n_calling > 0) | trigger, llm, lambda s: s, s)
+    s, d = _step(
+        lambda c, w: _slm_draw(loop, slm_params, tables, key, c[0], w),
+        cfg.prefill_chunk,
         s.phase == DECODING,
         s.length - s.slm_seen,
-        s,
+        (s, no_draw(s.length.shape[0])),
     )
+    s = _slm_write(loop, tables, prompt_lens, s, d)
     if loop.relay:
         s = s.replace(waited=jnp.where(s.phase == WAITING, s.waited + 1, 0))
     return s
