@@ -375,29 +375,24 @@ def test_lm_head_on_last_rows_equals_apply_fallback():
 def test_relay_loop_updates_caches_in_place():
     """The relay loop's compiled temporaries do not grow with the caches: both models'
     caches are updated in place through the loop and its conds (a cond that carries a
-    cache wrongly makes XLA copy it every iteration). Compiled on abstract inputs at two
-    capacities; nothing runs."""
+    cache wrongly makes XLA copy it every iteration). Compiled at two capacities on
+    abstract params; nothing runs."""
     from relax.models import Model, ModelConfig
-    from relax.relay.command import CallCommand
-    from relax.relay.loop import Loop
+    from relax.plan.programs import stand_in_command
 
     slm = Model(ModelConfig(vocab_size=64, num_layers=2))
     llm = Model(ModelConfig(vocab_size=64, num_layers=3, hidden_size=64))
-    texts = ["<call>", "</call>"] + [str(d) for d in range(10)] + [f" w{i}" for i in range(52)]
-    command = CallCommand.from_token_texts(texts)
-    batch = 4
+    prompts, lens = np.ones((4, 16), np.int32), np.full(4, 16, np.int32)
 
     def compiled(budget):
-        cfg = RelayConfig(max_new_tokens=budget, prefill_chunk=8, eos_ids=(), pad_id=0)
-        loop = Loop(slm=slm, llm=llm, config=cfg, max_n=command.max_n, vocab=64)
-        caches = [jax.eval_shape(lambda m=m: m.init_cache(batch, 16 + budget)) for m in (slm, llm)]
-        i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-        lowered = decoder._run.lower(
-            loop, None, slm.param_shapes(), llm.param_shapes(), command.device_tables(64),
-            i32(batch, 16), i32(batch), jax.random.key(0), *caches, i32(batch),
+        cfg = RelayConfig(max_new_tokens=budget, prefill_chunk=8, eos_ids=(1,), pad_id=0)
+        args = decoder._prepare(
+            slm, slm.param_shapes(), llm, llm.param_shapes(), prompts, lens,
+            jax.random.PRNGKey(0), cfg, stand_in_command(64),
         )  # fmt: skip
+        caches = args[-3:-1]
         size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(caches))
-        return lowered.compile().memory_analysis().temp_size_in_bytes, size
+        return decoder._run.lower(*args).compile().memory_analysis().temp_size_in_bytes, size
 
     small, _ = compiled(16)
     large, size = compiled(8192)

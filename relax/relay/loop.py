@@ -313,7 +313,7 @@ def catch_up_widths(chunk):
     return widths
 
 
-def no_draw(batch):
+def _no_draw(batch):
     """The Draw of a step that did not run: no row ready."""
     return Draw(
         jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), bool)
@@ -371,7 +371,7 @@ def body(loop, slm_params, llm_params, tables, key, prompt_lens, s: State):
             axis=1,
             dtype=jnp.int32,
         )
-        n_active, n_waiting, n_calling, n_decoding, n_late = (counts[i] for i in range(5))
+        n_active, n_waiting, n_calling, n_decoding, n_late = counts
         trigger = (n_waiting > 0) & (
             (n_waiting + n_calling >= cfg.llm_trigger_fraction * n_active)
             | (n_late > 0)
@@ -392,7 +392,7 @@ def body(loop, slm_params, llm_params, tables, key, prompt_lens, s: State):
         cfg.prefill_chunk,
         s.phase == DECODING,
         s.length - s.slm_seen,
-        (s, no_draw(s.length.shape[0])),
+        (s, _no_draw(s.length.shape[0])),
     )
     s = _slm_write(loop, tables, prompt_lens, s, d)
     if loop.relay:
