@@ -403,7 +403,9 @@ def test_blockwise_attention_equals_dense(qkv):
 def test_cached_attention_equals_dense(qkv):
     """Attention over the stacked cache (blocks of 8 over 29 slots: the last block is
     shifted back and overlaps) equals dense attention over the filled slots, for a
-    chunk of queries and for one decode query per row at uneven lengths."""
+    chunk of queries, for a late chunk whose leading blocks every real query sees
+    (read unmasked; row 1 ends in padding) and for one decode query per row at uneven
+    lengths."""
     q, k, v = qkv
     s = 29
     # The cache holds keys [L, B, K, H, S] and values [L, B, K, S, H]; layer 1 holds them.
@@ -412,6 +414,7 @@ def test_cached_attention_equals_dense(qkv):
     slots = jnp.broadcast_to(jnp.arange(s), (2, s))
     for qpos in (
         jnp.asarray(_padded_positions([s, 11], s)),  # a prefill chunk, row 1 padded
+        jnp.asarray([list(range(17, 29)), list(range(20, 29)) + [-1] * 3], jnp.int32),
         jnp.asarray([[28], [13]], jnp.int32),  # decode, rows at different lengths
     ):
         qq = q[:, : qpos.shape[1]]

@@ -31,7 +31,10 @@ Three functions, one per situation:
                        blocks of C first, then the rest in blocks of C/4. A step
                        therefore reads the filled part of the cache once (rounded up to
                        a quarter block), whatever the cache's capacity, and never pays
-                       for empty slots past the longest row. Long queries (a whole
+                       for empty slots past the longest row. The leading blocks at
+                       or before every real query's position skip the mask, one pass
+                       less over their scores (on CPU a 1,461-token prompt prefills
+                       in chunks of 64 about 5% faster). Long queries (a whole
                        prompt at once) are split into blocks too, each stopping at its
                        own last position; `tile_block` shortens a prefill's blocks until
                        one [B x N, C, C] score tile holds at most 2^21 scores, so the
@@ -112,7 +115,7 @@ def dense_attention(q, k, v, q_pos, k_pos):
 
 
 def _online_softmax(
-    qg, q_pos, load, operands, num_blocks, skip=None, state=None, keys_t=False
+    qg, q_pos, load, operands, num_blocks, skip=None, state=None, keys_t=False, masked=True
 ):
     """Softmax attention of qg [B, K, G, T, H] over key blocks 0..num_blocks-1.
 
@@ -124,6 +127,10 @@ def _online_softmax(
     skip(j) -> bool scalar: block j is known to be invisible to every query.
     state: the running (max, denominator, output) of an earlier call over other key
     blocks, to continue from (`_softmax_state`); None starts afresh.
+    masked=False: every key of these blocks is known to be visible to every query that
+    is not padding (the caller's guarantee), so the scores go unmasked: one pass less
+    over each score tile. Padding queries then see these keys too; their output stays
+    finite and meaningless.
     Returns the running state; `_softmax_result` turns it into the output
     [B, K, G, T, H] float32 and the log-sum-exp [B, K, G, T] float32.
 
@@ -141,7 +148,7 @@ def _online_softmax(
         k, v, k_pos = load(j, ops)
         spec = "bkgth,bkhc->bkgtc" if keys_t else "bkgth,bkch->bkgtc"
         s = jnp.einsum(spec, qg, k, preferred_element_type=jnp.float32)
-        s = jnp.where(_visible(q_pos, k_pos), s * scale, _MASKED)
+        s = jnp.where(_visible(q_pos, k_pos), s * scale, _MASKED) if masked else s * scale
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.exp(s - m_new[..., None])
         corr = jnp.exp(m - m_new)
@@ -361,12 +368,17 @@ def cached_attention(q, q_pos, cache_k, cache_v, layer, block=512):
         # The blocks of C slots wholly at or before the largest query position, then
         # the rest up to it in blocks of C/4, so the last block read is at most a
         # quarter empty. At least one block runs (last >= 0), so an all-padding query
-        # block still gives finite output.
+        # block still gives finite output. The leading blocks wholly at or before the
+        # smallest real query position are visible to every real query: unmasked.
         last = jnp.clip(jnp.max(qp), 0, s - 1)
+        first = jnp.min(jnp.where(qp >= 0, qp, s))  # s: no real query
         full = (last + 1) // c
+        free = jnp.minimum((first + 1) // c, full)
         ops = (cache_k, cache_v)
         load = lambda j, o: read(j * c, c, o)
-        state = _online_softmax(qg, qp, load, ops, full, keys_t=True)
+        state = _online_softmax(qg, qp, load, ops, free, keys_t=True, masked=False)
+        load = lambda j, o: read((free + j) * c, c, o)
+        state = _online_softmax(qg, qp, load, ops, full - free, state=state, keys_t=True)
         tail = (last + 1 - full * c + ct - 1) // ct
         load = lambda j, o: read(full * c + j * ct, ct, o)
         state = _online_softmax(qg, qp, load, ops, tail, state=state, keys_t=True)
