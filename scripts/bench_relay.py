@@ -1,7 +1,7 @@
 """Benchmark of the relay decoder on random tiny models (CPU is fine).
 
     python scripts/bench_relay.py [--new-tokens 256] [--p2-new-tokens 1536] [--repeats 5]
-                                  [--p2-rounds 3]
+                                  [--p2-rounds 5]
 
 Prints one line per measurement and ends with one JSON object:
   p1_no_call_overhead  relay_generate with an SLM that never calls / generate() of the same
@@ -10,7 +10,8 @@ Prints one line per measurement and ends with one JSON object:
                        re-prefills the whole context, the LLM its whole visible context per
                        call, as the official system does over HTTP) / relax; batch 8, LLM
                        writing 2-5% of the tokens, identical greedy output asserted; the best
-                       of --p2-rounds alternating runs of each; target >= 5.
+                       of --p2-rounds alternating runs of each (each round printed: on
+                       a shared CPU one host run varies by 15% or more); target >= 5.
   p3_llm_token_ratio   LLM tokens processed (ingested + generated) / (LLM-visible context
                        before its last token + LLM-generated); 1.00 means nothing is read twice.
   host_llm_token_ratio the same ratio for the host-orchestrated relay.
@@ -218,7 +219,7 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--period", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--p2-rounds", type=int, default=3, help="runs of each relay for p2")
+    ap.add_argument("--p2-rounds", type=int, default=5, help="runs of each relay for p2")
     args = ap.parse_args(argv)
 
     slm_model, sp = tiny(jax.random.PRNGKey(1), 64, 2, 4)
@@ -264,6 +265,7 @@ def main(argv=None):
         t = time.perf_counter()
         rows, srcs, host_processed = host_relay(slm, sp, llm, lp, prompts, lens, config, command)
         host_times.append(time.perf_counter() - t)
+        print(f"p2 round: relax {relax_times[-1]:.3f}s, host loop {host_times[-1]:.3f}s", flush=True)
     t_relax, t_host = min(relax_times), min(host_times)
     for b in range(len(lens)):
         n = int(out.lengths[b])
