@@ -254,7 +254,9 @@ def main(argv=None):
     # p2 / p3: relax against the host-orchestrated relay, batch 8: the best of a few runs
     # of each, alternating (so a load change on the machine hits both alike).
     config = dataclasses.replace(config, max_new_tokens=args.p2_new_tokens)
-    run_relax = lambda: decoder.relay_generate(slm, sp, llm, lp, prompts, lens, key, config, command)
+    run_relax = lambda: decoder.relay_generate(
+        slm, sp, llm, lp, prompts, lens, key, config, command
+    )
     jax.block_until_ready(run_relax())  # compile
     warm_host(slm, sp, llm, lp, prompts, lens, config, command)
     relax_times, host_times = [], []
@@ -265,7 +267,9 @@ def main(argv=None):
         t = time.perf_counter()
         rows, srcs, host_processed = host_relay(slm, sp, llm, lp, prompts, lens, config, command)
         host_times.append(time.perf_counter() - t)
-        print(f"p2 round: relax {relax_times[-1]:.3f}s, host loop {host_times[-1]:.3f}s", flush=True)
+        print(
+            f"p2 round: relax {relax_times[-1]:.3f}s, host loop {host_times[-1]:.3f}s", flush=True
+        )
     t_relax, t_host = min(relax_times), min(host_times)
     for b in range(len(lens)):
         n = int(out.lengths[b])
