@@ -15,6 +15,10 @@ Prints one line per measurement and ends with one JSON object:
   p3_llm_token_ratio   LLM tokens processed (ingested + generated) / (LLM-visible context
                        before its last token + LLM-generated); 1.00 means nothing is read twice.
   host_llm_token_ratio the same ratio for the host-orchestrated relay.
+  p2_seconds           what p2 divides: {"relax", "host"}, and "relax_idle_llm", relax's p2
+                       run with an LLM that computes nothing (same calls; timed in turn
+                       with relax's): the SLM's work plus the relay's bookkeeping, so
+                       relax - relax_idle_llm is about the LLM's.
   llm_token_fraction   LLM tokens / generated tokens in the p2 run.
   tokens_per_s         {"frac=F,batch=B": generated tokens per second} for
                        llm_trigger_fraction F in {0, 0.5, 1} and batch B in {1, 8, 32}.
@@ -68,6 +72,19 @@ class Steered:
             force = (phase < 3)[..., None] & (jnp.arange(V) == want[..., None])
             logits = logits + 1e4 * force
         return logits, cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Idle:
+    """An LLM that computes nothing: every step's logits are its params (a [V] row), and
+    its cache is a placeholder. Timing the relay with it leaves the SLM's work and the
+    relay's own bookkeeping."""
+
+    def init_cache(self, batch, max_len):
+        return jnp.zeros((batch,))
+
+    def apply(self, params, tokens, positions, cache):
+        return jnp.broadcast_to(params, tokens.shape + params.shape), cache
 
 
 def tiny(key, hidden, layers, heads):
@@ -284,13 +301,25 @@ def main(argv=None):
             last = np.nonzero(src == LLM)[0][-1]
             need += int(np.isin(src[:last], (PROMPT, SLM, LLM)).sum())
     processed = int(np.sum(out.llm_prefill_tokens)) + llm_tokens
+    idle = Steered(Idle())
+    idle_params = jnp.zeros((V,)).at[20].set(1.0)  # it always writes token 20
+    run_idle = lambda: decoder.relay_generate(
+        slm, sp, idle, idle_params, prompts, lens, key, config, command
+    )
+    (idle_out, _), t_idle, _ = timed_pair(run_idle, run_relax, args.repeats)
+    assert np.array_equal(np.asarray(idle_out.calls), np.asarray(out.calls))
     res["p2_speedup_vs_host"] = round(t_host / t_relax, 2)
     res["p3_llm_token_ratio"] = round(processed / (need + llm_tokens), 3)
     res["host_llm_token_ratio"] = round(host_processed / (need + llm_tokens), 3)
     res["llm_token_fraction"] = round(llm_tokens / gen, 4)
+    res["p2_seconds"] = {
+        "relax": round(t_relax, 3),
+        "host": round(t_host, 3),
+        "relax_idle_llm": round(t_idle, 3),
+    }
     print(
         f"p2: relax {t_relax:.3f}s, host loop {t_host:.3f}s; calls {int(np.sum(out.calls))}, "
-        f"LLM tokens {llm_tokens}/{gen}",
+        f"LLM tokens {llm_tokens}/{gen}; relax with an idle LLM {t_idle:.3f}s",
         flush=True,
     )
 
