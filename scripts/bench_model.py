@@ -23,7 +23,6 @@ The last line printed is one JSON object with `decode_vs_transformers`,
 import argparse
 import json
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +32,7 @@ import relax
 from relax.models import Model, ModelConfig
 from relax.train.logprobs import sequence_stats
 from relax.train.update import training_model
+from timing import best_times
 
 PRESETS = {
     # ~20M parameters: a small vocabulary keeps the embedding from dominating.
@@ -89,23 +89,7 @@ PRESETS = {
 
 def timed(fn, repeats):
     """Best wall time of `repeats` calls after one warm-up call (compilation)."""
-    return timed_alternating([fn], repeats)[0]
-
-
-def timed_alternating(fns, repeats):
-    """Best wall time of each function over `repeats` rounds that call them in turn, after
-    one warm-up call each. Alternating puts both sides of a ratio in the same phase of
-    the machine: a process's first seconds run slower (a lone relax decode timed first
-    measured 1,003 tokens/s, the same decode a few seconds later 1,385)."""
-    for fn in fns:
-        fn()
-    best = [float("inf")] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
+    return best_times([fn], repeats)[1][0]
 
 
 def bench_decode(
@@ -158,7 +142,7 @@ def bench_decode(
                 **extra,
             )
 
-    t_relax, t_torch = timed_alternating([run_relax, run_torch], repeats)
+    _, (t_relax, t_torch) = best_times([run_relax, run_torch], repeats)
     ours = np.asarray(run_relax())[:, prompt_len : prompt_len + new_tokens]
     theirs = run_torch()[:, prompt_len:].numpy()
     result.update(
@@ -189,7 +173,7 @@ def bench_cache_capacity(batch=8, filled=200, capacities=(256, 32768), repeats=1
             return jax.block_until_ready(logits)
 
         steps.append(one)
-    times = timed_alternating(steps, repeats)
+    _, times = best_times(steps, repeats)
     return {slots: 1000 * t for slots, t in zip(capacities, times)}
 
 

@@ -16,8 +16,8 @@ Prints one line per measurement and ends with one JSON object:
                        before its last token + LLM-generated); 1.00 means nothing is read twice.
   host_llm_token_ratio the same ratio for the host-orchestrated relay.
   p2_seconds           what p2 divides: {"relax", "host"}, and "relax_idle_llm", relax's p2
-                       run with an LLM that computes nothing (same calls; timed in turn
-                       with relax's): the SLM's work plus the relay's bookkeeping, so
+                       run with an LLM that computes nothing (same calls; timed in the
+                       same rounds): the SLM's work plus the relay's bookkeeping, so
                        relax - relax_idle_llm is about the LLM's.
   llm_token_fraction   LLM tokens / generated tokens in the p2 run.
   tokens_per_s         {"frac=F,batch=B": generated tokens per second} for
@@ -44,6 +44,7 @@ from relax.relay import decoder
 from relax.relay.command import PATTERN, CallCommand
 from relax.relay.config import GREEDY, RelayConfig
 from relax.relay.decoder import COMMAND, LLM, PROMPT, SLM
+from timing import best_times
 
 V = 512
 PAD, EOS, OPEN, CLOSE = 0, 1, 2, 3  # token ids; 4..13 are the digits
@@ -100,30 +101,6 @@ def tiny(key, hidden, layers, heads):
     )
     model = Model(cfg, dtype=jnp.float32)
     return model, model.init_params(key)
-
-
-def timed(fn, repeats):
-    """(output, best wall time of `repeats` runs after a compiling run). The best, not the
-    median: on a shared CPU the noise only ever adds time."""
-    jax.block_until_ready(fn())  # compile
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return out, float(np.min(times))
-
-
-def timed_pair(fa, fb, repeats):
-    """Best times of two functions, run alternately (so load changes hit both alike)."""
-    outs = jax.block_until_ready(fa()), jax.block_until_ready(fb())  # compile
-    ta, tb = [], []
-    for _ in range(repeats):
-        for f, ts in ((fa, ta), (fb, tb)):
-            t = time.perf_counter()
-            jax.block_until_ready(f())
-            ts.append(time.perf_counter() - t)
-    return outs, float(np.min(ta)), float(np.min(tb))
 
 
 def warm_host(slm, sp, llm, lp, prompts, lens, config, command):
@@ -258,9 +235,13 @@ def main(argv=None):
     res = {}
 
     # p1: the relay machinery's cost when no call happens.
-    (relay_out, gen_out), t_relay, t_gen = timed_pair(
-        lambda: decoder.relay_generate(plain_slm, sp, llm, lp, prompts, lens, key, config, command),
-        lambda: decoder.generate(plain_slm, sp, prompts, lens, key, config),
+    (relay_out, gen_out), (t_relay, t_gen) = best_times(
+        [
+            lambda: decoder.relay_generate(
+                plain_slm, sp, llm, lp, prompts, lens, key, config, command
+            ),
+            lambda: decoder.generate(plain_slm, sp, prompts, lens, key, config),
+        ],
         8 * args.repeats,  # runs of ~40 ms: many of them for a stable best
     )
     assert np.array_equal(np.asarray(relay_out.tokens), np.asarray(gen_out.tokens))
@@ -274,20 +255,34 @@ def main(argv=None):
     run_relax = lambda: decoder.relay_generate(
         slm, sp, llm, lp, prompts, lens, key, config, command
     )
+    # The same run with an LLM that computes nothing: what is left is the SLM's work and
+    # the relay's bookkeeping.
+    idle = Steered(Idle())
+    idle_params = jnp.zeros((V,)).at[20].set(1.0)  # it always writes token 20
+    run_idle = lambda: decoder.relay_generate(
+        slm, sp, idle, idle_params, prompts, lens, key, config, command
+    )
     jax.block_until_ready(run_relax())  # compile
+    idle_out = jax.block_until_ready(run_idle())
     warm_host(slm, sp, llm, lp, prompts, lens, config, command)
-    relax_times, host_times = [], []
+    relax_times, idle_times, host_times = [], [], []
     for _ in range(args.p2_rounds):
         t = time.perf_counter()
         out = jax.block_until_ready(run_relax())
         relax_times.append(time.perf_counter() - t)
         t = time.perf_counter()
+        jax.block_until_ready(run_idle())
+        idle_times.append(time.perf_counter() - t)
+        t = time.perf_counter()
         rows, srcs, host_processed = host_relay(slm, sp, llm, lp, prompts, lens, config, command)
         host_times.append(time.perf_counter() - t)
         print(
-            f"p2 round: relax {relax_times[-1]:.3f}s, host loop {host_times[-1]:.3f}s", flush=True
+            f"p2 round: relax {relax_times[-1]:.3f}s, host loop {host_times[-1]:.3f}s "
+            f"(relax with an idle LLM {idle_times[-1]:.3f}s)",
+            flush=True,
         )
-    t_relax, t_host = min(relax_times), min(host_times)
+    assert np.array_equal(np.asarray(idle_out.calls), np.asarray(out.calls))
+    t_relax, t_host, t_idle = min(relax_times), min(host_times), min(idle_times)
     for b in range(len(lens)):
         n = int(out.lengths[b])
         assert rows[b] == np.asarray(out.tokens[b, :n]).tolist(), f"row {b} differs"
@@ -301,13 +296,6 @@ def main(argv=None):
             last = np.nonzero(src == LLM)[0][-1]
             need += int(np.isin(src[:last], (PROMPT, SLM, LLM)).sum())
     processed = int(np.sum(out.llm_prefill_tokens)) + llm_tokens
-    idle = Steered(Idle())
-    idle_params = jnp.zeros((V,)).at[20].set(1.0)  # it always writes token 20
-    run_idle = lambda: decoder.relay_generate(
-        slm, sp, idle, idle_params, prompts, lens, key, config, command
-    )
-    (idle_out, _), t_idle, _ = timed_pair(run_idle, run_relax, args.repeats)
-    assert np.array_equal(np.asarray(idle_out.calls), np.asarray(out.calls))
     res["p2_speedup_vs_host"] = round(t_host / t_relax, 2)
     res["p3_llm_token_ratio"] = round(processed / (need + llm_tokens), 3)
     res["host_llm_token_ratio"] = round(host_processed / (need + llm_tokens), 3)
@@ -330,10 +318,12 @@ def main(argv=None):
         pr, ln = prompts_for(batch, args.prompt, seed=batch)
         for frac in (0.0, 0.5, 1.0):
             cfg = dataclasses.replace(config, llm_trigger_fraction=frac)
-            o, t = timed(
-                lambda pr=pr, ln=ln, cfg=cfg: decoder.relay_generate(
-                    slm, sp, llm, lp, pr, ln, key, cfg, command
-                ),
+            (o,), (t,) = best_times(
+                [
+                    lambda pr=pr, ln=ln, cfg=cfg: decoder.relay_generate(
+                        slm, sp, llm, lp, pr, ln, key, cfg, command
+                    )
+                ],
                 1,
             )
             tps[f"frac={frac},batch={batch}"] = round(float(np.sum(o.lengths - ln)) / t, 1)
