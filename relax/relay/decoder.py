@@ -98,8 +98,11 @@ from relax.relay.loop import (  # noqa: F401  (the constants are part of this mo
     PROMPT,
     SLM,
     Loop,
+    RowSettings,
     State,
     body,
+    fresh_rows,
+    typed_key,
 )
 
 
@@ -184,46 +187,16 @@ def _run(
     slm_cache,
     llm_cache,
     row_ids,
+    settings,
 ):
-    cfg = loop.config
-    B, P = prompts.shape
-    L = P + cfg.max_new_tokens
-    prompts = prompts.astype(jnp.int32)
-    lens = jnp.clip(prompt_lens.astype(jnp.int32), 0, P)
-    slots = jnp.arange(L)[None]
-    in_prompt = slots < lens[:, None]
-    # Rows the host could not check (traced inputs) are validated here: a bad row ends at
-    # once (finish INVALID, nothing generated) and never touches the others.
-    ids_ok = (prompts >= 0) & (prompts < loop.vocab)
-    valid = (prompt_lens >= 1) & (prompt_lens <= P) & jnp.all(ids_ok | ~in_prompt[:, :P], axis=1)
-    padded = jnp.pad(prompts, ((0, 0), (0, cfg.max_new_tokens)))
-    zeros = jnp.zeros((B,), jnp.int32)
-    s = State(
-        tokens=jnp.where(in_prompt, padded, cfg.pad_id),
-        source=jnp.where(in_prompt, PROMPT, PAD),
-        logprobs=jnp.zeros((B, L), jnp.float32),
-        length=lens,
-        phase=jnp.where(valid, DECODING, FINISHED),
-        finish=jnp.where(valid, 0, INVALID),
-        slm_cache=slm_cache,
-        slm_seen=zeros,
-        llm_cache=llm_cache,
-        llm_scan=zeros,
-        llm_fill=zeros,
-        auto=zeros,
-        num=zeros,
-        pstart=zeros,
-        last_lt=zeros,
-        call_left=zeros,
-        calls=zeros,
-        waited=zeros,
-        llm_prefill=zeros,
-        row_ids=row_ids.astype(jnp.int32),
-    )
+    B = prompts.shape[0]
+    keys = jnp.broadcast_to(typed_key(key), (B,))
+    rows = fresh_rows(loop, prompts, prompt_lens, keys, row_ids, settings)
+    s = State(slm_cache=slm_cache, llm_cache=llm_cache, **rows)
     s = _constrain(s, layout)
     s = jax.lax.while_loop(
         lambda s: jnp.any(s.phase != FINISHED),
-        lambda s: _constrain(body(loop, slm_params, llm_params, tables, key, lens, s), layout),
+        lambda s: _constrain(body(loop, slm_params, llm_params, tables, s), layout),
         s,
     )
     count = lambda k: jnp.sum(s.source == k, axis=1).astype(jnp.int32)
@@ -309,6 +282,35 @@ def _check_prompt_ids(ids, lens, vocab):
             f"model's vocabulary of {vocab} ({len(bad)} such ids in all)",
             "encode the prompts with the models' own tokenizer",
         )
+
+
+def check_settings(settings: RowSettings, max_new_tokens):
+    """Per-row settings in range, checked on the host when their values are known there
+    (`InputError` naming the first bad row); traced values are checked on device, where
+    a bad budget ends its row as INVALID."""
+    budget = _host_value(settings.max_new_tokens)
+    if budget is not None:
+        bad = np.nonzero((budget < 1) | (budget > max_new_tokens))[0]
+        if bad.size:
+            raise InputError(
+                f"max_new_tokens of row {bad[0]} is {budget[bad[0]]}: it must be in [1, "
+                f"{max_new_tokens}] (the config's max_new_tokens sizes the rows)"
+            )
+    for who, rows in (("slm", settings.slm), ("llm", settings.llm)):
+        t, p = _host_value(rows.temperature), _host_value(rows.top_p)
+        if t is not None:
+            bad = np.nonzero(~(t >= 0))[0]
+            if bad.size:
+                raise InputError(
+                    f"{who} temperature of row {bad[0]} is {t[bad[0]]}: it must be >= 0 "
+                    "(0 is greedy)"
+                )
+        if p is not None:
+            bad = np.nonzero(~((p > 0) & (p <= 1)))[0]
+            if bad.size:
+                raise InputError(
+                    f"{who} top_p of row {bad[0]} is {p[bad[0]]}: it must be in (0, 1]"
+                )
 
 
 _warned_positions = set()
@@ -402,7 +404,9 @@ class RelayDecoder:
         _check_lengths(lens, P)
         _check_prompt_ids(prompts, lens, v)
 
-    def arguments(self, slm_params, llm_params, prompts, prompt_lens, key, row_ids=None):
+    def arguments(
+        self, slm_params, llm_params, prompts, prompt_lens, key, row_ids=None, settings=None
+    ):
         """The checked arguments of the jitted loop `_run` (tests and `relax plan` lower it)."""
         prompts, prompt_lens = jnp.asarray(prompts), jnp.asarray(prompt_lens)
         row_ids = None if row_ids is None else jnp.asarray(row_ids)
@@ -441,11 +445,33 @@ class RelayDecoder:
             layout = Layout(rows, *(Layout.frozen(sh) for sh in shardings))
         if row_ids is None:
             row_ids = jnp.arange(B, dtype=jnp.int32)
+        settings = self.settings(B, settings)
         args = (slm_params, llm_params, tables, prompts, prompt_lens, key, *caches, row_ids)
-        return (loop, layout, *args)
+        return (loop, layout, *args, settings)
 
-    def __call__(self, slm_params, llm_params, prompts, prompt_lens, key, row_ids=None):
-        args = self.arguments(slm_params, llm_params, prompts, prompt_lens, key, row_ids)
+    def settings(self, batch, settings=None) -> RowSettings:
+        """`settings` checked (on the host when its values are known there), or the config's
+        for `batch` rows."""
+        if settings is None:
+            return RowSettings.of(self.config, batch)
+        if not isinstance(settings, RowSettings):
+            raise TypeError(f"settings must be a RowSettings, got {type(settings).__name__}")
+        for name, x in (
+            ("max_new_tokens", settings.max_new_tokens),
+            ("slm temperature", settings.slm.temperature),
+            ("slm top_p", settings.slm.top_p),
+            ("llm temperature", settings.llm.temperature),
+            ("llm top_p", settings.llm.top_p),
+        ):
+            if x.shape != (batch,):
+                raise ValueError(f"settings' {name} must be [{batch}], got shape {x.shape}")
+        check_settings(settings, self.config.max_new_tokens)
+        return settings
+
+    def __call__(
+        self, slm_params, llm_params, prompts, prompt_lens, key, row_ids=None, settings=None
+    ):
+        args = self.arguments(slm_params, llm_params, prompts, prompt_lens, key, row_ids, settings)
         return _run(*args)[0]
 
 
@@ -500,6 +526,7 @@ def relay_generate(
     command,
     row_ids=None,
     rows=None,
+    settings=None,
 ):
     """Runs the relay on a batch of right-padded prompts (`RelayDecoder`'s thin wrapper).
 
@@ -513,11 +540,12 @@ def relay_generate(
       row_ids: [B] int32, each row's global identity for its samples (default 0..B-1;
         a batch split into calls passes each call's global row indices).
       rows: the row layout (`RelayDecoder.rows`), for traced row-sharded prompts.
+      settings: per-row budgets and sampling (`RowSettings`; default: the config's).
     Returns:
       RelayOutput with [B, P + config.max_new_tokens] sequences.
     """
     return RelayDecoder(slm, llm, config, command, rows)(
-        slm_params, llm_params, prompts, prompt_lens, key, row_ids
+        slm_params, llm_params, prompts, prompt_lens, key, row_ids, settings
     )
 
 
@@ -529,7 +557,16 @@ def _prepare(slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config
 
 
 def generate(
-    model, params, prompts, prompt_lens, key, config, sampling=None, row_ids=None, rows=None
+    model,
+    params,
+    prompts,
+    prompt_lens,
+    key,
+    config,
+    sampling=None,
+    row_ids=None,
+    rows=None,
+    settings=None,
 ):
     """Single-model generation with the same loop and output (no commands honoured).
 
@@ -546,5 +583,5 @@ def generate(
             )
         config = dataclasses.replace(config, slm=sampling)
     return RelayDecoder(model, None, config, None, rows)(
-        params, None, prompts, prompt_lens, key, row_ids
+        params, None, prompts, prompt_lens, key, row_ids, settings
     )

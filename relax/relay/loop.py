@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from relax.relay import command as cmd
 from relax.relay.config import RelayConfig
-from relax.relay.sampling import sample_batch, token_key
+from relax.relay.sampling import RowSampling, sample_rows, token_key
 
 # Sources of a token.
 PAD, PROMPT, SLM, COMMAND, LLM = 0, 1, 2, 3, 4
@@ -73,6 +73,97 @@ class State:
     row_ids: jax.Array
     """[B] int32: each row's global identity for its sampling keys, so a batch split into
     calls or shards samples as one call (default: 0..B-1)."""
+    key: jax.Array
+    """[B] typed PRNG keys: each row's key (a call's one key, or each request's own)."""
+    prompt_len: jax.Array
+    """[B] int32: the row's prompt length (its first generated slot)."""
+    budget: jax.Array
+    """[B] int32: the row's max_new_tokens (at most the config's, which sizes the rows)."""
+    slm_sampling: RowSampling
+    """The SLM's temperature and top-p per row."""
+    llm_sampling: RowSampling
+    """The LLM's temperature and top-p per row."""
+
+
+@flax.struct.dataclass
+class RowSettings:
+    """What a row (a request) sets for itself, as data: one compiled loop serves every
+    value. B rows."""
+
+    max_new_tokens: jax.Array
+    """[B] int32: the row's budget, in [1, config.max_new_tokens] (the config's sizes the
+    output rows)."""
+    slm: RowSampling
+    """The SLM's temperature (0: greedy) and top-p per row."""
+    llm: RowSampling
+    """The LLM's temperature (0: greedy) and top-p per row."""
+
+    @staticmethod
+    def of(config: RelayConfig, batch: int) -> RowSettings:
+        """The config's budget and sampling for `batch` rows."""
+        return RowSettings(
+            jnp.full((batch,), config.max_new_tokens, jnp.int32),
+            RowSampling.of(config.slm, batch),
+            RowSampling.of(config.llm, batch),
+        )
+
+
+def typed_key(key):
+    """A typed PRNG key (`jax.random.key`) for a raw uint32 key (`jax.random.PRNGKey`): the
+    same draws, and an array of them can be indexed and selected like any other."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    return jax.random.wrap_key_data(key)
+
+
+def fresh_rows(loop, prompts, prompt_lens, keys, row_ids, settings: RowSettings) -> dict:
+    """Every per-row field of a `State` (all but the caches) for rows that start on
+    `prompts` [B, P] (right-padded, lengths [B]) with typed `keys` [B], `row_ids` [B] and
+    `settings`. A row whose length or prompt ids are invalid starts FINISHED with
+    finish reason INVALID (nothing generated), as does a budget outside
+    [1, config.max_new_tokens]."""
+    cfg = loop.config
+    B, P = prompts.shape
+    L = P + cfg.max_new_tokens
+    prompts = prompts.astype(jnp.int32)
+    lens = jnp.clip(prompt_lens.astype(jnp.int32), 0, P)
+    in_prompt = jnp.arange(L)[None] < lens[:, None]
+    budget = settings.max_new_tokens.astype(jnp.int32)
+    ids_ok = (prompts >= 0) & (prompts < loop.vocab)
+    valid = (
+        (prompt_lens >= 1)
+        & (prompt_lens <= P)
+        & jnp.all(ids_ok | ~in_prompt[:, :P], axis=1)
+        & (budget >= 1)
+        & (budget <= cfg.max_new_tokens)
+    )
+    padded = jnp.pad(prompts, ((0, 0), (0, cfg.max_new_tokens)))
+    zeros = jnp.zeros((B,), jnp.int32)
+    return {
+        "tokens": jnp.where(in_prompt, padded, cfg.pad_id),
+        "source": jnp.where(in_prompt, PROMPT, PAD),
+        "logprobs": jnp.zeros((B, L), jnp.float32),
+        "length": lens,
+        "phase": jnp.where(valid, DECODING, FINISHED),
+        "finish": jnp.where(valid, 0, INVALID),
+        "slm_seen": zeros,
+        "llm_scan": zeros,
+        "llm_fill": zeros,
+        "auto": zeros,
+        "num": zeros,
+        "pstart": zeros,
+        "last_lt": zeros,
+        "call_left": zeros,
+        "calls": zeros,
+        "waited": zeros,
+        "llm_prefill": zeros,
+        "row_ids": row_ids.astype(jnp.int32),
+        "key": keys,
+        "prompt_len": lens,
+        "budget": budget,
+        "slm_sampling": settings.slm,
+        "llm_sampling": settings.llm,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,8 +287,8 @@ def _llm_ingest(loop, params, s: State, rows, width):
     return last, ready, s
 
 
-def _keys(key, s: State):
-    return jax.vmap(lambda b, p: token_key(key, b, p))(s.row_ids, s.length)
+def _keys(s: State):
+    return jax.vmap(token_key)(s.key, s.row_ids, s.length)
 
 
 def _saturating(n, mul, add, max_n):
@@ -207,11 +298,11 @@ def _saturating(n, mul, add, max_n):
     return jnp.where(mul == 0, add, jnp.where(sat, max_n, n * safe + add))
 
 
-def _budget_left(loop, s, prompt_lens):
-    return loop.config.max_new_tokens - (s.length - prompt_lens)
+def _budget_left(s):
+    return s.budget - (s.length - s.prompt_len)
 
 
-def _slm_draw(loop, params, t: cmd.CommandTables, key, s: State, width):
+def _slm_draw(loop, params, t: cmd.CommandTables, s: State, width):
     """The SLM's model step for the rows decoding: ingest up to `width` unseen tokens and
     draw the next token. Returns (state with the SLM's cache and count updated, draw)."""
     cfg = loop.config
@@ -221,11 +312,11 @@ def _slm_draw(loop, params, t: cmd.CommandTables, key, s: State, width):
         # automaton state are never drawn (t.opens is [S, V], by token id).
         blocked = t.opens[s.auto] & (s.calls >= cfg.max_calls)[:, None]
         last = jnp.where(blocked, -jnp.inf, last)
-    tok, lp = sample_batch(last, _keys(key, s), cfg.slm)
+    tok, lp = sample_rows(last, _keys(s), cfg.slm, s.slm_sampling)
     return s, Draw(tok, lp, ready)
 
 
-def _slm_write(loop, t: cmd.CommandTables, prompt_lens, s: State, d: Draw):
+def _slm_write(loop, t: cmd.CommandTables, s: State, d: Draw):
     """Writes the SLM's draw at each ready row and reads the command automaton: a
     complete command marks its slots COMMAND and, if honoured, hands the row to the LLM.
     A no-op for rows not ready."""
@@ -233,7 +324,7 @@ def _slm_write(loop, t: cmd.CommandTables, prompt_lens, s: State, d: Draw):
     ready, tok = d.ready, d.token
     s, slot = _append(s, ready, tok, SLM, logprobs=d.logprob)
     is_eos = jnp.isin(tok, jnp.asarray(cfg.eos_ids, jnp.int32))
-    left = _budget_left(loop, s, prompt_lens)
+    left = _budget_left(s)
     phase, finish = s.phase, s.finish
     if loop.relay:
         a = s.auto
@@ -280,22 +371,22 @@ def _slm_write(loop, t: cmd.CommandTables, prompt_lens, s: State, d: Draw):
     return s.replace(phase=phase, finish=finish)
 
 
-def _llm_draw(loop, params, key, s: State, width):
+def _llm_draw(loop, params, s: State, width):
     """The LLM's model step for the rows inside a call: catch up (up to `width` tokens),
     then draw the next token."""
     last, ready, s = _llm_ingest(loop, params, s, s.phase == CALLING, width)
-    tok, lp = sample_batch(last, _keys(key, s), loop.config.llm)
+    tok, lp = sample_rows(last, _keys(s), loop.config.llm, s.llm_sampling)
     return s, Draw(tok, lp, ready)
 
 
-def _llm_write(loop, prompt_lens, s: State, d: Draw):
+def _llm_write(loop, s: State, d: Draw):
     """Writes the LLM's draw at each ready row; the row's call ends after its last token
     (back to the SLM), at EOS or at the budget. A no-op for rows not ready."""
     cfg = loop.config
     ready, tok = d.ready, d.token
     s, _ = _append(s, ready, tok, LLM)
     s = s.replace(call_left=s.call_left - ready)
-    left = _budget_left(loop, s, prompt_lens)
+    left = _budget_left(s)
     is_eos = ready & jnp.isin(tok, jnp.asarray(cfg.eos_ids, jnp.int32))
     budget = ready & ~is_eos & (left <= 0)
     back = ready & ~is_eos & ~budget & (s.call_left <= 0)
@@ -353,7 +444,9 @@ def _step(step, chunk, rows, unseen, carry):
     return jax.lax.cond(decode, lambda c: step(c, 1), keep, carry)
 
 
-def body(loop, slm_params, llm_params, tables, key, prompt_lens, s: State):
+def body(loop, slm_params, llm_params, tables, s: State):
+    """One iteration of the loop: at most one LLM step (for the rows inside a call) and one
+    SLM step (for the rows decoding). Everything it reads is in `s`, per row."""
     cfg = loop.config
     if loop.relay:
         waiting = s.phase == WAITING
@@ -382,19 +475,19 @@ def body(loop, slm_params, llm_params, tables, key, prompt_lens, s: State):
         # The LLM's steps (and the [B, L] count of what it has not seen) only when a row
         # is inside a call: most iterations have none.
         def llm_step(s, w):
-            s, d = _llm_draw(loop, llm_params, key, s, w)
-            return _llm_write(loop, prompt_lens, s, d)
+            s, d = _llm_draw(loop, llm_params, s, w)
+            return _llm_write(loop, s, d)
 
         llm = lambda s: _step(llm_step, cfg.prefill_chunk, s.phase == CALLING, _llm_unseen(s), s)
         s = jax.lax.cond((n_calling > 0) | trigger, llm, lambda s: s, s)
     s, d = _step(
-        lambda c, w: _slm_draw(loop, slm_params, tables, key, c[0], w),
+        lambda c, w: _slm_draw(loop, slm_params, tables, c[0], w),
         cfg.prefill_chunk,
         s.phase == DECODING,
         s.length - s.slm_seen,
         (s, _no_draw(s.length.shape[0])),
     )
-    s = _slm_write(loop, tables, prompt_lens, s, d)
+    s = _slm_write(loop, tables, s, d)
     if loop.relay:
         s = s.replace(waited=jnp.where(s.phase == WAITING, s.waited + 1, 0))
     return s

@@ -5,6 +5,13 @@ depends only on its own logits and key (batch composition cannot change it),
 and the eager reference, which calls the same functions, draws the same
 tokens from the same key.
 
+Two spellings of the same draw. `sample` takes a static `SamplingConfig` (the
+eager reference). `sample_rows` takes each row's temperature and top-p as data
+(`RowSampling`), so one compiled loop serves requests with different settings
+(the engine, a server); temperature 0 there is greedy. For the same settings the
+two give the same token and log-prob: the same operations on the same values,
+with the optional steps selected per row rather than left out.
+
 The log-prob is that of the token under the distribution actually sampled
 from (after temperature, top-k and top-p). For greedy decoding it is the
 log-prob under the model's plain softmax (temperature 1), the quantity a
@@ -13,6 +20,7 @@ policy-gradient step needs.
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -61,6 +69,55 @@ def sample(logits, key, cfg: SamplingConfig):
 def sample_batch(logits, keys, cfg: SamplingConfig):
     """[B, V] logits, [B] keys -> ([B] tokens, [B] log-probs)."""
     return jax.vmap(lambda lg, k: sample(lg, k, cfg))(logits, keys)
+
+
+@flax.struct.dataclass
+class RowSampling:
+    """Per-row sampling settings as data (B rows): what varies between requests."""
+
+    temperature: jax.Array
+    """[B] float32: logits are divided by it; 0 is greedy (argmax, log-prob at temperature 1)."""
+    top_p: jax.Array
+    """[B] float32: nucleus mass kept, in (0, 1]; 1 keeps everything."""
+
+    @staticmethod
+    def of(cfg: SamplingConfig, batch: int) -> RowSampling:
+        """`cfg`'s temperature and top-p for `batch` rows (greedy as temperature 0)."""
+        t = 0.0 if cfg.greedy else cfg.temperature
+        return RowSampling(
+            jnp.full((batch,), t, jnp.float32), jnp.full((batch,), cfg.top_p, jnp.float32)
+        )
+
+
+def sample_rows(logits, keys, cfg: SamplingConfig, rows: RowSampling):
+    """[B, V] logits, [B] keys -> ([B] tokens, [B] log-probs), each row at its own
+    temperature and top-p (`rows`); top-k is `cfg`'s (static). A row at temperature 0 is
+    `greedy`; any other row is `sample` with its settings, bit for bit. The sampled draw
+    and the top-p sort run only when some row needs them."""
+    logits = logits.astype(jnp.float32)
+    hot = rows.temperature > 0
+
+    def sampled(logits):
+        t = jnp.where(hot, rows.temperature, 1.0)[:, None]
+        scaled = logits / t
+        if cfg.top_k > 0 and cfg.top_k < logits.shape[-1]:
+            scaled = jax.vmap(_top_k_mask, (0, None))(scaled, cfg.top_k)
+        nucleus = hot & (rows.top_p < 1.0)
+        scaled = jax.lax.cond(
+            jnp.any(nucleus),
+            lambda x: jnp.where(
+                nucleus[:, None], jax.vmap(_top_p_mask)(x, jnp.minimum(rows.top_p, 1.0)), x
+            ),
+            lambda x: x,
+            scaled,
+        )
+        noise = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:], jnp.float32))(keys)
+        token = jax.vmap(argmax)(scaled + noise)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(scaled), token[:, None], axis=1)[:, 0]
+        g_token, g_lp = jax.vmap(greedy)(logits)
+        return jnp.where(hot, token, g_token), jnp.where(hot, lp, g_lp)
+
+    return jax.lax.cond(jnp.any(hot), sampled, lambda x: jax.vmap(greedy)(x), logits)
 
 
 def token_key(key, row, position):

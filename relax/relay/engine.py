@@ -1,0 +1,760 @@
+"""The relay engine: continuous batching of the relay (or of one model) on device.
+
+`relax.relay.decoder` decodes a batch in lockstep: its loop runs until the batch's
+longest row ends, and a finished row's slot keeps being computed. The engine serves a
+queue of N requests on B slots instead. When a row ends (EOS, its budget, the call
+limit, invalid input) its result is written out and the next request takes the slot
+inside the same compiled loop: no host round trip per refill, no recompilation. When
+nothing is left in the queue, the live rows are compacted into half as many slots as
+soon as they fit (B, B/2, ..., down to the smallest bucket), so a step's cost follows
+the rows still live rather than the slots once filled.
+
+Exactness. Every row runs the decoder's own loop iteration (relax.relay.loop `body`)
+on per-row data: its key, global row id, budget and sampling are fields of the row,
+so a request's result (tokens, sources, SLM log-probs, finish reason, counters) is
+the result of a lone `relay_generate` call on it with its key, its `row_ids` and its
+settings, whatever slot, bucket or schedule served it. A reused slot starts its new
+request from position 0: attention reads only slots at or before a query's position,
+and each of those is written by the new request before it is read, so nothing of the
+previous request is ever seen (its stale entries past the new row's length are never
+read).
+
+Admission. A new request's prompt (all but its last token) is ingested on its own, as
+a one-row batch: its slot's cache rows are taken out, filled by the same chunked
+catch-up steps the decoder uses, and put back. The last prompt token is then ingested
+by the next ordinary decode step, which samples the first new token. So refilling one
+slot never runs a prompt-wide step over all B slots (which would cost B x
+prefill_chunk tokens of compute for each of the N requests).
+
+Two ways to drive it, one state (`EngineState`) and one iteration:
+- On device (`Engine.__call__`): one pure, traceable program that runs the whole queue
+  (a `lax.while_loop` per bucket size). Callable inside a caller's `jit`.
+- From the host (`Engine.run`, and `Session` for serving): the same state advanced by
+  at most K iterations per jitted call (`advance`), with `insert` (a request into a free
+  slot) and the host reading what was written between calls; the state is donated, so
+  nothing is copied between calls and nothing recompiles per insert.
+
+Costs to know. Buckets are separate compiled loop bodies (log2(B) + 1 by default: more
+compile time, once). Compaction copies the live rows' caches into the smaller bucket
+(one cache copy per halving). The LLM's catch-up at call time runs on the bucket as in
+the decoder (its cost is the bucket's, whatever the number of calling rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from relax.relay import command as cmd
+from relax.relay import decoder as dec
+from relax.relay.config import RelayConfig
+from relax.relay.decoder import RelayDecoder, RelayOutput
+from relax.relay.loop import (
+    COMMAND,
+    DECODING,
+    FINISHED,
+    LLM,
+    SLM,
+    Loop,
+    RowSettings,
+    State,
+    _slm_ingest,
+    _step,
+    body,
+    fresh_rows,
+    typed_key,
+)
+from relax.relay.sampling import RowSampling
+
+CANCELLED = 4
+"""Finish reason of a request its client gave up on (`Session.cancel`)."""
+
+
+@flax.struct.dataclass
+class Requests:
+    """N requests: prompts and everything a request sets for itself, as data."""
+
+    prompts: jax.Array
+    """[N, P] int32, right-padded."""
+    prompt_lens: jax.Array
+    """[N] int32, each in [1, P]."""
+    keys: jax.Array
+    """[N] typed PRNG keys: request i samples as a lone call with key `keys[i]`."""
+    row_ids: jax.Array
+    """[N] int32: ... and row id `row_ids[i]` (its global identity for sampling)."""
+    settings: RowSettings
+    """[N] budgets (max_new_tokens) and per-model temperature / top-p."""
+
+    @staticmethod
+    def build(
+        config: RelayConfig,
+        prompts,
+        prompt_lens,
+        key,
+        row_ids=None,
+        max_new_tokens=None,
+        temperature=None,
+        top_p=None,
+        llm_temperature=None,
+        llm_top_p=None,
+    ) -> Requests:
+        """Requests from arrays; anything not given is the config's.
+
+        key: one PRNG key for all (request i then samples as row `row_ids[i]` of one call
+          with that key), or [N] keys, one per request.
+        row_ids: [N] (default 0..N-1). max_new_tokens: [N] budgets, each at most the
+          config's. temperature / top_p: the SLM's (the single model's), [N] or a scalar;
+          0 is greedy. llm_temperature / llm_top_p: the LLM's.
+        """
+        prompts = jnp.asarray(prompts, jnp.int32)
+        n = prompts.shape[0]
+        key = typed_key(jnp.asarray(key) if not isinstance(key, jax.Array) else key)
+        keys = key if key.shape == (n,) else jnp.broadcast_to(key, (n,))
+        base = RowSettings.of(config, n)
+
+        def column(x, default, dtype):
+            return default if x is None else jnp.broadcast_to(jnp.asarray(x, dtype), (n,))
+
+        settings = RowSettings(
+            column(max_new_tokens, base.max_new_tokens, jnp.int32),
+            RowSampling(
+                column(temperature, base.slm.temperature, jnp.float32),
+                column(top_p, base.slm.top_p, jnp.float32),
+            ),
+            RowSampling(
+                column(llm_temperature, base.llm.temperature, jnp.float32),
+                column(llm_top_p, base.llm.top_p, jnp.float32),
+            ),
+        )
+        ids = jnp.arange(n, dtype=jnp.int32) if row_ids is None else jnp.asarray(row_ids)
+        return Requests(prompts, jnp.asarray(prompt_lens, jnp.int32), keys, ids, settings)
+
+    def __len__(self):
+        return self.prompts.shape[0]
+
+
+@flax.struct.dataclass
+class Results:
+    """The finished requests' rows ([N, L], L = P + config.max_new_tokens)."""
+
+    tokens: jax.Array
+    source: jax.Array
+    logprobs: jax.Array
+    lengths: jax.Array
+    finish: jax.Array
+    calls: jax.Array
+    llm_prefill: jax.Array
+
+    @staticmethod
+    def empty(n, width, pad_id):
+        z = jnp.zeros((n,), jnp.int32)
+        return Results(
+            jnp.full((n, width), pad_id, jnp.int32),
+            jnp.zeros((n, width), jnp.int32),
+            jnp.zeros((n, width), jnp.float32),
+            z,
+            z,
+            z,
+            z,
+        )
+
+    def output(self) -> RelayOutput:
+        count = lambda k: jnp.sum(self.source == k, axis=1).astype(jnp.int32)
+        return RelayOutput(
+            tokens=self.tokens,
+            source=self.source,
+            lengths=self.lengths,
+            finish_reason=self.finish,
+            slm_logprobs=self.logprobs,
+            slm_tokens=count(SLM),
+            command_tokens=count(COMMAND),
+            llm_tokens=count(LLM),
+            calls=self.calls,
+            llm_prefill_tokens=self.llm_prefill,
+        )
+
+
+@flax.struct.dataclass
+class EngineState:
+    """Everything the engine carries between iterations (and between host calls)."""
+
+    slots: State
+    """The B slot rows (B: the current bucket) with both models' caches."""
+    slot_request: jax.Array
+    """[B] int32: the request each slot holds, -1 when free."""
+    queue: Requests
+    """The N requests (a placeholder of one when driven by `Session`)."""
+    next_request: jax.Array
+    """int32: the first request not yet admitted (N: the queue is empty)."""
+    results: Results
+    """[N, L] rows of the finished requests."""
+    finished: jax.Array
+    """int32: requests finished."""
+    iterations: jax.Array
+    """int32: loop iterations run."""
+    slot_steps: jax.Array
+    """int32: slots paid for, summed over iterations (the bucket's size each)."""
+
+    @property
+    def live(self):
+        return jnp.sum(self.slot_request >= 0, dtype=jnp.int32)
+
+
+# ---------------------------------------------------------------------------
+# Pieces of an iteration (traced).
+
+
+def _rows_where(mask, new, old):
+    """Per-row select between two pytrees of [B, ...] arrays."""
+
+    def pick(a, b):
+        m = mask.reshape(mask.shape + (1,) * (a.ndim - 1))
+        return jnp.where(m, a, b)
+
+    return jax.tree.map(pick, new, old)
+
+
+def _take_rows(tree, idx, cache_axis=1):
+    """Rows `idx` of a State (its caches along their batch axis)."""
+    fields = {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)}
+    out = {}
+    for name, x in fields.items():
+        axis = cache_axis if name in ("slm_cache", "llm_cache") else 0
+        out[name] = jax.tree.map(lambda a, axis=axis: jnp.take(a, idx, axis=axis), x)
+    return State(**out)
+
+
+def _collect(es: EngineState) -> EngineState:
+    """Finished slots write their rows into the results and become free."""
+    s = es.slots
+    done = (es.slot_request >= 0) & (s.phase == FINISHED)
+
+    def write(es):
+        n = es.results.lengths.shape[0]
+        at = jnp.where(done, es.slot_request, n)  # n: dropped
+        r = es.results
+        put = lambda buf, rows: buf.at[at].set(rows, mode="drop")
+        r = Results(
+            tokens=put(r.tokens, s.tokens),
+            source=put(r.source, s.source),
+            logprobs=put(r.logprobs, s.logprobs),
+            lengths=put(r.lengths, s.length),
+            finish=put(r.finish, s.finish),
+            calls=put(r.calls, s.calls),
+            llm_prefill=put(r.llm_prefill, s.llm_prefill),
+        )
+        return es.replace(
+            results=r,
+            slot_request=jnp.where(done, -1, es.slot_request),
+            finished=es.finished + jnp.sum(done, dtype=jnp.int32),
+        )
+
+    return jax.lax.cond(jnp.any(done), write, lambda es: es, es)
+
+
+def _prefill_row(loop, slm_params, s: State, b) -> State:
+    """Slot b's SLM ingests its prompt but the last token, as a one-row batch (its cache
+    rows taken out and put back), in the decoder's chunked catch-up steps."""
+    row = _take_rows(s, b[None])
+    target = jnp.where(row.phase == DECODING, row.prompt_len - 1, 0)
+    full = row.length
+    row = row.replace(length=target)
+
+    def ingest(r, w):
+        return _slm_ingest(loop, slm_params, r, r.phase == DECODING, w)[2]
+
+    row = jax.lax.while_loop(
+        lambda r: jnp.any(r.slm_seen < r.length),
+        lambda r: _step(
+            ingest, loop.config.prefill_chunk, r.phase == DECODING, r.length - r.slm_seen, r
+        ),
+        row,
+    )
+    put = lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small, b, axis=1)
+    return s.replace(
+        slm_cache=jax.tree.map(put, s.slm_cache, row.slm_cache),
+        slm_seen=jax.lax.dynamic_update_slice_in_dim(s.slm_seen, row.slm_seen, b, axis=0),
+        length=jax.lax.dynamic_update_slice_in_dim(s.length, full, b, axis=0),
+    )
+
+
+def _admit(loop, slm_params, es: EngineState, take, req) -> EngineState:
+    """Slots `take` [B] start requests `req` [B] of the queue: fresh rows, prompts
+    prefilled (see the module docstring), slot_request set."""
+    q = es.queue
+    idx = jnp.where(take, req, 0)
+    pick = lambda x: jnp.take(x, idx, axis=0)
+    settings = jax.tree.map(pick, q.settings)
+    fresh = fresh_rows(
+        loop, pick(q.prompts), pick(q.prompt_lens), pick(q.keys), pick(q.row_ids), settings
+    )
+    s = es.slots
+    old = {k: getattr(s, k) for k in fresh}
+    s = s.replace(**_rows_where(take, fresh, old))
+    order = jnp.argsort(~take, stable=True)  # the taken slots first
+    count = jnp.sum(take, dtype=jnp.int32)
+    s = jax.lax.fori_loop(0, count, lambda i, s: _prefill_row(loop, slm_params, s, order[i]), s)
+    return es.replace(slots=s, slot_request=jnp.where(take, req, es.slot_request))
+
+
+def _refill(loop, slm_params, es: EngineState) -> EngineState:
+    """Free slots take the next requests of the queue, in slot order."""
+    free = es.slot_request < 0
+    n = len(es.queue)
+    req = es.next_request + jnp.cumsum(free) - 1
+    take = free & (req < n)
+
+    def admit(es):
+        es = _admit(loop, slm_params, es, take, req)
+        return es.replace(next_request=es.next_request + jnp.sum(take, dtype=jnp.int32))
+
+    return jax.lax.cond(jnp.any(take), admit, lambda es: es, es)
+
+
+def _iterate(loop, layout, slm_params, llm_params, tables, es: EngineState) -> EngineState:
+    """One loop iteration of the slots, then finished rows out and queued requests in."""
+    s = dec._constrain(body(loop, slm_params, llm_params, tables, es.slots), layout)
+    es = es.replace(
+        slots=s,
+        iterations=es.iterations + 1,
+        slot_steps=es.slot_steps + s.length.shape[0],
+    )
+    es = _collect(es)
+    es = _refill(loop, slm_params, es)
+    return es.replace(slots=dec._constrain(es.slots, layout))
+
+
+def _stage_running(es: EngineState, floor):
+    """The current bucket keeps running while requests wait or more than `floor` rows are
+    live (then they fit the next bucket)."""
+    return (es.next_request < len(es.queue)) | (es.live > floor)
+
+
+def _compact(es: EngineState, size, layout) -> EngineState:
+    """The live slots moved into a bucket of `size` slots (they fit: the queue is empty)."""
+    order = jnp.argsort(es.slot_request < 0, stable=True)[:size]  # live first
+    slots = dec._constrain(_take_rows(es.slots, order), layout)
+    return es.replace(slots=slots, slot_request=es.slot_request[order])
+
+
+# ---------------------------------------------------------------------------
+# Compiled programs.
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _init(loop, layout, slots, requests: Requests) -> EngineState:
+    """Empty slots (caches in the slots' layout), empty results, the queue (jitted: every
+    buffer of the state is its own, so the state can be donated)."""
+    cfg = loop.config
+    N, P = requests.prompts.shape
+    L = P + cfg.max_new_tokens
+    B = slots
+    caches = [None if model is None else model.init_cache(B, L) for model in (loop.slm, loop.llm)]
+    empty = Requests.build(
+        cfg, jnp.zeros((B, P), jnp.int32), jnp.ones((B,), jnp.int32), jax.random.key(0)
+    )
+    rows = fresh_rows(
+        loop, empty.prompts, empty.prompt_lens, empty.keys, empty.row_ids, empty.settings
+    )
+    rows["phase"] = jnp.full((B,), FINISHED, jnp.int32)
+    slots = dec._constrain(State(slm_cache=caches[0], llm_cache=caches[1], **rows), layout)
+    z = jnp.zeros((), jnp.int32)
+    return EngineState(
+        slots=slots,
+        slot_request=jnp.full((B,), -1, jnp.int32),
+        queue=requests,
+        next_request=z,
+        results=Results.empty(N, L, cfg.pad_id),
+        finished=z,
+        iterations=z,
+        slot_steps=z,
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _run_all(loop, layout, buckets, slm_params, llm_params, tables, es):
+    """The whole queue on device: a while loop per bucket size, compacting between."""
+    for i, size in enumerate(buckets):
+        if i:
+            es = _compact(es, size, layout)
+        floor = buckets[i + 1] if i + 1 < len(buckets) else 0
+        es = jax.lax.while_loop(
+            lambda es, floor=floor: _stage_running(es, floor),
+            lambda es: _iterate(loop, layout, slm_params, llm_params, tables, es),
+            es,
+        )
+    return es
+
+
+# The state is donated: its caches are the largest buffers, and each call updates them
+# in place instead of copying them (the host keeps no reference to the old state). The
+# queue is the caller's and is not donated: it travels beside the state.
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(6,))
+def _advance(loop, layout, floor, slm_params, llm_params, tables, es, queue, iterations):
+    """At most `iterations` iterations of the current bucket (fewer when it is done)."""
+    stop = es.iterations + iterations
+    es = jax.lax.while_loop(
+        lambda es: _stage_running(es, floor) & (es.iterations < stop),
+        lambda es: _iterate(loop, layout, slm_params, llm_params, tables, es),
+        es.replace(queue=queue),
+    )
+    return es.replace(queue=None)
+
+
+# Only the same-shaped parts are donated: the slots shrink, so their buffers cannot be
+# reused in place.
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
+def _compact_jit(size, layout, rest, slots):
+    return _compact(rest.replace(slots=slots), size, layout)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _cancel(es, slot):
+    """Slot `slot` ends now (finish reason CANCELLED) and is free."""
+    take = jnp.arange(es.slot_request.shape[0]) == slot
+    s = es.slots
+    s = s.replace(
+        phase=jnp.where(take, FINISHED, s.phase),
+        finish=jnp.where(take & (s.phase != FINISHED), CANCELLED, s.finish),
+    )
+    return es.replace(slots=s, slot_request=jnp.where(take, -1, es.slot_request))
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _insert(loop, slm_params, es, slot, request: Requests):
+    """Request 0 of `request` (a one-request queue) into `slot`, whatever it held."""
+    B = es.slot_request.shape[0]
+    take = jnp.arange(B) == slot
+    es = es.replace(queue=request)
+    es = _admit(loop, slm_params, es, take, jnp.zeros((B,), jnp.int32))
+    return es.replace(slot_request=jnp.where(take, 0, es.slot_request))
+
+
+# ---------------------------------------------------------------------------
+# The public object.
+
+
+def default_buckets(slots, multiple=1):
+    """slots, slots/2, ... down to `multiple` (halving while it divides evenly)."""
+    out = [slots]
+    while out[-1] % 2 == 0 and out[-1] // 2 >= multiple and (out[-1] // 2) % multiple == 0:
+        out.append(out[-1] // 2)
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """Continuous batching of the relay (or, with `llm=None`, of one model) on `slots` slots.
+
+    `Engine(slm, llm, config, command, slots)`; then `engine(slm_params, llm_params,
+    requests)` (pure, traceable, one program) or `engine.run(...)` (the same, driven from
+    the host with a progress callback) return a `RelayOutput` of the N requests in
+    order; request i's row equals a lone `relay_generate` call on it (see the module
+    docstring). `requests` is a `Requests` (`Requests.build(config, prompts, lens, key,
+    ...)`). Frozen and hashable.
+    """
+
+    slm: object
+    llm: object
+    config: RelayConfig
+    command: cmd.CallCommand | None = None
+    slots: int = 16
+    """B: rows decoded at once while requests wait."""
+    buckets: tuple | None = None
+    """Slot counts the live rows compact into once the queue is empty, largest first
+    (default: slots, slots/2, ..., the row devices' count, or 1). `(slots,)` never
+    compacts."""
+    rows: jax.sharding.NamedSharding | None = None
+    """The slots' row layout over a mesh (`relax.mesh.rows_sharding(mesh)`), as
+    `RelayDecoder.rows`; the queue and results are not split."""
+
+    def __post_init__(self):
+        if self.slots < 1:
+            raise ValueError(f"slots must be >= 1, got {self.slots}")
+        multiple = 1
+        if self.rows is not None:
+            multiple = math.prod(
+                self.rows.mesh.shape[a]
+                for a in jax.tree.leaves(tuple(self.rows.spec[:1]))
+                if a is not None
+            )
+            if self.slots % multiple:
+                raise ValueError(
+                    f"slots ({self.slots}) must divide over the {multiple} row devices"
+                )
+        buckets = self.buckets or default_buckets(self.slots, multiple)
+        buckets = tuple(int(b) for b in buckets)
+        if buckets[0] != self.slots or any(b <= c for b, c in itertools.pairwise(buckets)):
+            raise ValueError(
+                f"buckets must start at slots ({self.slots}) and decrease, got {buckets}"
+            )
+        if any(b < 1 or b % multiple for b in buckets):
+            raise ValueError(f"every bucket must be a multiple of {multiple} rows, got {buckets}")
+        object.__setattr__(self, "buckets", buckets)
+        # Input checks, tables and caches as the decoder makes them.
+        object.__setattr__(
+            self, "_decoder", RelayDecoder(self.slm, self.llm, self.config, self.command, self.rows)
+        )
+
+    @property
+    def relay(self) -> bool:
+        return self.llm is not None
+
+    # -- set-up ---------------------------------------------------------------
+
+    def _static(self, slm_params, llm_params, width):
+        """(loop, layout, tables) for prompts `width` wide."""
+        L = width + self.config.max_new_tokens
+        v = self._decoder._vocab(slm_params, llm_params, self.slots, L)
+        loop = Loop(
+            slm=self.slm,
+            llm=self.llm,
+            config=self.config,
+            max_n=self.command.max_n if self.relay else 1,
+            vocab=v,
+        )
+        tables = self.command.device_tables(v) if self.relay else None
+        layout = None
+        if self.rows is not None:
+            layout = dec.Layout(
+                self.rows,
+                dec.Layout.frozen(dec._cache_sharding(self.slm, self.rows)),
+                dec.Layout.frozen(dec._cache_sharding(self.llm, self.rows)) if self.relay else None,
+            )
+        return loop, layout, tables
+
+    def _check(self, slm_params, llm_params, requests: Requests):
+        if not isinstance(requests, Requests):
+            raise TypeError(f"requests must be a relax Requests, got {type(requests).__name__}")
+        dec._check_shapes(requests.prompts, requests.prompt_lens, requests.row_ids)
+        N, P = requests.prompts.shape
+        if N < 1:
+            raise ValueError("requests must hold at least one request")
+        v = self._decoder._vocab(slm_params, llm_params, self.slots, P + self.config.max_new_tokens)
+        ids, lens = dec._host_value(requests.prompts), dec._host_value(requests.prompt_lens)
+        if lens is not None:
+            dec._check_lengths(lens, P)
+            if ids is not None:
+                dec._check_prompt_ids(ids, lens, v)
+        self._decoder.settings(N, requests.settings)
+
+    def init(self, slm_params, llm_params, requests: Requests) -> EngineState:
+        """The engine's state before its first iteration: the queue, empty slots (their
+        caches made in the slots' layout) and empty results. Slots fill on the first
+        iteration."""
+        self._check(slm_params, llm_params, requests)
+        loop, layout, _ = self._static(slm_params, llm_params, requests.prompts.shape[1])
+        return _init(loop, layout, self.slots, requests)
+
+    # -- on device ------------------------------------------------------------
+
+    def __call__(self, slm_params, llm_params, requests: Requests) -> RelayOutput:
+        """Every request, in order, in one program (traceable inside a caller's jit)."""
+        return self.final_state(slm_params, llm_params, requests).results.output()
+
+    def final_state(self, slm_params, llm_params, requests: Requests) -> EngineState:
+        """`__call__`'s state after the last iteration (results and iteration counts)."""
+        es = self.init(slm_params, llm_params, requests)
+        loop, layout, tables = self._static(slm_params, llm_params, requests.prompts.shape[1])
+        return _run_all(loop, layout, self.buckets, slm_params, llm_params, tables, es)
+
+    # -- from the host ---------------------------------------------------------
+
+    def advance(self, slm_params, llm_params, es: EngineState, iterations: int, floor: int):
+        """At most `iterations` iterations on `es` (donated), stopping early when the current
+        bucket's stage ends (no request waits and at most `floor` rows are live)."""
+        loop, layout, tables = self._static(slm_params, llm_params, es.queue.prompts.shape[1])
+        queue = es.queue
+        es = _advance(
+            loop, layout, int(floor), slm_params, llm_params, tables, es.replace(queue=None),
+            queue, jnp.asarray(iterations, jnp.int32),
+        )  # fmt: skip
+        return es.replace(queue=queue)
+
+    def run(
+        self, slm_params, llm_params, requests: Requests, progress=None, iterations_per_call=64
+    ) -> RelayOutput:
+        """Every request, in order, driven from the host: the on-device queue advanced by
+        `iterations_per_call` iterations per call, `progress(finished, total)` called
+        between calls. Same results as `__call__`."""
+        return self.run_state(
+            slm_params, llm_params, requests, progress, iterations_per_call
+        ).results.output()
+
+    def run_state(self, slm_params, llm_params, requests, progress=None, iterations_per_call=64):
+        """`run`'s state after the last iteration."""
+        es = self.init(slm_params, llm_params, requests)
+        _, layout, _ = self._static(slm_params, llm_params, requests.prompts.shape[1])
+        N = len(requests)
+        for i, size in enumerate(self.buckets):
+            if i:
+                rest = es.replace(queue=None, slots=None)
+                es = _compact_jit(size, layout, rest, es.slots).replace(queue=es.queue)
+            floor = self.buckets[i + 1] if i + 1 < len(self.buckets) else 0
+            while True:
+                es = self.advance(slm_params, llm_params, es, iterations_per_call, floor)
+                done, waiting, live = jax.device_get((es.finished, es.next_request < N, es.live))
+                if progress is not None:
+                    progress(int(done), N)
+                if not waiting and live <= floor:
+                    break
+        return es
+
+
+def stats(es: EngineState) -> dict:
+    """Iterations, slot-steps paid for and the share of them that wrote a token."""
+    r = jax.device_get(es.results)
+    generated = int(np.sum(r.lengths - np.asarray(jax.device_get(es.queue.prompt_lens))))
+    steps = int(es.slot_steps)
+    return {
+        "iterations": int(es.iterations),
+        "slot_steps": steps,
+        "generated_tokens": generated,
+        "slot_utilisation": generated / max(steps, 1),
+    }
+
+
+class Session:
+    """The engine driven from the host one request at a time: what a server runs.
+
+    `insert` starts a request in a free slot (its prompt prefilled on device; the state
+    is donated, nothing recompiles per insert), `step(K)` runs at most K loop iterations
+    of every live slot and returns what each request wrote since the last step, and
+    `cancel` frees a slot at once. Slots hold their requests' rows until reused, so a
+    finished request's whole row is read from its slot. A request's tokens equal a lone
+    `relay_generate` call on it with its key and row id (see the module docstring).
+
+    Not thread-safe: one thread drives a session (a server's engine loop).
+    """
+
+    def __init__(self, engine: Engine, slm_params, llm_params, prompt_width: int):
+        self.engine = engine
+        self.params = (slm_params, llm_params)
+        self.width = int(prompt_width)
+        placeholder = Requests.build(
+            engine.config, jnp.zeros((1, self.width), jnp.int32), jnp.ones((1,), jnp.int32),
+            jax.random.key(0),
+        )  # fmt: skip
+        self.loop, self.layout, self.tables = engine._static(slm_params, llm_params, self.width)
+        es = engine.init(slm_params, llm_params, placeholder)
+        self._queue = es.queue
+        self._state = es.replace(queue=None, next_request=jnp.ones((), jnp.int32))
+        B = engine.slots
+        self.free = list(range(B))
+        """Free slots, lowest first."""
+        self.emitted = [0] * B
+        """Per slot: row slots already returned by `step`."""
+
+    @property
+    def slots(self) -> int:
+        return self.engine.slots
+
+    def insert(
+        self, prompt_ids, key, row_id=0, max_new_tokens=None, temperature=None, top_p=None,
+        llm_temperature=None, llm_top_p=None,
+    ) -> int:  # fmt: skip
+        """Starts a request in the lowest free slot and returns the slot. `prompt_ids`: its
+        token ids (1 to `prompt_width` of them); the rest as `Requests.build` (scalars).
+        Raises `InputError` for a request the engine cannot take and `RuntimeError` when
+        no slot is free."""
+        if not self.free:
+            raise RuntimeError("no free slot: wait for a request to finish")
+        ids = np.asarray(prompt_ids, np.int32).reshape(-1)
+        if not 1 <= ids.size <= self.width:
+            raise dec.InputError(
+                f"the prompt has {ids.size} tokens; this engine takes 1 to {self.width}"
+            )
+        prompts = np.zeros((1, self.width), np.int32)
+        prompts[0, : ids.size] = ids
+        request = Requests.build(
+            self.engine.config, prompts, np.array([ids.size], np.int32), key,
+            row_ids=np.array([row_id], np.int32), max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, llm_temperature=llm_temperature,
+            llm_top_p=llm_top_p,
+        )  # fmt: skip
+        self.engine._check(*self.params, request)
+        slot = self.free.pop(0)
+        self._state = _insert(
+            self.loop, self.params[0], self._state, jnp.asarray(slot, jnp.int32), request
+        )
+        self.emitted[slot] = ids.size
+        return slot
+
+    def cancel(self, slot: int):
+        """Ends the request in `slot` now (finish reason CANCELLED) and frees the slot."""
+        self._state = _cancel(self._state, jnp.asarray(slot, jnp.int32))
+        if slot not in self.free:
+            self.free.append(slot)
+            self.free.sort()
+
+    @property
+    def live(self) -> int:
+        return self.slots - len(self.free)
+
+    def step(self, iterations: int = 8) -> list:
+        """At most `iterations` loop iterations; returns one `Update` per slot that wrote
+        tokens or finished since the last step. A finished request's slot is free again."""
+        if self.live == 0:
+            return []
+        es = _advance(
+            self.loop, self.layout, 0, *self.params, self.tables, self._state, self._queue,
+            jnp.asarray(iterations, jnp.int32),
+        )  # fmt: skip
+        self._state = es
+        s = es.slots
+        length, phase, finish, calls, prefill = jax.device_get(
+            (s.length, s.phase, s.finish, s.calls, s.llm_prefill)
+        )
+        busy = [b for b in range(self.slots) if b not in self.free]
+        changed = [b for b in busy if length[b] > self.emitted[b] or phase[b] == FINISHED]
+        if not changed:
+            return []
+        tokens, source, logprobs = jax.device_get((s.tokens, s.source, s.logprobs))
+        updates = []
+        for b in changed:
+            start, end = self.emitted[b], int(length[b])
+            done = phase[b] == FINISHED
+            updates.append(
+                Update(
+                    slot=b,
+                    tokens=tokens[b, start:end].tolist(),
+                    source=source[b, start:end].tolist(),
+                    finished=bool(done),
+                    finish_reason=int(finish[b]) if done else None,
+                    row=(tokens[b, :end], source[b, :end], logprobs[b, :end]) if done else None,
+                    calls=int(calls[b]),
+                    llm_prefill_tokens=int(prefill[b]),
+                )
+            )
+            self.emitted[b] = end
+            if done:
+                self.free.append(b)
+        self.free.sort()
+        return updates
+
+
+@dataclasses.dataclass
+class Update:
+    """What one request wrote during a `Session.step`."""
+
+    slot: int
+    tokens: list
+    """Token ids written since the last step."""
+    source: list
+    """Their sources (2 slm, 3 command, 4 llm) as known now: a command's first tokens are
+    marked slm until the command completes (later steps do not re-send them)."""
+    finished: bool
+    finish_reason: int | None
+    """0 eos, 1 budget, 2 call limit, 3 invalid input, 4 cancelled; None while running."""
+    row: tuple | None
+    """When finished: the whole row (tokens, source, slm log-probs), prompt included."""
+    calls: int
+    """Calls honoured so far."""
+    llm_prefill_tokens: int
