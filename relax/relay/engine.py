@@ -57,6 +57,7 @@ from relax.relay import decoder as dec
 from relax.relay.config import RelayConfig
 from relax.relay.decoder import RelayDecoder, RelayOutput
 from relax.relay.loop import (
+    CALLING,
     COMMAND,
     DECODING,
     FINISHED,
@@ -67,8 +68,10 @@ from relax.relay.loop import (
     State,
     _slm_ingest,
     _step,
-    body,
     fresh_rows,
+    llm_steps,
+    schedule,
+    slm_step,
     typed_key,
 )
 from relax.relay.sampling import RowSampling
@@ -221,13 +224,34 @@ def _rows_where(mask, new, old):
     return jax.tree.map(pick, new, old)
 
 
-def _take_rows(tree, idx, cache_axis=1):
-    """Rows `idx` of a State (its caches along their batch axis)."""
-    fields = {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)}
+_CACHES = ("slm_cache", "llm_cache")
+
+
+def _take_rows(s: State, idx, keep=_CACHES) -> State:
+    """Rows `idx` of a state, with the caches named in `keep` (along their batch axis);
+    the others are None."""
     out = {}
-    for name, x in fields.items():
-        axis = cache_axis if name in ("slm_cache", "llm_cache") else 0
-        out[name] = jax.tree.map(lambda a, axis=axis: jnp.take(a, idx, axis=axis), x)
+    for f in dataclasses.fields(s):
+        x = getattr(s, f.name)
+        if f.name in _CACHES:
+            x = jax.tree.map(lambda a: jnp.take(a, idx, axis=1), x) if f.name in keep else None
+        else:
+            x = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), x)
+        out[f.name] = x
+    return State(**out)
+
+
+def _put_rows(s: State, idx, rows: State) -> State:
+    """`s` with rows `idx` (distinct) replaced by `rows` (caches that `rows` holds)."""
+    out = {}
+    for f in dataclasses.fields(s):
+        x, new = getattr(s, f.name), getattr(rows, f.name)
+        if f.name in _CACHES:
+            if new is not None:
+                x = jax.tree.map(lambda a, n: a.at[:, idx].set(n), x, new)
+        else:
+            x = jax.tree.map(lambda a, n: a.at[idx].set(n), x, new)
+        out[f.name] = x
     return State(**out)
 
 
@@ -259,35 +283,54 @@ def _collect(es: EngineState) -> EngineState:
     return jax.lax.cond(jnp.any(done), write, lambda es: es, es)
 
 
-def _prefill_row(loop, slm_params, s: State, b) -> State:
-    """Slot b's SLM ingests its prompt but the last token, as a one-row batch (its cache
-    rows taken out and put back), in the decoder's chunked catch-up steps."""
-    row = _take_rows(s, b[None])
-    target = jnp.where(row.phase == DECODING, row.prompt_len - 1, 0)
-    full = row.length
-    row = row.replace(length=target)
+def _slm_catch_up(loop, slm_params, s: State) -> State:
+    """Rows more than one token behind the SLM (a new prompt, the LLM's tokens after a
+    call) ingest all but their last unseen token, one row at a time: the row's cache rows
+    taken out, filled by the decoder's chunked catch-up steps, put back. The next decode
+    step then ingests the last token and samples, so the bucket's SLM step is always
+    one token wide."""
+    behind = lambda s: (s.phase == DECODING) & (s.length - s.slm_seen > 1)
 
-    def ingest(r, w):
-        return _slm_ingest(loop, slm_params, r, r.phase == DECODING, w)[2]
+    def one(s):
+        b = jnp.argmax(behind(s))[None]
+        row = _take_rows(s, b, keep=("slm_cache",))
+        full = row.length
+        row = row.replace(length=row.length - 1)
+        ingest = lambda r, w: _slm_ingest(loop, slm_params, r, r.phase == DECODING, w)[2]
+        row = jax.lax.while_loop(
+            lambda r: jnp.any(r.slm_seen < r.length),
+            lambda r: _step(
+                ingest, loop.config.prefill_chunk, r.phase == DECODING, r.length - r.slm_seen, r
+            ),
+            row,
+        )
+        return _put_rows(s, b, row.replace(length=full))
 
-    row = jax.lax.while_loop(
-        lambda r: jnp.any(r.slm_seen < r.length),
-        lambda r: _step(
-            ingest, loop.config.prefill_chunk, r.phase == DECODING, r.length - r.slm_seen, r
-        ),
-        row,
-    )
-    put = lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small, b, axis=1)
-    return s.replace(
-        slm_cache=jax.tree.map(put, s.slm_cache, row.slm_cache),
-        slm_seen=jax.lax.dynamic_update_slice_in_dim(s.slm_seen, row.slm_seen, b, axis=0),
-        length=jax.lax.dynamic_update_slice_in_dim(s.length, full, b, axis=0),
-    )
+    return jax.lax.while_loop(lambda s: jnp.any(behind(s)), one, s)
 
 
-def _admit(loop, slm_params, es: EngineState, take, req) -> EngineState:
-    """Slots `take` [B] start requests `req` [B] of the queue: fresh rows, prompts
-    prefilled (see the module docstring), slot_request set."""
+def _serve_calls(loop, llm_params, s: State, call_rows) -> State:
+    """Every row inside a call gets its call's LLM tokens, `call_rows` rows at a time on a
+    sub-batch of theirs (cache rows taken out and put back), each call to its end. An
+    LLM step then costs the calling rows, not the bucket."""
+
+    def serve(s):
+        calling = s.phase == CALLING
+        idx = jnp.argsort(~calling, stable=True)[:call_rows]  # calling rows first
+        part = calling[idx]
+        sub = _take_rows(s, idx, keep=("llm_cache",))
+        sub = sub.replace(phase=jnp.where(part, CALLING, FINISHED))
+        sub = jax.lax.while_loop(
+            lambda r: jnp.any(r.phase == CALLING), lambda r: llm_steps(loop, llm_params, r), sub
+        )
+        return _put_rows(s, idx, sub.replace(phase=jnp.where(part, sub.phase, s.phase[idx])))
+
+    return jax.lax.while_loop(lambda s: jnp.any(s.phase == CALLING), serve, s)
+
+
+def _admit(loop, es: EngineState, take, req) -> EngineState:
+    """Slots `take` [B] start requests `req` [B] of the queue (fresh rows; their prompts are
+    ingested by the next iteration's catch-up)."""
     q = es.queue
     idx = jnp.where(take, req, 0)
     pick = lambda x: jnp.take(x, idx, axis=0)
@@ -296,15 +339,11 @@ def _admit(loop, slm_params, es: EngineState, take, req) -> EngineState:
         loop, pick(q.prompts), pick(q.prompt_lens), pick(q.keys), pick(q.row_ids), settings
     )
     s = es.slots
-    old = {k: getattr(s, k) for k in fresh}
-    s = s.replace(**_rows_where(take, fresh, old))
-    order = jnp.argsort(~take, stable=True)  # the taken slots first
-    count = jnp.sum(take, dtype=jnp.int32)
-    s = jax.lax.fori_loop(0, count, lambda i, s: _prefill_row(loop, slm_params, s, order[i]), s)
+    s = s.replace(**_rows_where(take, fresh, {k: getattr(s, k) for k in fresh}))
     return es.replace(slots=s, slot_request=jnp.where(take, req, es.slot_request))
 
 
-def _refill(loop, slm_params, es: EngineState) -> EngineState:
+def _refill(loop, es: EngineState) -> EngineState:
     """Free slots take the next requests of the queue, in slot order."""
     free = es.slot_request < 0
     n = len(es.queue)
@@ -312,22 +351,41 @@ def _refill(loop, slm_params, es: EngineState) -> EngineState:
     take = free & (req < n)
 
     def admit(es):
-        es = _admit(loop, slm_params, es, take, req)
+        es = _admit(loop, es, take, req)
         return es.replace(next_request=es.next_request + jnp.sum(take, dtype=jnp.int32))
 
     return jax.lax.cond(jnp.any(take), admit, lambda es: es, es)
 
 
-def _iterate(loop, layout, slm_params, llm_params, tables, es: EngineState) -> EngineState:
-    """One loop iteration of the slots, then finished rows out and queued requests in."""
-    s = dec._constrain(body(loop, slm_params, llm_params, tables, es.slots), layout)
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Everything static about the engine's compiled programs (hashable)."""
+
+    loop: Loop
+    layout: dec.Layout | None
+    call_rows: int
+
+
+def _iterate(spec: _Spec, slm_params, llm_params, tables, es: EngineState) -> EngineState:
+    """One engine iteration: calls served, rows behind caught up, one SLM decode step of
+    the bucket; then finished rows out and queued requests in."""
+    loop, layout = spec.loop, spec.layout
+    call_rows = min(spec.call_rows, es.slot_request.shape[0])
+    s = es.slots
+    if loop.relay:
+        s, any_calling = schedule(loop, s)
+        s = jax.lax.cond(
+            any_calling, lambda s: _serve_calls(loop, llm_params, s, call_rows), lambda s: s, s
+        )
+    s = _slm_catch_up(loop, slm_params, s)
+    s = dec._constrain(slm_step(loop, slm_params, tables, s, chunk=1), layout)
     es = es.replace(
         slots=s,
         iterations=es.iterations + 1,
         slot_steps=es.slot_steps + s.length.shape[0],
     )
     es = _collect(es)
-    es = _refill(loop, slm_params, es)
+    es = _refill(loop, es)
     return es.replace(slots=dec._constrain(es.slots, layout))
 
 
@@ -348,10 +406,11 @@ def _compact(es: EngineState, size, layout) -> EngineState:
 # Compiled programs.
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _init(loop, layout, slots, requests: Requests) -> EngineState:
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init(spec: _Spec, slots, requests: Requests) -> EngineState:
     """Empty slots (caches in the slots' layout), empty results, the queue (jitted: every
     buffer of the state is its own, so the state can be donated)."""
+    loop, layout = spec.loop, spec.layout
     cfg = loop.config
     N, P = requests.prompts.shape
     L = P + cfg.max_new_tokens
@@ -378,16 +437,16 @@ def _init(loop, layout, slots, requests: Requests) -> EngineState:
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _run_all(loop, layout, buckets, slm_params, llm_params, tables, es):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _run_all(spec: _Spec, buckets, slm_params, llm_params, tables, es):
     """The whole queue on device: a while loop per bucket size, compacting between."""
     for i, size in enumerate(buckets):
         if i:
-            es = _compact(es, size, layout)
+            es = _compact(es, size, spec.layout)
         floor = buckets[i + 1] if i + 1 < len(buckets) else 0
         es = jax.lax.while_loop(
             lambda es, floor=floor: _stage_running(es, floor),
-            lambda es: _iterate(loop, layout, slm_params, llm_params, tables, es),
+            lambda es: _iterate(spec, slm_params, llm_params, tables, es),
             es,
         )
     return es
@@ -396,13 +455,13 @@ def _run_all(loop, layout, buckets, slm_params, llm_params, tables, es):
 # The state is donated: its caches are the largest buffers, and each call updates them
 # in place instead of copying them (the host keeps no reference to the old state). The
 # queue is the caller's and is not donated: it travels beside the state.
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(6,))
-def _advance(loop, layout, floor, slm_params, llm_params, tables, es, queue, iterations):
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,))
+def _advance(spec: _Spec, floor, slm_params, llm_params, tables, es, queue, iterations):
     """At most `iterations` iterations of the current bucket (fewer when it is done)."""
     stop = es.iterations + iterations
     es = jax.lax.while_loop(
         lambda es: _stage_running(es, floor) & (es.iterations < stop),
-        lambda es: _iterate(loop, layout, slm_params, llm_params, tables, es),
+        lambda es: _iterate(spec, slm_params, llm_params, tables, es),
         es.replace(queue=queue),
     )
     return es.replace(queue=None)
@@ -411,8 +470,8 @@ def _advance(loop, layout, floor, slm_params, llm_params, tables, es, queue, ite
 # Only the same-shaped parts are donated: the slots shrink, so their buffers cannot be
 # reused in place.
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
-def _compact_jit(size, layout, rest, slots):
-    return _compact(rest.replace(slots=slots), size, layout)
+def _compact_jit(size, layout, rest, slots, slot_request):
+    return _compact(rest.replace(slots=slots, slot_request=slot_request), size, layout)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -427,14 +486,14 @@ def _cancel(es, slot):
     return es.replace(slots=s, slot_request=jnp.where(take, -1, es.slot_request))
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _insert(loop, slm_params, es, slot, request: Requests):
-    """Request 0 of `request` (a one-request queue) into `slot`, whatever it held."""
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
+def _insert(spec: _Spec, es, slot, request: Requests):
+    """Request 0 of `request` (a one-request queue) into `slot`, whatever it held (its
+    prompt is ingested by the next iteration's catch-up)."""
     B = es.slot_request.shape[0]
     take = jnp.arange(B) == slot
-    es = es.replace(queue=request)
-    es = _admit(loop, slm_params, es, take, jnp.zeros((B,), jnp.int32))
-    return es.replace(slot_request=jnp.where(take, 0, es.slot_request))
+    es = _admit(spec.loop, es.replace(queue=request), take, jnp.zeros((B,), jnp.int32))
+    return es.replace(queue=None, slots=dec._constrain(es.slots, spec.layout))
 
 
 # ---------------------------------------------------------------------------
@@ -474,6 +533,10 @@ class Engine:
     rows: jax.sharding.NamedSharding | None = None
     """The slots' row layout over a mesh (`relax.mesh.rows_sharding(mesh)`), as
     `RelayDecoder.rows`; the queue and results are not split."""
+    call_rows: int = 0
+    """Calls served at once on a sub-batch of the calling rows (each to its end; see
+    `_serve_calls`); 0: max(1, slots // 8). Larger batches the LLM's steps (fewer weight
+    reads on an accelerator), smaller wastes less compute on rows not calling."""
 
     def __post_init__(self):
         if self.slots < 1:
@@ -498,6 +561,9 @@ class Engine:
         if any(b < 1 or b % multiple for b in buckets):
             raise ValueError(f"every bucket must be a multiple of {multiple} rows, got {buckets}")
         object.__setattr__(self, "buckets", buckets)
+        if self.call_rows < 0:
+            raise ValueError(f"call_rows must be >= 0, got {self.call_rows}")
+        object.__setattr__(self, "call_rows", self.call_rows or max(1, self.slots // 8))
         # Input checks, tables and caches as the decoder makes them.
         object.__setattr__(
             self, "_decoder", RelayDecoder(self.slm, self.llm, self.config, self.command, self.rows)
@@ -510,7 +576,7 @@ class Engine:
     # -- set-up ---------------------------------------------------------------
 
     def _static(self, slm_params, llm_params, width):
-        """(loop, layout, tables) for prompts `width` wide."""
+        """(spec, tables) for prompts `width` wide."""
         L = width + self.config.max_new_tokens
         v = self._decoder._vocab(slm_params, llm_params, self.slots, L)
         loop = Loop(
@@ -528,7 +594,7 @@ class Engine:
                 dec.Layout.frozen(dec._cache_sharding(self.slm, self.rows)),
                 dec.Layout.frozen(dec._cache_sharding(self.llm, self.rows)) if self.relay else None,
             )
-        return loop, layout, tables
+        return _Spec(loop, layout, self.call_rows), tables
 
     def _check(self, slm_params, llm_params, requests: Requests):
         if not isinstance(requests, Requests):
@@ -550,8 +616,8 @@ class Engine:
         caches made in the slots' layout) and empty results. Slots fill on the first
         iteration."""
         self._check(slm_params, llm_params, requests)
-        loop, layout, _ = self._static(slm_params, llm_params, requests.prompts.shape[1])
-        return _init(loop, layout, self.slots, requests)
+        spec, _ = self._static(slm_params, llm_params, requests.prompts.shape[1])
+        return _init(spec, self.slots, requests)
 
     # -- on device ------------------------------------------------------------
 
@@ -562,18 +628,18 @@ class Engine:
     def final_state(self, slm_params, llm_params, requests: Requests) -> EngineState:
         """`__call__`'s state after the last iteration (results and iteration counts)."""
         es = self.init(slm_params, llm_params, requests)
-        loop, layout, tables = self._static(slm_params, llm_params, requests.prompts.shape[1])
-        return _run_all(loop, layout, self.buckets, slm_params, llm_params, tables, es)
+        spec, tables = self._static(slm_params, llm_params, requests.prompts.shape[1])
+        return _run_all(spec, self.buckets, slm_params, llm_params, tables, es)
 
     # -- from the host ---------------------------------------------------------
 
     def advance(self, slm_params, llm_params, es: EngineState, iterations: int, floor: int):
         """At most `iterations` iterations on `es` (donated), stopping early when the current
         bucket's stage ends (no request waits and at most `floor` rows are live)."""
-        loop, layout, tables = self._static(slm_params, llm_params, es.queue.prompts.shape[1])
+        spec, tables = self._static(slm_params, llm_params, es.queue.prompts.shape[1])
         queue = es.queue
         es = _advance(
-            loop, layout, int(floor), slm_params, llm_params, tables, es.replace(queue=None),
+            spec, int(floor), slm_params, llm_params, tables, es.replace(queue=None),
             queue, jnp.asarray(iterations, jnp.int32),
         )  # fmt: skip
         return es.replace(queue=queue)
@@ -591,12 +657,13 @@ class Engine:
     def run_state(self, slm_params, llm_params, requests, progress=None, iterations_per_call=64):
         """`run`'s state after the last iteration."""
         es = self.init(slm_params, llm_params, requests)
-        _, layout, _ = self._static(slm_params, llm_params, requests.prompts.shape[1])
+        layout = self._static(slm_params, llm_params, requests.prompts.shape[1])[0].layout
         N = len(requests)
         for i, size in enumerate(self.buckets):
             if i:
-                rest = es.replace(queue=None, slots=None)
-                es = _compact_jit(size, layout, rest, es.slots).replace(queue=es.queue)
+                rest = es.replace(queue=None, slots=None, slot_request=None)
+                es = _compact_jit(size, layout, rest, es.slots, es.slot_request)
+                es = es.replace(queue=requests)
             floor = self.buckets[i + 1] if i + 1 < len(self.buckets) else 0
             while True:
                 es = self.advance(slm_params, llm_params, es, iterations_per_call, floor)
@@ -642,7 +709,7 @@ class Session:
             engine.config, jnp.zeros((1, self.width), jnp.int32), jnp.ones((1,), jnp.int32),
             jax.random.key(0),
         )  # fmt: skip
-        self.loop, self.layout, self.tables = engine._static(slm_params, llm_params, self.width)
+        self.spec, self.tables = engine._static(slm_params, llm_params, self.width)
         es = engine.init(slm_params, llm_params, placeholder)
         self._queue = es.queue
         self._state = es.replace(queue=None, next_request=jnp.ones((), jnp.int32))
@@ -681,9 +748,7 @@ class Session:
         )  # fmt: skip
         self.engine._check(*self.params, request)
         slot = self.free.pop(0)
-        self._state = _insert(
-            self.loop, self.params[0], self._state, jnp.asarray(slot, jnp.int32), request
-        )
+        self._state = _insert(self.spec, self._state, jnp.asarray(slot, jnp.int32), request)
         self.emitted[slot] = ids.size
         return slot
 
@@ -704,7 +769,7 @@ class Session:
         if self.live == 0:
             return []
         es = _advance(
-            self.loop, self.layout, 0, *self.params, self.tables, self._state, self._queue,
+            self.spec, 0, *self.params, self.tables, self._state, self._queue,
             jnp.asarray(iterations, jnp.int32),
         )  # fmt: skip
         self._state = es

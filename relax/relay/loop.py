@@ -444,45 +444,58 @@ def _step(step, chunk, rows, unseen, carry):
     return jax.lax.cond(decode, lambda c: step(c, 1), keep, carry)
 
 
-def body(loop, slm_params, llm_params, tables, s: State):
-    """One iteration of the loop: at most one LLM step (for the rows inside a call) and one
-    SLM step (for the rows decoding). Everything it reads is in `s`, per row."""
+def schedule(loop, s: State):
+    """Protocol rule 5: waiting rows join an LLM phase (phase CALLING) when they reach
+    `llm_trigger_fraction` of the active rows, one has waited `max_wait_steps`, or no row
+    is left decoding. Returns (state, whether any row is inside a call now)."""
     cfg = loop.config
-    if loop.relay:
-        waiting = s.phase == WAITING
-        # The five counts the schedule needs, in one reduction.
-        counts = jnp.sum(
-            jnp.stack(
-                [
-                    s.phase != FINISHED,
-                    waiting,
-                    s.phase == CALLING,
-                    s.phase == DECODING,
-                    waiting & (s.waited >= cfg.max_wait_steps),
-                ]
-            ),
-            axis=1,
-            dtype=jnp.int32,
-        )
-        n_active, n_waiting, n_calling, n_decoding, n_late = counts
-        trigger = (n_waiting > 0) & (
-            (n_waiting + n_calling >= cfg.llm_trigger_fraction * n_active)
-            | (n_late > 0)
-            | (n_decoding == 0)
-        )
-        s = s.replace(phase=jnp.where(trigger & waiting, CALLING, s.phase))
+    waiting = s.phase == WAITING
+    # The five counts the schedule needs, in one reduction.
+    counts = jnp.sum(
+        jnp.stack(
+            [
+                s.phase != FINISHED,
+                waiting,
+                s.phase == CALLING,
+                s.phase == DECODING,
+                waiting & (s.waited >= cfg.max_wait_steps),
+            ]
+        ),
+        axis=1,
+        dtype=jnp.int32,
+    )
+    n_active, n_waiting, n_calling, n_decoding, n_late = counts
+    trigger = (n_waiting > 0) & (
+        (n_waiting + n_calling >= cfg.llm_trigger_fraction * n_active)
+        | (n_late > 0)
+        | (n_decoding == 0)
+    )
+    s = s.replace(phase=jnp.where(trigger & waiting, CALLING, s.phase))
+    return s, (n_calling > 0) | trigger
 
-        # The LLM's steps (and the [B, L] count of what it has not seen) only when a row
-        # is inside a call: most iterations have none.
-        def llm_step(s, w):
-            s, d = _llm_draw(loop, llm_params, s, w)
-            return _llm_write(loop, s, d)
 
-        llm = lambda s: _step(llm_step, cfg.prefill_chunk, s.phase == CALLING, _llm_unseen(s), s)
-        s = jax.lax.cond((n_calling > 0) | trigger, llm, lambda s: s, s)
+def llm_step(loop, llm_params, s: State, width) -> State:
+    """One LLM model step of the rows inside a call (catch-up of `width`, or decoding) with
+    its draw written."""
+    s, d = _llm_draw(loop, llm_params, s, width)
+    return _llm_write(loop, s, d)
+
+
+def llm_steps(loop, llm_params, s: State) -> State:
+    """The calling rows' next LLM step (`_step`: the narrowest catch-up that holds what
+    the furthest-behind row has left, or one-token decoding)."""
+    step = lambda s, w: llm_step(loop, llm_params, s, w)
+    return _step(step, loop.config.prefill_chunk, s.phase == CALLING, _llm_unseen(s), s)
+
+
+def slm_step(loop, slm_params, tables, s: State, chunk=None) -> State:
+    """The decoding rows' next SLM step (catch-up or one-token decoding), its draw written
+    and read by the command automaton; the waiting rows' counters advanced. `chunk`:
+    the widest catch-up (default `prefill_chunk`; 1: decoding only, for rows that are
+    never more than one token behind)."""
     s, d = _step(
         lambda c, w: _slm_draw(loop, slm_params, tables, c[0], w),
-        cfg.prefill_chunk,
+        loop.config.prefill_chunk if chunk is None else chunk,
         s.phase == DECODING,
         s.length - s.slm_seen,
         (s, _no_draw(s.length.shape[0])),
@@ -491,3 +504,15 @@ def body(loop, slm_params, llm_params, tables, s: State):
     if loop.relay:
         s = s.replace(waited=jnp.where(s.phase == WAITING, s.waited + 1, 0))
     return s
+
+
+def body(loop, slm_params, llm_params, tables, s: State):
+    """One iteration of the lockstep loop: at most one LLM step (for the rows inside a
+    call) and one SLM step (for the rows decoding). Everything it reads is in `s`, per
+    row."""
+    if loop.relay:
+        s, any_calling = schedule(loop, s)
+        # The LLM's steps (and the [B, L] count of what it has not seen) only when a row
+        # is inside a call: most iterations have none.
+        s = jax.lax.cond(any_calling, lambda s: llm_steps(loop, llm_params, s), lambda s: s, s)
+    return slm_step(loop, slm_params, tables, s)
