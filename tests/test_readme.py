@@ -19,3 +19,12 @@ def test_relay_decoder_in_your_own_jax_code():
     exec(compile(code, "README.md:relay-in-jax", "exec"), scope)  # its asserts must hold
     out, share = scope["out"], scope["share"]
     assert out.tokens.shape == (8, 5 + 12) and 0.0 <= float(share) <= 1.0
+
+
+def test_engine_in_your_own_jax_code():
+    code = readme_example("engine-in-jax")
+    scope = {}
+    exec(compile(code, "README.md:engine-in-jax", "exec"), scope)  # its asserts must hold
+    out, requests = scope["out"], scope["requests"]
+    new = out.lengths - requests.prompt_lens
+    assert out.tokens.shape == (10, 5 + 12) and bool((new <= requests.settings.max_new_tokens).all())

@@ -6,9 +6,9 @@ its decoder is built, the RelayConfig it runs under, how its costs are
 counted), so adding a strategy is adding one entry; `relax eval --help` lists
 the table's descriptions. Every decoder returns a `relax.RelayOutput`.
 
-  slm            the SLM alone (`relax.generate`, `relay.slm` sampling)
-  llm            the LLM alone (`relax.generate`, `relay.llm` sampling)
-  relay          RelayLLM: the SLM calls the LLM with `<call>n</call>` (`relax.relay_generate`)
+  slm            the SLM alone (`relay.slm` sampling)
+  llm            the LLM alone (`relay.llm` sampling)
+  relay          RelayLLM: the SLM calls the LLM with `<call>n</call>`
   teacher_free   the relay SLM with calls blocked: `max_calls = 0` and
                  `on_call_limit = "block"`, so the SLM can never write a command
                  (the tokens that would complete `<call>` are masked out of its
@@ -22,14 +22,17 @@ the table's descriptions. Every decoder returns a `relax.RelayOutput`.
                  SLM's next-token entropy exceeds tau (`relax.eval.entropy_router`)
 
 Batching: the samples of a benchmark (a problem repeated `repeats` times for
-avg@k) are cut into fixed chunks of `batch_size` rows, chunk c decoded with
-key fold_in(key(seed, benchmark), c) by the jitted decoder with its rows
-sharded over the local devices (one SPMD program, compiled once; each device
-decodes batch_size / D rows). With `mesh.model` > 1 the models' weights and KV
-caches are split over `model` devices (tensor parallel, relax.mesh "serve";
-placed once per run) and the rows over the rest. The chunking does not depend
-on the mesh, so 1 device and 4 devices give identical results. Prompts are
-padded to a multiple of `prompt_bucket` so a benchmark compiles once per strategy.
+avg@k) are one queue on the engine (relax.relay.engine: continuous batching on
+`batch_size` slots sharded over the local devices, one SPMD program compiled once;
+a finished sample's slot takes the next at once). Sample i draws as row i %
+batch_size of a call with key fold_in(key(seed, benchmark), i // batch_size), so
+its result is that of the fixed chunks of `batch_size` rows relax used to decode,
+whatever slot served it (the entropy router still decodes such chunks). With
+`mesh.model` > 1 the models' weights and KV caches are split over `model` devices
+(tensor parallel, relax.mesh "serve"; placed once per run) and the slots over the
+rest. Nothing depends on the mesh, so 1 device and 4 devices give identical
+results. Prompts are padded to a multiple of `prompt_bucket` so a benchmark
+compiles once per strategy.
 
 Entry points: `evaluate(...) -> {"summary", "records", "config"}` and
 `run_strategy(...) -> [record]`; `relax.eval.report.write_report` writes files.
@@ -43,6 +46,7 @@ import zlib
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from relax.data.grading import grade
@@ -50,6 +54,7 @@ from relax.data.loaders import Benchmark, Problem
 from relax.eval import metrics
 from relax.mesh import MeshConfig, put_served
 from relax.relay.config import RelayConfig
+from relax.relay.engine import Engine, Requests
 from relax.tokenizer import build_prompt
 
 __all__ = [
@@ -128,29 +133,37 @@ def _pad(ids_list, width, pad_id):
 # fn(slm_params, llm_params, prompts, lens, key) -> RelayOutput.
 
 
+@dataclasses.dataclass(frozen=True)
+class Queued:
+    """A decoder that runs on the engine (relax.relay.engine): every sample of a benchmark
+    is one request of one queue, served on `batch_size` slots."""
+
+    model: object
+    """The model that writes (the SLM for the relay)."""
+    llm: object
+    """The relay's LLM, or None (one model alone)."""
+    relay: RelayConfig
+    """The config the engine runs (one model: its `slm` sampling is that model's)."""
+    command: object
+    reads: str
+    """Whose params the writing model takes: "slm" or "llm"."""
+
+    def engine(self, slots, rows):
+        return Engine(self.model, self.llm, self.relay, self.command, slots=slots, rows=rows)
+
+
 def _generate(which):
-    """`relax.generate` of one model ("slm" or "llm") with that model's own sampling."""
+    """One model ("slm" or "llm") alone, sampled with that model's own settings."""
 
     def build(slm, llm, cfg, command):
-        from relax.relay.decoder import generate
-
         model, sampling = (slm, cfg.relay.slm) if which == "slm" else (llm, cfg.relay.llm)
-
-        def fn(sp, lp, prompts, lens, key):
-            params = sp if which == "slm" else lp
-            return generate(model, params, prompts, lens, key, cfg.relay, sampling=sampling)
-
-        return fn
+        return Queued(model, None, dataclasses.replace(cfg.relay, slm=sampling), None, which)
 
     return build
 
 
 def _relay(slm, llm, cfg, command):
-    from relax.relay.decoder import relay_generate
-
-    return lambda sp, lp, prompts, lens, key: relay_generate(
-        slm, sp, llm, lp, prompts, lens, key, cfg.relay, command
-    )
+    return Queued(slm, llm, cfg.relay, command, "slm")
 
 
 def _entropy_router(slm, llm, cfg, command):
@@ -190,7 +203,8 @@ class Strategy:
     models: tuple
     """The models whose params its decoder reads: ("slm",), ("llm",) or ("slm", "llm")."""
     decoder: Callable | None
-    """decoder(slm, llm, cfg, command) -> fn(slm_params, llm_params, prompts, lens, key)
+    """decoder(slm, llm, cfg, command) -> a `Queued` decoder (served on the engine) or
+    fn(slm_params, llm_params, prompts, lens, key)
     -> RelayOutput; None for a router, which sends each sample to another entry."""
     relay: Callable = _same_relay
     """relay(cfg.relay, cfg) -> the RelayConfig it decodes under."""
@@ -250,14 +264,18 @@ _OUT_FIELDS = (
 
 
 def _decode_samples(fn, prompts, lens, base_key, slm_params, llm_params, cfg, mesh, desc):
-    """Run decoder `fn` over all rows in fixed chunks of cfg.batch_size; numpy arrays of _OUT_FIELDS.
+    """Run decoder `fn` over all rows; numpy arrays of _OUT_FIELDS.
 
-    Chunk c is decoded with key fold_in(base_key, c), its rows sharded over
-    the mesh's row devices (jit with a batch-sharded input: one compiled SPMD
-    program, each device decoding batch_size / D rows of its model shard) and
-    the params as `_eval_mesh` placed them. The chunks, their keys and each
-    row's computation do not depend on the mesh, so neither do the results.
+    Row i samples as row i % batch_size of a call with key fold_in(base_key, i //
+    batch_size). A `Queued` decoder serves every row as one queue on the engine
+    (`batch_size` slots sharded over the mesh's row devices, one compiled SPMD program,
+    each device decoding its slots of its model shard); any other decoder runs on fixed
+    chunks of batch_size rows, chunk c with key fold_in(base_key, c). The keys and each
+    row's computation depend on neither the mesh nor the schedule, so neither do the
+    results.
     """
+    if isinstance(fn, Queued):
+        return _decode_queue(fn, prompts, lens, base_key, slm_params, llm_params, cfg, mesh, desc)
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -283,6 +301,27 @@ def _decode_samples(fn, prompts, lens, base_key, slm_params, llm_params, cfg, me
         )
         outs.append({f: np.asarray(getattr(out, f)) for f in _OUT_FIELDS})
     return {f: np.concatenate([o[f] for o in outs])[:n] for f in _OUT_FIELDS}
+
+
+def _decode_queue(fn, prompts, lens, base_key, slm_params, llm_params, cfg, mesh, desc):
+    """`_decode_samples` on the engine: one queue of every row, `batch_size` slots."""
+    from relax.mesh import rows_sharding
+
+    n, bs = len(lens), cfg.batch_size
+    keys = jax.vmap(lambda c: jax.random.fold_in(base_key, c))(jnp.arange(n) // bs)
+    requests = Requests.build(fn.relay, prompts, lens, keys, row_ids=np.arange(n) % bs)
+    params = (slm_params, llm_params) if fn.reads == "slm" else (llm_params, None)
+    engine = fn.engine(bs, rows_sharding(mesh))
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc=desc, unit="sample", leave=False)
+    progress = None if bar is None else lambda done, total: bar.update(done - bar.n)
+    out = engine.run(*params, requests, progress=progress)
+    if bar is not None:
+        bar.close()
+    return {f: np.asarray(getattr(out, f)) for f in _OUT_FIELDS}
 
 
 def _eval_mesh(cfg, devices):

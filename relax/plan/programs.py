@@ -2,8 +2,8 @@
 
 This is the only place `relax plan` touches the rest of relax: each builder calls the
 function the loop calls (`make_update_step` with the loss `grpo_train` / `sft` build,
-`make_forward_logprobs`, the rollout of `make_relay_rollout`, `relax.relay_generate`
-as eval runs it, `relax.generate` as the filter runs it) and returns it with
+`make_forward_logprobs`, the rollout of `make_relay_rollout`, the relay engine's queue
+as eval and the filter run it) and returns it with
 `jax.ShapeDtypeStruct` arguments at the preset's shapes (worst case: the longest
 sequence the preset allows). Nothing is allocated.
 
@@ -11,9 +11,9 @@ Shapes and placements follow the loops, on each stage's `mesh` (relax.mesh) over
 devices: the SFT and GRPO updates and the log-prob forward are the mesh update step of
 relax.train.update (params, gradients and AdamW state by the "train" rules: the model
 width over `fsdp`, heads / MLP / vocabulary over `model`; [micro-batches, rows, ...]
-batches, rows over data x fsdp); the rollout, eval and filter relay calls run on
-`relax.mesh.relay_mesh` (`model` devices per model replica, tensor parallel by the
-"serve" rules, KV caches by rows and kv head; rows over the rest). XLA's
+batches, rows over data x fsdp); the rollout, eval and filter queues run on the relay
+engine on `relax.mesh.relay_mesh` (`model` devices per model replica, tensor parallel by
+the "serve" rules, KV caches by slots and kv head; slots over the rest). XLA's
 `memory_analysis` of such a program is per device.
 """
 
@@ -157,51 +157,59 @@ def grpo_logprobs(model: Model, cfg, devices) -> Program:
     )
 
 
-def _relay_call(slm, llm, relay_cfg, command, sampling=None, rows=None):
-    """`fn(slm_params, llm_params, prompts, lens, key)`: the rollout function of `relax grpo`
-    (`make_relay_rollout`), or `relax.generate` with `sampling` when `llm` is None."""
-    import relax
+def _relay_call(slm, llm, relay_cfg, command, slots, sampling=None, rows=None):
+    """`fn(slm_params, llm_params, prompts, lens, key)`: every row of `prompts` as one queue
+    on the relay engine with `slots` slots (relax.relay.engine), as the loops run it: the
+    rollout function of `relax grpo` (`make_relay_rollout`), or one model alone sampled
+    with `sampling` when `llm` is None (eval's single-model strategies, the filter)."""
+    from relax.relay.engine import Engine, Requests
     from relax.train.rollout import make_relay_rollout
 
     if llm is None:
-        return lambda sp, lp, pr, ln, key: relax.generate(
-            slm, sp, pr, ln, key, relay_cfg, sampling=sampling, rows=rows
-        )
-    return make_relay_rollout(slm, llm, relay_cfg, command, rows=rows)
+        cfg = dataclasses.replace(relay_cfg, slm=sampling or relay_cfg.slm)
+        engine = Engine(slm, None, cfg, None, slots=slots, rows=rows)
+        return lambda sp, lp, pr, ln, key: engine(sp, None, Requests.build(cfg, pr, ln, key))
+    rollout = make_relay_rollout(slm, llm, relay_cfg, command, rows=rows)
+    return lambda sp, lp, pr, ln, key: rollout(sp, lp, pr, ln, key, slots=slots)
 
 
 def relay_program(
     name, slm, sp, llm, lp, relay_cfg, command, rows, prompt_width, devices, mesh_cfg,
-    sampling=None,
+    sampling=None, queue=None,
 ):  # fmt: skip
-    """One relay (or single-model, `llm` None, sampled with `sampling`) call of `rows` rows
-    on the relay mesh of `devices` (`relax.mesh.relay_mesh`: `mesh_cfg.model` devices per
-    model replica, rows over the most replicas that divide them), as the loops run it.
+    """A queue of `queue` requests (default `rows`) on the relay engine with `rows` slots
+    (or one model alone, `llm` None, sampled with `sampling`) on the relay mesh of
+    `devices` (`relax.mesh.relay_mesh`: `mesh_cfg.model` devices per model replica, slots
+    over the most replicas that divide them), as the loops run it.
 
-    The public path: the rollout function / `relax.generate` traced inside a jit, as the
-    relay decoder allows, on params placed by the "serve" rules (tensor parallel over
-    `model`); its KV caches are that program's own buffers (temp), split by rows and kv
-    head.
+    The public path: the engine traced inside a jit, on params placed by the "serve" rules
+    (tensor parallel over `model`); its KV caches are that program's own buffers (temp),
+    split by slots and kv head; the queue and its results are held whole.
     """
     mesh = mesh_lib.relay_mesh(mesh_cfg, devices, rows=rows)
     row_sh = mesh_lib.rows_sharding(mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     key = jax.eval_shape(lambda: jax.random.key(0))
     serve = lambda p: _placed(p, mesh_lib.param_shardings(p, mesh, "serve"))
+    n = queue or rows
     args = (
         serve(sp),
         None if lp is None else serve(lp),
-        jax.ShapeDtypeStruct((rows, prompt_width), jnp.int32, sharding=row_sh),
-        jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row_sh),
+        jax.ShapeDtypeStruct((n, prompt_width), jnp.int32, sharding=replicated),
+        jax.ShapeDtypeStruct((n,), jnp.int32, sharding=replicated),
         jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
     )
-    fn = jax.jit(_relay_call(slm, llm, relay_cfg, command, sampling, rows=row_sh))
+    fn = jax.jit(_relay_call(slm, llm, relay_cfg, command, rows, sampling, rows=row_sh))
     L = prompt_width + relay_cfg.max_new_tokens
     per = rows // mesh_lib.row_devices(mesh)
-    shapes = f"{rows} rows ({per} / row shard) x {L} slots"
+    shapes = f"{n} requests on {rows} slots ({per} / row shard) x {L} slots"
     return Program(
         name, fn, args, shapes, devices=mesh.size, mesh=mesh_lib.describe(mesh, count=False)
     )
+
+
+EVAL_QUEUE = 8
+"""Eval's queue in the plan, in batches (a benchmark's samples; its results are held whole)."""
 
 
 def stand_in_command(vocab_size: int):
@@ -292,7 +300,8 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
         stand_ins = _stand_in_ids(sa.vocab_size, "relay")
         grpo_doc = config_lib.with_defaults(doc["grpo"], stand_ins)
         relay_cfg = config_lib.from_dict(config_lib.GRPOConfig, grpo_doc, "grpo.").relay
-        rows = getattr(cfg, "rollout_batch_size", 0) or cfg.prompts_per_step * cfg.group_size
+        step_rows = cfg.prompts_per_step * cfg.group_size
+        rows = getattr(cfg, "rollout_batch_size", 0) or step_rows
         width = _grpo_width(cfg)[0]
         command = stand_in_command(sa.vocab_size)
         add(
@@ -309,6 +318,7 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
                 width,
                 devices,
                 cfg.mesh,
+                queue=step_rows,
             ),
             f"slm {ssrc}; llm {lsrc}",
         )
@@ -330,6 +340,7 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
                     -(-p // bucket) * bucket,
                     devices,
                     cfg.mesh,  # eval runs on the GRPO stage's hardware and mesh
+                    queue=EVAL_QUEUE * bs,
                 )
 
             add("eval relay", eval_program, f"bf16 slm {ssrc}; llm {lsrc}")
@@ -339,7 +350,7 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
         teacher = Model(fa, dtype=dtype(cfg_f.dtype))
 
         def filter_program():
-            from relax.train.filter import teacher_sampling
+            from relax.train.filter import QUEUE_CHUNKS, teacher_sampling
             from relax.train.rollout import pad_prompts
 
             eos, pad = eos_pad(fa.vocab_size)
@@ -359,6 +370,7 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
                 devices,
                 cfg_f.mesh,
                 sampling=teacher_sampling(cfg_f),
+                queue=QUEUE_CHUNKS * cfg_f.batch_size * cfg_f.k,
             )
 
         add("filter generate", filter_program, f"llm {fsrc}")

@@ -5,8 +5,8 @@ longest row ends, and a finished row's slot keeps being computed. The engine ser
 queue of N requests on B slots instead. When a row ends (EOS, its budget, the call
 limit, invalid input) its result is written out and the next request takes the slot
 inside the same compiled loop: no host round trip per refill, no recompilation. When
-nothing is left in the queue, the live rows are compacted into half as many slots as
-soon as they fit (B, B/2, ..., down to the smallest bucket), so a step's cost follows
+nothing is left in the queue, the live rows are compacted into a smaller bucket of slots
+as soon as they fit (B, B/4, ..., down to MIN_BUCKET), so a step's cost follows
 the rows still live rather than the slots once filled.
 
 Exactness. Every row runs the decoder's own loop iteration (relax.relay.loop `body`)
@@ -34,8 +34,8 @@ Two ways to drive it, one state (`EngineState`) and one iteration:
   slot) and the host reading what was written between calls; the state is donated, so
   nothing is copied between calls and nothing recompiles per insert.
 
-Costs to know. Buckets are separate compiled loop bodies (log2(B) + 1 by default: more
-compile time, once). Compaction copies the live rows' caches into the smaller bucket
+Costs to know. Buckets are separate loop bodies of one program (log4(B) + 1 by default:
+more compile time, once). Compaction copies the live rows' caches into the smaller bucket
 (one cache copy per halving). The LLM's catch-up at call time runs on the bucket as in
 the decoder (its cost is the bucket's, whatever the number of calling rows).
 """
@@ -437,9 +437,11 @@ def _init(spec: _Spec, slots, requests: Requests) -> EngineState:
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _run_all(spec: _Spec, buckets, slm_params, llm_params, tables, es):
-    """The whole queue on device: a while loop per bucket size, compacting between."""
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,))
+def _run_all(spec: _Spec, buckets, slm_params, llm_params, tables, es, queue):
+    """The rest of the queue on device (all of it, from a fresh state): a while loop per
+    bucket size, compacting between. The state is donated, the caller's queue is not."""
+    es = es.replace(queue=queue)
     for i, size in enumerate(buckets):
         if i:
             es = _compact(es, size, spec.layout)
@@ -449,7 +451,7 @@ def _run_all(spec: _Spec, buckets, slm_params, llm_params, tables, es):
             lambda es: _iterate(spec, slm_params, llm_params, tables, es),
             es,
         )
-    return es
+    return es.replace(queue=None)
 
 
 # The state is donated: its caches are the largest buffers, and each call updates them
@@ -465,13 +467,6 @@ def _advance(spec: _Spec, floor, slm_params, llm_params, tables, es, queue, iter
         es.replace(queue=queue),
     )
     return es.replace(queue=None)
-
-
-# Only the same-shaped parts are donated: the slots shrink, so their buffers cannot be
-# reused in place.
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
-def _compact_jit(size, layout, rest, slots, slot_request):
-    return _compact(rest.replace(slots=slots, slot_request=slot_request), size, layout)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -500,12 +495,25 @@ def _insert(spec: _Spec, es, slot, request: Requests):
 # The public object.
 
 
+MIN_BUCKET = 4
+"""The smallest bucket `default_buckets` compacts into: below it a step costs about the
+same on an accelerator (it reads every weight once whatever the rows), and each bucket is
+one more loop body to compile."""
+
+
 def default_buckets(slots, multiple=1):
-    """slots, slots/2, ... down to `multiple` (halving while it divides evenly)."""
+    """slots, slots/4, slots/16, ... while at least MIN_BUCKET (and `multiple`, the row
+    devices, which each bucket must divide over; a last halving where quartering does not
+    divide): quartering keeps the tail's slots at least a quarter live."""
     out = [slots]
-    while out[-1] % 2 == 0 and out[-1] // 2 >= multiple and (out[-1] // 2) % multiple == 0:
-        out.append(out[-1] // 2)
-    return tuple(out)
+    while True:
+        for f in (4, 2):
+            nxt = out[-1] // f
+            if out[-1] % f == 0 and nxt >= max(MIN_BUCKET, multiple) and nxt % multiple == 0:
+                out.append(nxt)
+                break
+        else:
+            return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -528,8 +536,8 @@ class Engine:
     """B: rows decoded at once while requests wait."""
     buckets: tuple | None = None
     """Slot counts the live rows compact into once the queue is empty, largest first
-    (default: slots, slots/2, ..., the row devices' count, or 1). `(slots,)` never
-    compacts."""
+    (default `default_buckets`: slots, slots/4, ..., down to MIN_BUCKET). `(slots,)`
+    never compacts."""
     rows: jax.sharding.NamedSharding | None = None
     """The slots' row layout over a mesh (`relax.mesh.rows_sharding(mesh)`), as
     `RelayDecoder.rows`; the queue and results are not split."""
@@ -628,8 +636,15 @@ class Engine:
     def final_state(self, slm_params, llm_params, requests: Requests) -> EngineState:
         """`__call__`'s state after the last iteration (results and iteration counts)."""
         es = self.init(slm_params, llm_params, requests)
-        spec, tables = self._static(slm_params, llm_params, requests.prompts.shape[1])
-        return _run_all(spec, self.buckets, slm_params, llm_params, tables, es)
+        return self._finish(slm_params, llm_params, es)
+
+    def _finish(self, slm_params, llm_params, es):
+        spec, tables = self._static(slm_params, llm_params, es.queue.prompts.shape[1])
+        queue = es.queue
+        es = _run_all(
+            spec, self.buckets, slm_params, llm_params, tables, es.replace(queue=None), queue
+        )
+        return es.replace(queue=queue)
 
     # -- from the host ---------------------------------------------------------
 
@@ -655,23 +670,25 @@ class Engine:
         ).results.output()
 
     def run_state(self, slm_params, llm_params, requests, progress=None, iterations_per_call=64):
-        """`run`'s state after the last iteration."""
+        """`run`'s state after the last iteration. While requests wait, the full bucket runs
+        `iterations_per_call` iterations per call (progress reported between calls); the
+        tail (compaction into smaller buckets) is `__call__`'s program, which also runs
+        the whole queue when there is no `progress` to report."""
         es = self.init(slm_params, llm_params, requests)
-        layout = self._static(slm_params, llm_params, requests.prompts.shape[1])[0].layout
+        if progress is None:  # nothing to report between calls: `__call__`'s one program
+            return self._finish(slm_params, llm_params, es)
         N = len(requests)
-        for i, size in enumerate(self.buckets):
-            if i:
-                rest = es.replace(queue=None, slots=None, slot_request=None)
-                es = _compact_jit(size, layout, rest, es.slots, es.slot_request)
-                es = es.replace(queue=requests)
-            floor = self.buckets[i + 1] if i + 1 < len(self.buckets) else 0
-            while True:
-                es = self.advance(slm_params, llm_params, es, iterations_per_call, floor)
-                done, waiting, live = jax.device_get((es.finished, es.next_request < N, es.live))
-                if progress is not None:
-                    progress(int(done), N)
-                if not waiting and live <= floor:
-                    break
+        floor = self.buckets[1] if len(self.buckets) > 1 else 0
+        while True:
+            es = self.advance(slm_params, llm_params, es, iterations_per_call, floor)
+            done, waiting = jax.device_get((es.finished, es.next_request < N))
+            if progress is not None:
+                progress(int(done), N)
+            if not waiting:
+                break
+        es = self._finish(slm_params, llm_params, es)
+        if progress is not None:
+            progress(N, N)
         return es
 
 

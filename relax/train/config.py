@@ -186,10 +186,10 @@ class GRPOConfig:
         rejected with a ValueError). ``relax grpo`` sets ``eos_ids`` and
         ``pad_id`` from the tokenizer (``relax.tokenizer.special_ids``) unless
         the preset or an override sets them.
-      rollout_batch_size: rows (prompts x G, on this host) per relay call; a
-        step's rollouts run as sequential calls of this many rows, which give
-        the same tokens as one call (a row's samples depend on the key and its
-        row index in the step only). Bounds the two KV caches: Qwen3-1.7B +
+      rollout_batch_size: rows (prompts x G, on this host) decoded at once: the
+        relay engine's slots; a step's rollouts are one queue on them (a slot
+        takes the next row when its row ends), which gives the same tokens as one
+        call (a row's samples depend on the key and its row index in the step only). Bounds the two KV caches: Qwen3-1.7B +
         Qwen3-8B in bfloat16 hold ~3.2 GB per row at 12k slots. 0 = all rows
         of the step in one call. Must divide the host's rows of a step and be
         a multiple of the host's row shards (its devices of data x fsdp).

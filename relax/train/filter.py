@@ -7,63 +7,72 @@ least once in k = 16, as the paper). Every problem is written with its
 ``pass_rate`` to ``cfg.output`` (JSONL, kept rows only) and the full table to
 ``<output>.all.jsonl``. It does not train.
 
-Each call generates ``batch_size x k`` rows, sharded over the local devices
-(the KV cache of each device holds only its rows), so the batch that fits grows
-with the device count. With ``mesh.model`` > 1 the teacher's weights and KV
-cache are split over ``model`` devices (tensor parallel, placed once; see
-relax.relay.decoder) and the rows over the rest.
+The samples are one queue on the engine (relax.relay.engine: continuous batching
+on ``batch_size x k`` slots sharded over the local devices, so the KV cache of each
+device holds only its slots, and a slot takes the next sample as soon as its sample
+ends), in pieces of at most ``QUEUE_CHUNKS`` x slots samples so the results held on
+device stay bounded. Sample j of the problems starting at ``start`` (a multiple of
+``batch_size``) draws as row j of a call with key fold_in(key, start), so results do
+not depend on the slots. With ``mesh.model`` > 1 the teacher's weights and KV cache
+are split over ``model`` devices (tensor parallel, placed once; see
+relax.relay.decoder) and the slots over the rest.
 """
 
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from relax.mesh import put_served, relay_mesh, row_devices, rows_sharding
+from relax.mesh import put_served, relay_mesh, rows_sharding
+from relax.relay.config import RelayConfig, SamplingConfig
+from relax.relay.engine import Engine, Requests
+from relax.tokenizer import special_ids
 from relax.train.rollout import decode_responses, encode_prompts
 
 
 def teacher_sampling(cfg):
     """The teacher's own sampling, from the FilterConfig (temperature, top_p)."""
-    from relax.relay.config import SamplingConfig
-
     return SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p)
+
+
+QUEUE_CHUNKS = 32
+"""Batches of problems per engine queue (bounds the results the device holds)."""
 
 
 def pass_rates(llm, llm_params, tokenizer, problems, cfg, grade, progress=True, prompt_fn=None):
     """Pass rate of each problem over ``cfg.k`` teacher samples. Returns float [len(problems)]."""
-    import relax
-    from relax.relay.config import RelayConfig
-    from relax.tokenizer import special_ids
-
     eos, pad = special_ids(tokenizer)
-    gen = RelayConfig(max_new_tokens=cfg.max_new_tokens, eos_ids=eos, pad_id=pad)
-    sampling = teacher_sampling(cfg)
+    gen = RelayConfig(
+        max_new_tokens=cfg.max_new_tokens, eos_ids=eos, pad_id=pad, slm=teacher_sampling(cfg)
+    )
     key = jax.random.key(cfg.seed)
-    mesh = relay_mesh(cfg.mesh, rows=cfg.batch_size * cfg.k)
-    rows, n_dev = rows_sharding(mesh), row_devices(mesh)
+    slots = cfg.batch_size * cfg.k
+    mesh = relay_mesh(cfg.mesh, rows=slots)
+    engine = Engine(llm, None, gen, slots=slots, rows=rows_sharding(mesh))
     llm_params = put_served(llm, llm_params, mesh)  # once: tensor parallel over `model`
     rates = np.zeros(len(problems), np.float64)
-    bar = tqdm(total=len(problems), desc="filter", disable=not progress)
-    for start in range(0, len(problems), cfg.batch_size):
-        chunk = problems[start : start + cfg.batch_size]
-        questions = [p["question"] for p in chunk for _ in range(cfg.k)]
-        prompts, lens = encode_prompts(tokenizer, questions, prompt_fn=prompt_fn, pad_id=gen.pad_id)
+    bar = tqdm(total=len(problems) * cfg.k, desc="filter", unit="sample", disable=not progress)
+    per_queue = cfg.batch_size * QUEUE_CHUNKS
+    for first in range(0, len(problems), per_queue):
+        part = problems[first : first + per_queue]
+        questions = [p["question"] for p in part for _ in range(cfg.k)]
+        prompts, lens = encode_prompts(tokenizer, questions, prompt_fn=prompt_fn, pad_id=pad)
         n = len(questions)
-        pad = -n % n_dev  # a short last chunk: copies of row 0, dropped after
-        idx = np.concatenate([np.arange(n), np.zeros(pad, np.int64)])
-        key_b = jax.random.fold_in(key, start)
-        out = relax.generate(
-            llm, llm_params, jax.device_put(np.asarray(prompts)[idx], rows),
-            jax.device_put(np.asarray(lens)[idx], rows), key_b, gen, sampling=sampling,
-        )  # fmt: skip
-        out = jax.tree.map(lambda x, n=n: np.asarray(x)[:n], jax.device_get(out))
+        chunk_start = first + (np.arange(n) // cfg.k) // cfg.batch_size * cfg.batch_size
+        keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.asarray(chunk_start))
+        row_ids = np.arange(n) % slots  # the sample's row in its batch of problems
+        requests = Requests.build(gen, prompts, lens, keys, row_ids=row_ids)
+        before = bar.n
+        out = engine.run(
+            llm_params, None, requests, progress=lambda d, _, b=before: bar.update(b + d - bar.n)
+        )
+        out = jax.tree.map(np.asarray, jax.device_get(out))
         texts = decode_responses(tokenizer, out)
-        ok = np.array([grade(t, chunk[i // cfg.k]["answer"]) for i, t in enumerate(texts)], bool)
-        rates[start : start + len(chunk)] = ok.reshape(len(chunk), cfg.k).mean(axis=1)
-        bar.update(len(chunk))
+        ok = np.array([grade(t, part[i // cfg.k]["answer"]) for i, t in enumerate(texts)], bool)
+        rates[first : first + len(part)] = ok.reshape(len(part), cfg.k).mean(axis=1)
     bar.close()
     return rates
 

@@ -5,11 +5,11 @@ One step (the unit of checkpoints and metrics):
 1. take ``prompts_per_step`` problems (a seeded permutation per epoch; this
    process's contiguous share), repeat each G times (prompt-major rows);
 2. roll out with the current policy on the run's mesh (the one the update runs
-   on): rows over data x fsdp, each process feeding its share, in sequential
-   calls of ``rollout_batch_size`` rows per process so only one call's KV
-   caches exist at a time; each call passes its rows' global ``row_ids``, so
-   the tokens are those of one call on all rows (one compilation per call
-   shape). The SLM decodes from a copy of the float32 master params cast to
+   on): the step's rows as one queue on the relay engine (continuous batching,
+   relax.relay.engine) with ``rollout_batch_size`` slots per process over data x
+   fsdp, so only those slots' KV caches exist and a slot takes the next row as
+   soon as its row ends; every row keeps its global ``row_ids``, so the tokens are
+   those of one call on all rows. The SLM decodes from a copy of the float32 master params cast to
    ``rollout_dtype`` (bfloat16 in the real presets) once per step by a jitted
    cast straight into the "serve" placement of ``relax.mesh`` (heads / MLP /
    vocabulary over ``model``, the model width whole): the master params are
@@ -300,10 +300,13 @@ def _on_mesh(rollout, mesh, local_count):
             kw["row_ids"] = put(np.asarray(kw["row_ids"]) + offset)
         elif jax.process_count() > 1:
             kw["row_ids"] = put(np.arange(len(lens), dtype=np.int32) + offset)
+        if kw.get("slots"):
+            kw["slots"] *= jax.process_count()  # the engine's slots span every process
         key = jax.device_put(key, NamedSharding(mesh, PartitionSpec()))
         out = rollout(slm_params, llm_params, put(prompts), put(lens), key, **kw)
         return jax.tree.map(local_rows, out)
 
+    call.queue = getattr(rollout, "queue", False)
     return call
 
 

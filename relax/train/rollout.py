@@ -2,12 +2,15 @@
 
 - ``encode_prompts``: right-padded prompt ids (width rounded up to a power of
   two, so few distinct shapes compile).
-- ``make_relay_rollout``: the rollout function, ``relax.relay_generate`` with
-  the SLM (in its params' dtype, so a bf16 copy of the params decodes in
-  bf16), the LLM, a ``RelayConfig`` and the ``CallCommand``.
-- ``chunked_rollout``: a step's rows in sequential calls of a fixed size,
-  each with its rows' global ``row_ids`` so the tokens equal one call's; only
-  one call's KV caches are alive at a time.
+- ``make_relay_rollout``: the rollout function: a step's rows as one queue on the
+  relay engine (relax.relay.engine: continuous batching on ``slots`` slots) with
+  the SLM (in its params' dtype, so a bf16 copy of the params decodes in bf16),
+  the LLM, a ``RelayConfig`` and the ``CallCommand``. Each row's tokens are those
+  of one ``relax.relay_generate`` call on all rows.
+- ``chunked_rollout``: a step's rows through a rollout function: the engine's
+  queue with ``rows_per_call`` slots (only those slots' KV caches are alive), or,
+  for any other rollout function, sequential calls of ``rows_per_call`` rows,
+  each with its rows' global ``row_ids`` so the tokens equal one call's.
 - ``score``: correctness from a verifier, called = at least one honoured
   call, rho = LLM tokens / response tokens, then rewards and group advantages.
 - ``train_width`` / ``training_batch``: inputs / positions / targets and the
@@ -70,31 +73,38 @@ def text_verifier(tokenizer, grade):
 
 
 def make_relay_rollout(slm, llm, relay_config, command, rows=None):
-    """``rollout(slm_params, llm_params, prompts, lens, key, row_ids=None) -> RelayOutput``.
+    """``rollout(slm_params, llm_params, prompts, lens, key, row_ids=None, slots=None)
+    -> RelayOutput``.
 
-    ``relax.relay_generate`` with the SLM, the LLM, ``relay_config`` and the
-    ``CallCommand``. A ``relax.Model`` SLM decodes in its params' dtype: given
-    bfloat16 params (a cast copy of the float32 master weights, see
-    ``GRPOConfig.rollout_dtype``) it computes and caches in bfloat16.
-    ``row_ids`` are the decoder's: rows of a step split into several calls
-    sample as in one call. ``rows``: the row layout (``RelayDecoder.rows``) when
-    the rollout is traced on row-sharded prompts (concrete ones carry it); on a
+    The rows as one queue on the relay engine (``relax.relay.engine.Engine``, one
+    program, traceable) with ``slots`` slots (default: one per row), the SLM, the
+    LLM, ``relay_config`` and the ``CallCommand``: row b's result is that of
+    ``relax.relay_generate`` on all rows with ``row_ids`` (default 0..N-1). A
+    ``relax.Model`` SLM decodes in its params' dtype: given bfloat16 params (a cast
+    copy of the float32 master weights, see ``GRPOConfig.rollout_dtype``) it computes
+    and caches in bfloat16. ``rows``: the slots' row layout (``Engine.rows``), default
+    the prompts' own when they are a concrete row-sharded array; on a
     ``relax.mesh.relay_mesh`` with ``model`` > 1, params placed by
     ``relax.mesh.put_served`` run tensor parallel and the caches split by kv head
     (relax.relay.decoder). The function carries ``slm_sampling`` (the SLM's
-    ``SamplingConfig``), which ``train_grpo`` checks against its config, and ``llm``.
+    ``SamplingConfig``), which ``train_grpo`` checks against its config, ``llm``, and
+    ``queue`` (it takes ``slots``: ``chunked_rollout`` gives it a step's rows at once).
     """
-    import relax
+    from relax.relay.decoder import _rows_sharding
+    from relax.relay.engine import Engine, Requests
 
-    def rollout(slm_params, llm_params, prompts, lens, key, row_ids=None):
+    def rollout(slm_params, llm_params, prompts, lens, key, row_ids=None, slots=None):
         model = _in_params_dtype(slm, slm_params)
-        return relax.relay_generate(
-            model, slm_params, llm, llm_params, prompts, lens, key, relay_config, command,
-            row_ids=row_ids, rows=rows,
-        )  # fmt: skip
+        layout = rows if rows is not None else _rows_sharding(prompts)
+        engine = Engine(
+            model, llm, relay_config, command, slots=slots or prompts.shape[0], rows=layout
+        )
+        requests = Requests.build(relay_config, prompts, lens, key, row_ids=row_ids)
+        return engine(slm_params, llm_params, requests)
 
     rollout.slm_sampling = relay_config.slm
     rollout.llm = llm  # how `train_grpo` places the teacher's params (relax.mesh.put_served)
+    rollout.queue = True
     return rollout
 
 
@@ -113,24 +123,29 @@ def _in_params_dtype(model, params):
 
 
 def chunked_rollout(rollout, slm_params, llm_params, prompts, lens, key, rows_per_call, put=None):
-    """The rollouts of [N, P] prompts in sequential calls of ``rows_per_call`` rows.
+    """The rollouts of [N, P] prompts, ``rows_per_call`` rows decoded at a time.
 
-    Call c gets rows [c * R, (c + 1) * R) and those indices as ``row_ids``, so the
-    result equals one call on all N rows (a row's samples depend on the key
-    and its row index only); its outputs are fetched to the host before the
-    next call starts, so one call's KV caches are alive at a time. With a
-    single call (``rows_per_call`` 0 or >= N) ``rollout`` is called without
-    ``row_ids`` (any five-argument rollout works then). ``put`` places a
-    host array on the devices (default: as is). Returns the ``RelayOutput``
-    as host numpy arrays.
+    A queue rollout (``make_relay_rollout``: ``rollout.queue``) gets all N rows at
+    once with ``slots=rows_per_call`` (0: N): the engine refills a slot as soon as
+    its row ends, and only those slots' KV caches are alive. Any other rollout is
+    called on rows [c * R, (c + 1) * R) in turn, with those indices as ``row_ids``,
+    its outputs fetched to the host before the next call starts; with a single call
+    (``rows_per_call`` 0 or >= N) it is called without ``row_ids`` (any five-argument
+    rollout works then). Either way the result equals one call on all N rows (a
+    row's samples depend on the key and its row index only). ``put`` places a host
+    array on the devices (default: as is). Returns the ``RelayOutput`` as host numpy
+    arrays.
     """
     n = prompts.shape[0]
     put = put or (lambda x: x)
     fetch = lambda out: jax.tree.map(np.asarray, jax.device_get(out))
+    if n % max(rows_per_call, 1):
+        raise ValueError(f"{n} rollout rows do not split into calls of {rows_per_call}")
+    if getattr(rollout, "queue", False):
+        slots = rows_per_call if 0 < rows_per_call < n else n
+        return fetch(rollout(slm_params, llm_params, put(prompts), put(lens), key, slots=slots))
     if rows_per_call <= 0 or rows_per_call >= n:
         return fetch(rollout(slm_params, llm_params, put(prompts), put(lens), key))
-    if n % rows_per_call:
-        raise ValueError(f"{n} rollout rows do not split into calls of {rows_per_call}")
     outs = []
     for o in range(0, n, rows_per_call):
         rows = slice(o, o + rows_per_call)

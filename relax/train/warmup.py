@@ -129,33 +129,39 @@ def build_warmup_examples(rows, tokenizer, cfg, seed=0, prompt_fn=None, learn_co
 
 
 def self_solutions(
-    model, params, tokenizer, problems, gen_config, verifier, key, batch_size=8, samples=1
-):
+    model, params, tokenizer, problems, gen_config, verifier, key, batch_size=8, samples=1,
+    progress=None,
+):  # fmt: skip
     """The SLM's own solutions of ``problems`` kept when ``verifier`` grades them correct.
 
-    Samples ``samples`` solutions per problem with ``relax.generate`` and
-    returns ``{"question", "answer", "response"}`` rows ready for
-    ``build_warmup_examples``. ``verifier(response_text, answer) -> bool``
-    is ``relax.grade`` in real runs.
+    Samples ``samples`` solutions per problem (``gen_config.slm`` sampling) as one queue
+    on the engine (relax.relay.engine, ``batch_size x samples`` slots) and returns
+    ``{"question", "answer", "response"}`` rows ready for ``build_warmup_examples``.
+    Sample j of the problems starting at ``start`` (a multiple of ``batch_size``) draws
+    as row j of a ``relax.generate`` call with key fold_in(key, start), whatever slot
+    serves it. ``verifier(response_text, answer) -> bool`` is ``relax.grade`` in real
+    runs. ``progress(done, total)`` is called as samples finish.
     """
     import jax
+    import jax.numpy as jnp
+    import numpy as np
 
-    import relax
+    from relax.relay.engine import Engine, Requests
     from relax.train.rollout import decode_responses, encode_prompts
 
+    if not problems:
+        return []
+    rows = [p for p in problems for _ in range(samples)]
+    prompts, lens = encode_prompts(tokenizer, [p["question"] for p in rows], prompt_fn=chat_prompt)
+    slots = batch_size * samples
+    n = len(rows)
+    start = (np.arange(n) // samples) // batch_size * batch_size
+    keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.asarray(start))
+    requests = Requests.build(gen_config, prompts, lens, keys, row_ids=np.arange(n) % slots)
+    engine = Engine(model, None, gen_config, slots=min(slots, n))
+    out = engine.run(params, None, requests, progress=progress)
     kept = []
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start : start + batch_size]
-        rows = [p for p in chunk for _ in range(samples)]
-        prompts, lens = encode_prompts(
-            tokenizer, [p["question"] for p in rows], prompt_fn=chat_prompt
-        )
-        out = relax.generate(
-            model, params, prompts, lens, jax.random.fold_in(key, start), gen_config
-        )
-        for row, text in zip(rows, decode_responses(tokenizer, out)):
-            if verifier(text, row["answer"]):
-                kept.append(
-                    {"question": row["question"], "answer": row["answer"], "response": text}
-                )
+    for row, text in zip(rows, decode_responses(tokenizer, out)):
+        if verifier(text, row["answer"]):
+            kept.append({"question": row["question"], "answer": row["answer"], "response": text})
     return kept
