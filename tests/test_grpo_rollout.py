@@ -93,15 +93,21 @@ def test_recomputed_logprobs_equal_rollout_logprobs(setup):
 
 
 def test_chunked_rollouts_equal_one_call(setup):
-    """8 rows as 4 calls of 2 rows (row_ids 0-1, 2-3, 4-5, 6-7) = one call of 8, token for token."""
+    """8 rows on 2 slots of the engine, or as 4 calls of 2 rows (row_ids 0-1, 2-3, 4-5, 6-7)
+    of a plain rollout function, = one call of 8, token for token; 3 slots serve 8 rows
+    too, while a plain function's calls must divide them."""
     _, params, llm_params, prompts, lens, rollout = setup
     key = jax.random.key(5)
+    plain = lambda *a, **kw: rollout(*a, **kw)  # no `queue`: decoded in sequential calls
     one = chunked_rollout(rollout, params, llm_params, prompts, lens, key, 0)
-    four = chunked_rollout(rollout, params, llm_params, prompts, lens, key, 2)
-    for f in dataclasses.fields(one):
-        np.testing.assert_array_equal(getattr(four, f.name), getattr(one, f.name), err_msg=f.name)
+    for r, n in ((rollout, 2), (plain, 2), (rollout, 3)):
+        got = chunked_rollout(r, params, llm_params, prompts, lens, key, n)
+        for f in dataclasses.fields(one):
+            np.testing.assert_array_equal(
+                getattr(got, f.name), getattr(one, f.name), err_msg=f.name
+            )
     with pytest.raises(ValueError, match="calls of 3"):
-        chunked_rollout(rollout, params, llm_params, prompts, lens, key, 3)
+        chunked_rollout(plain, params, llm_params, prompts, lens, key, 3)
 
 
 def test_bfloat16_rollout_params_decode_in_bfloat16(setup):

@@ -118,7 +118,9 @@ def test_mesh_splits_the_relay_per_device():
     dp, tp, single = plan(4), plan(4, "model=2"), plan(1)  # 4 first: it sets the count
     assert "error" not in tp, tp
     assert dp["mesh"] == "data=4 fsdp=1 model=1" and tp["mesh"] == "data=2 fsdp=1 model=2"
-    assert "64 rows (16 / row shard)" in dp["shapes"] and "(32 / row shard)" in tp["shapes"]
+    # a step's 32 rollouts on 32 slots (rollout_batch_size 64, capped at the step's rows)
+    assert "32 requests on 32 slots (8 / row shard)" in dp["shapes"]
+    assert "(16 / row shard)" in tp["shapes"]
     assert tp["total_bytes"] < single["total_bytes"] / 2
     assert tp["argument_bytes"] < 0.6 * dp["argument_bytes"]
     with pytest.raises(SystemExit, match="expected data=N"):

@@ -202,7 +202,7 @@ def relay_program(
     fn = jax.jit(_relay_call(slm, llm, relay_cfg, command, rows, sampling, rows=row_sh))
     L = prompt_width + relay_cfg.max_new_tokens
     per = rows // mesh_lib.row_devices(mesh)
-    shapes = f"{n} requests on {rows} slots ({per} / row shard) x {L} slots"
+    shapes = f"{n} requests on {rows} slots ({per} / row shard) of {L} positions"
     return Program(
         name, fn, args, shapes, devices=mesh.size, mesh=mesh_lib.describe(mesh, count=False)
     )
@@ -301,7 +301,7 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
         grpo_doc = config_lib.with_defaults(doc["grpo"], stand_ins)
         relay_cfg = config_lib.from_dict(config_lib.GRPOConfig, grpo_doc, "grpo.").relay
         step_rows = cfg.prompts_per_step * cfg.group_size
-        rows = getattr(cfg, "rollout_batch_size", 0) or step_rows
+        rows = min(getattr(cfg, "rollout_batch_size", 0) or step_rows, step_rows)  # as grpo
         width = _grpo_width(cfg)[0]
         command = stand_in_command(sa.vocab_size)
         add(

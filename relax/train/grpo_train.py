@@ -206,10 +206,12 @@ def train_grpo(
             f"{shards} row shards (data x fsdp) each"
         )
     rows_per_call = min(cfg.rollout_batch_size or local_rows_, local_rows_)
-    if local_rows_ % rows_per_call or rows_per_call % shards:
+    queue = getattr(rollout, "queue", False)  # the engine's slots need not divide the rows
+    if (not queue and local_rows_ % rows_per_call) or rows_per_call % shards:
         raise ValueError(
-            f"GRPOConfig.rollout_batch_size={cfg.rollout_batch_size} must divide this host's "
-            f"{local_rows_} rollout rows per step and be a multiple of its {shards} row shards"
+            f"GRPOConfig.rollout_batch_size={cfg.rollout_batch_size} must be a multiple of "
+            f"this host's {shards} row shards"
+            + ("" if queue else f" and divide its {local_rows_} rollout rows per step")
         )
     run.check_split(cfg.mini_batch_prompts * G, "mini_batch_prompts x group_size")
     mesh, mbs = run.mesh, cfg.run.micro_batch_size

@@ -139,11 +139,11 @@ def chunked_rollout(rollout, slm_params, llm_params, prompts, lens, key, rows_pe
     n = prompts.shape[0]
     put = put or (lambda x: x)
     fetch = lambda out: jax.tree.map(np.asarray, jax.device_get(out))
-    if n % max(rows_per_call, 1):
-        raise ValueError(f"{n} rollout rows do not split into calls of {rows_per_call}")
     if getattr(rollout, "queue", False):
         slots = rows_per_call if 0 < rows_per_call < n else n
         return fetch(rollout(slm_params, llm_params, put(prompts), put(lens), key, slots=slots))
+    if n % max(rows_per_call, 1):
+        raise ValueError(f"{n} rollout rows do not split into calls of {rows_per_call}")
     if rows_per_call <= 0 or rows_per_call >= n:
         return fetch(rollout(slm_params, llm_params, put(prompts), put(lens), key))
     outs = []
