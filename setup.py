@@ -1,4 +1,9 @@
-"""Installs relax: the library, the `relax` console script, and the `test` extra."""
+"""Installs relax: the library, its presets, the `relax` console script, and the extras.
+
+The presets live in the repository's top-level `configs/`; the package ships them as
+`relax/configs/` (`relax.train.config.preset_dir` finds either), so a non-editable
+install runs `relax demo` and `relax sft --config train-tiny` from any folder.
+"""
 
 from setuptools import find_packages, setup
 
@@ -7,7 +12,9 @@ setup(
     version="0.1.0",
     description="RelayLLM in JAX/Flax: an SLM that calls an LLM for a few tokens, "
     "decoded on device in one compiled loop.",
-    packages=find_packages(include=["relax", "relax.*"]),
+    packages=find_packages(include=["relax", "relax.*"]) + ["relax.configs"],
+    package_dir={"relax.configs": "configs"},
+    package_data={"relax.configs": ["*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         line.strip()

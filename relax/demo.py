@@ -205,17 +205,6 @@ class DemoConfig:
 SPLIT_SEEDS = {"llm": 101, "slm": 102, "warmup": 103, "rl": 104}
 
 
-def _config_dir():
-    here = os.path.dirname(os.path.abspath(__file__))
-    for cand in (
-        os.path.join(os.getcwd(), "configs"),
-        os.path.join(os.path.dirname(here), "configs"),
-    ):
-        if os.path.isdir(cand):
-            return cand
-    return os.path.join(os.path.dirname(here), "configs")
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="relax demo",
@@ -247,9 +236,7 @@ def load_demo_config(args, tokenizer=None):
     `tokenizer`, its eos and pad ids fill the relay sections that leave them unset."""
     from relax.train.config import load_config, resolve_preset, tokenizer_defaults
 
-    preset = resolve_preset(
-        args.config or (QUICK_CONFIG if args.quick else DEFAULT_CONFIG), _config_dir()
-    )
+    preset = resolve_preset(args.config or (QUICK_CONFIG if args.quick else DEFAULT_CONFIG))
     defaults = tokenizer_defaults(tokenizer, *RELAY_SECTIONS) if tokenizer is not None else None
     cfg = load_config(DemoConfig, preset, None, args.overrides, defaults=defaults)
     if args.seeds is not None:

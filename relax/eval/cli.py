@@ -87,7 +87,8 @@ def _parser():
         help="output folder for results.{json,md,png} (default: runs/eval)",
     )
     p.add_argument(
-        "--config", help="YAML file of EvalConfig settings (e.g. configs/eval-paper.yaml)"
+        "--config",
+        help="YAML file of EvalConfig settings, or a preset name (e.g. eval-paper)",
     )
     p.add_argument(
         "--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="model dtype"
@@ -137,7 +138,7 @@ def build_config(args, tokenizer):
     """EvalConfig: defaults < YAML (--config) < flags < key=value, by the one config loader
     (`relax.train.config.load_config`); eos and pad ids left unset are the tokenizer's."""
     from relax.eval.strategies import EvalConfig
-    from relax.train.config import load_config, tokenizer_defaults
+    from relax.train.config import load_config, resolve_preset, tokenizer_defaults
 
     flags = {
         "seed": args.seed,
@@ -160,7 +161,7 @@ def build_config(args, tokenizer):
         flags[f"relay.{m}.greedy"] = True if args.greedy else None
     return load_config(
         EvalConfig,
-        args.config,
+        resolve_preset(args.config) if args.config else None,
         None,
         args.overrides,
         settings=flags,

@@ -20,8 +20,6 @@ import os
 from relax.train import config as config_lib
 from relax.train import distributed
 
-CONFIG_DIR = config_lib.CONFIG_DIR
-
 
 def _parse(prog, argv, cls, section, defaults=None):
     parser = argparse.ArgumentParser(prog=f"relax {prog}", description=cls.__doc__.splitlines()[0])
@@ -32,7 +30,7 @@ def _parse(prog, argv, cls, section, defaults=None):
     )
     parser.add_argument("overrides", nargs="*", help="key=value (dotted keys for nested sections)")
     args = parser.parse_args(argv)
-    preset = config_lib.resolve_preset(args.config, CONFIG_DIR) if args.config else None
+    preset = config_lib.resolve_preset(args.config) if args.config else None
     cfg = config_lib.load_config(
         cls, preset, section if preset else None, args.overrides, defaults=defaults
     )

@@ -16,6 +16,7 @@ This module does not build models or optimizers; it only describes them.
 
 import copy
 import dataclasses
+import importlib.resources
 import os
 import types
 import typing
@@ -468,23 +469,43 @@ def read_yaml(path):
     return doc
 
 
-# The repository's presets (configs/ beside the package).
-CONFIG_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
-)
+def preset_dir():
+    """The folder of the named presets (``relax sft --config train-tiny``, ``relax demo``).
+
+    The presets live in the repository's top-level ``configs/``. An installed wheel ships
+    them inside the package, as ``relax/configs/`` (``setup.py`` maps that folder there);
+    a source checkout (an editable install, or ``PYTHONPATH``) reads ``configs/`` beside
+    the package. The working directory never matters: a path to a YAML file is the way to
+    pass a preset of one's own.
+    """
+    installed = importlib.resources.files("relax") / "configs"
+    if installed.is_dir():
+        return str(installed)
+    return os.path.join(os.path.dirname(str(importlib.resources.files("relax"))), "configs")
 
 
-def resolve_preset(spec, config_dir=CONFIG_DIR):
-    """A preset path: ``spec`` itself if it is a file, else ``config_dir/spec.yaml``."""
+CONFIG_DIR = preset_dir()
+
+
+def preset_names(config_dir=CONFIG_DIR):
+    """The named presets (file names without ``.yaml``), sorted."""
+    if not os.path.isdir(config_dir):
+        return []
+    return sorted(f[: -len(".yaml")] for f in os.listdir(config_dir) if f.endswith(".yaml"))
+
+
+def resolve_preset(spec, config_dir=CONFIG_DIR, flag="--config"):
+    """A preset path: ``spec`` itself if it is a file, else ``config_dir/spec.yaml``; a
+    ConfigError naming ``flag`` and listing the presets otherwise."""
     if os.path.isfile(spec):
         return spec
     named = os.path.join(config_dir, spec if spec.endswith(".yaml") else spec + ".yaml")
     if os.path.isfile(named):
         return named
-    names = sorted(f[: -len(".yaml")] for f in os.listdir(config_dir) if f.endswith(".yaml"))
+    names = preset_names(config_dir)
     raise ConfigError(
-        f"--config {spec}: no such file, and no preset {spec!r}",
-        f"presets: {', '.join(names)}",
+        f"{flag} {spec}: no such file, and no preset {spec!r}",
+        f"presets: {', '.join(names)}" if names else f"no presets found in {config_dir}",
     )
 
 
