@@ -188,8 +188,25 @@ def parse_benchmarks(spec, seed=0, limit=None, repeats=None):
     return out
 
 
+def check_args(args):
+    """The flags' own mistakes, found before a model or benchmark loads: counts below 1, and an
+    --out that names a file (the report is written only after the whole evaluation)."""
+    for flag in ("limit", "repeats", "batch_size", "devices"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            name = "--" + flag.replace("_", "-")
+            raise ConfigError(f"{name} {value}: must be >= 1", f"leave {name} out for the default")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ConfigError(
+            f"--out {args.out}: is a file, not a folder",
+            "pass a folder for results.json, results.md and results.png",
+        )
+
+
 def main(argv=None):
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    # intermixed: key=value overrides may come before, between or after the options
+    args = _parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    check_args(args)
     import jax.numpy as jnp
 
     from relax.eval.report import markdown_table, write_report

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 
+from relax.errors import ConfigError, DataError
 from relax.train import config as config_lib
 from relax.train import distributed
 
@@ -29,7 +30,13 @@ def _parse(prog, argv, cls, section, defaults=None):
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
     parser.add_argument("overrides", nargs="*", help="key=value (dotted keys for nested sections)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value may follow an option
+    if not args.config and not args.print_config:
+        raise ConfigError(
+            "no --config given",
+            f"pass a preset name or a YAML path, e.g. relax {prog} --config train-tiny; "
+            f"presets: {', '.join(config_lib.preset_names())}",
+        )
     preset = config_lib.resolve_preset(args.config) if args.config else None
     cfg = config_lib.load_config(
         cls, preset, section if preset else None, args.overrides, defaults=defaults
@@ -38,15 +45,27 @@ def _parse(prog, argv, cls, section, defaults=None):
 
 
 def read_rows(spec, seed=0):
-    """Rows of a JSONL file, or ``synthetic:N[:seed]`` problems (with ``response``)."""
+    """Rows of a JSONL file, or ``synthetic:N[:seed]`` problems (with ``response``).
+
+    No ``data`` set, a malformed line (named by file and line) or a file without rows
+    is a one-line DataError, raised before any model is loaded."""
+    if not spec:
+        raise ConfigError("data is not set", "set data=FILE.jsonl or data=synthetic:N")
     if spec.startswith("synthetic:"):
         from relax.data.synthetic import make_dataset
 
         parts = spec.split(":")
+        if not 2 <= len(parts) <= 3 or not all(p.isdigit() for p in parts[1:]):
+            raise ConfigError(f"data {spec}: expected synthetic:N or synthetic:N:SEED")
         rows = make_dataset(int(parts[1]), int(parts[2]) if len(parts) > 2 else seed)
-        return [dict(r, response=r["solution"]) for r in rows]
-    with open(spec) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [dict(r, response=r["solution"]) for r in rows]
+    else:
+        from relax.data.loaders import read_jsonl
+
+        rows = read_jsonl(spec, DataError)
+    if not rows:
+        raise DataError(f"data {spec}: no rows", "pass a JSONL file with one object per line")
+    return rows
 
 
 def load_tokenizer(spec, output_dir):
@@ -72,7 +91,10 @@ def load_model(path, model_config, dtype_name, seed):
     if path:
         return relax.load_hf(path, dtype=dtype)
     if not model_config:
-        raise ValueError("set a model path (HF directory) or model_config for a random model")
+        raise ConfigError(
+            "no model: the model path is empty and no model_config is set",
+            "set the model's path (an HF folder) or model_config for a random model",
+        )
     model = relax.Model(relax.ModelConfig(**model_config), dtype=dtype)
     return model, model.init_params(jax.random.key(seed))
 
@@ -93,18 +115,18 @@ def sft(argv):
     if args.print_config:
         print(json.dumps(config_lib.to_dict(cfg), indent=2))
         return 0
+    rows = read_rows(cfg.data, cfg.run.seed)  # before anything loads: a bad file is quick to fix
     distributed.maybe_initialize()
     from relax.train.sft import train_sft
     from relax.train.warmup import build_warmup_examples
 
     model, params = load_model(cfg.model, cfg.model_config, cfg.run.dtype, cfg.run.seed)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.run.output_dir)
-    rows = read_rows(cfg.data, cfg.run.seed)
     if rows and "prompt_ids" in rows[0]:
         examples = rows
     else:
         if tokenizer is None:
-            raise ValueError("text data needs a tokenizer (set tokenizer=...)")
+            raise ConfigError("text data needs a tokenizer", "set tokenizer=FOLDER or model=FOLDER")
         examples = build_warmup_examples(rows, tokenizer, cfg.warmup_data, seed=cfg.run.seed)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     params = train_sft(model, params, examples, cfg, pad_id=pad, progress=not args.no_progress)
@@ -121,6 +143,7 @@ def grpo(argv):
     from relax.train.grpo_train import check_sampling, train_grpo
 
     check_sampling(cfg)  # fail on relay.slm.top_p < 1 etc. before loading two models
+    problems = read_rows(cfg.data, cfg.run.seed)  # and on an empty or malformed problem file
     distributed.maybe_initialize()
     import relax
     from relax.train.rollout import make_relay_rollout, text_verifier
@@ -130,20 +153,26 @@ def grpo(argv):
     llm, llm_params = load_model(cfg.llm, cfg.llm_config, cfg.llm_dtype, cfg.run.seed + 1)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.slm, cfg.run.output_dir)
     if tokenizer is None:
-        raise ValueError("GRPO needs a tokenizer (set tokenizer=...)")
+        raise ConfigError("GRPO needs a tokenizer", "set tokenizer=FOLDER or slm=FOLDER")
     # eos and pad ids from the tokenizer, unless the preset or an override sets them
     cfg, _ = _parse("grpo", argv, config_lib.GRPOConfig, "grpo",
                     config_lib.tokenizer_defaults(tokenizer, "relay"))  # fmt: skip
     relay_cfg = cfg.relay
     rollout = make_relay_rollout(slm, llm, relay_cfg, relax.CallCommand.from_tokenizer(tokenizer))
-    problems = [r for r in read_rows(cfg.data, cfg.run.seed)]
 
     def encode(problem):
         return tokenizer(chat_prompt(tokenizer, problem["question"]), add_special_tokens=False)[
             "input_ids"
         ]
 
-    problems = [p for p in problems if len(encode(p)) <= cfg.max_prompt_len]
+    fitting = [p for p in problems if len(encode(p)) <= cfg.max_prompt_len]
+    if not fitting:
+        raise ConfigError(
+            f"data {cfg.data}: all {len(problems)} prompts are longer than "
+            f"max_prompt_len={cfg.max_prompt_len} tokens",
+            "raise max_prompt_len",
+        )
+    problems = fitting
     params = train_grpo(
         slm,
         params,

@@ -29,6 +29,22 @@ from relax.mesh import MeshConfig
 from relax.relay.config import RelayConfig, SamplingConfig
 
 
+DTYPES = ("float32", "bfloat16")
+"""The dtypes a trained or frozen model may have (``run.dtype``, ``llm_dtype``, ``dtype``)."""
+
+
+def _check(cfg, field, ok, rule, hint=None):
+    """A ConfigError "FIELD must be RULE, got VALUE" unless ``ok``. ``from_dict`` puts the
+    section in front (``run.dtype must be ...``), so the message names the key to fix."""
+    if not ok:
+        raise ConfigError(f"{field} must be {rule}, got {getattr(cfg, field)!r}", hint)
+
+
+def _check_choice(cfg, field, choices):
+    value = getattr(cfg, field)
+    _check(cfg, field, value in choices, " or ".join(choices))
+
+
 @dataclasses.dataclass
 class OptimConfig:
     """AdamW with linear warm-up then decay, and global-norm gradient clipping.
@@ -53,6 +69,17 @@ class OptimConfig:
     b2: float = 0.999
     eps: float = 1e-8
     grad_clip: float = 1.0
+
+    def __post_init__(self):
+        _check(self, "learning_rate", self.learning_rate > 0, "> 0")
+        _check(self, "warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)")
+        _check_choice(self, "decay", ("cosine", "linear", "constant"))
+        _check(self, "end_lr_ratio", self.end_lr_ratio >= 0, ">= 0")
+        _check(self, "weight_decay", self.weight_decay >= 0, ">= 0")
+        for b in ("b1", "b2"):
+            _check(self, b, 0 <= getattr(self, b) < 1, "in [0, 1)")
+        _check(self, "eps", self.eps >= 0, ">= 0")
+        _check(self, "grad_clip", self.grad_clip >= 0, ">= 0 (0 = no clipping)")
 
 
 @dataclasses.dataclass
@@ -115,6 +142,15 @@ class RunConfig:
     export: bool = True
     kill_at_step: int = 0
 
+    def __post_init__(self):
+        _check(self, "output_dir", bool(self.output_dir), "a folder")
+        _check_choice(self, "dtype", DTYPES)
+        _check(self, "num_devices", self.num_devices >= 0, ">= 0 (0 = all)")
+        for name in ("micro_batch_size", "logprob_chunk", "keep_checkpoints"):
+            _check(self, name, getattr(self, name) >= 1, ">= 1")
+        for name in ("checkpoint_every", "log_every", "kill_at_step"):
+            _check(self, name, getattr(self, name) >= 0, ">= 0 (0 = never)")
+
 
 @dataclasses.dataclass
 class SFTConfig:
@@ -146,6 +182,23 @@ class SFTConfig:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     """The device mesh (relax.mesh): ``mesh.fsdp=8`` etc.; default all devices on data."""
+
+    def __post_init__(self):
+        _check(self, "max_len", self.max_len >= 2, ">= 2 (a prompt token and a target)")
+        _check(self, "batch_size", self.batch_size >= 1, ">= 1")
+        _check_steps(self)
+
+
+def _check_steps(cfg):
+    """epochs >= 1 and steps >= 0: a run that trains nothing would export its initial weights."""
+    _check(
+        cfg,
+        "epochs",
+        cfg.epochs >= 1,
+        ">= 1",
+        "a run that trains nothing exports untrained weights",
+    )
+    _check(cfg, "steps", cfg.steps >= 0, ">= 0 (0 = no cap)", "steps only caps epochs x batches")
 
 
 @dataclasses.dataclass
@@ -243,6 +296,18 @@ class GRPOConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     """The device mesh (relax.mesh): ``mesh.fsdp=8`` etc.; default all devices on data."""
 
+    def __post_init__(self):
+        # rollout_dtype is checked with the sampling settings (grpo_train.check_sampling).
+        for name in ("group_size", "prompts_per_step", "mini_batch_prompts", "max_prompt_len"):
+            _check(self, name, getattr(self, name) >= 1, ">= 1")
+        _check(self, "rollout_batch_size", self.rollout_batch_size >= 0, ">= 0 (0 = all rows)")
+        _check_choice(self, "reward", ("difficulty_aware", "simple", "accuracy"))
+        _check_choice(self, "llm_dtype", DTYPES)
+        for name in ("clip_low", "clip_high", "kl_coef"):
+            _check(self, name, getattr(self, name) >= 0, ">= 0")
+        _check(self, "dual_clip", self.dual_clip > 1, "> 1")
+        _check_steps(self)
+
 
 @dataclasses.dataclass
 class FilterConfig:
@@ -276,6 +341,15 @@ class FilterConfig:
     dtype: str = "bfloat16"
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     """The device mesh (relax.mesh): ``mesh.fsdp=8`` etc.; default all devices on data."""
+
+    def __post_init__(self):
+        for name in ("k", "batch_size", "max_new_tokens"):
+            _check(self, name, getattr(self, name) >= 1, ">= 1")
+        _check(self, "min_pass_rate", 0 <= self.min_pass_rate < 1, "in [0, 1)")
+        _check(self, "temperature", self.temperature > 0, "> 0")
+        _check(self, "top_p", 0 < self.top_p <= 1, "in (0, 1]")
+        _check(self, "limit", self.limit >= 0, ">= 0 (0 = all)")
+        _check_choice(self, "dtype", DTYPES)
 
 
 def _type_name(tp):
@@ -362,8 +436,8 @@ def from_dict(cls, data, where="", base=None):
             values[name] = _coerce(value, hints[name], f"{where}{name}")
     try:
         return dataclasses.replace(base, **values)
-    except ConfigError:
-        raise
+    except ConfigError as e:  # a check of this section: its message starts with the field
+        raise ConfigError(f"{where}{e.message}", e.hint) from None
     except (TypeError, ValueError) as e:  # the dataclass's own checks (ranges, choices)
         raise ConfigError(f"{where.rstrip('.') or cls.__name__}: {e}") from None
 
