@@ -51,6 +51,9 @@ def main(argv=None):
     if argv[0] not in COMMANDS:
         parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}")
     target, _ = COMMANDS[argv[0]]
+    from relax import runtime  # jax: only once a command runs, so `relax --help` stays instant
+
+    runtime.command = argv[0]
     module_name, func_name = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     try:

@@ -894,8 +894,10 @@ def main(argv=None):
     os.makedirs(cfg.out, exist_ok=True)
     st = Stages(cfg.out, args.fresh, progress=not args.no_progress)
 
+    from relax import runtime
     from relax.eval.report import write_report
 
+    where = runtime.announce()
     base = base_stages(st, args)
     cfg, task, tokenizer = base.cfg, base.task, base.tokenizer
     slm, slm_params, llm, llm_params = base.slm, base.slm_params, base.llm, base.llm_params
@@ -930,6 +932,7 @@ def main(argv=None):
     avg = {k: v["average"] for k, v in results["summary"].items()}
     wall = time.time() - t0
     results["wall_time_s"] = wall
+    results["runtime"] = where
     results["seeds"] = seeds
     results["stage_seconds"] = {
         name: st.info(name)["seconds"]

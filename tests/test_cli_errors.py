@@ -21,6 +21,7 @@ import relax
 from relax.data import synthetic
 from relax.data.loaders import BenchmarkUnavailable, load_benchmark
 from relax.errors import InputError
+from relax.train.metrics import read_metrics, read_runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -187,6 +188,16 @@ def test_sft_prints_its_planned_steps(tmp_path):
         "[sft] 6 steps = 2 epoch(s) x 3 batches of 8 from 28 examples; steps=40 is only a cap "
         "(raise epochs for more steps) (36 of 64 examples are longer than max_len=160 and dropped)"
     ) in out
+    # where it runs: one line on stderr, a warning that 4 devices share the CPU, and a record
+    lines = [line for line in err.splitlines() if line.startswith("relax sft runs on ")]
+    assert lines == [
+        f"relax sft runs on cpu: 4 x cpu of 4 visible, 1 process, mesh data=4 fsdp=1 model=1 "
+        f"(jax {jax.__version__})"
+    ], err[-3000:]
+    assert err.count("4 devices on CPU-only jax") == 1
+    (row,) = read_runtime(str(tmp_path))
+    assert row["from_step"] == 0 and row["runtime"]["mesh"] == {"data": 4, "fsdp": 1, "model": 1}
+    assert len(read_metrics(str(tmp_path))) == 6  # the step rows alone
 
 
 def test_benchmark_columns_are_explicit(tmp_path):
@@ -284,3 +295,21 @@ def test_eval_weights_that_are_not_finite_floats_name_the_tensor(ckpt, tmp_path,
     save_file(tensors, weights)
     rc, _, err = relax_cli(*eval_args(path, ckpt["bench"], str(tmp_path / "out")))
     assert_one_line(rc, err, "eval", weights, needle)
+
+
+def test_more_devices_than_visible_is_one_line_before_loading(ckpt, tmp_path):
+    # this process and its children see 4 fake CPU devices (tests/conftest.py)
+    rc, stdout, err = relax_cli(
+        *eval_args(ckpt["model"], ckpt["bench"], str(tmp_path)), "--devices", "5"
+    )
+    assert_one_line(rc, err, "eval", "--devices 5: only 4 cpu devices are visible", "relax[cuda12]")
+    assert "[eval]" not in stdout
+    rc, _, err = relax_cli("sft", "--config", "train-tiny", "mesh.data=3", "model=/nonexistent")
+    assert_one_line(
+        rc,
+        err,
+        "sft",
+        "mesh.data=3 mesh.fsdp=1 mesh.model=1 needs 3 devices, but 4 cpu devices are visible",
+    )
+    rc, _, err = relax_cli("sft", "--config", "train-tiny", "run.num_devices=8")
+    assert_one_line(rc, err, "sft", "run.num_devices 8: only 4 cpu devices are visible")

@@ -207,12 +207,17 @@ def main(argv=None):
     # intermixed: key=value overrides may come before, between or after the options
     args = _parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     check_args(args)
+    import jax
     import jax.numpy as jnp
 
+    from relax import runtime
     from relax.eval.report import markdown_table, write_report
     from relax.eval.strategies import STRATEGIES, evaluate
+    from relax.mesh import relay_mesh
     from relax.models.hf import load_hf
     from relax.tokenizer import load_tokenizer
+
+    runtime.check_devices(args.devices)  # before any benchmark or weights load
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [s for s in strategies if s not in STRATEGIES]
@@ -232,6 +237,9 @@ def main(argv=None):
 
     tokenizer = load_tokenizer(args.tokenizer or args.slm)
     cfg = build_config(args, tokenizer)
+    devices = jax.local_devices()[: args.devices] if args.devices else None
+    runtime.check_relay_mesh(cfg.mesh, devices)
+    where = runtime.announce(relay_mesh(cfg.mesh, devices, rows=cfg.batch_size))
     benches = parse_benchmarks(
         args.benchmarks, seed=cfg.seed, limit=args.limit, repeats=args.repeats
     )
@@ -250,9 +258,6 @@ def main(argv=None):
             runs.append(s)
 
     t0 = time.time()
-    import jax
-
-    devices = jax.local_devices()[: args.devices] if args.devices else None
     results = evaluate(
         runs, slm, slm_params, llm, llm_params, benches, tokenizer, cfg, devices=devices
     )
@@ -263,6 +268,7 @@ def main(argv=None):
         dtype=args.dtype,
         benchmarks=[b.name for b in benches],
         wall_seconds=round(time.time() - t0, 1),
+        runtime=where,
     )
     paths = write_report(results, args.out)
     print(markdown_table(results["summary"], "accuracy"))

@@ -148,6 +148,10 @@ def plan_preset(
     from relax.plan.report import measure
 
     devs = _set_device_count(devices)
+    if log:
+        from relax import runtime
+
+        log(runtime.line(runtime.where(devices=devs)) + " (fake devices: nothing runs)")
     dev = lookup(device)
     if dev is None:
         raise SystemExit(f"relax plan: unknown --device {device!r}")

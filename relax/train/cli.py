@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 
+from relax import runtime
 from relax.errors import ConfigError, DataError
 from relax.train import config as config_lib
 from relax.train import distributed
@@ -42,6 +43,14 @@ def _parse(prog, argv, cls, section, defaults=None):
         cls, preset, section if preset else None, args.overrides, defaults=defaults
     )
     return cfg, args
+
+
+def check_training_devices(cfg):
+    """run.num_devices and the mesh section must fit the visible devices (before any load)."""
+    from relax.train.update import mesh_devices
+
+    runtime.check_devices(cfg.run.num_devices, "run.num_devices")
+    runtime.check_mesh(cfg.mesh, mesh_devices(cfg.run.num_devices))
 
 
 def read_rows(spec, seed=0):
@@ -117,6 +126,7 @@ def sft(argv):
         return 0
     rows = read_rows(cfg.data, cfg.run.seed)  # before anything loads: a bad file is quick to fix
     distributed.maybe_initialize()
+    check_training_devices(cfg)
     from relax.train.sft import train_sft
     from relax.train.warmup import build_warmup_examples
 
@@ -145,6 +155,8 @@ def grpo(argv):
     check_sampling(cfg)  # fail on relay.slm.top_p < 1 etc. before loading two models
     problems = read_rows(cfg.data, cfg.run.seed)  # and on an empty or malformed problem file
     distributed.maybe_initialize()
+    check_training_devices(cfg)
+    runtime.check_relay_mesh(cfg.mesh)  # the rollouts' mesh: mesh.model devices per replica
     import relax
     from relax.train.rollout import make_relay_rollout, text_verifier
     from relax.train.warmup import chat_prompt
@@ -197,7 +209,11 @@ def filter(argv):
         return 0
     distributed.maybe_initialize()
     import relax
+    from relax.mesh import relay_mesh
     from relax.train.filter import filter_problems
+
+    runtime.check_relay_mesh(cfg.mesh)
+    runtime.announce(relay_mesh(cfg.mesh, rows=cfg.batch_size * cfg.k))
 
     llm, llm_params = load_model(cfg.llm, {}, cfg.dtype, cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.llm, os.path.dirname(cfg.output) or ".")

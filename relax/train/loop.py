@@ -28,6 +28,7 @@ import sys
 import jax
 import numpy as np
 
+from relax import runtime
 from relax.errors import ConfigError
 from relax.mesh import MeshConfig, make_mesh
 from relax.train import distributed
@@ -47,7 +48,10 @@ class TrainRun:
     def __init__(self, run_cfg, params, optimizer, total_steps, resume=True, mesh=None):
         self.cfg = run_cfg
         self.total_steps = int(total_steps)
-        self.mesh = make_mesh(mesh or MeshConfig(), mesh_devices(run_cfg.num_devices))
+        devices = mesh_devices(run_cfg.num_devices)
+        runtime.check_mesh(mesh or MeshConfig(), devices)
+        self.mesh = make_mesh(mesh or MeshConfig(), devices)
+        self.where = runtime.announce(self.mesh)
         self.shardings = train_shardings(self.mesh, params, optimizer)
         self.row_shards, self.local_row_shards = local_row_shards(self.mesh)
         if self.row_shards % jax.process_count():
@@ -84,6 +88,7 @@ class TrainRun:
         if resume:
             # Steps logged after the restored checkpoint will run again: drop their rows.
             self.writer.truncate_after(self.step)
+        self.writer.write_runtime(self.step, self.where)
         self.skipped_steps = []
 
     def check_split(self, global_rows, what):
