@@ -8,6 +8,10 @@ is printed as one line, `relax <command>: <what is wrong> (<how to fix>)`, with
 exit code 2. `--debug` anywhere on the command line, or `RELAX_DEBUG=1`, shows
 the full traceback instead. Any other exception is a bug and keeps its
 traceback.
+
+`relax sft` and `relax grpo` stopped by SIGTERM or SIGINT save a checkpoint,
+print one line and exit with 143 (SIGTERM) or 130 (SIGINT)
+(`relax.train.interrupt`); Ctrl-C in the other commands is one line, exit 130.
 """
 
 import argparse
@@ -56,6 +60,8 @@ def main(argv=None):
     runtime.command = argv[0]
     module_name, func_name = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
+    from relax.train.interrupt import Stopped
+
     try:
         return func(argv[1:]) or 0
     except _user_errors() as e:
@@ -63,6 +69,14 @@ def main(argv=None):
             raise
         print(f"relax {argv[0]}: {one_line(e)}", file=sys.stderr)
         return 2
+    except Stopped as e:  # sft, grpo: a signal, a checkpoint saved (relax.train.interrupt)
+        print(f"relax {argv[0]}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C in a command that does not train
+        if debug:
+            raise
+        print(f"relax {argv[0]}: interrupted (SIGINT)", file=sys.stderr)
+        return 130
 
 
 def _user_errors():

@@ -20,7 +20,7 @@ import os
 from relax import runtime
 from relax.errors import ConfigError, DataError
 from relax.train import config as config_lib
-from relax.train import distributed
+from relax.train import distributed, interrupt
 
 
 def _parse(prog, argv, cls, section, defaults=None):
@@ -127,6 +127,11 @@ def sft(argv):
     rows = read_rows(cfg.data, cfg.run.seed)  # before anything loads: a bad file is quick to fix
     distributed.maybe_initialize()
     check_training_devices(cfg)
+    with interrupt.guard(cfg.run.output_dir):  # one run per folder; SIGTERM / ^C save and stop
+        return _sft(cfg, args, rows)
+
+
+def _sft(cfg, args, rows):
     from relax.train.sft import train_sft
     from relax.train.warmup import build_warmup_examples
 
@@ -150,14 +155,20 @@ def grpo(argv):
     if args.print_config:
         print(json.dumps(config_lib.to_dict(cfg), indent=2))
         return 0
-    from relax.train.grpo_train import check_sampling, train_grpo
+    from relax.train.grpo_train import check_sampling
 
     check_sampling(cfg)  # fail on relay.slm.top_p < 1 etc. before loading two models
     problems = read_rows(cfg.data, cfg.run.seed)  # and on an empty or malformed problem file
     distributed.maybe_initialize()
     check_training_devices(cfg)
     runtime.check_relay_mesh(cfg.mesh)  # the rollouts' mesh: mesh.model devices per replica
+    with interrupt.guard(cfg.run.output_dir):  # one run per folder; SIGTERM / ^C save and stop
+        return _grpo(cfg, args, argv, problems)
+
+
+def _grpo(cfg, args, argv, problems):
     import relax
+    from relax.train.grpo_train import train_grpo
     from relax.train.rollout import make_relay_rollout, text_verifier
     from relax.train.warmup import chat_prompt
 
