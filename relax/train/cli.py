@@ -1,10 +1,11 @@
-"""`relax sft`, `relax grpo`, `relax filter`: YAML preset + key=value overrides -> a run.
+"""`relax sample`, `relax sft`, `relax filter`, `relax grpo`: YAML preset + key=value overrides -> a run.
 
+    relax sample --config configs/train-qwen3-1.7b+8b.yaml data=dapo17k.jsonl
     relax sft    --config configs/train-tiny.yaml run.output_dir=runs/sft steps=20
     relax grpo   --config configs/train-qwen3-1.7b+8b.yaml slm=runs/sft/final
     relax filter --config configs/train-qwen3-1.7b+8b.yaml data=dapo17k.jsonl
 
-Each stage reads its section (``sft:``, ``grpo:``, ``filter:``) of the
+Each stage reads its section (``sample:``, ``sft:``, ``grpo:``, ``filter:``) of the
 preset; overrides use the dataclass field names of ``relax.train.config``.
 Data: a JSONL path, or ``synthetic:N[:seed]`` for the CPU task of
 ``relax.data.synthetic`` (its solutions serve as the SLM's responses).
@@ -14,6 +15,7 @@ JAX's distributed environment, each command calls
 """
 
 import argparse
+import functools
 import json
 import os
 
@@ -43,6 +45,34 @@ def _parse(prog, argv, cls, section, defaults=None):
         cls, preset, section if preset else None, args.overrides, defaults=defaults
     )
     return cfg, args
+
+
+def prompt_fn(enable_thinking):
+    """``prompt_fn(tokenizer, question)``: the paper's prompt (``relax.build_prompt``) in
+    the stage's thinking mode."""
+    from relax.tokenizer import build_prompt
+
+    return functools.partial(build_prompt, enable_thinking=enable_thinking)
+
+
+def record_config(cfg, output_dir):
+    """The resolved config as ``output_dir/run_config.json`` (process 0; a rerun rewrites it)."""
+    if distributed.is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "run_config.json"), "w") as f:
+            json.dump(config_lib.to_dict(cfg), f, indent=2)
+
+
+def check_thinking(rows, cfg):
+    """Rows that ``relax sample`` wrote in another thinking mode than ``cfg``'s: a DataError
+    (their responses answer another prompt than the one the stage would build)."""
+    other = {r["enable_thinking"] for r in rows if "enable_thinking" in r} - {cfg.enable_thinking}
+    if other:
+        raise DataError(
+            f"data {cfg.data}: rows sampled with enable_thinking={other.pop()}, but "
+            f"enable_thinking={cfg.enable_thinking}",
+            "set the same enable_thinking, or sample the data again",
+        )
 
 
 def check_training_devices(cfg):
@@ -125,9 +155,11 @@ def sft(argv):
         print(json.dumps(config_lib.to_dict(cfg), indent=2))
         return 0
     rows = read_rows(cfg.data, cfg.run.seed)  # before anything loads: a bad file is quick to fix
+    check_thinking(rows, cfg)
     distributed.maybe_initialize()
     check_training_devices(cfg)
     with interrupt.guard(cfg.run.output_dir):  # one run per folder; SIGTERM / ^C save and stop
+        record_config(cfg, cfg.run.output_dir)
         return _sft(cfg, args, rows)
 
 
@@ -142,7 +174,10 @@ def _sft(cfg, args, rows):
     else:
         if tokenizer is None:
             raise ConfigError("text data needs a tokenizer", "set tokenizer=FOLDER or model=FOLDER")
-        examples = build_warmup_examples(rows, tokenizer, cfg.warmup_data, seed=cfg.run.seed)
+        examples = build_warmup_examples(
+            rows, tokenizer, cfg.warmup_data, seed=cfg.run.seed,
+            prompt_fn=prompt_fn(cfg.enable_thinking),
+        )  # fmt: skip
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     params = train_sft(model, params, examples, cfg, pad_id=pad, progress=not args.no_progress)
     if cfg.run.export and distributed.is_main_process():
@@ -163,6 +198,7 @@ def grpo(argv):
     check_training_devices(cfg)
     runtime.check_relay_mesh(cfg.mesh)  # the rollouts' mesh: mesh.model devices per replica
     with interrupt.guard(cfg.run.output_dir):  # one run per folder; SIGTERM / ^C save and stop
+        record_config(cfg, cfg.run.output_dir)
         return _grpo(cfg, args, argv, problems)
 
 
@@ -170,7 +206,6 @@ def _grpo(cfg, args, argv, problems):
     import relax
     from relax.train.grpo_train import train_grpo
     from relax.train.rollout import make_relay_rollout, text_verifier
-    from relax.train.warmup import chat_prompt
 
     slm, params = load_model(cfg.slm, cfg.model_config, cfg.run.dtype, cfg.run.seed)
     llm, llm_params = load_model(cfg.llm, cfg.llm_config, cfg.llm_dtype, cfg.run.seed + 1)
@@ -183,8 +218,10 @@ def _grpo(cfg, args, argv, problems):
     relay_cfg = cfg.relay
     rollout = make_relay_rollout(slm, llm, relay_cfg, relax.CallCommand.from_tokenizer(tokenizer))
 
+    prompt = prompt_fn(cfg.enable_thinking)
+
     def encode(problem):
-        return tokenizer(chat_prompt(tokenizer, problem["question"]), add_special_tokens=False)[
+        return tokenizer(prompt(tokenizer, problem["question"]), add_special_tokens=False)[
             "input_ids"
         ]
 
@@ -213,6 +250,47 @@ def _grpo(cfg, args, argv, problems):
     return 0
 
 
+def sample(argv):
+    cfg, args = _parse("sample", argv, config_lib.SampleConfig, "sample")
+    if args.print_config:
+        print(json.dumps(config_lib.to_dict(cfg), indent=2))
+        return 0
+    if cfg.enable_thinking:
+        raise ConfigError(
+            "sample.enable_thinking=true is not supported: the solutions are sampled from "
+            "the paper's non-thinking prompt (relax.train.warmup.self_solutions)",
+            "leave enable_thinking false",
+        )
+    rows = read_rows(cfg.data, cfg.seed)  # before anything loads: a bad file is quick to fix
+    missing = [i for i, r in enumerate(rows) if "question" not in r or "answer" not in r]
+    if missing:
+        raise DataError(
+            f"data {cfg.data}: row {missing[0] + 1} has no question or no answer",
+            "relax sample reads {question, answer} rows",
+        )
+    if cfg.limit:
+        rows = rows[: cfg.limit]
+    import jax
+
+    import relax
+    from relax.train.sample import sample_solutions
+
+    runtime.announce(devices=jax.local_devices()[:1])  # relax.generate of host arrays: one device
+    model, params = load_model(cfg.model, cfg.model_config, cfg.dtype, cfg.seed)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, os.path.dirname(cfg.output) or ".")
+    if tokenizer is None:
+        raise ConfigError("no tokenizer", "set tokenizer=FOLDER or model=FOLDER")
+    sampled, written, skipped = sample_solutions(
+        model, params, tokenizer, rows, cfg, relax.grade, progress=not args.no_progress
+    )
+    done = f" ({skipped} done before, skipped)" if skipped else ""
+    print(
+        f"sampled {sampled} problems x {cfg.k}{done}: {written} correct solutions appended "
+        f"-> {cfg.output}"
+    )
+    return 0
+
+
 def filter(argv):
     cfg, args = _parse("filter", argv, config_lib.FilterConfig, "filter")
     if args.print_config:
@@ -231,8 +309,10 @@ def filter(argv):
     rows = read_rows(cfg.data, cfg.seed)
     if cfg.limit:
         rows = rows[: cfg.limit]
+    rows = [dict(r, enable_thinking=cfg.enable_thinking) for r in rows]  # recorded in the output
     kept = filter_problems(
-        llm, llm_params, tokenizer, rows, cfg, relax.grade, progress=not args.no_progress
-    )
+        llm, llm_params, tokenizer, rows, cfg, relax.grade, progress=not args.no_progress,
+        prompt_fn=prompt_fn(cfg.enable_thinking),
+    )  # fmt: skip
     print(f"kept {len(kept)} of {len(rows)} problems -> {cfg.output}")
     return 0

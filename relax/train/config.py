@@ -167,12 +167,15 @@ class SFTConfig:
       batch_size: sequences per optimizer step, over all devices and hosts
         (paper: 32).
       epochs: passes over the data; ``steps`` > 0 caps the optimizer steps.
+      enable_thinking: Qwen3 thinking mode in the prompts' chat template (the paper:
+        off); rows that ``relax sample`` wrote with another setting are refused.
     """
 
     model: str = ""
     model_config: dict = dataclasses.field(default_factory=dict)
     tokenizer: str = ""
     data: str = ""
+    enable_thinking: bool = False
     max_len: int = 4096
     batch_size: int = 32
     epochs: int = 1
@@ -256,6 +259,7 @@ class GRPOConfig:
         loss) always uses the master params, so decode rounding never enters
         the ratio.
       epochs, steps: passes over the data; ``steps`` > 0 caps rollout steps.
+      enable_thinking: Qwen3 thinking mode in the prompts' chat template (the paper: off).
     """
 
     slm: str = ""
@@ -269,6 +273,7 @@ class GRPOConfig:
     prompts_per_step: int = 128
     mini_batch_prompts: int = 32
     max_prompt_len: int = 4096
+    enable_thinking: bool = False
     reward: str = "difficulty_aware"
     scale_rewards: bool = True
     clip_low: float = 0.2
@@ -324,6 +329,8 @@ class FilterConfig:
       max_new_tokens, temperature, top_p: teacher sampling (paper: 8192, 0.7, 0.95).
       seed: sampling seed.
       limit: only the first ``limit`` problems (0 = all).
+      enable_thinking: Qwen3 thinking mode in the teacher's prompts (the paper: off);
+        recorded in every row written.
     """
 
     llm: str = ""
@@ -338,6 +345,7 @@ class FilterConfig:
     top_p: float = 0.95
     seed: int = 0
     limit: int = 0
+    enable_thinking: bool = False
     dtype: str = "bfloat16"
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     """The device mesh (relax.mesh): ``mesh.fsdp=8`` etc.; default all devices on data."""
@@ -346,6 +354,52 @@ class FilterConfig:
         for name in ("k", "batch_size", "max_new_tokens"):
             _check(self, name, getattr(self, name) >= 1, ">= 1")
         _check(self, "min_pass_rate", 0 <= self.min_pass_rate < 1, "in [0, 1)")
+        _check(self, "temperature", self.temperature > 0, "> 0")
+        _check(self, "top_p", 0 < self.top_p <= 1, "in (0, 1]")
+        _check(self, "limit", self.limit >= 0, ">= 0 (0 = all)")
+        _check_choice(self, "dtype", DTYPES)
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    """The SLM's own solutions: k samples per problem, the correct ones kept (relax sample).
+
+    Attributes:
+      model: HF directory of the SLM; "" = a random model of ``model_config`` (tests).
+      model_config: ``relax.ModelConfig`` fields for a random model.
+      tokenizer: tokenizer directory ("" = the model directory; ``synthetic``: the
+        synthetic task's, written beside ``output``).
+      data: JSONL of {"question", "answer"} rows, or ``synthetic:N[:seed]``.
+      output: JSONL of the correct solutions, {"question", "answer", "response", ...}:
+        the ``data`` of ``relax sft``; ``<output>.all.jsonl`` records every problem.
+      k: samples per problem.
+      max_new_tokens, temperature, top_p: the SLM's sampling.
+      batch_size: problems per generate call (each expanded to k rows).
+      enable_thinking: Qwen3 thinking mode in the chat template (the paper: off).
+      seed: sampling seed.
+      limit: only the first ``limit`` problems (0 = all).
+      dtype: the SLM's dtype.
+    """
+
+    model: str = ""
+    model_config: dict = dataclasses.field(default_factory=dict)
+    tokenizer: str = ""
+    data: str = ""
+    output: str = "runs/solutions.jsonl"
+    k: int = 4
+    max_new_tokens: int = 8192
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 8
+    enable_thinking: bool = False
+    seed: int = 0
+    limit: int = 0
+    dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        for name in ("k", "batch_size", "max_new_tokens"):
+            _check(self, name, getattr(self, name) >= 1, ">= 1")
+        _check(self, "output", bool(self.output), "a JSONL path")
         _check(self, "temperature", self.temperature > 0, "> 0")
         _check(self, "top_p", 0 < self.top_p <= 1, "in (0, 1]")
         _check(self, "limit", self.limit >= 0, ">= 0 (0 = all)")
