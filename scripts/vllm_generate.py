@@ -25,15 +25,23 @@ and prints one line, `vllm: N tokens in S s (T tokens/s), R rounds, vllm X`.
 DIR is a Hugging Face folder (relax.save_hf writes config.json and
 model.safetensors). No tokenizer is needed: the engine starts with
 `skip_tokenizer_init=True` and takes `{"prompt_token_ids": ...}` prompts, so
-outputs are token ids only.
+outputs are token ids only (vLLM then logs a harmless "Chat template warmup
+failed" traceback and uses no EOS id). vLLM logs on stdout too: the result line
+starts with `vllm: `. vLLM's CPU attention takes head_dim 32, 64, 80, 96, 112,
+128, 160, 192, 224, 256 or 512 only (16 fails at the first generate).
 
 CPU settings: the KV cache gets `--kv-cache-gib` (default 1; vLLM's CPU default
-would reserve a fraction of all host memory), `--max-num-seqs` rows are decoded
-together, `--max-model-len` defaults to the longest prompt + max_tokens, and the
-model runs eagerly unless `--compile` (torch.compile on CPU costs minutes of
-start-up). vLLM spawns its engine in a second process, hence the `__main__`
-guard. Set OMP threads with VLLM_CPU_OMP_THREADS_BIND (e.g. `0-1`; `auto`, the
-default, binds one thread per core).
+reserves a fraction of all host memory), `--max-num-seqs` rows are decoded
+together, `--max-model-len` defaults to the longest prompt + max_tokens. The
+model runs as vLLM's CPU backend runs it by default (torch.compile, inductor);
+`--eager` skips compilation: about 30 s less start-up on 2 cores, but decoding
+was 1.2-1.6x slower (tiny and 20M Qwen3s, 16 rows). vLLM spawns its engine in
+a second process, hence the `__main__` guard.
+
+Threads: vLLM binds its worker's OpenMP threads to cores itself and, with
+VLLM_CPU_OMP_THREADS_BIND=auto (the default), keeps one core free for the
+engine process: on a 2-core machine the model runs on one core. `0-1` binds
+both, which was slower here (the engine's busy loop then shares a core).
 """
 
 import argparse
@@ -49,7 +57,7 @@ def parse_args():
     p.add_argument("--max-model-len", type=int, default=None, help="default: longest request")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--compile", action="store_true", help="torch.compile instead of eager")
+    p.add_argument("--eager", action="store_true", help="no torch.compile (faster start-up)")
     return p.parse_args()
 
 
@@ -68,6 +76,8 @@ def main():
     if len(max_tokens) != len(prompts):
         raise SystemExit(f"{len(prompts)} prompts but {len(max_tokens)} max_tokens")
     repeats = int(req.get("repeats", 1))
+    if repeats < 1:
+        raise SystemExit(f"repeats must be >= 1, got {repeats}")
     longest = max(len(p) + n for p, n in zip(prompts, max_tokens))
     llm = LLM(
         model=req["model"],
@@ -76,7 +86,7 @@ def main():
         max_model_len=args.max_model_len or longest,
         max_num_seqs=args.max_num_seqs,
         kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30),
-        enforce_eager=not args.compile,
+        enforce_eager=args.eager,
         seed=0,
     )
     inputs = [{"prompt_token_ids": p} for p in prompts]
