@@ -8,6 +8,10 @@ is printed as one line, `relax <command>: <what is wrong> (<how to fix>)`, with
 exit code 2. `--debug` anywhere on the command line, or `RELAX_DEBUG=1`, shows
 the full traceback instead. Any other exception is a bug and keeps its
 traceback.
+
+`relax sft` and `relax grpo` stopped by SIGTERM or SIGINT save a checkpoint,
+print one line and exit with 143 (SIGTERM) or 130 (SIGINT)
+(`relax.train.interrupt`); Ctrl-C in the other commands is one line, exit 130.
 """
 
 import argparse
@@ -20,6 +24,10 @@ from relax.errors import RelaxError, debug_enabled, one_line
 # subcommand -> ("module:function", one-line help). Each function takes argv.
 COMMANDS = {
     "demo": ("relax.demo:main", "train and evaluate a miniature RelayLLM on CPU, end to end"),
+    "sample": (
+        "relax.train.cli:sample",
+        "the SLM's own correct solutions (k samples per problem, graded): relax sft's data",
+    ),
     "sft": ("relax.train.cli:sft", "supervised warm-up (commands inserted into SLM solutions)"),
     "grpo": ("relax.train.cli:grpo", "GRPO with relay rollouts and a difficulty-aware reward"),
     "filter": (
@@ -51,8 +59,13 @@ def main(argv=None):
     if argv[0] not in COMMANDS:
         parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}")
     target, _ = COMMANDS[argv[0]]
+    from relax import runtime  # jax: only once a command runs, so `relax --help` stays instant
+
+    runtime.command = argv[0]
     module_name, func_name = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
+    from relax.train.interrupt import Stopped
+
     try:
         return func(argv[1:]) or 0
     except _user_errors() as e:
@@ -60,6 +73,14 @@ def main(argv=None):
             raise
         print(f"relax {argv[0]}: {one_line(e)}", file=sys.stderr)
         return 2
+    except Stopped as e:  # sft, grpo: a signal, a checkpoint saved (relax.train.interrupt)
+        print(f"relax {argv[0]}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C in a command that does not train
+        if debug:
+            raise
+        print(f"relax {argv[0]}: interrupted (SIGINT)", file=sys.stderr)
+        return 130
 
 
 def _user_errors():

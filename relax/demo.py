@@ -205,17 +205,6 @@ class DemoConfig:
 SPLIT_SEEDS = {"llm": 101, "slm": 102, "warmup": 103, "rl": 104}
 
 
-def _config_dir():
-    here = os.path.dirname(os.path.abspath(__file__))
-    for cand in (
-        os.path.join(os.getcwd(), "configs"),
-        os.path.join(os.path.dirname(here), "configs"),
-    ):
-        if os.path.isdir(cand):
-            return cand
-    return os.path.join(os.path.dirname(here), "configs")
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="relax demo",
@@ -235,8 +224,9 @@ def parse_args(argv):
         default=None,
         help="GRPO + eval seeds (mean ± std over them; default the preset's, 1)",
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grpo.steps=20")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 RELAY_SECTIONS = ("grpo.relay", "eval.relay")
@@ -247,9 +237,7 @@ def load_demo_config(args, tokenizer=None):
     `tokenizer`, its eos and pad ids fill the relay sections that leave them unset."""
     from relax.train.config import load_config, resolve_preset, tokenizer_defaults
 
-    preset = resolve_preset(
-        args.config or (QUICK_CONFIG if args.quick else DEFAULT_CONFIG), _config_dir()
-    )
+    preset = resolve_preset(args.config or (QUICK_CONFIG if args.quick else DEFAULT_CONFIG))
     defaults = tokenizer_defaults(tokenizer, *RELAY_SECTIONS) if tokenizer is not None else None
     cfg = load_config(DemoConfig, preset, None, args.overrides, defaults=defaults)
     if args.seeds is not None:
@@ -268,8 +256,10 @@ def load_demo_config(args, tokenizer=None):
 class Stages:
     """Stage caching: a stage is done when `<out>/<name>/stage.json` holds its settings."""
 
-    def __init__(self, out, fresh):
+    def __init__(self, out, fresh, progress=True):
         self.out, self.fresh, self.times = out, fresh, {}
+        self.progress = progress
+        """Progress bars of the training, filter and eval stages (`--no-progress`: none)."""
 
     def path(self, name, *parts):
         return os.path.join(self.out, name, *parts)
@@ -423,7 +413,9 @@ def stage_pretrain(st, name, sec, cfg, task, tok_dir, tokenizer):
             st.path(name, "train"), steps, sec.batch_size, sec.learning_rate, sec.seed
         )
         print(f"[demo] {name}: {model.num_params():,} parameters, {steps} steps", flush=True)
-        params = train_sft(model, params, examples, run_cfg, pad_id=tokenizer.pad_token_id)
+        params = train_sft(
+            model, params, examples, run_cfg, pad_id=tokenizer.pad_token_id, progress=st.progress
+        )
         relax.save_hf(model, params, st.path(name, "model"))
         shutil.copytree(tok_dir, st.path(name, "model"), dirs_exist_ok=True)
         st.finish(name, settings, {"params": model.num_params(), "steps": steps})
@@ -512,7 +504,9 @@ def stage_warmup(st, cfg, task, tok_dir, tokenizer, slm, slm_params, slm_digest)
         bs = min(sec.batch_size, len(examples))
         steps = len(examples) // bs
         run_cfg = _sft_config(st.path("warmup", "train"), steps, bs, sec.learning_rate, cfg.seed)
-        params = train_sft(slm, slm_params, examples, run_cfg, pad_id=tokenizer.pad_token_id)
+        params = train_sft(
+            slm, slm_params, examples, run_cfg, pad_id=tokenizer.pad_token_id, progress=st.progress
+        )
         relax.save_hf(slm, params, st.path("warmup", "model"))
         shutil.copytree(tok_dir, st.path("warmup", "model"), dirs_exist_ok=True)
         st.finish("warmup", settings, {"solutions": len(rows), "steps": steps})
@@ -542,7 +536,7 @@ def stage_filter(st, cfg, task, tokenizer, llm, llm_params, llm_digest):
             seed=cfg.seed,
         )
         kept = teacher_filter.filter_problems(
-            llm, llm_params, tokenizer, problems, fcfg, relax.grade
+            llm, llm_params, tokenizer, problems, fcfg, relax.grade, progress=st.progress
         )
         st.finish("filter", settings, {"kept": len(kept), "of": len(problems)})
     with open(path) as f:
@@ -665,6 +659,7 @@ def stage_grpo(
             encode,
             llm_params=llm_params,
             pad_id=relay_cfg.pad_id,
+            progress=st.progress,
         )
         relax.save_hf(slm, params, st.path(name, "model"))
         shutil.copytree(tok_dir, st.path(name, "model"), dirs_exist_ok=True)
@@ -690,6 +685,7 @@ def stage_eval(st, cfg, task, tokenizer, slm, params, llm, llm_params, seed=None
         entropy_k=sec.entropy_k,
         prompt_bucket=16,
         fixed_n=None,
+        progress=st.progress,
     )
     strategies = [
         ("slm", "slm", {"slm_params": params["slm"]}),
@@ -896,10 +892,12 @@ def main(argv=None):
     cfg = load_demo_config(args)
     t0 = time.time()
     os.makedirs(cfg.out, exist_ok=True)
-    st = Stages(cfg.out, args.fresh)
+    st = Stages(cfg.out, args.fresh, progress=not args.no_progress)
 
+    from relax import runtime
     from relax.eval.report import write_report
 
+    where = runtime.announce()
     base = base_stages(st, args)
     cfg, task, tokenizer = base.cfg, base.task, base.tokenizer
     slm, slm_params, llm, llm_params = base.slm, base.slm_params, base.llm, base.llm_params
@@ -934,6 +932,7 @@ def main(argv=None):
     avg = {k: v["average"] for k, v in results["summary"].items()}
     wall = time.time() - t0
     results["wall_time_s"] = wall
+    results["runtime"] = where
     results["seeds"] = seeds
     results["stage_seconds"] = {
         name: st.info(name)["seconds"]

@@ -21,6 +21,7 @@ import relax
 from relax.data import synthetic
 from relax.data.loaders import BenchmarkUnavailable, load_benchmark
 from relax.errors import InputError
+from relax.train.metrics import read_metrics, read_runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -126,13 +127,47 @@ def test_eval_malformed_jsonl_names_file_and_line(ckpt, tmp_path):
         (["steps=abc"], ["steps: expected int, got 'abc'"]),
         (["foo=1"], ["unknown keys ['foo']", "known keys:"]),
         (["--config", "nope"], ["--config nope", "no preset 'nope'", "train-tiny"]),
+        (["--no-progress"], ["no --config given", "--config train-tiny"]),
+        # values a run would take silently (train nothing, export random weights) or crash on
+        (["steps=-1"], ["steps must be >= 0 (0 = no cap), got -1"]),
+        (["epochs=0"], ["epochs must be >= 1, got 0", "exports untrained weights"]),
+        (["optim.learning_rate=-1e-3"], ["optim.learning_rate must be > 0, got -0.001"]),
+        (["batch_size=0"], ["batch_size must be >= 1, got 0"]),
+        (["run.dtype=float8"], ["run.dtype must be float32 or bfloat16, got 'float8'"]),
+        # an override after an option is an override, not an unknown argument
+        (["--no-progress", "steps=2", "--print-config", "foo=1"], ["unknown keys ['foo']"]),
     ],
 )
 def test_sft_config_mistakes(args, needles):
-    if args[0] != "--config":
+    if "--config" not in args and "no --config given" not in needles:
         args = ["--config", "train-tiny", *args]
     rc, _, err = relax_cli("sft", *args)
     assert_one_line(rc, err, "sft", *needles)
+
+
+def test_overrides_may_follow_options():
+    rc, out, err = relax_cli(
+        "sft", "--config", "train-tiny", "steps=3", "--no-progress", "batch_size=4",
+        "--print-config", "run.dtype=bfloat16",
+    )  # fmt: skip
+    assert rc == 0, err[-3000:]
+    cfg = json.loads(out)
+    assert (cfg["steps"], cfg["batch_size"], cfg["run"]["dtype"]) == (3, 4, "bfloat16")
+
+
+def test_grpo_on_an_empty_problem_file_fails_before_loading(tmp_path):
+    empty = tmp_path / "problems.jsonl"
+    empty.write_text("\n")
+    rc, _, err = relax_cli("grpo", "--config", "train-tiny", f"data={empty}", "--no-progress")
+    assert_one_line(rc, err, "grpo", f"data {empty}: no rows")
+
+
+def test_demo_takes_no_progress_and_trailing_overrides(tmp_path):
+    # --no-progress is accepted, and seeds=0 after it is read as an override
+    rc, _, err = relax_cli(
+        "demo", "--quick", "--no-progress", "--out", str(tmp_path / "demo"), "seeds=0"
+    )
+    assert_one_line(rc, err, "demo", "seeds must be >= 1, got 0")
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -153,6 +188,16 @@ def test_sft_prints_its_planned_steps(tmp_path):
         "[sft] 6 steps = 2 epoch(s) x 3 batches of 8 from 28 examples; steps=40 is only a cap "
         "(raise epochs for more steps) (36 of 64 examples are longer than max_len=160 and dropped)"
     ) in out
+    # where it runs: one line on stderr, a warning that 4 devices share the CPU, and a record
+    lines = [line for line in err.splitlines() if line.startswith("relax sft runs on ")]
+    assert lines == [
+        f"relax sft runs on cpu: 4 x cpu of 4 visible, 1 process, mesh data=4 fsdp=1 model=1 "
+        f"(jax {jax.__version__})"
+    ], err[-3000:]
+    assert err.count("4 devices on CPU-only jax") == 1
+    (row,) = read_runtime(str(tmp_path))
+    assert row["from_step"] == 0 and row["runtime"]["mesh"] == {"data": 4, "fsdp": 1, "model": 1}
+    assert len(read_metrics(str(tmp_path))) == 6  # the step rows alone
 
 
 def test_benchmark_columns_are_explicit(tmp_path):
@@ -200,3 +245,71 @@ def test_budget_past_max_positions_warns_once(ckpt):
         relax.generate(model, params, prompts, lens, jax.random.key(1), cfg)
     texts = [str(w.message) for w in seen if "max_position_embeddings" in str(w.message)]
     assert len(texts) == 1 and "5 tokens exceeds its max_position_embeddings (4)" in texts[0]
+
+
+def test_eval_text_named_parquet_is_one_line(ckpt, tmp_path):
+    fake = tmp_path / "bench.parquet"
+    fake.write_text('{"question": "1+1?", "answer": "2"}\n')
+    rc, _, err = relax_cli(*eval_args(ckpt["model"], str(fake), str(tmp_path / "out")))
+    assert_one_line(rc, err, "eval", f"{fake}: not a readable Parquet file")
+
+
+def test_eval_non_utf8_line_names_file_and_line(ckpt, tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"question": "a", "answer": "1"}\n{"question": "caf\xe9", "answer": "2"}\n')
+    rc, _, err = relax_cli(*eval_args(ckpt["model"], str(bad), str(tmp_path / "out")))
+    assert_one_line(rc, err, "eval", f"{bad}: line 2 is not UTF-8 text (byte 0xe9)")
+
+
+def test_eval_limit_zero_is_one_line(ckpt, tmp_path):
+    args = [*eval_args(ckpt["model"], ckpt["bench"], str(tmp_path / "out")), "--limit", "0"]
+    rc, _, err = relax_cli(*args)
+    assert_one_line(rc, err, "eval", "--limit 0: must be >= 1")
+
+
+def test_eval_out_naming_a_file_fails_before_anything_loads(ckpt, tmp_path):
+    out = tmp_path / "results.json"
+    out.write_text("{}")
+    # batch_size=2 after the options: an override there is read, not rejected
+    rc, stdout, err = relax_cli(*eval_args(ckpt["model"], ckpt["bench"], str(out)), "batch_size=2")
+    assert_one_line(rc, err, "eval", f"--out {out}: is a file, not a folder")
+    assert "[eval]" not in stdout  # no benchmark was read
+    assert out.read_text() == "{}"
+
+
+@pytest.mark.parametrize("damage", ["int32", "nan"])
+def test_eval_weights_that_are_not_finite_floats_name_the_tensor(ckpt, tmp_path, damage):
+    from safetensors.numpy import load_file, save_file
+
+    path = copy_model(ckpt, f"weights-{damage}")
+    weights = os.path.join(path, "model.safetensors")
+    tensors = load_file(weights)
+    name = "model.layers.0.mlp.up_proj.weight"
+    if damage == "int32":
+        tensors[name] = tensors[name].astype(np.int32)
+        needle = f"tensor {name!r} is stored as int32, not as floats"
+    else:
+        tensors[name] = tensors[name].copy()
+        tensors[name][0, :3] = np.nan
+        needle = f"tensor {name!r} holds 3 NaN or infinite values of {tensors[name].size}"
+    save_file(tensors, weights)
+    rc, _, err = relax_cli(*eval_args(path, ckpt["bench"], str(tmp_path / "out")))
+    assert_one_line(rc, err, "eval", weights, needle)
+
+
+def test_more_devices_than_visible_is_one_line_before_loading(ckpt, tmp_path):
+    # this process and its children see 4 fake CPU devices (tests/conftest.py)
+    rc, stdout, err = relax_cli(
+        *eval_args(ckpt["model"], ckpt["bench"], str(tmp_path)), "--devices", "5"
+    )
+    assert_one_line(rc, err, "eval", "--devices 5: only 4 cpu devices are visible", "relax[cuda12]")
+    assert "[eval]" not in stdout
+    rc, _, err = relax_cli("sft", "--config", "train-tiny", "mesh.data=3", "model=/nonexistent")
+    assert_one_line(
+        rc,
+        err,
+        "sft",
+        "mesh.data=3 mesh.fsdp=1 mesh.model=1 needs 3 devices, but 4 cpu devices are visible",
+    )
+    rc, _, err = relax_cli("sft", "--config", "train-tiny", "run.num_devices=8")
+    assert_one_line(rc, err, "sft", "run.num_devices 8: only 4 cpu devices are visible")

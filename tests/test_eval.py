@@ -437,6 +437,8 @@ def test_cli_writes_results(setup, tmp_path):
     assert sorted(os.listdir(out)) == ["results.json", "results.md", "results.png"]
     res = json.load(open(out / "results.json"))
     assert set(res["summary"]) == {"slm", "llm"}
+    where = res["config"]["runtime"]  # where it ran: --devices 1 of the 4 fake CPU devices
+    assert (where["backend"], where["devices"], where["visible_devices"]) == ("cpu", 1, 4)
     assert res["summary"]["slm"]["benchmarks"]["mini"]["n"] == 3
 
 

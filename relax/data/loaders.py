@@ -23,8 +23,9 @@ either names its columns (`fields`, on the CLI `NAME=FILE?question=COL&answer=CO
 or uses one of the documented names of `ALIASES`, tried in order; nothing else
 is guessed (a `solution` column is a worked solution, not an answer, and is
 never taken for one). The columns used are kept in `Benchmark.columns` and
-printed by `relax eval`. An empty file, a malformed JSON line (named by file
-and line number) or a missing column is a `BenchmarkUnavailable` error.
+printed by `relax eval`. An empty file, a malformed or non-UTF-8 JSON line (named
+by file and line number), a `.parquet` file that is not Parquet or a missing column
+is a `BenchmarkUnavailable` error.
 
 Offline, a hub id fails with one `BenchmarkUnavailable` error that says how to
 pass a local file instead. Nothing here downloads anything by itself besides
@@ -301,28 +302,50 @@ def _read_local(path):
         raise BenchmarkUnavailable(f"benchmark file not found: {path}")
     ext = path.lower().rsplit(".", 1)[-1]
     if ext == "parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except pa.ArrowException as e:  # e.g. a text file named .parquet
+            raise BenchmarkUnavailable(
+                f"{path}: not a readable Parquet file ({' '.join(str(e).split())})",
+                "write it with pyarrow or pandas, or name a JSONL file .jsonl",
+            ) from None
     if ext == "jsonl":
         return read_jsonl(path, BenchmarkUnavailable)
     if ext == "json":
-        with open(path) as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise BenchmarkUnavailable(
-                    f"{path}: invalid JSON at line {e.lineno} ({e.msg})"
-                ) from None
+        with open(path, "rb") as f:
+            text = _utf8(f.read(), path, BenchmarkUnavailable)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BenchmarkUnavailable(
+                f"{path}: invalid JSON at line {e.lineno} ({e.msg})"
+            ) from None
         return data if isinstance(data, list) else data.get("data", data.get("rows"))
     raise BenchmarkUnavailable(f"{path}: unsupported format (use .jsonl, .json or .parquet)")
 
 
+def _utf8(raw, path, error, line=None):
+    """``raw`` bytes as text; bytes that are not UTF-8 raise ``error`` naming file (and line)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = f"line {line}" if line is not None else f"byte {e.start}"
+        raise error(
+            f"{path}: {where} is not UTF-8 text (byte {raw[e.start]:#04x})",
+            "save the file as UTF-8",
+        ) from None
+
+
 def read_jsonl(path, error=DataError):
-    """The JSON objects of a JSONL file; a bad line raises ``error`` naming file and line."""
+    """The JSON objects of a JSONL file; a bad line (not JSON, not an object, not UTF-8)
+    raises ``error`` naming file and line."""
     rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            line = _utf8(raw, path, error, number)
             if not line.strip():
                 continue
             try:

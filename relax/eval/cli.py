@@ -87,7 +87,8 @@ def _parser():
         help="output folder for results.{json,md,png} (default: runs/eval)",
     )
     p.add_argument(
-        "--config", help="YAML file of EvalConfig settings (e.g. configs/eval-paper.yaml)"
+        "--config",
+        help="YAML file of EvalConfig settings, or a preset name (e.g. eval-paper)",
     )
     p.add_argument(
         "--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="model dtype"
@@ -137,7 +138,7 @@ def build_config(args, tokenizer):
     """EvalConfig: defaults < YAML (--config) < flags < key=value, by the one config loader
     (`relax.train.config.load_config`); eos and pad ids left unset are the tokenizer's."""
     from relax.eval.strategies import EvalConfig
-    from relax.train.config import load_config, tokenizer_defaults
+    from relax.train.config import load_config, resolve_preset, tokenizer_defaults
 
     flags = {
         "seed": args.seed,
@@ -160,7 +161,7 @@ def build_config(args, tokenizer):
         flags[f"relay.{m}.greedy"] = True if args.greedy else None
     return load_config(
         EvalConfig,
-        args.config,
+        resolve_preset(args.config) if args.config else None,
         None,
         args.overrides,
         settings=flags,
@@ -187,14 +188,36 @@ def parse_benchmarks(spec, seed=0, limit=None, repeats=None):
     return out
 
 
+def check_args(args):
+    """The flags' own mistakes, found before a model or benchmark loads: counts below 1, and an
+    --out that names a file (the report is written only after the whole evaluation)."""
+    for flag in ("limit", "repeats", "batch_size", "devices"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            name = "--" + flag.replace("_", "-")
+            raise ConfigError(f"{name} {value}: must be >= 1", f"leave {name} out for the default")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ConfigError(
+            f"--out {args.out}: is a file, not a folder",
+            "pass a folder for results.json, results.md and results.png",
+        )
+
+
 def main(argv=None):
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    # intermixed: key=value overrides may come before, between or after the options
+    args = _parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    check_args(args)
+    import jax
     import jax.numpy as jnp
 
+    from relax import runtime
     from relax.eval.report import markdown_table, write_report
     from relax.eval.strategies import STRATEGIES, evaluate
+    from relax.mesh import relay_mesh
     from relax.models.hf import load_hf
     from relax.tokenizer import load_tokenizer
+
+    runtime.check_devices(args.devices)  # before any benchmark or weights load
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [s for s in strategies if s not in STRATEGIES]
@@ -214,6 +237,9 @@ def main(argv=None):
 
     tokenizer = load_tokenizer(args.tokenizer or args.slm)
     cfg = build_config(args, tokenizer)
+    devices = jax.local_devices()[: args.devices] if args.devices else None
+    runtime.check_relay_mesh(cfg.mesh, devices)
+    where = runtime.announce(relay_mesh(cfg.mesh, devices, rows=cfg.batch_size))
     benches = parse_benchmarks(
         args.benchmarks, seed=cfg.seed, limit=args.limit, repeats=args.repeats
     )
@@ -232,9 +258,6 @@ def main(argv=None):
             runs.append(s)
 
     t0 = time.time()
-    import jax
-
-    devices = jax.local_devices()[: args.devices] if args.devices else None
     results = evaluate(
         runs, slm, slm_params, llm, llm_params, benches, tokenizer, cfg, devices=devices
     )
@@ -245,6 +268,7 @@ def main(argv=None):
         dtype=args.dtype,
         benchmarks=[b.name for b in benches],
         wall_seconds=round(time.time() - t0, 1),
+        runtime=where,
     )
     paths = write_report(results, args.out)
     print(markdown_table(results["summary"], "accuracy"))

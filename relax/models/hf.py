@@ -11,7 +11,8 @@ a leading L axis because the model scans over its layers.
 
 Safetensors are read with numpy (bfloat16 through ml_dtypes); torch is never
 needed at run time. Every failure names the file and the tensor: unsupported
-model type, missing config, missing tensor, unexpected tensor, wrong shape.
+model type, missing config, missing tensor, unexpected tensor, wrong shape, a
+tensor not stored as floats, NaN or infinite values.
 Tied embeddings are explicit: a tied model has no `lm_head`, and a checkpoint
 that stores `lm_head.weight` for a tied model must store the embedding there.
 """
@@ -90,6 +91,22 @@ def _read_json(file):
             return json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file}: invalid JSON at line {e.lineno} ({e.msg})") from None
+
+
+def _check_values(w: np.ndarray, name: str, file: str) -> None:
+    """A weight must be stored as floats and be finite: an integer tensor would be cast
+    to floats silently, and one NaN poisons every answer (empty ones, not an error)."""
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise CheckpointError(
+            f"{file}: tensor {name!r} is stored as {w.dtype}, not as floats",
+            "export the weights as float32, bfloat16 or float16",
+        )
+    bad = np.size(w) - int(np.count_nonzero(np.isfinite(w)))
+    if bad:
+        raise CheckpointError(
+            f"{file}: tensor {name!r} holds {bad} NaN or infinite values of {np.size(w)}",
+            "the checkpoint is damaged, or its training diverged: export a finite one",
+        )
 
 
 def _to_relax(w: np.ndarray, shape: tuple, layout: int | None) -> np.ndarray:
@@ -198,6 +215,7 @@ def load_hf(path: str, dtype=jnp.bfloat16) -> tuple[Model, dict]:
                 f"{location[hf_name]}: tensor {hf_name!r} has shape "
                 f"{tuple(w.shape)}, expected {tuple(want)} from config.json"
             )
+        _check_values(w, hf_name, location[hf_name])
         x = _to_relax(w, shape, layout).astype(np_dtype)
         node = params
         for key in rpath[:-1]:

@@ -36,7 +36,7 @@ import os
 import re
 import sys
 
-from relax.train.config import CONFIG_DIR  # jax-free: XLA_FLAGS can still be set after
+from relax.train.config import resolve_preset  # jax-free: XLA_FLAGS can still be set after
 
 
 def _parser():
@@ -49,8 +49,9 @@ def _parser():
     )
     p.add_argument(
         "--eval",
-        default=os.path.join(CONFIG_DIR, "eval-paper.yaml"),
-        help="eval settings YAML for the eval relay program ('' = no eval program)",
+        default="eval-paper",
+        help="eval settings for the eval relay program: a YAML path or a preset name "
+        "(default eval-paper; '' = no eval program)",
     )
     p.add_argument("--prompt-len", type=int, help="eval / filter prompt width")
     p.add_argument(
@@ -120,9 +121,9 @@ def mesh_overrides(doc, mesh):
 
 
 def _load(preset, overrides, mesh=None):
-    from relax.train.config import apply_overrides, read_yaml, resolve_preset
+    from relax.train.config import apply_overrides, read_yaml
 
-    preset = resolve_preset(preset, CONFIG_DIR)
+    preset = resolve_preset(preset)
     doc = read_yaml(preset)
     if mesh:  # before the explicit overrides, which may refine one stage
         doc = apply_overrides(doc, mesh_overrides(doc, mesh))
@@ -147,11 +148,16 @@ def plan_preset(
     from relax.plan.report import measure
 
     devs = _set_device_count(devices)
+    if log:
+        from relax import runtime
+
+        log(runtime.line(runtime.where(devices=devs)) + " (fake devices: nothing runs)")
     dev = lookup(device)
     if dev is None:
         raise SystemExit(f"relax plan: unknown --device {device!r}")
     memory = parse_bytes(device_memory) if device_memory else int(dev.hbm_bytes)
     path, doc = _load(preset, overrides, mesh)
+    eval_path = resolve_preset(eval_path, flag="--eval") if eval_path else None
     from relax.plan.arch import PlanError
 
     if "task" in doc:

@@ -16,6 +16,7 @@ This module does not build models or optimizers; it only describes them.
 
 import copy
 import dataclasses
+import importlib.resources
 import os
 import types
 import typing
@@ -26,6 +27,22 @@ import yaml
 from relax.errors import ConfigError
 from relax.mesh import MeshConfig
 from relax.relay.config import RelayConfig, SamplingConfig
+
+
+DTYPES = ("float32", "bfloat16")
+"""The dtypes a trained or frozen model may have (``run.dtype``, ``llm_dtype``, ``dtype``)."""
+
+
+def _check(cfg, field, ok, rule, hint=None):
+    """A ConfigError "FIELD must be RULE, got VALUE" unless ``ok``. ``from_dict`` puts the
+    section in front (``run.dtype must be ...``), so the message names the key to fix."""
+    if not ok:
+        raise ConfigError(f"{field} must be {rule}, got {getattr(cfg, field)!r}", hint)
+
+
+def _check_choice(cfg, field, choices):
+    value = getattr(cfg, field)
+    _check(cfg, field, value in choices, " or ".join(choices))
 
 
 @dataclasses.dataclass
@@ -52,6 +69,17 @@ class OptimConfig:
     b2: float = 0.999
     eps: float = 1e-8
     grad_clip: float = 1.0
+
+    def __post_init__(self):
+        _check(self, "learning_rate", self.learning_rate > 0, "> 0")
+        _check(self, "warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)")
+        _check_choice(self, "decay", ("cosine", "linear", "constant"))
+        _check(self, "end_lr_ratio", self.end_lr_ratio >= 0, ">= 0")
+        _check(self, "weight_decay", self.weight_decay >= 0, ">= 0")
+        for b in ("b1", "b2"):
+            _check(self, b, 0 <= getattr(self, b) < 1, "in [0, 1)")
+        _check(self, "eps", self.eps >= 0, ">= 0")
+        _check(self, "grad_clip", self.grad_clip >= 0, ">= 0 (0 = no clipping)")
 
 
 @dataclasses.dataclass
@@ -114,6 +142,15 @@ class RunConfig:
     export: bool = True
     kill_at_step: int = 0
 
+    def __post_init__(self):
+        _check(self, "output_dir", bool(self.output_dir), "a folder")
+        _check_choice(self, "dtype", DTYPES)
+        _check(self, "num_devices", self.num_devices >= 0, ">= 0 (0 = all)")
+        for name in ("micro_batch_size", "logprob_chunk", "keep_checkpoints"):
+            _check(self, name, getattr(self, name) >= 1, ">= 1")
+        for name in ("checkpoint_every", "log_every", "kill_at_step"):
+            _check(self, name, getattr(self, name) >= 0, ">= 0 (0 = never)")
+
 
 @dataclasses.dataclass
 class SFTConfig:
@@ -130,12 +167,15 @@ class SFTConfig:
       batch_size: sequences per optimizer step, over all devices and hosts
         (paper: 32).
       epochs: passes over the data; ``steps`` > 0 caps the optimizer steps.
+      enable_thinking: Qwen3 thinking mode in the prompts' chat template (the paper:
+        off); rows that ``relax sample`` wrote with another setting are refused.
     """
 
     model: str = ""
     model_config: dict = dataclasses.field(default_factory=dict)
     tokenizer: str = ""
     data: str = ""
+    enable_thinking: bool = False
     max_len: int = 4096
     batch_size: int = 32
     epochs: int = 1
@@ -145,6 +185,23 @@ class SFTConfig:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     """The device mesh (relax.mesh): ``mesh.fsdp=8`` etc.; default all devices on data."""
+
+    def __post_init__(self):
+        _check(self, "max_len", self.max_len >= 2, ">= 2 (a prompt token and a target)")
+        _check(self, "batch_size", self.batch_size >= 1, ">= 1")
+        _check_steps(self)
+
+
+def _check_steps(cfg):
+    """epochs >= 1 and steps >= 0: a run that trains nothing would export its initial weights."""
+    _check(
+        cfg,
+        "epochs",
+        cfg.epochs >= 1,
+        ">= 1",
+        "a run that trains nothing exports untrained weights",
+    )
+    _check(cfg, "steps", cfg.steps >= 0, ">= 0 (0 = no cap)", "steps only caps epochs x batches")
 
 
 @dataclasses.dataclass
@@ -202,6 +259,7 @@ class GRPOConfig:
         loss) always uses the master params, so decode rounding never enters
         the ratio.
       epochs, steps: passes over the data; ``steps`` > 0 caps rollout steps.
+      enable_thinking: Qwen3 thinking mode in the prompts' chat template (the paper: off).
     """
 
     slm: str = ""
@@ -215,6 +273,7 @@ class GRPOConfig:
     prompts_per_step: int = 128
     mini_batch_prompts: int = 32
     max_prompt_len: int = 4096
+    enable_thinking: bool = False
     reward: str = "difficulty_aware"
     scale_rewards: bool = True
     clip_low: float = 0.2
@@ -242,6 +301,18 @@ class GRPOConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     """The device mesh (relax.mesh): ``mesh.fsdp=8`` etc.; default all devices on data."""
 
+    def __post_init__(self):
+        # rollout_dtype is checked with the sampling settings (grpo_train.check_sampling).
+        for name in ("group_size", "prompts_per_step", "mini_batch_prompts", "max_prompt_len"):
+            _check(self, name, getattr(self, name) >= 1, ">= 1")
+        _check(self, "rollout_batch_size", self.rollout_batch_size >= 0, ">= 0 (0 = all rows)")
+        _check_choice(self, "reward", ("difficulty_aware", "simple", "accuracy"))
+        _check_choice(self, "llm_dtype", DTYPES)
+        for name in ("clip_low", "clip_high", "kl_coef"):
+            _check(self, name, getattr(self, name) >= 0, ">= 0")
+        _check(self, "dual_clip", self.dual_clip > 1, "> 1")
+        _check_steps(self)
+
 
 @dataclasses.dataclass
 class FilterConfig:
@@ -258,6 +329,8 @@ class FilterConfig:
       max_new_tokens, temperature, top_p: teacher sampling (paper: 8192, 0.7, 0.95).
       seed: sampling seed.
       limit: only the first ``limit`` problems (0 = all).
+      enable_thinking: Qwen3 thinking mode in the teacher's prompts (the paper: off);
+        recorded in every row written.
     """
 
     llm: str = ""
@@ -272,9 +345,65 @@ class FilterConfig:
     top_p: float = 0.95
     seed: int = 0
     limit: int = 0
+    enable_thinking: bool = False
     dtype: str = "bfloat16"
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     """The device mesh (relax.mesh): ``mesh.fsdp=8`` etc.; default all devices on data."""
+
+    def __post_init__(self):
+        for name in ("k", "batch_size", "max_new_tokens"):
+            _check(self, name, getattr(self, name) >= 1, ">= 1")
+        _check(self, "min_pass_rate", 0 <= self.min_pass_rate < 1, "in [0, 1)")
+        _check(self, "temperature", self.temperature > 0, "> 0")
+        _check(self, "top_p", 0 < self.top_p <= 1, "in (0, 1]")
+        _check(self, "limit", self.limit >= 0, ">= 0 (0 = all)")
+        _check_choice(self, "dtype", DTYPES)
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    """The SLM's own solutions: k samples per problem, the correct ones kept (relax sample).
+
+    Attributes:
+      model: HF directory of the SLM; "" = a random model of ``model_config`` (tests).
+      model_config: ``relax.ModelConfig`` fields for a random model.
+      tokenizer: tokenizer directory ("" = the model directory; ``synthetic``: the
+        synthetic task's, written beside ``output``).
+      data: JSONL of {"question", "answer"} rows, or ``synthetic:N[:seed]``.
+      output: JSONL of the correct solutions, {"question", "answer", "response", ...}:
+        the ``data`` of ``relax sft``; ``<output>.all.jsonl`` records every problem.
+      k: samples per problem.
+      max_new_tokens, temperature, top_p: the SLM's sampling.
+      batch_size: problems per generate call (each expanded to k rows).
+      enable_thinking: Qwen3 thinking mode in the chat template (the paper: off).
+      seed: sampling seed.
+      limit: only the first ``limit`` problems (0 = all).
+      dtype: the SLM's dtype.
+    """
+
+    model: str = ""
+    model_config: dict = dataclasses.field(default_factory=dict)
+    tokenizer: str = ""
+    data: str = ""
+    output: str = "runs/solutions.jsonl"
+    k: int = 4
+    max_new_tokens: int = 8192
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 8
+    enable_thinking: bool = False
+    seed: int = 0
+    limit: int = 0
+    dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        for name in ("k", "batch_size", "max_new_tokens"):
+            _check(self, name, getattr(self, name) >= 1, ">= 1")
+        _check(self, "output", bool(self.output), "a JSONL path")
+        _check(self, "temperature", self.temperature > 0, "> 0")
+        _check(self, "top_p", 0 < self.top_p <= 1, "in (0, 1]")
+        _check(self, "limit", self.limit >= 0, ">= 0 (0 = all)")
+        _check_choice(self, "dtype", DTYPES)
 
 
 def _type_name(tp):
@@ -361,8 +490,8 @@ def from_dict(cls, data, where="", base=None):
             values[name] = _coerce(value, hints[name], f"{where}{name}")
     try:
         return dataclasses.replace(base, **values)
-    except ConfigError:
-        raise
+    except ConfigError as e:  # a check of this section: its message starts with the field
+        raise ConfigError(f"{where}{e.message}", e.hint) from None
     except (TypeError, ValueError) as e:  # the dataclass's own checks (ranges, choices)
         raise ConfigError(f"{where.rstrip('.') or cls.__name__}: {e}") from None
 
@@ -468,23 +597,43 @@ def read_yaml(path):
     return doc
 
 
-# The repository's presets (configs/ beside the package).
-CONFIG_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
-)
+def preset_dir():
+    """The folder of the named presets (``relax sft --config train-tiny``, ``relax demo``).
+
+    The presets live in the repository's top-level ``configs/``. An installed wheel ships
+    them inside the package, as ``relax/configs/`` (``setup.py`` maps that folder there);
+    a source checkout (an editable install, or ``PYTHONPATH``) reads ``configs/`` beside
+    the package. The working directory never matters: a path to a YAML file is the way to
+    pass a preset of one's own.
+    """
+    installed = importlib.resources.files("relax") / "configs"
+    if installed.is_dir():
+        return str(installed)
+    return os.path.join(os.path.dirname(str(importlib.resources.files("relax"))), "configs")
 
 
-def resolve_preset(spec, config_dir=CONFIG_DIR):
-    """A preset path: ``spec`` itself if it is a file, else ``config_dir/spec.yaml``."""
+CONFIG_DIR = preset_dir()
+
+
+def preset_names(config_dir=CONFIG_DIR):
+    """The named presets (file names without ``.yaml``), sorted."""
+    if not os.path.isdir(config_dir):
+        return []
+    return sorted(f[: -len(".yaml")] for f in os.listdir(config_dir) if f.endswith(".yaml"))
+
+
+def resolve_preset(spec, config_dir=CONFIG_DIR, flag="--config"):
+    """A preset path: ``spec`` itself if it is a file, else ``config_dir/spec.yaml``; a
+    ConfigError naming ``flag`` and listing the presets otherwise."""
     if os.path.isfile(spec):
         return spec
     named = os.path.join(config_dir, spec if spec.endswith(".yaml") else spec + ".yaml")
     if os.path.isfile(named):
         return named
-    names = sorted(f[: -len(".yaml")] for f in os.listdir(config_dir) if f.endswith(".yaml"))
+    names = preset_names(config_dir)
     raise ConfigError(
-        f"--config {spec}: no such file, and no preset {spec!r}",
-        f"presets: {', '.join(names)}",
+        f"{flag} {spec}: no such file, and no preset {spec!r}",
+        f"presets: {', '.join(names)}" if names else f"no presets found in {config_dir}",
     )
 
 

@@ -16,8 +16,9 @@ It restores them from the latest orbax checkpoint that restores, onto *this* run
 mesh (a run saved on data=4 resumes on fsdp=2 x data=2; a damaged newest step is
 reported and set aside, see ``Checkpointer.restore_newest``), drops the metrics rows of
 steps that will run again, writes metrics, saves every ``checkpoint_every`` steps,
-reports skipped (non-finite) steps, and hands the final params to the host for
-export. The loops only compute batches (``shard`` places this process's rows) and call
+reports skipped (non-finite) steps, stops cleanly after a step when SIGTERM or SIGINT
+arrived (``relax.train.interrupt``: a checkpoint of that step, then ``Stopped``), and
+hands the final params to the host for export. The loops only compute batches (``shard`` places this process's rows) and call
 ``update``.
 """
 
@@ -28,9 +29,10 @@ import sys
 import jax
 import numpy as np
 
+from relax import runtime
 from relax.errors import ConfigError
 from relax.mesh import MeshConfig, make_mesh
-from relax.train import distributed
+from relax.train import distributed, interrupt
 from relax.train.checkpoint import Checkpointer
 from relax.train.metrics import MetricsWriter
 from relax.train.update import (
@@ -47,7 +49,10 @@ class TrainRun:
     def __init__(self, run_cfg, params, optimizer, total_steps, resume=True, mesh=None):
         self.cfg = run_cfg
         self.total_steps = int(total_steps)
-        self.mesh = make_mesh(mesh or MeshConfig(), mesh_devices(run_cfg.num_devices))
+        devices = mesh_devices(run_cfg.num_devices)
+        runtime.check_mesh(mesh or MeshConfig(), devices)
+        self.mesh = make_mesh(mesh or MeshConfig(), devices)
+        self.where = runtime.announce(self.mesh)
         self.shardings = train_shardings(self.mesh, params, optimizer)
         self.row_shards, self.local_row_shards = local_row_shards(self.mesh)
         if self.row_shards % jax.process_count():
@@ -84,7 +89,11 @@ class TrainRun:
         if resume:
             # Steps logged after the restored checkpoint will run again: drop their rows.
             self.writer.truncate_after(self.step)
+        self.writer.write_runtime(self.step, self.where)
         self.skipped_steps = []
+        signal_name = interrupt.stop_reason(self.step)
+        if signal_name:  # a signal while the models loaded: stop before compiling anything
+            self._stop(signal_name, saved=False)
 
     def check_split(self, global_rows, what):
         """Fail early (before compiling) when a global batch does not split evenly."""
@@ -114,7 +123,7 @@ class TrainRun:
         return host_copy(self.params)
 
     def end_step(self, metrics, data_position):
-        """Advance the step, log, checkpoint and honour the kill hook."""
+        """Advance the step, log, checkpoint, honour the kill hook and stop on a signal."""
         self.step += 1
         self.data_position = int(data_position)
         metrics = {k: float(np.asarray(_scalar(v))) for k, v in metrics.items()}
@@ -132,7 +141,18 @@ class TrainRun:
         if self.cfg.kill_at_step and self.step == self.cfg.kill_at_step:
             self.ckpt.wait()
             os.kill(os.getpid(), signal.SIGKILL)
+        signal_name = interrupt.stop_reason(self.step)  # every step: on all processes at once
+        if signal_name and self.step < self.total_steps:  # (the last step ends the run anyway)
+            self._stop(signal_name, saved=True)
         return metrics
+
+    def _stop(self, signal_name, saved):
+        """Save this step (when ``saved``), let orbax finish writing, raise ``Stopped``."""
+        if saved:
+            self.save()
+        self.ckpt.close()
+        self.writer.close()
+        raise interrupt.Stopped(signal_name, self.step, self.ckpt.directory, saved=saved)
 
     def save(self):
         if self.ckpt.latest_step() == self.step:

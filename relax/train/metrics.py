@@ -2,8 +2,11 @@
 
 ``MetricsWriter`` appends ``{"step": s, "time": t, **scalars}`` to
 ``metrics.jsonl`` and the same scalars to a tensorboardX ``SummaryWriter``
-(``tensorboard --logdir <output_dir>``). Only process 0 writes in a
-multi-host run. It does not aggregate; callers pass finished scalars.
+(``tensorboard --logdir <output_dir>``). Each start (and resume) of a run first
+appends ``{"runtime": {...}, "from_step": s, "time": t}``: where it runs
+(``relax.runtime.where``). ``read_metrics`` returns the step rows,
+``read_runtime`` the others. Only process 0 writes in a multi-host run. It does
+not aggregate; callers pass finished scalars.
 """
 
 import json
@@ -38,6 +41,13 @@ class MetricsWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
+    def write_runtime(self, step, info):
+        """Record where the run (re)starts at ``step``: backend, devices, processes, mesh."""
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"runtime": info, "from_step": int(step), "time": time.time()}))
+                f.write("\n")
+
     def truncate_after(self, step):
         """Drop the rows of steps > ``step`` (a resumed run logs them again)."""
         if not self.enabled or not os.path.exists(self.path):
@@ -57,9 +67,18 @@ class MetricsWriter:
             self._tb = None
 
 
-def read_metrics(path):
-    """All rows of a metrics.jsonl (file or run directory)."""
+def _rows(path):
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def read_metrics(path):
+    """The step rows of a metrics.jsonl (file or run directory)."""
+    return [r for r in _rows(path) if "runtime" not in r]
+
+
+def read_runtime(path):
+    """The runtime rows of a metrics.jsonl: one per start or resume of the run."""
+    return [r for r in _rows(path) if "runtime" in r]
