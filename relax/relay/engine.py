@@ -641,9 +641,12 @@ class Engine:
     def _finish(self, slm_params, llm_params, es):
         spec, tables = self._static(slm_params, llm_params, es.queue.prompts.shape[1])
         queue = es.queue
-        es = _run_all(
-            spec, self.buckets, slm_params, llm_params, tables, es.replace(queue=None), queue
-        )
+        with warnings.catch_warnings():
+            # The slots' buffers shrink at each compaction, so XLA cannot reuse them all.
+            warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+            es = _run_all(
+                spec, self.buckets, slm_params, llm_params, tables, es.replace(queue=None), queue
+            )
         return es.replace(queue=queue)
 
     # -- from the host ---------------------------------------------------------
