@@ -46,6 +46,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import warnings
 
 import flax.struct
 import jax
