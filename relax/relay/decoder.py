@@ -133,6 +133,23 @@ class RelayOutput:
     """[B] int32: tokens the LLM ingested (prompt, SLM text, its own earlier tokens); each
     LLM-visible token at most once."""
 
+    @staticmethod
+    def of_rows(tokens, source, lengths, finish, logprobs, calls, llm_prefill) -> RelayOutput:
+        """The output of finished rows (the loop's or the engine's), token counts by source."""
+        count = lambda k: jnp.sum(source == k, axis=1).astype(jnp.int32)
+        return RelayOutput(
+            tokens=tokens,
+            source=source,
+            lengths=lengths,
+            finish_reason=finish,
+            slm_logprobs=logprobs,
+            slm_tokens=count(SLM),
+            command_tokens=count(COMMAND),
+            llm_tokens=count(LLM),
+            calls=calls,
+            llm_prefill_tokens=llm_prefill,
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -199,18 +216,8 @@ def _run(
         lambda s: _constrain(body(loop, slm_params, llm_params, tables, s), layout),
         s,
     )
-    count = lambda k: jnp.sum(s.source == k, axis=1).astype(jnp.int32)
-    out = RelayOutput(
-        tokens=s.tokens,
-        source=s.source,
-        lengths=s.length,
-        finish_reason=s.finish,
-        slm_logprobs=s.logprobs,
-        slm_tokens=count(SLM),
-        command_tokens=count(COMMAND),
-        llm_tokens=count(LLM),
-        calls=s.calls,
-        llm_prefill_tokens=s.llm_prefill,
+    out = RelayOutput.of_rows(
+        s.tokens, s.source, s.length, s.finish, s.logprobs, s.calls, s.llm_prefill
     )
     return out, s.slm_cache, s.llm_cache
 

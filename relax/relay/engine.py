@@ -59,11 +59,8 @@ from relax.relay.config import RelayConfig
 from relax.relay.decoder import RelayDecoder, RelayOutput
 from relax.relay.loop import (
     CALLING,
-    COMMAND,
     DECODING,
     FINISHED,
-    LLM,
-    SLM,
     Loop,
     RowSettings,
     State,
@@ -170,19 +167,10 @@ class Results:
         )
 
     def output(self) -> RelayOutput:
-        count = lambda k: jnp.sum(self.source == k, axis=1).astype(jnp.int32)
-        return RelayOutput(
-            tokens=self.tokens,
-            source=self.source,
-            lengths=self.lengths,
-            finish_reason=self.finish,
-            slm_logprobs=self.logprobs,
-            slm_tokens=count(SLM),
-            command_tokens=count(COMMAND),
-            llm_tokens=count(LLM),
-            calls=self.calls,
-            llm_prefill_tokens=self.llm_prefill,
-        )
+        return RelayOutput.of_rows(
+            self.tokens, self.source, self.lengths, self.finish, self.logprobs, self.calls,
+            self.llm_prefill,
+        )  # fmt: skip
 
 
 @flax.struct.dataclass
