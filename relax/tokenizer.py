@@ -13,6 +13,8 @@ import os
 
 import transformers
 
+from relax.errors import ConfigError
+
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -24,6 +26,26 @@ def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
             "tokenizers from local files only)"
         )
     return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def check_same_tokenizer(tokenizer, folder: str, role: str = "LLM"):
+    """The relay passes token ids between its two models, so the `role` model's folder, when
+    it ships a tokenizer, must hold the same vocabulary as `tokenizer` (two members of one
+    family may still pad their logits to different widths). Raises `ConfigError`."""
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+        return
+    other = load_tokenizer(folder).get_vocab()
+    ours = tokenizer.get_vocab()
+    if other != ours:
+        diff = sorted(set(ours.items()) ^ set(other.items()), key=lambda kv: kv[1])[:1]
+        raise ConfigError(
+            f"the {role}'s tokenizer in {folder} differs from the SLM's ({len(ours)} vs "
+            f"{len(other)} tokens; first difference {diff[0][0]!r} = id {diff[0][1]})",
+            "the relay needs both models on one tokenizer: pick a pair of one family",
+        )
 
 
 def build_prompt(

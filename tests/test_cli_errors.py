@@ -313,3 +313,22 @@ def test_more_devices_than_visible_is_one_line_before_loading(ckpt, tmp_path):
     )
     rc, _, err = relax_cli("sft", "--config", "train-tiny", "run.num_devices=8")
     assert_one_line(rc, err, "sft", "run.num_devices 8: only 4 cpu devices are visible")
+
+
+def test_eval_pair_with_different_tokenizers_is_one_line(ckpt, tmp_path):
+    """Token ids pass between the two models: an LLM folder whose tokenizer is another one
+    (here Qwen3's beside the synthetic task's) is refused before any weights load."""
+    import shutil
+
+    from tests.scripted import qwen_tokenizer_dir
+
+    llm = copy_model(ckpt, "other-tokenizer")
+    for name in os.listdir(llm):
+        if name not in ("config.json", "model.safetensors"):
+            os.remove(os.path.join(llm, name))
+    for name in os.listdir(qwen_tokenizer_dir()):
+        shutil.copy(os.path.join(qwen_tokenizer_dir(), name), llm)
+    args = eval_args(ckpt["model"], ckpt["bench"], str(tmp_path / "out"))
+    args[args.index("slm", 3)] = "relay"  # --strategies relay
+    rc, _, err = relax_cli(*args, "--llm", llm)
+    assert_one_line(rc, err, "eval", f"the LLM's tokenizer in {llm} differs from the SLM's")

@@ -305,9 +305,9 @@ def test_generate_equals_reference(case):
 
 def test_clear_errors(case):
     c = case
-    with pytest.raises(ValueError, match="vocabularies differ"):
+    with pytest.raises(ValueError, match="vocabularies differ"):  # narrower than the tokenizer
         decoder.relay_generate(
-            c["slm"], c["slm_params"], ScriptedModel(V + 1), c["llm_params"],
+            c["slm"], c["slm_params"], ScriptedModel(151000), c["llm_params"],
             c["prompts"], c["lens"], jax.random.PRNGKey(0), CONFIG, c["command"],
         )  # fmt: skip
     with pytest.raises(ValueError, match="smaller than the command's tokenizer"):

@@ -65,17 +65,20 @@ class Biased:
         return self.inner.cache_sharding(rows)
 
 
-def make(key, layers, hidden, kv_heads=2):
+def make(key, layers, hidden, kv_heads=2, width=V, padding_bias=0.0):
+    """A biased random model with `width` logits: ids past V are padding rows (favoured by
+    `padding_bias`, so a relay that let them be drawn would draw them)."""
     cfg = ModelConfig(
-        family="qwen3", vocab_size=V, hidden_size=hidden, intermediate_size=2 * hidden,
+        family="qwen3", vocab_size=width, hidden_size=hidden, intermediate_size=2 * hidden,
         num_layers=layers, num_heads=4, num_kv_heads=kv_heads, head_dim=hidden // 4,
         tie_embeddings=False,
     )  # fmt: skip
     model = Model(cfg, dtype=jnp.float32)
-    bias = np.zeros(V, np.float32)
+    bias = np.zeros(width, np.float32)
+    bias[V:] = padding_bias
     for text, b in FAVOURED.items():
         bias[TEXTS.index(text)] = b
-    follow = np.zeros((V, V), np.float32)
+    follow = np.zeros((width, width), np.float32)
     for a, nxt in FOLLOW.items():
         for text, b in nxt.items():
             follow[TEXTS.index(a), TEXTS.index(text)] = 3 * b
@@ -187,3 +190,21 @@ def test_greedy_relay_and_schedules(setup):
             ),
             base,
         )
+
+
+def test_family_padded_to_different_widths(setup):
+    """Two members of one family padded to different widths (136 and 144 logits, one
+    tokenizer of 63 tokens): the relay runs, equals the reference, and never draws an id
+    past the narrower width, though the LLM's padding rows are strongly favoured."""
+    _, _, _, _, prompts, lens, command = setup
+    slm, sp = make(jax.random.PRNGKey(1), 1, 32, width=136)
+    llm, lp = make(jax.random.PRNGKey(2), 2, 32, width=144, padding_bias=8.0)
+    args = (slm, sp, llm, lp, prompts, lens, jax.random.PRNGKey(0), CONFIG, command)
+    got = decoder.relay_generate(*args)
+    check_same(got, reference.relay_generate(*args))
+    assert int(np.sum(got.llm_tokens)) > 0  # the LLM wrote
+    assert int(np.max(got.tokens)) < 136
+    # A model too narrow for the tokenizer is another tokenizer: one clear error.
+    narrow, np_ = make(jax.random.PRNGKey(3), 1, 32, width=40)
+    with pytest.raises(ValueError, match="cannot hold the tokenizer's 63 tokens"):
+        decoder.relay_generate(slm, sp, narrow, np_, *args[4:])

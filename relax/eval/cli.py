@@ -215,7 +215,7 @@ def main(argv=None):
     from relax.eval.strategies import STRATEGIES, evaluate
     from relax.mesh import relay_mesh
     from relax.models.hf import load_hf
-    from relax.tokenizer import load_tokenizer
+    from relax.tokenizer import check_same_tokenizer, load_tokenizer
 
     runtime.check_devices(args.devices)  # before any benchmark or weights load
 
@@ -236,6 +236,8 @@ def main(argv=None):
             )
 
     tokenizer = load_tokenizer(args.tokenizer or args.slm)
+    if args.llm is not None:
+        check_same_tokenizer(tokenizer, args.llm)
     cfg = build_config(args, tokenizer)
     devices = jax.local_devices()[: args.devices] if args.devices else None
     runtime.check_relay_mesh(cfg.mesh, devices)

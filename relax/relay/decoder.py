@@ -390,14 +390,21 @@ class RelayDecoder:
             )
 
     def _vocab(self, slm_params, llm_params, B, L):
+        """The ids both models sample from: the models' logits width, or, for two members
+        of a family padded to different widths (Qwen2-1.5B's 151,936 logits against
+        Qwen2-72B's 152,064, one tokenizer), the narrower one, which must still hold the
+        command's whole tokenizer: ids past it are padding neither model samples."""
         v = _vocab_size(self.slm, slm_params, B, L)
         if self.llm is not None:
             v_llm = _vocab_size(self.llm, llm_params, B, L)
-            if v != v_llm:
+            if v != v_llm and min(v, v_llm) < self.command.vocab_size:
                 raise ValueError(
-                    f"the SLM and LLM vocabularies differ ({v} vs {v_llm} logits): the relay "
-                    "passes token ids between them, so both must use the same tokenizer"
+                    f"the SLM and LLM vocabularies differ ({v} vs {v_llm} logits) and the "
+                    f"narrower one cannot hold the tokenizer's {self.command.vocab_size} "
+                    "tokens: the relay passes token ids between them, so both must use the "
+                    "same tokenizer"
                 )
+            v = min(v, v_llm)
         bad = [i for i in (*self.config.eos_ids, self.config.pad_id) if i >= v]
         if bad:
             raise ValueError(f"eos/pad ids {bad} are outside the models' vocabulary ({v})")

@@ -174,7 +174,7 @@ class Loop:
     llm: Any  # None: single-model generation, commands not read
     config: RelayConfig
     max_n: int
-    vocab: int  # the models' logits width (prompt ids outside it make a row INVALID)
+    vocab: int  # ids both models sample from (prompt ids outside it make a row INVALID)
 
     @property
     def relay(self) -> bool:
@@ -216,8 +216,10 @@ def _append(s, ready, tok, src, logprobs=None):
     return s.replace(**new), slot
 
 
-def _feed(model, params, cache, tok, pos, n_feed):
-    """Runs the model on [B, T] tokens and returns the logits after each row's last fed token.
+def _feed(model, params, cache, tok, pos, n_feed, vocab):
+    """Runs the model on [B, T] tokens and returns the logits after each row's last fed token,
+    cut to the relay's `vocab` (a model padded wider than the other never samples its
+    padding rows).
 
     A model with `hidden` and `logits` (relax's Model) gets the LM head applied to those
     B rows only, so a catch-up step never holds [B, T, V] logits; a model with only the
@@ -225,9 +227,11 @@ def _feed(model, params, cache, tok, pos, n_feed):
     last = jnp.maximum(n_feed - 1, 0)[:, None, None]
     if hasattr(model, "hidden") and hasattr(model, "logits"):
         x, cache = model.hidden(params, tok, pos, cache)
-        return model.logits(params, jnp.take_along_axis(x, last, axis=1)[:, 0]), cache
-    logits, cache = model.apply(params, tok, pos, cache)
-    return jnp.take_along_axis(logits, last, axis=1)[:, 0], cache
+        logits = model.logits(params, jnp.take_along_axis(x, last, axis=1)[:, 0])
+    else:
+        logits, cache = model.apply(params, tok, pos, cache)
+        logits = jnp.take_along_axis(logits, last, axis=1)[:, 0]
+    return logits[:, :vocab], cache
 
 
 def _slm_ingest(loop, params, s: State, rows, width):
@@ -237,7 +241,7 @@ def _slm_ingest(loop, params, s: State, rows, width):
     valid = jnp.arange(width)[None] < n_feed[:, None]
     tok = _gather_rows(s.tokens, idx)
     pos = jnp.where(valid, idx, -1)
-    last, cache = _feed(loop.slm, params, s.slm_cache, tok, pos, n_feed)
+    last, cache = _feed(loop.slm, params, s.slm_cache, tok, pos, n_feed, loop.vocab)
     ready = rows & (n_feed > 0) & (s.slm_seen + n_feed == s.length)
     return last, ready, s.replace(slm_cache=cache, slm_seen=s.slm_seen + n_feed)
 
@@ -274,7 +278,7 @@ def _llm_ingest(loop, params, s: State, rows, width):
     )
     valid = jnp.arange(width)[None] < n_feed[:, None]
     pos = jnp.where(valid, s.llm_fill[:, None] + jnp.arange(width)[None], -1)
-    last, cache = _feed(loop.llm, params, s.llm_cache, tok, pos, n_feed)
+    last, cache = _feed(loop.llm, params, s.llm_cache, tok, pos, n_feed, loop.vocab)
     last_slot = jnp.take_along_axis(src, jnp.maximum(n_feed - 1, 0)[:, None], axis=1)[:, 0]
     scan = jnp.where(n_feed == total, s.length, last_slot + 1)
     ready = rows & (n_feed > 0) & (n_feed == total)

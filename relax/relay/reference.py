@@ -42,9 +42,15 @@ def _next_logits(model, params, context, width):
     return _forward(model)(params, jnp.asarray(tokens), jnp.asarray(positions))[0, len(context) - 1]
 
 
-def _draw(model, params, context, key, b, cfg, width, blocked=None):
+def _logits_width(model, params):
+    """The model's logits width (its padded vocabulary)."""
+    one = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: _forward(model)(params, one, one)).shape[-1]
+
+
+def _draw(model, params, context, key, b, cfg, width, vocab, blocked=None):
     """The SLM's draw: it sees the whole row, so the row slot is len(context)."""
-    return _sample_at(model, params, context, key, b, len(context), cfg, width, blocked)
+    return _sample_at(model, params, context, key, b, len(context), cfg, width, vocab, blocked)
 
 
 def _openers(command, segment, vocab):
@@ -64,7 +70,8 @@ def _new_command(command, segment):
     return None
 
 
-def _row(slm, slm_params, llm, llm_params, prompt, key, b, config, command, width):
+def _row(slm, slm_params, llm, llm_params, prompt, key, b, config, command, width, vocab):
+    """One row; both models draw from ids below `vocab` (the narrower logits width)."""
     N = config.max_new_tokens
     row, src, lps = list(prompt), [PROMPT] * len(prompt), [0.0] * len(prompt)
     calls = prefill = llm_seen = 0
@@ -74,7 +81,7 @@ def _row(slm, slm_params, llm, llm_params, prompt, key, b, config, command, widt
         blocked = None
         if block and calls >= config.max_calls:
             blocked = functools.partial(_openers, command, row[segment_start:])
-        tok, lp = _draw(slm, slm_params, row, key, b, config.slm, width, blocked)
+        tok, lp = _draw(slm, slm_params, row, key, b, config.slm, width, vocab, blocked)
         row.append(tok), src.append(SLM), lps.append(lp)
         if tok in config.eos_ids:
             finish = EOS
@@ -98,7 +105,7 @@ def _row(slm, slm_params, llm, llm_params, prompt, key, b, config, command, widt
                     llm_seen = len(visible)
                     # The key is per row slot, not per LLM position.
                     tok, _ = _sample_at(
-                        llm, llm_params, visible, key, b, len(row), config.llm, width
+                        llm, llm_params, visible, key, b, len(row), config.llm, width, vocab
                     )
                     row.append(tok), src.append(LLM), lps.append(0.0)
                     if tok in config.eos_ids:
@@ -116,9 +123,9 @@ def _row(slm, slm_params, llm, llm_params, prompt, key, b, config, command, widt
     return row, src, lps, finish, calls, prefill
 
 
-def _sample_at(model, params, context, key, b, slot, cfg, width, blocked=None):
+def _sample_at(model, params, context, key, b, slot, cfg, width, vocab, blocked=None):
     """blocked: None, or a function of the vocabulary size giving ids never to draw."""
-    logits = _next_logits(model, params, context, width)
+    logits = _next_logits(model, params, context, width)[:vocab]
     ids = blocked(logits.shape[-1]) if blocked is not None else []
     if ids:
         logits = logits.at[jnp.asarray(ids)].set(-jnp.inf)
@@ -168,6 +175,7 @@ def relay_generate(
     if row_ids is None:
         row_ids = np.arange(prompts.shape[0])
     width = prompts.shape[1] + config.max_new_tokens
+    vocab = min(_logits_width(slm, slm_params), _logits_width(llm, llm_params))
     rows = [
         _row(
             slm,
@@ -180,6 +188,7 @@ def relay_generate(
             config,
             command,
             width,
+            vocab,
         )
         for b in range(prompts.shape[0])
     ]
@@ -194,10 +203,14 @@ def generate(model, params, prompts, prompt_lens, key, config, sampling=None, ro
     if row_ids is None:
         row_ids = np.arange(prompts.shape[0])
     width = prompts.shape[1] + config.max_new_tokens
+    vocab = _logits_width(model, params)
     rows = []
     for b in range(len(lens)):
         prompt = prompts[b, : lens[b]].tolist()
         rows.append(
-            _row(model, params, None, None, prompt, key, int(row_ids[b]), config, None, width)
+            _row(
+                model, params, None, None, prompt, key, int(row_ids[b]), config, None, width,
+                vocab,
+            )  # fmt: skip
         )
     return _pack(rows, prompts, config)

@@ -205,6 +205,7 @@ def grpo(argv):
 def _grpo(cfg, args, argv, problems):
     import relax
     from relax.train.grpo_train import train_grpo
+    from relax.tokenizer import check_same_tokenizer
     from relax.train.rollout import make_relay_rollout, text_verifier
 
     slm, params = load_model(cfg.slm, cfg.model_config, cfg.run.dtype, cfg.run.seed)
@@ -212,6 +213,8 @@ def _grpo(cfg, args, argv, problems):
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.slm, cfg.run.output_dir)
     if tokenizer is None:
         raise ConfigError("GRPO needs a tokenizer", "set tokenizer=FOLDER or slm=FOLDER")
+    if cfg.llm and os.path.isdir(cfg.llm):
+        check_same_tokenizer(tokenizer, cfg.llm)
     # eos and pad ids from the tokenizer, unless the preset or an override sets them
     cfg, _ = _parse("grpo", argv, config_lib.GRPOConfig, "grpo",
                     config_lib.tokenizer_defaults(tokenizer, "relay"))  # fmt: skip
