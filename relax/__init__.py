@@ -45,3 +45,8 @@ def __getattr__(name):
     if name in ("models", "relay", "train", "data", "eval", "errors"):
         return importlib.import_module(f"relax.{name}")
     raise AttributeError(f"module 'relax' has no attribute {name!r}")
+
+
+def __dir__():
+    """The public names (imported on first use), for tab completion and `dir(relax)`."""
+    return [*__all__, "__version__"]

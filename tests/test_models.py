@@ -163,6 +163,17 @@ def test_sharded_export_round_trip(tmp_path):
     loaded, params2 = relax.load_hf(str(tmp_path), dtype=jnp.float32)
     assert loaded.config == model.config
     jax.tree.map(np.testing.assert_array_equal, params, params2)
+    # Every exported file has the permissions of the rest of the folder (umask 022: 0644),
+    # the weights too (safetensors alone creates them owner-only).
+    old = os.umask(0o022)
+    try:
+        relax.save_hf(model, params, str(tmp_path / "again"), max_shard_bytes=40_000)
+    finally:
+        os.umask(old)
+    modes = {
+        f: os.stat(tmp_path / "again" / f).st_mode & 0o777 for f in os.listdir(tmp_path / "again")
+    }
+    assert set(modes.values()) == {0o644}, modes
 
 
 REAL_QWEN3 = {

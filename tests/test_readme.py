@@ -27,4 +27,6 @@ def test_engine_in_your_own_jax_code():
     exec(compile(code, "README.md:engine-in-jax", "exec"), scope)  # its asserts must hold
     out, requests = scope["out"], scope["requests"]
     new = out.lengths - requests.prompt_lens
-    assert out.tokens.shape == (10, 5 + 12) and bool((new <= requests.settings.max_new_tokens).all())
+    assert out.tokens.shape == (10, 5 + 12) and bool(
+        (new <= requests.settings.max_new_tokens).all()
+    )

@@ -280,7 +280,7 @@ def save_hf(model: Model, params: dict, path: str, max_shard_bytes: int | None =
         json.dump(model.config.to_hf_config(dtype_name), f, indent=2)
     metadata = {"format": "pt"}
     if max_shard_bytes is None:
-        save_file(tensors, os.path.join(path, SINGLE_FILE), metadata=metadata)
+        _save_weights(tensors, os.path.join(path, SINGLE_FILE), metadata)
         return
     shards, current, size = [], {}, 0
     for name, x in tensors.items():
@@ -293,8 +293,17 @@ def save_hf(model: Model, params: dict, path: str, max_shard_bytes: int | None =
     weight_map = {}
     for k, shard in enumerate(shards):
         file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, file), metadata=metadata)
+        _save_weights(shard, os.path.join(path, file), metadata)
         weight_map.update({name: file for name in shard})
     total = sum(x.nbytes for x in tensors.values())
     with open(os.path.join(path, INDEX_FILE), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def _save_weights(tensors, file, metadata):
+    """safetensors' file, with the permissions of any file written here (safetensors
+    creates it owner-only, 0600): the process's umask applied to 0666, like config.json."""
+    save_file(tensors, file, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(file, 0o666 & ~umask)

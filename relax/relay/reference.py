@@ -207,10 +207,8 @@ def generate(model, params, prompts, prompt_lens, key, config, sampling=None, ro
     rows = []
     for b in range(len(lens)):
         prompt = prompts[b, : lens[b]].tolist()
-        rows.append(
-            _row(
-                model, params, None, None, prompt, key, int(row_ids[b]), config, None, width,
-                vocab,
-            )  # fmt: skip
+        row = _row(
+            model, params, None, None, prompt, key, int(row_ids[b]), config, None, width, vocab
         )
+        rows.append(row)
     return _pack(rows, prompts, config)

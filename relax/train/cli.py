@@ -204,8 +204,8 @@ def grpo(argv):
 
 def _grpo(cfg, args, argv, problems):
     import relax
-    from relax.train.grpo_train import train_grpo
     from relax.tokenizer import check_same_tokenizer
+    from relax.train.grpo_train import train_grpo
     from relax.train.rollout import make_relay_rollout, text_verifier
 
     slm, params = load_model(cfg.slm, cfg.model_config, cfg.run.dtype, cfg.run.seed)
