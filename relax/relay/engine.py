@@ -446,6 +446,13 @@ def _run_all(spec: _Spec, buckets, slm_params, llm_params, tables, es, queue):
 # The state is donated: its caches are the largest buffers, and each call updates them
 # in place instead of copying them (the host keeps no reference to the old state). The
 # queue is the caller's and is not donated: it travels beside the state.
+@functools.partial(jax.jit, static_argnums=(1, 2), donate_argnums=(0,))
+def _compact_jit(es, size, layout):
+    """`_compact` as its own program, between the host-driven stages of `Engine.run` (the
+    state is donated, without its queue)."""
+    return _compact(es, size, layout)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,))
 def _advance(spec: _Spec, floor, slm_params, llm_params, tables, es, queue, iterations):
     """At most `iterations` iterations of the current bucket (fewer when it is done)."""
@@ -662,25 +669,29 @@ class Engine:
         ).results.output()
 
     def run_state(self, slm_params, llm_params, requests, progress=None, iterations_per_call=64):
-        """`run`'s state after the last iteration. While requests wait, the full bucket runs
-        `iterations_per_call` iterations per call (progress reported between calls); the
-        tail (compaction into smaller buckets) is `__call__`'s program, which also runs
-        the whole queue when there is no `progress` to report."""
+        """`run`'s state after the last iteration. With `progress`, each bucket's stage is
+        advanced `iterations_per_call` iterations per call (progress reported between
+        calls) and the host compacts between stages: one loop body per bucket, as in
+        `__call__`'s program, which runs the whole queue when there is nothing to report."""
         es = self.init(slm_params, llm_params, requests)
         if progress is None:  # nothing to report between calls: `__call__`'s one program
             return self._finish(slm_params, llm_params, es)
         N = len(requests)
-        floor = self.buckets[1] if len(self.buckets) > 1 else 0
-        while True:
-            es = self.advance(slm_params, llm_params, es, iterations_per_call, floor)
-            done, waiting = jax.device_get((es.finished, es.next_request < N))
-            if progress is not None:
+        spec, _ = self._static(slm_params, llm_params, requests.prompts.shape[1])
+        for i, size in enumerate(self.buckets):
+            if i:
+                with warnings.catch_warnings():  # the slots shrink: not every buffer is reused
+                    warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+                    queue = es.queue  # the caller's: never donated
+                    es = _compact_jit(es.replace(queue=None), size, spec.layout)
+                    es = es.replace(queue=queue)
+            floor = self.buckets[i + 1] if i + 1 < len(self.buckets) else 0
+            while True:
+                es = self.advance(slm_params, llm_params, es, iterations_per_call, floor)
+                done, waiting, live = jax.device_get((es.finished, es.next_request < N, es.live))
                 progress(int(done), N)
-            if not waiting:
-                break
-        es = self._finish(slm_params, llm_params, es)
-        if progress is not None:
-            progress(N, N)
+                if not (waiting or live > floor):
+                    break
         return es
 
 
