@@ -22,6 +22,11 @@ Prints one line per measurement and ends with one JSON object:
   *_engine_vs_lockstep   wall time of the same requests as fixed chunks of `--slots` rows
                          through `generate` / `relay_generate` (identical tokens
                          asserted) over the engine's; target >= 2.5 for both.
+  engine_p1_no_call_overhead  the relay engine with an SLM that never calls over the
+                         generate engine on the same requests (same tokens asserted);
+                         bench_relay.py's p1, target <= 1.05.
+  engine_p3_llm_token_ratio   bench_relay.py's p3 on the engine's relay rows: LLM tokens
+                         processed over those it must read and write; target 1.00.
   relay_vs_llm_alone_B   the relay's wall time over the LLM alone writing the same
                          requests to the same lengths (per-request budgets, EOS off), on
                          B = 1 slot (the first `--one-slot-requests` requests) and on
@@ -165,6 +170,19 @@ def llm_floor_requests(out, lens, config, key):
     return Requests.build(cfg, prompts, ln, key, max_new_tokens=budgets), cfg
 
 
+def llm_token_ratio(out):
+    """bench_relay's p3: LLM tokens processed (ingested + written) over the LLM-visible
+    context before each row's last LLM token plus the LLM's tokens; 1 reads nothing twice."""
+    source = np.asarray(out.source)
+    need = 0
+    for src in source:
+        if (src == LLM).any():
+            last = np.nonzero(src == LLM)[0][-1]
+            need += int(np.isin(src[:last], (PROMPT, SLM, LLM)).sum())
+    llm_tokens = int((source == LLM).sum())
+    return (int(np.sum(np.asarray(out.llm_prefill_tokens))) + llm_tokens) / (need + llm_tokens)
+
+
 def same(a, b):
     for f in FIELDS:
         assert np.array_equal(np.asarray(getattr(a, f)), np.asarray(getattr(b, f))), f
@@ -236,13 +254,24 @@ def main(argv=None):
                 slm, sp, llm_, lp, pr, ln, key, config, command, row_ids=ids
             )
 
-        (es, lock_out), (t_eng, t_lock) = best_times(
-            [
-                lambda eng=eng: eng.run_state(sp, lp, requests),
-                lambda lock=lock: lockstep(lock, prompts, lens, B, key),
-            ],
-            args.rounds,
-        )
+        fns = [
+            lambda eng=eng: eng.run_state(sp, lp, requests),
+            lambda lock=lock: lockstep(lock, prompts, lens, B, key),
+        ]
+        if llm_ is None:  # p1: the relay engine whose SLM never calls, beside generate
+            fns.append(lambda e=engine_of(slm, llm, B): e.run_state(sp, lp, requests))
+        outs, times = best_times(fns, args.rounds)
+        (es, lock_out), (t_eng, t_lock) = outs[:2], times[:2]
+        if llm_ is None:
+            no_calls = outs[2].results.output()
+            same(no_calls, es.results.output())
+            assert int(np.sum(np.asarray(no_calls.calls))) == 0
+            print(
+                f"p1: the relay engine without calls {times[2]:.2f}s, generate {t_eng:.2f}s: "
+                f"{times[2] / t_eng:.3f}",
+                flush=True,
+            )
+            res["engine_p1_no_call_overhead"] = round(times[2] / t_eng, 3)
         out = es.results.output()
         same(out, lock_out)
         describe(name, out)
@@ -260,6 +289,7 @@ def main(argv=None):
         if llm_ is not None:
             res["relay_llm_token_share"] = round(llm_share, 4)
             res["relay_calls_per_request"] = round(float(np.mean(np.asarray(out.calls))), 2)
+            res["engine_p3_llm_token_ratio"] = round(llm_token_ratio(out), 3)
             relay_out = jax.tree.map(np.asarray, out)
 
     if "alone" in only or "floor" in only:

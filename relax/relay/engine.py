@@ -35,7 +35,8 @@ Two ways to drive it, one state (`EngineState`) and one iteration:
   nothing is copied between calls and nothing recompiles per insert.
 
 Costs to know. Buckets are separate loop bodies of one program (log4(B) + 1 by default:
-more compile time, once). Compaction copies the live rows' caches into the smaller bucket
+more compile time, once). The queue's length is a shape of the program, so `Engine.run`
+pads it to a power of two (`queue_size`): queues of nearby lengths share one program. Compaction copies the live rows' caches into the smaller bucket
 (one cache copy per halving). The LLM's catch-up at call time runs on the bucket as in
 the decoder (its cost is the bucket's, whatever the number of calling rows).
 """
@@ -140,6 +141,28 @@ class Requests:
     def __len__(self):
         return self.prompts.shape[0]
 
+    def padded(self, size: int) -> Requests:
+        """These requests followed by copies of request 0, `size` in all: a queue of a
+        standard size (`queue_size`), so that queues of different lengths share one
+        compiled program. The engine is told the true count and never admits the copies."""
+        n = len(self)
+        if size == n:
+            return self
+        idx = np.concatenate([np.arange(n), np.zeros(size - n, np.int64)])
+        return jax.tree.map(lambda x: x[idx], self)
+
+
+QUEUE_MIN = 64
+"""The smallest queue `Engine.run` compiles for (see `queue_size`)."""
+
+
+def queue_size(n: int) -> int:
+    """The queue length `Engine.run` pads n requests to: the next power of two, at least
+    QUEUE_MIN. A queue's length is a shape of the compiled program, so without this every
+    benchmark or sub-batch of a new size would compile the engine again; padding costs at
+    most twice the results' rows, and nothing is decoded for the copies."""
+    return max(QUEUE_MIN, 1 << max(n - 1, 0).bit_length())
+
 
 @flax.struct.dataclass
 class Results:
@@ -182,9 +205,11 @@ class EngineState:
     slot_request: jax.Array
     """[B] int32: the request each slot holds, -1 when free."""
     queue: Requests
-    """The N requests (a placeholder of one when driven by `Session`)."""
+    """The queue's requests (a placeholder of one when driven by `Session`)."""
+    queue_len: jax.Array
+    """int32: how many of them are real (the rest pad the queue to a standard size)."""
     next_request: jax.Array
-    """int32: the first request not yet admitted (N: the queue is empty)."""
+    """int32: the first request not yet admitted (queue_len: the queue is empty)."""
     results: Results
     """[N, L] rows of the finished requests."""
     finished: jax.Array
@@ -335,9 +360,8 @@ def _admit(loop, es: EngineState, take, req) -> EngineState:
 def _refill(loop, es: EngineState) -> EngineState:
     """Free slots take the next requests of the queue, in slot order."""
     free = es.slot_request < 0
-    n = len(es.queue)
     req = es.next_request + jnp.cumsum(free) - 1
-    take = free & (req < n)
+    take = free & (req < es.queue_len)
 
     def admit(es):
         es = _admit(loop, es, take, req)
@@ -381,7 +405,7 @@ def _iterate(spec: _Spec, slm_params, llm_params, tables, es: EngineState) -> En
 def _stage_running(es: EngineState, floor):
     """The current bucket keeps running while requests wait or more than `floor` rows are
     live (then they fit the next bucket)."""
-    return (es.next_request < len(es.queue)) | (es.live > floor)
+    return (es.next_request < es.queue_len) | (es.live > floor)
 
 
 def _compact(es: EngineState, size, layout) -> EngineState:
@@ -396,7 +420,7 @@ def _compact(es: EngineState, size, layout) -> EngineState:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _init(spec: _Spec, slots, requests: Requests) -> EngineState:
+def _init(spec: _Spec, slots, requests: Requests, queue_len) -> EngineState:
     """Empty slots (caches in the slots' layout), empty results, the queue (jitted: every
     buffer of the state is its own, so the state can be donated)."""
     loop, layout = spec.loop, spec.layout
@@ -418,6 +442,7 @@ def _init(spec: _Spec, slots, requests: Requests) -> EngineState:
         slots=slots,
         slot_request=jnp.full((B,), -1, jnp.int32),
         queue=requests,
+        queue_len=jnp.asarray(queue_len, jnp.int32),
         next_request=z,
         results=Results.empty(N, L, cfg.pad_id),
         finished=z,
@@ -615,13 +640,15 @@ class Engine:
                 dec._check_prompt_ids(ids, lens, v)
         self._decoder.settings(N, requests.settings)
 
-    def init(self, slm_params, llm_params, requests: Requests) -> EngineState:
+    def init(self, slm_params, llm_params, requests: Requests, queue_len=None) -> EngineState:
         """The engine's state before its first iteration: the queue, empty slots (their
         caches made in the slots' layout) and empty results. Slots fill on the first
-        iteration."""
+        iteration. `queue_len`: how many requests are real (default all; the rest pad the
+        queue, see `Requests.padded`)."""
         self._check(slm_params, llm_params, requests)
         spec, _ = self._static(slm_params, llm_params, requests.prompts.shape[1])
-        return _init(spec, self.slots, requests)
+        n = len(requests) if queue_len is None else queue_len
+        return _init(spec, self.slots, requests, jnp.asarray(n, jnp.int32))
 
     # -- on device ------------------------------------------------------------
 
@@ -669,15 +696,24 @@ class Engine:
         ).results.output()
 
     def run_state(self, slm_params, llm_params, requests, progress=None, iterations_per_call=64):
-        """`run`'s state after the last iteration. With `progress`, each bucket's stage is
-        advanced `iterations_per_call` iterations per call (progress reported between
-        calls) and the host compacts between stages: one loop body per bucket, as in
-        `__call__`'s program, which runs the whole queue when there is nothing to report."""
-        es = self.init(slm_params, llm_params, requests)
-        if progress is None:  # nothing to report between calls: `__call__`'s one program
-            return self._finish(slm_params, llm_params, es)
+        """`run`'s state after the last iteration. The queue is padded to `queue_size`
+        (queues of nearby lengths share one program). With `progress`, each bucket's
+        stage is advanced `iterations_per_call` iterations per call (progress reported
+        between calls) and the host compacts between stages: one loop body per bucket, as
+        in `__call__`'s program, which runs the whole queue when there is nothing to
+        report."""
         N = len(requests)
-        spec, _ = self._static(slm_params, llm_params, requests.prompts.shape[1])
+        es = self.init(slm_params, llm_params, requests.padded(queue_size(N)), N)
+        if progress is None:  # nothing to report between calls: `__call__`'s one program
+            es = self._finish(slm_params, llm_params, es)
+        else:
+            es = self._stages(slm_params, llm_params, es, progress, iterations_per_call)
+        results = jax.tree.map(lambda x: x[:N], es.results)
+        return es.replace(queue=requests, results=results)
+
+    def _stages(self, slm_params, llm_params, es, progress, iterations_per_call):
+        N = int(es.queue_len)
+        spec, _ = self._static(slm_params, llm_params, es.queue.prompts.shape[1])
         for i, size in enumerate(self.buckets):
             if i:
                 with warnings.catch_warnings():  # the slots shrink: not every buffer is reused
