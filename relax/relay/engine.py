@@ -36,9 +36,10 @@ Two ways to drive it, one state (`EngineState`) and one iteration:
 
 Costs to know. Buckets are separate loop bodies of one program (log4(B) + 1 by default:
 more compile time, once). The queue's length is a shape of the program, so `Engine.run`
-pads it to a power of two (`queue_size`): queues of nearby lengths share one program. Compaction copies the live rows' caches into the smaller bucket
-(one cache copy per halving). The LLM's catch-up at call time runs on the bucket as in
-the decoder (its cost is the bucket's, whatever the number of calling rows).
+pads it to a power of two (`queue_size`): queues of nearby lengths share one program.
+Compaction copies the live rows' caches into the smaller bucket (one cache copy per
+stage). Calls are served on a sub-batch of `call_rows` calling rows (their cache rows
+taken out and put back), so an LLM step costs those rows, not the bucket.
 """
 
 from __future__ import annotations
