@@ -1,6 +1,7 @@
 """Warm-up data: every inserted command is recognised by CallCommand with its n (real Qwen3 tokenizer)."""
 
 import importlib.util
+import json
 import os
 import re
 
@@ -99,3 +100,27 @@ def test_deterministic_in_seed(qwen):
     b = build_warmup_examples(rows, tok, WarmupDataConfig(), seed=7, prompt_fn=lambda t, q: q)
     assert [e["response_ids"] for e in a] == [e["response_ids"] for e in b]
     assert np.all([e["prompt_ids"] == a[0]["prompt_ids"] for e in a])
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_sample_prompts_in_the_stage_thinking_mode(qwen, tmp_path, monkeypatch, thinking):
+    """`relax sample enable_thinking=...` samples from prompts in that mode (Qwen3's
+    template closes an empty think block only in non-thinking mode) and records it."""
+    from relax.train import sample
+    from relax.train.config import SampleConfig
+
+    tok, _ = qwen
+    seen = []
+
+    def fake_self_solutions(model, params, tokenizer, problems, *args, prompt_fn, **kw):
+        seen.extend(prompt_fn(tokenizer, p["question"]) for p in problems)
+        return [dict(p, response="\\boxed{1}") for p in problems]
+
+    monkeypatch.setattr(sample, "self_solutions", fake_self_solutions)
+    cfg = SampleConfig(output=str(tmp_path / "out.jsonl"), k=1, batch_size=2,
+                       enable_thinking=thinking)  # fmt: skip
+    problems = [{"question": "What is 1?", "answer": "1"}]
+    sample.sample_solutions(None, None, tok, problems, cfg, None, progress=False)
+    assert len(seen) == 1 and ("<think>\n\n</think>" in seen[0]) == (not thinking)
+    with open(cfg.output) as f:
+        assert [json.loads(line)["enable_thinking"] for line in f] == [thinking]

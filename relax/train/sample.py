@@ -18,6 +18,7 @@ or run over several processes (one process, its default device).
 """
 
 import collections
+import functools
 import json
 import os
 
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from relax.errors import DataError
 from relax.relay.config import RelayConfig, SamplingConfig
-from relax.tokenizer import special_ids
+from relax.tokenizer import build_prompt, special_ids
 from relax.train.warmup import self_solutions
 
 
@@ -43,6 +44,7 @@ def sample_solutions(model, params, tokenizer, problems, cfg, grade, progress=Tr
         pad_id=pad,
     )
     key = jax.random.key(cfg.seed)
+    prompt_fn = functools.partial(build_prompt, enable_thinking=cfg.enable_thinking)
     done = _resume(cfg.output, problems)
     n, sampled, written = len(problems), 0, 0
     bar = tqdm(total=n, initial=len(done), desc="sample", disable=not progress)
@@ -53,7 +55,7 @@ def sample_solutions(model, params, tokenizer, problems, cfg, grade, progress=Tr
         chunk = [problems[i] for i in index]
         kept = self_solutions(
             model, params, tokenizer, chunk, gen, grade, jax.random.fold_in(key, start),
-            batch_size=len(chunk), samples=cfg.k,
+            batch_size=len(chunk), samples=cfg.k, prompt_fn=prompt_fn,
         )  # fmt: skip
         first = {}  # question -> its first index in the chunk
         for i in index:

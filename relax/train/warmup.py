@@ -130,7 +130,7 @@ def build_warmup_examples(rows, tokenizer, cfg, seed=0, prompt_fn=None, learn_co
 
 def self_solutions(
     model, params, tokenizer, problems, gen_config, verifier, key, batch_size=8, samples=1,
-    progress=None,
+    progress=None, prompt_fn=None,
 ):  # fmt: skip
     """The SLM's own solutions of ``problems`` kept when ``verifier`` grades them correct.
 
@@ -140,7 +140,8 @@ def self_solutions(
     Sample j of the problems starting at ``start`` (a multiple of ``batch_size``) draws
     as row j of a ``relax.generate`` call with key fold_in(key, start), whatever slot
     serves it. ``verifier(response_text, answer) -> bool`` is ``relax.grade`` in real
-    runs. ``progress(done, total)`` is called as samples finish.
+    runs. ``progress(done, total)`` is called as samples finish. ``prompt_fn(tokenizer,
+    question) -> str`` defaults to ``chat_prompt`` (non-thinking).
     """
     import jax
     import jax.numpy as jnp
@@ -152,7 +153,9 @@ def self_solutions(
     if not problems:
         return []
     rows = [p for p in problems for _ in range(samples)]
-    prompts, lens = encode_prompts(tokenizer, [p["question"] for p in rows], prompt_fn=chat_prompt)
+    prompts, lens = encode_prompts(
+        tokenizer, [p["question"] for p in rows], prompt_fn=prompt_fn or chat_prompt
+    )
     slots = batch_size * samples
     n = len(rows)
     start = (np.arange(n) // samples) // batch_size * batch_size
