@@ -110,7 +110,7 @@ def metric(url, name, **labels):
 
 
 def test_completion_relay_usage_and_teacher_spans(served):
-    service, url, client, _ = served
+    service, _, client, _ = served
     out = client.completions.create(model="relay", prompt="Hello", max_tokens=BUDGET, temperature=0)
     choice = out.choices[0]
     assert choice.text == "a<call>2</call>zy" and choice.finish_reason == "stop"
@@ -241,7 +241,7 @@ def test_bad_input_is_one_clear_400(served, body, message):
 
 
 def test_bad_chat_and_unknown_model(served):
-    _, url, client, _ = served
+    _, _, client, _ = served
     with pytest.raises(openai.BadRequestError, match="`messages`"):
         client.chat.completions.create(model="relay", messages=[])
     with pytest.raises(openai.BadRequestError, match="max_tokens"):

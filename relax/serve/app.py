@@ -30,6 +30,7 @@ import math
 import secrets
 import time
 
+import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -43,6 +44,8 @@ from relax.serve.text import AnswerText
 from relax.serve.worker import Draining, Overloaded, Row, Strategy, Worker, build_engine
 
 SEED_RANGE = (-(2**63), 2**63)
+OUTCOMES = {400: "bad_request", 404: "bad_request", 429: "overloaded", 503: "draining"}
+"""The `outcome` label of a refused request, by status (any other: failed)."""
 COMPLETION_DEFAULT_TOKENS = 16
 """`max_tokens` of a completion that sets none (the OpenAI API's default); chat defaults to
 the whole budget."""
@@ -143,7 +146,7 @@ class Service:
             text = self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
             )
-        except Exception as e:  # the template's own checks (e.g. the order of roles)
+        except (jinja2.TemplateError, ValueError, TypeError) as e:  # the template's own checks
             raise APIError(400, f"the chat template rejects these messages: {e}") from None
         return self.check_prompt(self.encode(text, special=False), "messages")
 
@@ -158,7 +161,9 @@ class Service:
             )  # fmt: skip
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary of {vocab}", param=field)
+            raise APIError(
+                400, f"token id {bad[0]} is outside the vocabulary of {vocab}", param=field
+            )
         return ids
 
     def sampling(self, req, max_tokens, n_prompts) -> dict:
@@ -168,7 +173,11 @@ class Service:
             raise APIError(400, message)
         budget = self.config.relay.max_new_tokens
         if max_tokens is None:
-            max_tokens = min(COMPLETION_DEFAULT_TOKENS, budget) if isinstance(req, CompletionRequest) else budget
+            max_tokens = (
+                min(COMPLETION_DEFAULT_TOKENS, budget)
+                if isinstance(req, CompletionRequest)
+                else budget
+            )
         if not 1 <= max_tokens <= budget:
             raise APIError(
                 400, f"`max_tokens` is {max_tokens}: it must be in [1, {budget}] (this server's "
@@ -176,7 +185,9 @@ class Service:
             )  # fmt: skip
         t, p = req.temperature, req.top_p
         if t is not None and not (math.isfinite(t) and t >= 0):
-            raise APIError(400, f"`temperature` is {t}: it must be >= 0 (0 is greedy)", param="temperature")
+            raise APIError(
+                400, f"`temperature` is {t}: it must be >= 0 (0 is greedy)", param="temperature"
+            )
         if p is not None and not 0 < p <= 1:
             raise APIError(400, f"`top_p` is {p}: it must be in (0, 1]", param="top_p")
         rows = n_prompts * req.n
@@ -191,7 +202,8 @@ class Service:
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
             raise APIError(400, f"`seed` must be a 64-bit signed integer, got {seed}", param="seed")
-        return dict(max_new_tokens=max_tokens, temperature=t, top_p=p, stop=stop, seed=seed)
+        return {"max_new_tokens": max_tokens, "temperature": t, "top_p": p, "stop": stop,
+                "seed": seed}  # fmt: skip
 
 
 class Generation:
@@ -213,9 +225,7 @@ class Generation:
             answer = AnswerText(service.tokenizer, stop)
             answer.calls, answer.finish, answer.row = 0, None, None
             self.answers.append(answer)
-            self.rows.append(
-                Row(strategy, ids, seed, i, emit=self._emitter(i), **settings)
-            )
+            self.rows.append(Row(strategy, ids, seed, i, emit=self._emitter(i), **settings))
 
     def _emitter(self, i):
         def emit(item):
@@ -228,13 +238,11 @@ class Generation:
         try:
             self.service.worker.submit(self.rows)
         except Overloaded:
-            self.service.metrics.requests.labels(self.strategy, "overloaded").inc()
             raise APIError(
                 429, "the server is at capacity (every slot busy, the queue full): retry later",
                 "rate_limit_error", {"Retry-After": str(self.service.config.retry_after)},
             ) from None  # fmt: skip
         except Draining:
-            self.service.metrics.requests.labels(self.strategy, "draining").inc()
             raise APIError(
                 503, "the server is shutting down", "service_unavailable",
                 {"Retry-After": str(self.service.config.retry_after)},
@@ -314,24 +322,28 @@ def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="relax serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(AccessLog)
 
+    def refused(request, status, message, kind="invalid_request_error", param=None, headers=None):
+        outcome = OUTCOMES.get(status, "failed")
+        model = request.scope.get("state", {}).get("relax", {}).get("model", "-")
+        service.metrics.requests.labels(model, outcome).inc()
+        _note(request, outcome=outcome, error=json.dumps(message))
+        return JSONResponse(protocol.error_body(message, kind, param), status, headers=headers)
+
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
-        _note(request, outcome=f"error {e.status}")
-        return JSONResponse(
-            protocol.error_body(e.message, e.kind, e.param), e.status, headers=e.headers
-        )
+        return refused(request, e.status, e.message, e.kind, e.param, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request, e: RequestValidationError):
-        message = protocol.describe(e.errors())
-        _note(request, outcome="error 400")
-        return JSONResponse(protocol.error_body(message), 400)
+        return refused(request, 400, protocol.describe(e.errors()))
 
     @app.get("/health")
     async def health():
         w = service.worker
         status = "failed" if w.failure else "draining" if w.draining else "ok"
-        slots = {n: {"in_use": u, "waiting": q, "slots": w.slots(n)} for n, (u, q) in w.stats().items()}
+        slots = {
+            n: {"in_use": u, "waiting": q, "slots": w.slots(n)} for n, (u, q) in w.stats().items()
+        }
         return JSONResponse({"status": status, "models": slots}, 200 if status == "ok" else 503)
 
     @app.get("/metrics")
@@ -351,6 +363,7 @@ def create_app(service: Service) -> FastAPI:
     async def completions(req: CompletionRequest, request: Request):
         arrived = time.perf_counter()
         name = service.strategy(req.model)
+        _note(request, model=name)
         prompts = service.completion_prompts(req.prompt)
         settings = service.sampling(req, req.max_tokens, len(prompts))
         return await _serve(service, request, req, name, prompts, settings, arrived, chat=False)
@@ -359,8 +372,11 @@ def create_app(service: Service) -> FastAPI:
     async def chat(req: ChatRequest, request: Request):
         arrived = time.perf_counter()
         name = service.strategy(req.model)
+        _note(request, model=name)
         prompt = service.chat_prompt(req)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        max_tokens = (
+            req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        )
         settings = service.sampling(req, max_tokens, 1)
         return await _serve(service, request, req, name, [prompt], settings, arrived, chat=True)
 
@@ -446,7 +462,7 @@ async def _stream(gen, request, head, chat, include_usage):
         yield "data: [DONE]\n\n"
         outcome = "ok"
     except APIError as e:
-        outcome = "error 500"
+        outcome = "failed"
         yield _sse(protocol.error_body(e.message, e.kind))
         yield "data: [DONE]\n\n"
     finally:

@@ -31,7 +31,7 @@ DESCRIPTIONS = {
 class ServeConfig:
     """The server's engines, queues and defaults."""
 
-    relay: RelayConfig = RelayConfig()
+    relay: RelayConfig = dataclasses.field(default_factory=RelayConfig)
     """Budget (`max_new_tokens`: the most `max_tokens` a request may ask), calls, scheduling
     and the default sampling (`slm:` of the relay and the student, `llm:` of the teacher's
     segments and the teacher alone) when a request sets no temperature / top_p."""
@@ -78,6 +78,8 @@ class ServeConfig:
             check(field, getattr(self, field) >= 1, ">= 1")
         for field in ("solo_slots", "max_queue", "call_rows"):
             check(field, getattr(self, field) >= 0, ">= 0")
+        room = min(self.engine_slots(m) for m in self.models) + self.max_queue
+        check("max_rows", self.max_rows <= room, f"<= slots + max_queue ({room}) to ever fit")
 
     def engine_slots(self, strategy: str) -> int:
         return self.slots if strategy == "relay" else (self.solo_slots or self.slots)

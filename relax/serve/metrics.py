@@ -28,8 +28,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "relax_requests", "Requests by model and outcome (ok, error, overloaded, draining, "
-            "cancelled).", ["model", "outcome"], registry=r,
+            "relax_requests", "Requests by model and outcome (ok, cancelled, bad_request, "
+            "overloaded, draining, failed).", ["model", "outcome"], registry=r,
         )  # fmt: skip
         self.prompt_tokens = Counter(
             "relax_prompt_tokens", "Prompt tokens of served requests.", ["model"], registry=r

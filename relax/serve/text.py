@@ -61,7 +61,9 @@ class AnswerText:
         for who, ids in runs:
             self.tokens.extend(ids)
             full = self._decode(self.tokens)
-            common = len(self._full) if full.startswith(self._full) else _common_prefix(full, self._full)
+            common = (
+                len(self._full) if full.startswith(self._full) else _common_prefix(full, self._full)
+            )
             self._writer = self._writer[:common] + [who] * (len(full) - common)
             self._full = full
 

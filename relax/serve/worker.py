@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -138,8 +138,11 @@ class Worker:
         return self._stopping
 
     def start(self, warmup=False):
-        """Starts the engine thread; with `warmup`, first compiles every session's programs
-        (a one-token request each, on this thread)."""
+        """Makes every strategy's session (its slots' caches) and starts the engine thread;
+        with `warmup`, first compiles every session's programs (a one-token request each,
+        on this thread)."""
+        for name, s in self.strategies.items():
+            self._sessions[name] = Session(s.engine, s.slm_params, s.llm_params, self.prompt_width)
         if warmup:
             for name in self.strategies:
                 t0 = time.perf_counter()
@@ -158,14 +161,8 @@ class Worker:
 
     # -- the engine thread -----------------------------------------------------
 
-    def _session(self, name) -> Session:
-        if name not in self._sessions:
-            s = self.strategies[name]
-            self._sessions[name] = Session(s.engine, s.slm_params, s.llm_params, self.prompt_width)
-        return self._sessions[name]
-
     def _warm(self, name):
-        session = self._session(name)
+        session = self._sessions[name]
         slot = session.insert(np.zeros(1, np.int32), jax.random.key(0), max_new_tokens=1)
         while not any(u.finished for u in session.step(self.steps_per_call)):
             pass
@@ -202,17 +199,18 @@ class Worker:
             cancels, self._cancels = self._cancels, []
             admit = []
             for name, q in self._waiting.items():
-                free = self._session(name).slots - len(self._running[name])
+                free = self.slots(name) - len(self._running[name])
                 while q and free > 0:
                     admit.append(q.popleft())
                     free -= 1
         for row in cancels:
-            session = self._sessions[row.strategy]
-            session.cancel(row.slot)
             with self._cond:
-                if self._running[row.strategy].get(row.slot) is row:
+                live = self._running[row.strategy].get(row.slot) is row
+                if live:  # else it finished meanwhile (and its slot may be another's now)
                     del self._running[row.strategy][row.slot]
                 row.done = True
+            if live:
+                self._sessions[row.strategy].cancel(row.slot)
         for row in admit:
             self._insert(row)
         for name, session in list(self._sessions.items()):
@@ -223,14 +221,14 @@ class Worker:
         return True
 
     def _insert(self, row: Row):
-        session = self._session(row.strategy)
+        session = self._sessions[row.strategy]
         try:
             slot = session.insert(
                 row.prompt, jax.random.key(row.seed), row_id=row.row_id,
                 max_new_tokens=row.max_new_tokens, temperature=row.temperature,
                 top_p=row.top_p, llm_temperature=row.temperature, llm_top_p=row.top_p,
             )  # fmt: skip
-        except ValueError as e:  # InputError: the HTTP side checks first, so rare
+        except (ValueError, RuntimeError) as e:  # InputError: the HTTP side checks first
             row.done = True
             row.emit(e)
             return
@@ -265,4 +263,3 @@ def build_engine(strategy, slm, llm, config, command, slots, call_rows=0) -> Eng
     if strategy == "slm":
         return Engine(slm, None, config, None, slots=slots)
     return Engine(llm, None, dataclasses.replace(config, slm=config.llm), None, slots=slots)
-
