@@ -13,6 +13,7 @@ subprocess.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -39,7 +40,7 @@ from relax.serve.worker import Row
 from relax.tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUDGET, WIDTH = 24, 48
+BUDGET, WIDTH = 64, 48
 LONG = 1000  # the SIGTERM test's answer: one token per engine call, streaming for a while
 SETTINGS = [
     f"relay.max_new_tokens={BUDGET}", f"prompt_width={WIDTH}", "slots=4", "solo_slots=2",
@@ -309,6 +310,27 @@ def test_metrics(served):
     assert metric(url, "relax_generated_tokens_total", model="relay", source="llm") >= 2
     assert metric(url, "relax_generated_tokens_total", model="relay", source="command") >= 3
     assert metric(url, "relax_slots", model="relay") == 4
+
+
+def readme_example(name, lang):
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    m = re.search(rf"<!-- readme-example: {name} -->\s*```{lang}\n(.*?)```", text, re.DOTALL)
+    assert m, f"README example {name!r} not found"
+    return m.group(1)
+
+
+def test_readme_serving_examples_run(served, capsys):
+    """The README's curl and openai-client examples, against this module's server."""
+    _, url, _, _ = served
+    curl = readme_example("serve-curl", "bash").replace("http://127.0.0.1:8000", url)
+    out = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["choices"][0]["message"]["content"] == "a<call>2</call>zy"
+    code = readme_example("serve-openai", "python").replace("http://127.0.0.1:8000", url)
+    exec(compile(code, "README.md:serve-openai", "exec"), {})  # noqa: S102 (the README's own)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "a<call>2</call>zy" and "'llm_tokens': 2" in printed[1]
+    assert printed[2].replace("][", "") == "a<call>2</call>[zy]"  # the teacher's text marked
 
 
 def free_port():
