@@ -12,6 +12,7 @@ subprocess.
 """
 
 import json
+import logging
 import os
 import re
 import signal
@@ -36,7 +37,8 @@ from relax.relay.engine import Requests
 from relax.serve import config as serve_config
 from relax.serve.app import Service, create_app
 from relax.serve.cli import Background
-from relax.serve.worker import Row
+from relax.serve.text import AnswerText
+from relax.serve.worker import Draining, Row, Strategy, Worker
 from relax.tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -299,9 +301,12 @@ def test_overload_is_429_with_retry_after(served):
     assert metric(url, "relax_requests_total", model="llm", outcome="overloaded") >= 1
 
 
-def test_metrics(served):
+def test_metrics_and_access_log(served, caplog):
     _, url, client, _ = served
+    caplog.set_level(logging.INFO, logger="relax.serve.access")
     client.completions.create(model="relay", prompt="Hello", max_tokens=BUDGET, temperature=0)
+    (line,) = [r.getMessage() for r in caplog.records if "/v1/completions" in r.getMessage()]
+    assert '"POST /v1/completions" 200' in line and "model=relay" in line and "llm=2" in line
     text = httpx.get(url + "/metrics").text
     for name in ("relax_requests_total", "relax_generated_tokens_total", "relax_slots_in_use",
                  "relax_queue_length", "relax_time_to_first_token_seconds_bucket",
@@ -333,6 +338,38 @@ def test_readme_serving_examples_run(served, capsys):
     assert printed[2].replace("][", "") == "a<call>2</call>[zy]"  # the teacher's text marked
 
 
+def test_answer_text_holds_back_split_characters_and_stops():
+    """Qwen3's byte-level vocabulary: an emoji spans tokens, a stop string spans tokens.
+    Fed one token at a time, the pieces never hold a broken character, join to the
+    decoded answer, and stop where the stop string starts."""
+    from tests.test_tokenizer import qwen3_tokenizer_dir
+
+    tok = load_tokenizer(qwen3_tokenizer_dir())
+    count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+    text = "Café 🫠 ok, the end. More"  # the emoji: three byte tokens
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    teacher = range(count("Café"), count("Café 🫠"))  # the teacher wrote " 🫠"
+    for stop, want in (((), text), (("e end",), "Café 🫠 ok, th")):
+        answer, pieces = AnswerText(tok, stop), []
+        for i, t in enumerate(ids):
+            pieces += answer.feed([t], [4 if i in teacher else 2], final=i == len(ids) - 1)
+        assert "".join(p for p, _ in pieces) == want == answer.text
+        assert all("\ufffd" not in p for p, _ in pieces)
+        assert answer.stopped == bool(stop)
+        assert [answer.text[a:b] for a, b in answer.spans] == [" 🫠"]
+        assert "".join(p for p, who in pieces if who == "llm") == " 🫠"
+    assert answer.completion_tokens == count("Café 🫠 ok, the end")
+
+
+def test_a_draining_worker_takes_nothing_new():
+    """After `stop` (the lifespan's shutdown) a request is refused as Draining (HTTP 503)."""
+    fake = Strategy("slm", type("E", (), {"slots": 1})(), None, None)
+    worker = Worker({"slm": fake}, prompt_width=4, steps_per_call=1, max_queue=0)
+    worker.stop()
+    with pytest.raises(Draining):
+        worker.submit([Row("slm", np.ones(1, np.int32), 0, 0, 1, None, None, emit=print)])
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -344,7 +381,8 @@ def test_sigterm_drains_then_exits(folders):
     ends in full, then the process exits (143, as relax commands stopped by SIGTERM)."""
     port = free_port()
     cmd = [sys.executable, "-m", "relax.cli", "serve", "--slm", folders["slm"], "--llm",
-           folders["llm"], "--port", str(port), "--dtype", "float32", "--models", "llm",
+           folders["llm"], "--config", "serve", "--port", str(port), "--dtype", "float32",
+           "--models", "llm",
            "--log-level", "warning", f"prompt_width={WIDTH}", "solo_slots=2", "steps_per_call=1",
            f"relay.max_new_tokens={LONG}"]  # fmt: skip
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
