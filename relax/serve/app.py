@@ -222,9 +222,7 @@ class Generation:
         seed = settings.pop("seed")
         self.answers, self.rows = [], []
         for i, ids in enumerate(p for p in prompts for _ in range(n)):
-            answer = AnswerText(service.tokenizer, stop)
-            answer.calls, answer.finish, answer.row = 0, None, None
-            self.answers.append(answer)
+            self.answers.append(AnswerText(service.tokenizer, stop))
             self.rows.append(Row(strategy, ids, seed, i, emit=self._emitter(i), **settings))
 
     def _emitter(self, i):

@@ -44,6 +44,12 @@ class AnswerText:
         self.spans: list[list[int]] = []  # [start, end) character spans of `text` the LLM wrote
         self.stopped = False
         self.kept_tokens: int | None = None
+        self.calls = 0
+        """Calls honoured so far (the engine's count; the caller keeps it)."""
+        self.finish: str | None = None
+        """The API's finish reason once the answer has ended (the caller sets it)."""
+        self.row = None
+        """The engine's whole finished row (tokens, sources, log-probs), when it ran to its end."""
 
     def _decode(self, ids):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
