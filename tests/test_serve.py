@@ -370,6 +370,15 @@ def test_a_draining_worker_takes_nothing_new():
         worker.submit([Row("slm", np.ones(1, np.int32), 0, 0, 1, None, None, emit=print)])
 
 
+def test_cli_binds_loopback_and_names_a_missing_folder(capsys):
+    from relax import cli
+    from relax.serve.cli import _parser
+
+    assert _parser().parse_args(["--slm", "x"]).host == "127.0.0.1"
+    assert cli.main(["serve", "--slm", "/nonexistent"]) == 2
+    assert "relax serve: --slm /nonexistent: no such folder" in capsys.readouterr().err
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
