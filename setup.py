@@ -35,6 +35,9 @@ setup(
             # later releases cap numpy below 2.4 on Python <= 3.12.
             "mistral-common>=1.8.5,<1.9",
             "sentencepiece>=0.2,<0.3",
+            # relax serve's tests: the real OpenAI client and raw HTTP
+            "openai>=1.40,<4",
+            "httpx>=0.27,<1",
         ],
     },
     entry_points={"console_scripts": ["relax=relax.cli:main"]},

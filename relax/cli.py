@@ -36,6 +36,10 @@ COMMANDS = {
     ),
     "eval": ("relax.eval.cli:main", "evaluate strategies (slm, llm, relay, routers) on benchmarks"),
     "plan": ("relax.plan.cli:main", "per-device memory, FLOPs, roofline of a preset's programs"),
+    "serve": (
+        "relax.serve.cli:main",
+        "an OpenAI-compatible HTTP server (streaming) for the relay, the SLM and the LLM",
+    ),
 }
 
 
