@@ -2,9 +2,12 @@
 
 It satisfies the model contract of docs/protocol.md with two members,
 `init_cache(batch, max_len)` and `apply(params, tokens, positions, cache)`,
-and adds parameter initialisation and shape inspection. `put_served` places any
-model of the contract's params for the relay. It is a frozen,
+and adds parameter initialisation and shape inspection. It is a frozen,
 hashable dataclass, so it can be passed as a static argument to `jax.jit`.
+
+`put_served` places the params of any model of the contract for the relay: a relax
+`Model`'s tensor parallel by its weights' logical axes (relax.models.weights), any
+other's replicated.
 """
 
 import dataclasses
