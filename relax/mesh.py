@@ -1,4 +1,4 @@
-"""One device mesh with three named axes, and where every array lives on it.
+"""One device mesh with three named axes, and the rules that place arrays on it.
 
 Axes (physical, in this order): ``data`` (rows: pure data parallelism), ``fsdp``
 (rows as well, and the student's params, gradients and optimizer state split
@@ -9,10 +9,12 @@ remaining devices"), and the default (data = -1) puts every device on ``data``,
 which is plain data parallelism.
 
 The placement rules are one small table (``RULES``) from a logical axis name to
-the mesh axes it is split over; ``param_specs`` names the logical axes of each
-parameter of a relax ``Model`` and looks them up. A dimension that does not divide
-evenly over its mesh axes is left whole (replicated) rather than padded, so any
-model runs on any mesh; ``param_specs`` reports which. Two profiles of the table:
+the mesh axes it is split over, and ``spec_for`` turns an array's logical axes into a
+PartitionSpec by it. Which logical axes each array has is its owner's business: the
+model's weights name theirs in ``relax.models.weights``, which places params with
+these rules. A dimension that does not divide evenly over its mesh axes is left whole
+(replicated) rather than padded, so any model runs on any mesh. Two profiles of the
+table:
 
   ``train``    the student being trained: ``embed`` (the model width D) over
                ``fsdp``, heads / MLP width / vocabulary over ``model``.
@@ -51,31 +53,6 @@ _TRAIN_RULES = {
 # logical axis -> mesh axes it is split over, per profile (None: never split); "serve"
 # keeps the model width whole.
 RULES = {"train": _TRAIN_RULES, "serve": {**_TRAIN_RULES, "embed": None}}
-
-# Logical axes of each parameter of relax.models.Transformer (stacked layers first).
-PARAM_AXES = {
-    "embed": ("vocab", "embed"),
-    "lm_head": ("embed", "vocab"),
-    "final_norm": ("embed",),
-    "layers/attn_norm": ("layers", "embed"),
-    "layers/mlp_norm": ("layers", "embed"),
-    "layers/q_norm": ("layers", "head_dim"),
-    "layers/k_norm": ("layers", "head_dim"),
-    "layers/q": ("layers", "embed", "heads", "head_dim"),
-    "layers/k": ("layers", "embed", "kv_heads", "head_dim"),
-    "layers/v": ("layers", "embed", "kv_heads", "head_dim"),
-    "layers/o": ("layers", "heads", "head_dim", "embed"),
-    "layers/q_bias": ("layers", "heads", "head_dim"),
-    "layers/k_bias": ("layers", "kv_heads", "head_dim"),
-    "layers/v_bias": ("layers", "kv_heads", "head_dim"),
-    "layers/o_bias": ("layers", "embed"),
-    "layers/gate_bias": ("layers", "mlp"),
-    "layers/up_bias": ("layers", "mlp"),
-    "layers/down_bias": ("layers", "embed"),
-    "layers/gate": ("layers", "embed", "mlp"),
-    "layers/up": ("layers", "embed", "mlp"),
-    "layers/down": ("layers", "mlp", "embed"),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,42 +140,6 @@ def spec_for(shape, logical, mesh: Mesh, profile: str = "train") -> PartitionSpe
     return PartitionSpec(*spec)
 
 
-def _path_name(path) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in path)
-
-
-def param_specs(params, mesh: Mesh, profile: str = "train"):
-    """PartitionSpecs of a relax Model's params (arrays or ShapeDtypeStructs), by
-    `PARAM_AXES`. Unknown parameter names are an error: a new parameter must say
-    where it lives. On a data-parallel mesh every leaf is whole (replicated), for any
-    model's params, relax's or not."""
-    if is_data_parallel(mesh):
-        return jax.tree.map(lambda _: PartitionSpec(), params)
-
-    def one(path, x):
-        name = _path_name(path)
-        if name not in PARAM_AXES:
-            raise KeyError(f"no sharding rule for parameter {name!r} (add it to PARAM_AXES)")
-        return spec_for(x.shape, PARAM_AXES[name], mesh, profile)
-
-    return jax.tree_util.tree_map_with_path(one, params)
-
-
-def param_shardings(params, mesh: Mesh, profile: str = "train"):
-    """NamedShardings of `param_specs`."""
-    return jax.tree.map(
-        lambda s: NamedSharding(mesh, s),
-        param_specs(params, mesh, profile),
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
-
-
-def put_params(params, mesh: Mesh, profile: str = "serve"):
-    """`params` placed on `mesh` by `param_shardings` (once per run: a frozen model in the
-    relay is placed with "serve" and stays there)."""
-    return jax.device_put(params, param_shardings(params, mesh, profile))
-
-
 def opt_state_specs(optimizer, opt_state, params_specs):
     """Specs of an optax state `opt_state` (arrays or ShapeDtypeStructs) of `optimizer`:
     every params-shaped part (AdamW's mu, nu) takes the params' specs, the rest (step
@@ -243,19 +184,6 @@ def relay_mesh(config: MeshConfig = MeshConfig(), devices=None, rows: int | None
     if rows is not None:
         replicas = math.gcd(replicas, rows)
     return make_mesh(MeshConfig(data=replicas, fsdp=1, model=model), devices[: replicas * model])
-
-
-def put_served(model, params, mesh: Mesh):
-    """A frozen model's params placed for the relay: a relax `Model`'s by the "serve"
-    rules (`put_params`), any other model of the contract replicated (its parameter names
-    are not in `PARAM_AXES`)."""
-    from relax.models import Model
-
-    if params is None:
-        return None
-    if isinstance(model, Model):
-        return put_params(params, mesh, "serve")
-    return jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
 
 
 def row_devices(mesh: Mesh) -> int:

@@ -8,6 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from relax import mesh as M
 from relax.models import Model, ModelConfig
+from relax.models.weights import param_specs
 
 CFG = ModelConfig(
     family="qwen3",
@@ -37,13 +38,13 @@ def test_resolve_sizes():
 def test_param_and_state_specs():
     mesh = M.make_mesh(M.MeshConfig(data=1, fsdp=2, model=2))
     shapes = Model(CFG).param_shapes()
-    specs = M.param_specs(shapes, mesh)
+    specs = param_specs(shapes, mesh)
     assert specs["layers"]["q"] == P(None, "fsdp", "model", None)
     assert specs["layers"]["down"] == P(None, "model", "fsdp")
     assert specs["lm_head"] == P("fsdp", "model")
     # 2 kv heads over model=2 split; q_norm has no rule axis: whole.
     assert specs["layers"]["q_norm"] == P(None, None)
-    serve = M.param_specs(shapes, mesh, "serve")
+    serve = param_specs(shapes, mesh, "serve")
     assert serve["layers"]["q"] == P(None, None, "model", None)
     opt = optax.adamw(1e-3)
     state = M.opt_state_specs(opt, jax.eval_shape(opt.init, shapes), specs)
@@ -53,16 +54,14 @@ def test_param_and_state_specs():
 
 def test_indivisible_dims_stay_whole_and_unknown_params_fail():
     mesh = M.make_mesh(M.MeshConfig(data=1, fsdp=1, model=4))
-    specs = M.param_specs(Model(CFG).param_shapes(), mesh)
+    specs = param_specs(Model(CFG).param_shapes(), mesh)
     assert specs["layers"]["k"] == P(None, None, None, None)  # 2 kv heads over 4
     assert specs["layers"]["q"] == P(None, None, "model", None)
     with pytest.raises(KeyError, match="no sharding rule"):
-        M.param_specs({"mystery": jax.ShapeDtypeStruct((4,), "float32")}, mesh)
+        param_specs({"mystery": jax.ShapeDtypeStruct((4,), "float32")}, mesh)
     # a data-parallel mesh splits nothing: any model's params are whole there
     data = M.make_mesh(M.MeshConfig())
-    assert M.param_specs({"mystery": jax.ShapeDtypeStruct((4,), "float32")}, data) == {
-        "mystery": P()
-    }
+    assert param_specs({"mystery": jax.ShapeDtypeStruct((4,), "float32")}, data) == {"mystery": P()}
 
 
 def test_cache_and_rows():

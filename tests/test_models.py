@@ -17,6 +17,7 @@ import relax
 from relax.models import Model, ModelConfig
 from relax.models.attention import blockwise_attention, cached_attention, dense_attention
 from relax.models.hf import CheckpointError
+from relax.models.weights import WEIGHTS, path_name
 from tests.hf_utils import hf_logits, tiny_hf_model
 
 TOL = 2e-4
@@ -480,3 +481,20 @@ def test_decode_step_updates_cache_in_place(dtype):
     temp = lowered.compile().memory_analysis().temp_size_in_bytes
     size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
     assert temp < 0.1 * size, (temp, size)
+
+
+def test_weights_table_declares_every_param():
+    """Every parameter of every family's model is a record of `WEIGHTS`, with the shape
+    the record derives from the config, and every record is some model's parameter."""
+    seen = set()
+    for cfg in (
+        ModelConfig(family="qwen3", tie_embeddings=False),
+        ModelConfig(family="qwen2", num_layers=3),
+        ModelConfig(family="llama", attention_bias=True, mlp_bias=True, tie_embeddings=False),
+    ):
+        shapes = jax.tree_util.tree_flatten_with_path(Model(cfg).param_shapes())[0]
+        for path, x in shapes:
+            name = path_name(path)
+            assert x.shape == WEIGHTS[name].shape(cfg), name
+            seen.add(name)
+    assert seen == set(WEIGHTS)

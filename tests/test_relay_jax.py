@@ -148,7 +148,7 @@ def serve_params(params, mesh):
     the two bias tables replicated."""
     rep = NamedSharding(mesh, P())
     return {
-        "inner": relax.mesh.put_params(params["inner"], mesh, "serve"),
+        "inner": relax.models.put_params(params["inner"], mesh, "serve"),
         "bias": jax.device_put(params["bias"], rep),
         "follow": jax.device_put(params["follow"], rep),
     }

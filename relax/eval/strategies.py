@@ -52,7 +52,8 @@ import numpy as np
 from relax.data.grading import grade
 from relax.data.loaders import Benchmark, Problem
 from relax.eval import metrics
-from relax.mesh import MeshConfig, put_served
+from relax.mesh import MeshConfig
+from relax.models.model import put_served
 from relax.relay.config import RelayConfig
 from relax.relay.engine import Engine, Requests
 from relax.tokenizer import build_prompt

@@ -1,13 +1,14 @@
 """Hugging Face checkpoints in and out: `load_hf` and `save_hf`.
 
-Both directions come from ONE table, `MAPPING`: each row names the HF tensor
-(with `{i}` for the layer index), the relax parameter path, and how many of
-the relax kernel's leading axes are the linear layer's input axes. A linear
-layer's HF weight is [out, in]; relax keeps it as a kernel [in..., out...]
-(e.g. q: HF [N*H, D] <-> relax [D, N, H]; o: HF [D, N*H] <-> relax [N, H, D]),
-so "transpose then reshape" and its inverse are the only transforms. Norms,
-biases and the embedding are reshaped only. Per-layer tensors are stacked on
-a leading L axis because the model scans over its layers.
+Both directions come from ONE table, `relax.models.weights.WEIGHTS`, where each
+weight is declared once: its record names the HF tensor (with `{i}` for the layer
+index) and how many of the relax kernel's leading axes are the linear layer's input
+axes, beside the weight's logical axes and initialiser. A linear layer's HF weight is
+[out, in]; relax keeps it as a kernel [in..., out...] (e.g. q: HF [N*H, D] <-> relax
+[D, N, H]; o: HF [D, N*H] <-> relax [N, H, D]), so "transpose then reshape" and its
+inverse are the only transforms. Norms, biases and the embedding are reshaped only.
+Per-layer tensors are stacked on a leading L axis because the model scans over its
+layers.
 
 Safetensors are read with numpy (bfloat16 through ml_dtypes); torch is never
 needed at run time. Every failure names the file and the tensor: unsupported
@@ -32,36 +33,10 @@ from safetensors.numpy import save_file
 from relax.errors import RelaxError
 from relax.models.config import ModelConfig
 from relax.models.model import Model
+from relax.models.weights import WEIGHTS
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-# (HF tensor name, relax path, layout). layout: the number of input axes of a
-# linear kernel (HF [out, in] <-> relax [in..., out...]); 0 for a tensor kept
-# as is (the embedding [V, D]); None for a vector HF stores flat (norms, biases).
-MAPPING = (
-    ("model.embed_tokens.weight", ("embed",), 0),
-    ("model.norm.weight", ("final_norm",), None),
-    ("lm_head.weight", ("lm_head",), 1),
-    ("model.layers.{i}.input_layernorm.weight", ("layers", "attn_norm"), None),
-    ("model.layers.{i}.self_attn.q_proj.weight", ("layers", "q"), 1),
-    ("model.layers.{i}.self_attn.k_proj.weight", ("layers", "k"), 1),
-    ("model.layers.{i}.self_attn.v_proj.weight", ("layers", "v"), 1),
-    ("model.layers.{i}.self_attn.o_proj.weight", ("layers", "o"), 2),
-    ("model.layers.{i}.self_attn.q_proj.bias", ("layers", "q_bias"), None),
-    ("model.layers.{i}.self_attn.k_proj.bias", ("layers", "k_bias"), None),
-    ("model.layers.{i}.self_attn.v_proj.bias", ("layers", "v_bias"), None),
-    ("model.layers.{i}.self_attn.o_proj.bias", ("layers", "o_bias"), None),
-    ("model.layers.{i}.self_attn.q_norm.weight", ("layers", "q_norm"), None),
-    ("model.layers.{i}.self_attn.k_norm.weight", ("layers", "k_norm"), None),
-    ("model.layers.{i}.post_attention_layernorm.weight", ("layers", "mlp_norm"), None),
-    ("model.layers.{i}.mlp.gate_proj.weight", ("layers", "gate"), 1),
-    ("model.layers.{i}.mlp.up_proj.weight", ("layers", "up"), 1),
-    ("model.layers.{i}.mlp.down_proj.weight", ("layers", "down"), 1),
-    ("model.layers.{i}.mlp.gate_proj.bias", ("layers", "gate_bias"), None),
-    ("model.layers.{i}.mlp.up_proj.bias", ("layers", "up_bias"), None),
-    ("model.layers.{i}.mlp.down_proj.bias", ("layers", "down_bias"), None),
-)
 
 
 class CheckpointError(RelaxError, ValueError):
@@ -131,10 +106,12 @@ def _hf_shape(shape: tuple, layout: int | None) -> tuple:
     return (math.prod(shape[layout:]), math.prod(shape[:layout]))
 
 
-def _rows(model: Model):
-    """(hf name, relax path, layout, layer or None) for every tensor this model has."""
+def _tensors(model: Model):
+    """(hf name, relax path, layout, layer or None, shape) for every tensor this model has,
+    in the order of `WEIGHTS` (a stacked weight's layers in turn)."""
     shapes = model.param_shapes()
-    for hf_name, path, layout in MAPPING:
+    for name, weight in WEIGHTS.items():
+        hf_name, path, layout = weight.hf, tuple(name.split("/")), weight.layout
         node = shapes
         for key in path:
             node = node.get(key) if isinstance(node, Mapping) else None
@@ -201,7 +178,7 @@ def load_hf(path: str, dtype=jnp.bfloat16) -> tuple[Model, dict]:
 
     expected = {}
     params: dict = {}
-    for hf_name, rpath, layout, layer, shape in _rows(model):
+    for hf_name, rpath, layout, layer, shape in _tensors(model):
         expected[hf_name] = rpath
         if hf_name not in location:
             raise CheckpointError(
@@ -263,7 +240,7 @@ def save_hf(model: Model, params: dict, path: str, max_shard_bytes: int | None =
     """
     os.makedirs(path, exist_ok=True)
     tensors = {}
-    for hf_name, rpath, layout, layer, shape in _rows(model):
+    for hf_name, rpath, layout, layer, shape in _tensors(model):
         node = params
         for key in rpath:
             if key not in node:

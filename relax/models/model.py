@@ -4,6 +4,10 @@ It satisfies the model contract of docs/protocol.md with two members,
 `init_cache(batch, max_len)` and `apply(params, tokens, positions, cache)`,
 and adds parameter initialisation and shape inspection. It is a frozen,
 hashable dataclass, so it can be passed as a static argument to `jax.jit`.
+
+`put_served` places the params of any model of the contract for the relay: a relax
+`Model`'s tensor parallel by its weights' logical axes (relax.models.weights), any
+other's replicated.
 """
 
 import dataclasses
@@ -12,10 +16,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from relax.mesh import spec_for
 from relax.models import kv_cache
 from relax.models.config import ModelConfig
 from relax.models.transformer import Transformer, lm_logits
+from relax.models.weights import put_params
 
 Params = Any  # a nested dict of arrays
 Cache = Any  # {"k": [L, B, K, H, S], "v": [L, B, K, S, H]}, see relax.models.kv_cache
@@ -74,10 +81,6 @@ class Model:
         on a relax mesh with a `model` axis, its kv heads split over it when they divide
         (relax.mesh `RULES`, "serve"): each device then holds its rows' caches of its heads,
         the heads its tensor-parallel shard of the attention weights computes."""
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        from relax.mesh import spec_for
-
         mesh = rows.mesh
         heads = spec_for((self.config.num_kv_heads,), ("kv_heads",), mesh, "serve")[0]
         # [L, B, K, H, S] keys, [L, B, K, S, H] values: rows on axis 1, kv heads on axis 2
@@ -112,3 +115,14 @@ class Model:
     def logits(self, params: Params, x: jax.Array) -> jax.Array:
         """Logits [..., V] (float32) of final-norm activations x [..., D] from `hidden`."""
         return lm_logits(x, self.head(params))
+
+
+def put_served(model, params, mesh: Mesh):
+    """A frozen model's params placed for the relay: a relax `Model`'s by the "serve"
+    rules (`relax.models.weights.put_params`), any other model of the contract replicated
+    (its parameter names are not in `WEIGHTS`)."""
+    if params is None:
+        return None
+    if isinstance(model, Model):
+        return put_params(params, mesh, "serve")
+    return jax.device_put(params, NamedSharding(mesh, PartitionSpec()))

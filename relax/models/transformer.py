@@ -3,6 +3,8 @@
 The KV cache is an explicit input and output of `apply`; there is no mutable
 collection and no hidden state. Layers are stacked with `nn.scan`, so compile
 time does not grow with depth and every layer parameter has a leading L axis.
+Each parameter's shape and initialiser come from its record in
+`relax.models.weights.WEIGHTS`, where its logical axes and HF name live too.
 
 Axis alphabet, used in every einsum and shape comment of this package:
   B batch, T query length, S cache length, D model dim, N query heads,
@@ -54,6 +56,7 @@ from flax import linen as nn
 from relax.models.attention import blockwise_attention, cached_attention, dense_attention
 from relax.models.config import ModelConfig
 from relax.models.kv_cache import write_slots
+from relax.models.weights import WEIGHTS
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -113,8 +116,10 @@ class Block(nn.Module):
     dtype: jnp.dtype
     block: int = 512
 
-    def _param(self, name, shape, init):
-        return self.param(name, init, shape, self.dtype)
+    def _param(self, name):
+        # one layer's slice of the stacked weight: the scan adds the leading L axis
+        w = WEIGHTS[f"layers/{name}"]
+        return self.param(name, w.init, w.shape(self.cfg)[1:], self.dtype)
 
     @nn.compact
     def __call__(self, carry, layer, positions, cos, sin):
@@ -122,27 +127,19 @@ class Block(nn.Module):
         # layer: this layer's index (scalar); positions [B, T]; cos, sin [B, T, H].
         x, cache = carry
         cfg = self.cfg
-        d, n, k, h, f = (
-            cfg.hidden_size,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            cfg.intermediate_size,
-        )
-        w_init = nn.initializers.normal(0.02)
-        ones, zeros = nn.initializers.ones, nn.initializers.zeros
-
-        y = rms_norm(x, self._param("attn_norm", (d,), ones), cfg.rms_norm_eps)
-        q = project(y, self._param("q", (d, n, h), w_init))
-        kk = project(y, self._param("k", (d, k, h), w_init))
-        v = project(y, self._param("v", (d, k, h), w_init))
+        # Shapes and initialisers come from relax.models.weights.WEIGHTS; the order of
+        # the `_param` calls is the order of the params' random keys (keep it).
+        y = rms_norm(x, self._param("attn_norm"), cfg.rms_norm_eps)
+        q = project(y, self._param("q"))  # [B, T, N, H]
+        kk = project(y, self._param("k"))  # [B, T, K, H]
+        v = project(y, self._param("v"))
         if cfg.qkv_bias:
-            q = q + self._param("q_bias", (n, h), zeros)
-            kk = kk + self._param("k_bias", (k, h), zeros)
-            v = v + self._param("v_bias", (k, h), zeros)
+            q = q + self._param("q_bias")
+            kk = kk + self._param("k_bias")
+            v = v + self._param("v_bias")
         if cfg.qk_norm:
-            q = rms_norm(q, self._param("q_norm", (h,), ones), cfg.rms_norm_eps)
-            kk = rms_norm(kk, self._param("k_norm", (h,), ones), cfg.rms_norm_eps)
+            q = rms_norm(q, self._param("q_norm"), cfg.rms_norm_eps)
+            kk = rms_norm(kk, self._param("k_norm"), cfg.rms_norm_eps)
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
 
         if cache is None:
@@ -159,20 +156,20 @@ class Block(nn.Module):
                 "v": write_slots(cache["v"], layer, v, positions),
             }
             attn = cached_attention(q, positions, cache["k"], cache["v"], layer, self.block)
-        out = project(attn, self._param("o", (n, h, d), w_init), contract=2)
+        out = project(attn, self._param("o"), contract=2)  # [B, T, D]
         if cfg.o_bias:
-            out = out + self._param("o_bias", (d,), zeros)
+            out = out + self._param("o_bias")
         x = x + out
 
-        y = rms_norm(x, self._param("mlp_norm", (d,), ones), cfg.rms_norm_eps)
-        gate = project(y, self._param("gate", (d, f), w_init))
-        up = project(y, self._param("up", (d, f), w_init))
+        y = rms_norm(x, self._param("mlp_norm"), cfg.rms_norm_eps)
+        gate = project(y, self._param("gate"))  # [B, T, F]
+        up = project(y, self._param("up"))
         if cfg.mlp_bias:
-            gate = gate + self._param("gate_bias", (f,), zeros)
-            up = up + self._param("up_bias", (f,), zeros)
-        down = project(nn.silu(gate) * up, self._param("down", (f, d), w_init))
+            gate = gate + self._param("gate_bias")
+            up = up + self._param("up_bias")
+        down = project(nn.silu(gate) * up, self._param("down"))
         if cfg.mlp_bias:
-            down = down + self._param("down_bias", (d,), zeros)
+            down = down + self._param("down_bias")
         return (x + down, cache), None
 
 
@@ -189,14 +186,16 @@ class Transformer(nn.Module):
     remat: bool = False
     attention_block: int = 512
 
+    def _param(self, name):
+        w = WEIGHTS[name]
+        return self.param(name, w.init, w.shape(self.cfg), self.dtype)
+
     @nn.compact
     def __call__(self, tokens, positions, cache=None, return_hidden=False):
         # return_hidden: stop after the final norm and return x [B, T, D] instead of
         # logits, so a caller can apply the LM head chunk by chunk (`Model.logits`).
         cfg = self.cfg
-        embed = self.param(
-            "embed", nn.initializers.normal(0.02), (cfg.vocab_size, cfg.hidden_size), self.dtype
-        )
+        embed = self._param("embed")
         x = jnp.take(embed, tokens, axis=0)  # [B, T, D]
         cos, sin = rope_angles(positions, cfg)
         block = nn.remat(Block) if self.remat else Block
@@ -215,18 +214,13 @@ class Transformer(nn.Module):
         )
         x = rms_norm(
             x,
-            self.param("final_norm", nn.initializers.ones, (cfg.hidden_size,), self.dtype),
+            self._param("final_norm"),
             cfg.rms_norm_eps,
         )
         if cfg.tie_embeddings:
             head = embed.T  # [D, V]
         else:
-            head = self.param(
-                "lm_head",
-                nn.initializers.normal(0.02),
-                (cfg.hidden_size, cfg.vocab_size),
-                self.dtype,
-            )
+            head = self._param("lm_head")
         if return_hidden:
             return x, cache
         return lm_logits(x, head), cache

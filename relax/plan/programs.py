@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from relax import mesh as mesh_lib
 from relax.models import Model
+from relax.models.weights import param_shardings
 
 
 @dataclasses.dataclass
@@ -190,7 +191,7 @@ def relay_program(
     row_sh = mesh_lib.rows_sharding(mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     key = jax.eval_shape(lambda: jax.random.key(0))
-    serve = lambda p: _placed(p, mesh_lib.param_shardings(p, mesh, "serve"))
+    serve = lambda p: _placed(p, param_shardings(p, mesh, "serve"))
     n = queue or rows
     args = (
         serve(sp),

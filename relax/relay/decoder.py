@@ -57,7 +57,7 @@ On a device mesh (relax.mesh). Rows split over `data` x `fsdp`; each model's wei
 split over `model` by the "serve" rules (attention heads, MLP width, vocabulary: tensor
 parallelism), its KV cache by kv head over `model` as well, so a device holds its rows'
 cache of the heads its weight shard computes. A caller places the params once
-(`relax.mesh.put_params(params, mesh, "serve")`) and passes
+(`relax.models.put_params(params, mesh, "serve")`) and passes
 `rows=relax.mesh.rows_sharding(mesh)`; the caches are then made in that layout
 (`Model.cache_sharding`) and the loop state is pinned to it each iteration (`Layout`):
 XLA's SPMD partitioner inserts the reductions of each layer's matmuls. Tensor
@@ -377,7 +377,7 @@ class RelayDecoder:
     out the same way and, on a mesh with a `model` axis, their kv heads split over it
     (models with `cache_sharding`), so no device holds other devices' rows or heads; the
     loop state keeps that layout. Params are used where they are (place them once with
-    `relax.mesh.put_params(params, mesh, "serve")`). Default: the prompts' own sharding
+    `relax.models.put_params(params, mesh, "serve")`). Default: the prompts' own sharding
     when they are a concrete row-sharded array; under tracing without it, XLA chooses
     (it may replicate)."""
 

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from relax.mesh import put_served, relay_mesh, rows_sharding
+from relax.mesh import relay_mesh, rows_sharding
+from relax.models.model import put_served
 from relax.relay.config import RelayConfig, SamplingConfig
 from relax.relay.engine import Engine, Requests
 from relax.tokenizer import special_ids

@@ -50,7 +50,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from relax.errors import ConfigError
-from relax.mesh import param_shardings, rows_sharding
+from relax.mesh import rows_sharding
+from relax.models.weights import param_shardings
 from relax.train import distributed
 from relax.train.grpo import grpo_loss_from_logprobs
 from relax.train.logprobs import sequence_stats

@@ -85,7 +85,7 @@ def make_relay_rollout(slm, llm, relay_config, command, rows=None):
     and caches in bfloat16. ``rows``: the slots' row layout (``Engine.rows``), default
     the prompts' own when they are a concrete row-sharded array; on a
     ``relax.mesh.relay_mesh`` with ``model`` > 1, params placed by
-    ``relax.mesh.put_served`` run tensor parallel and the caches split by kv head
+    ``relax.models.put_served`` run tensor parallel and the caches split by kv head
     (relax.relay.decoder). The function carries ``slm_sampling`` (the SLM's
     ``SamplingConfig``), which ``train_grpo`` checks against its config, ``llm``, and
     ``queue`` (it takes ``slots``: ``chunked_rollout`` gives it a step's rows at once).
@@ -103,7 +103,7 @@ def make_relay_rollout(slm, llm, relay_config, command, rows=None):
         return engine(slm_params, llm_params, requests)
 
     rollout.slm_sampling = relay_config.slm
-    rollout.llm = llm  # how `train_grpo` places the teacher's params (relax.mesh.put_served)
+    rollout.llm = llm  # how `train_grpo` places the teacher's params (relax.models.put_served)
     rollout.queue = True
     return rollout
 

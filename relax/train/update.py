@@ -56,6 +56,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from relax import mesh as mesh_lib
 from relax.mesh import is_data_parallel
+from relax.models.weights import param_specs
 
 
 def lr_schedule(cfg, total_steps):
@@ -122,9 +123,10 @@ class TrainState:
 def train_shardings(mesh, params, optimizer):
     """``TrainState`` of ``params`` (arrays or ShapeDtypeStructs) and ``optimizer`` on ``mesh``.
 
-    The "train" profile of ``relax.mesh``; on a data-parallel mesh every leaf is
-    replicated (and any model's params work, not only a relax ``Model``'s)."""
-    specs = mesh_lib.param_specs(params, mesh, "train")
+    The "train" profile of ``relax.mesh`` (``relax.models.weights.param_specs``); on a
+    data-parallel mesh every leaf is replicated (and any model's params work, not only a
+    relax ``Model``'s)."""
+    specs = param_specs(params, mesh, "train")
     opt_specs = mesh_lib.opt_state_specs(optimizer, jax.eval_shape(optimizer.init, params), specs)
     named = lambda tree: jax.tree.map(
         lambda s: NamedSharding(mesh, s), tree, is_leaf=lambda x: isinstance(x, PartitionSpec)
