@@ -168,6 +168,16 @@ def test_session_inserts_steps_and_cancels(setup, queue):  # noqa: F811
     prompts, lens, _ = queue
     cfg = dataclasses.replace(CONFIG, llm_trigger_fraction=0.0)
     session = Session(Engine(slm, llm, cfg, command, slots=2), sp, lp, prompts.shape[1])
+    for bad, match in (
+        ({"prompt_ids": [V]}, r"prompt token ids must be in \[0, 64\)"),
+        ({"prompt_ids": []}, "the prompt has 0 tokens"),
+        ({"temperature": -1.0}, "slm temperature of row 0 is -1.0"),
+        ({"llm_top_p": 0.0}, "llm top_p of row 0 is 0.0"),
+        ({"max_new_tokens": CONFIG.max_new_tokens + 1}, "max_new_tokens of row 0 is 41"),
+    ):
+        with pytest.raises(InputError, match=match):
+            session.insert(**{"prompt_ids": [5], "key": jax.random.key(0), **bad})
+    assert session.live == 0  # nothing was taken
     pending, where, streamed, rows = list(range(6)), {}, {}, {}
     cancel = 1  # request 1 is cancelled after its first step
     while pending or session.live:

@@ -770,6 +770,8 @@ class Session:
         es = engine.init(slm_params, llm_params, placeholder)
         self._queue = es.queue
         self._state = es.replace(queue=None, next_request=jnp.ones((), jnp.int32))
+        self._vocab = self.spec.loop.vocab
+        self._defaults = jax.tree.map(np.asarray, RowSettings.of(engine.config, 1))
         B = engine.slots
         self.free = list(range(B))
         """Free slots, lowest first."""
@@ -795,23 +797,32 @@ class Session:
             raise dec.InputError(
                 f"the prompt has {ids.size} tokens; this engine takes 1 to {self.width}"
             )
+        if ids.min() < 0 or ids.max() >= self._vocab:
+            raise dec.InputError(f"prompt token ids must be in [0, {self._vocab}), the vocabulary")
         prompts = np.zeros((1, self.width), np.int32)
         prompts[0, : ids.size] = ids
-        request = Requests.build(
-            self.engine.config, prompts, np.array([ids.size], np.int32), key,
-            row_ids=np.array([row_id], np.int32), max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, llm_temperature=llm_temperature,
-            llm_top_p=llm_top_p,
+        # Built on the host, in numpy (a server inserts often: no small device ops here).
+        d = self._defaults
+        column = lambda x, default: default if x is None else np.full((1,), x, default.dtype)
+        settings = RowSettings(
+            column(max_new_tokens, d.max_new_tokens),
+            RowSampling(column(temperature, d.slm.temperature), column(top_p, d.slm.top_p)),
+            RowSampling(column(llm_temperature, d.llm.temperature), column(llm_top_p, d.llm.top_p)),
+        )
+        dec.check_settings(settings, self.engine.config.max_new_tokens)
+        key = typed_key(key if isinstance(key, jax.Array) else jnp.asarray(key))
+        request = Requests(
+            prompts, np.array([ids.size], np.int32), key.reshape(1),
+            np.array([row_id], np.int32), settings,
         )  # fmt: skip
-        self.engine._check(*self.params, request)
         slot = self.free.pop(0)
-        self._state = _insert(self.spec, self._state, jnp.asarray(slot, jnp.int32), request)
+        self._state = _insert(self.spec, self._state, np.int32(slot), request)
         self.emitted[slot] = ids.size
         return slot
 
     def cancel(self, slot: int):
         """Ends the request in `slot` now (finish reason CANCELLED) and frees the slot."""
-        self._state = _cancel(self._state, jnp.asarray(slot, jnp.int32))
+        self._state = _cancel(self._state, np.int32(slot))
         if slot not in self.free:
             self.free.append(slot)
             self.free.sort()
