@@ -180,7 +180,7 @@ def test_sft_prints_its_planned_steps(tmp_path):
     rc, out, err = relax_cli(
         "sft", "--config", "train-tiny", "--no-progress", "steps=40",
         f"run.output_dir={tmp_path}", "run.export=false", "data=synthetic:64:0", "batch_size=8",
-        "run.micro_batch_size=2", "model_config={vocab_size: 160, hidden_size: 16, intermediate_size: 32, num_layers: 1, "
+        "max_len=160", "run.micro_batch_size=2", "model_config={vocab_size: 160, hidden_size: 16, intermediate_size: 32, num_layers: 1, "
         "num_heads: 2, num_kv_heads: 1, head_dim: 8}",
     )  # fmt: skip
     assert rc == 0, err[-3000:]
