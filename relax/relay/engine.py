@@ -479,8 +479,7 @@ def _compact_jit(es, size, layout):
     return _compact(es, size, layout)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,))
-def _advance(spec: _Spec, floor, slm_params, llm_params, tables, es, queue, iterations):
+def _iterations(spec: _Spec, floor, slm_params, llm_params, tables, es, queue, iterations):
     """At most `iterations` iterations of the current bucket (fewer when it is done)."""
     stop = es.iterations + iterations
     es = jax.lax.while_loop(
@@ -489,6 +488,23 @@ def _advance(spec: _Spec, floor, slm_params, llm_params, tables, es, queue, iter
         es.replace(queue=queue),
     )
     return es.replace(queue=None)
+
+
+_advance = functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,))(_iterations)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
+def _advance_rows(spec: _Spec, slm_params, llm_params, tables, es, rows, queue, iterations):
+    """`_advance` on slots `rows` only (distinct; a smaller bucket holding every live
+    slot): they are taken out with their caches, advanced, and put back. A step then
+    costs the live rows' bucket, not every slot (one cache copy each way per call)."""
+    part = es.replace(
+        slots=dec._constrain(_take_rows(es.slots, rows), spec.layout),
+        slot_request=es.slot_request[rows],
+    )
+    part = _iterations(spec, 0, slm_params, llm_params, tables, part, queue, iterations)
+    slots = dec._constrain(_put_rows(es.slots, rows, part.slots), spec.layout)
+    return part.replace(slots=slots, slot_request=es.slot_request.at[rows].set(part.slot_request))
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -831,21 +847,34 @@ class Session:
     def live(self) -> int:
         return self.slots - len(self.free)
 
-    def step(self, iterations: int = 8) -> list:
+    def bucket(self, live: int, at_least: int = 0) -> int:
+        """The slots a step runs on: the engine's smallest bucket holding `live` rows
+        (and `at_least` rows)."""
+        return min(b for b in self.engine.buckets if b >= max(live, at_least))
+
+    def step(self, iterations: int = 8, bucket: int = 0) -> list:
         """At most `iterations` loop iterations; returns one `Update` per slot that wrote
-        tokens or finished since the last step. A finished request's slot is free again."""
+        tokens or finished since the last step. A finished request's slot is free again.
+
+        The step runs on the smallest of the engine's buckets that holds the live slots
+        (at least `bucket` rows: a warm-up compiles each size), as `Engine.run` compacts
+        its tail; each bucket size is one more program, compiled on first use."""
         if self.live == 0:
             return []
-        es = _advance(
-            self.spec, 0, *self.params, self.tables, self._state, self._queue,
-            jnp.asarray(iterations, jnp.int32),
-        )  # fmt: skip
+        busy = [b for b in range(self.slots) if b not in self.free]
+        size = self.bucket(len(busy), bucket)
+        k = jnp.asarray(iterations, jnp.int32)
+        if size == self.slots:
+            es = _advance(self.spec, 0, *self.params, self.tables, self._state, self._queue, k)
+        else:  # the live slots, topped up with free ones to the bucket's size
+            rows = np.array(busy + self.free[: size - len(busy)], np.int32)
+            es = _advance_rows(self.spec, *self.params, self.tables, self._state, rows,
+                               self._queue, k)  # fmt: skip
         self._state = es
         s = es.slots
         length, phase, finish, calls, prefill = jax.device_get(
             (s.length, s.phase, s.finish, s.calls, s.llm_prefill)
         )
-        busy = [b for b in range(self.slots) if b not in self.free]
         changed = [b for b in busy if length[b] > self.emitted[b] or phase[b] == FINISHED]
         if not changed:
             return []
