@@ -305,12 +305,31 @@ def _on_mesh(rollout, mesh, local_count):
             kw["row_ids"] = put(np.arange(len(lens), dtype=np.int32) + offset)
         if kw.get("slots"):
             kw["slots"] *= jax.process_count()  # the engine's slots span every process
-        key = jax.device_put(key, NamedSharding(mesh, PartitionSpec()))
+        key = _replicated_key(key, mesh)
         out = rollout(slm_params, llm_params, put(prompts), put(lens), key, **kw)
-        return jax.tree.map(local_rows, out)
+        return jax.tree.map(lambda x: _process_rows(x, len(lens)), out)
 
     call.queue = getattr(rollout, "queue", False)
     return call
+
+
+def _process_rows(x, n):
+    """This process's ``n`` rows of a rollout result, on the host: its shards when the rows
+    are sharded, rows [i * n, (i + 1) * n) of process i when every process holds them all
+    (the relay engine returns its results replicated)."""
+    if x.is_fully_replicated:
+        i = jax.process_index()
+        return np.array(x.addressable_data(0)[i * n : (i + 1) * n])
+    return local_rows(x)
+
+
+def _replicated_key(key, mesh):
+    """The step's typed ``key`` (the same on every process) replicated over the whole
+    mesh. ``jax.device_put`` refuses a sharding that holds other processes' devices, so
+    each process contributes its copy of the key's data."""
+    data = np.asarray(jax.random.key_data(key))
+    data = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec()), data)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key))
 
 
 def _global_max(lengths):
