@@ -3,7 +3,8 @@
 One step (the unit of checkpoints and metrics):
 
 1. take ``prompts_per_step`` problems (a seeded permutation per epoch; this
-   process's contiguous share), repeat each G times (prompt-major rows);
+   process's contiguous share), repeat each G times (prompt-major rows), padded
+   to a power of two >= the step's longest prompt on any process;
 2. roll out with the current policy on the run's mesh (the one the update runs
    on): the step's rows as one queue on the relay engine (continuous batching,
    relax.relay.engine) with ``rollout_batch_size`` slots per process over data x
@@ -233,9 +234,9 @@ def train_grpo(
     while run.step < total:
         idx = distributed.shard_rows(step_problems(run.step, len(problems), cfg))
         examples = [problems[i] for i in idx for _ in range(G)]
-        prompts, lens = pad_prompts(
-            [list(encode(problems[i])) for i in idx for _ in range(G)], pad_id
-        )
+        ids = [list(encode(problems[i])) for i in idx for _ in range(G)]
+        # One width on every process (a 1-process run's): the step's prompts are one array.
+        prompts, lens = pad_prompts(ids, pad_id, longest=_global_max([len(x) for x in ids]))
         # Rows over the mesh, the policy in the rollout dtype and serve placement (one
         # cast copy per step, dropped before the update).
         rollout_params = cast(run.params)
