@@ -3,8 +3,9 @@
 One step (the unit of checkpoints and metrics):
 
 1. take ``prompts_per_step`` problems (a seeded permutation per epoch; this
-   process's contiguous share), repeat each G times (prompt-major rows), padded
-   to a power of two >= the step's longest prompt on any process;
+   process's contiguous share of each mini-batch's), repeat each G times
+   (prompt-major rows), padded to a power of two >= the step's longest prompt on
+   any process;
 2. roll out with the current policy on the run's mesh (the one the update runs
    on): the step's rows as one queue on the relay engine (continuous batching,
    relax.relay.engine) with ``rollout_batch_size`` slots per process over data x
@@ -202,10 +203,11 @@ def train_grpo(
     run = TrainRun(cfg.run, params, optimizer, total, mesh=cfg.mesh)
     procs, G, shards = jax.process_count(), cfg.group_size, run.local_row_shards
     local_rows_ = cfg.prompts_per_step * G // procs
-    if (cfg.prompts_per_step % procs) or local_rows_ % shards:
+    if (cfg.mini_batch_prompts % procs) or local_rows_ % shards:
         raise ValueError(
-            f"{cfg.prompts_per_step} prompts x G={G} do not split over {procs} processes x "
-            f"{shards} row shards (data x fsdp) each"
+            f"mini-batches of {cfg.mini_batch_prompts} prompts and {local_rows_} rows (x G={G}) "
+            f"per process do not split over {procs} processes x {shards} row shards "
+            "(data x fsdp) each"
         )
     rows_per_call = min(cfg.rollout_batch_size or local_rows_, local_rows_)
     queue = getattr(rollout, "queue", False)  # the engine's slots need not divide the rows
@@ -225,14 +227,18 @@ def train_grpo(
     )
     serve = param_shardings(params, mesh, "serve")  # the rollout copy's placement
     cast = _caster(ROLLOUT_DTYPES[cfg.rollout_dtype], run.shardings.params, serve)
-    on_mesh = _on_mesh(rollout, mesh, local_rows_)
+    # Process i rolls out and trains on its share of each mini-batch's rows (those rows'
+    # indices in a 1-process run: the rollouts' row_ids).
+    on_mesh = _on_mesh(
+        rollout, mesh, _process_share(np.arange(local_rows_ * procs), updates_per_step)
+    )
     rows_per_update = cfg.mini_batch_prompts * G // procs
     llm = None  # the frozen teacher, placed once on the mesh
     if llm_params is not None:
         llm = place(llm_params, param_shardings(llm_params, mesh, "serve"))
     bar = tqdm(total=total, initial=run.step, desc="grpo", disable=not (progress and run.main))
     while run.step < total:
-        idx = distributed.shard_rows(step_problems(run.step, len(problems), cfg))
+        idx = _process_share(step_problems(run.step, len(problems), cfg), updates_per_step)
         examples = [problems[i] for i in idx for _ in range(G)]
         ids = [list(encode(problems[i])) for i in idx for _ in range(G)]
         # One width on every process (a 1-process run's): the step's prompts are one array.
@@ -290,20 +296,29 @@ def _caster(dtype, train, serve):
     return maybe
 
 
-def _on_mesh(rollout, mesh, local_count):
+def _process_share(x, parts):
+    """This process's share of a step's ``x`` (its problems, or its row indices): its
+    contiguous slice of each of ``parts`` equal parts, the mini-batches. Mini-batch u then
+    holds the same prompts, in the same order and on the same row shards, whatever the
+    number of processes (a contiguous slice of the whole step would give mini-batch 0 the
+    first prompts of every process's slice)."""
+    return np.concatenate([distributed.shard_rows(p) for p in np.split(np.asarray(x), parts)])
+
+
+def _on_mesh(rollout, mesh, row_ids):
     """``rollout`` on the mesh for ``chunked_rollout``: this process's host rows in (rows
-    over data x fsdp, ``row_ids`` made global), its rows back as host arrays."""
+    over data x fsdp; their ``row_ids`` in a 1-process run, ``_process_share``), its rows
+    back as host arrays."""
     rows = rows_sharding(mesh)
-    offset = jax.process_index() * local_count
 
     def put(x):
         return jax.make_array_from_process_local_data(rows, np.asarray(x))
 
     def call(slm_params, llm_params, prompts, lens, key, **kw):
         if kw.get("row_ids") is not None:
-            kw["row_ids"] = put(np.asarray(kw["row_ids"]) + offset)
+            kw["row_ids"] = put(row_ids[np.asarray(kw["row_ids"])].astype(np.int32))
         elif jax.process_count() > 1:
-            kw["row_ids"] = put(np.arange(len(lens), dtype=np.int32) + offset)
+            kw["row_ids"] = put(row_ids[: len(lens)].astype(np.int32))
         if kw.get("slots"):
             kw["slots"] *= jax.process_count()  # the engine's slots span every process
         key = _replicated_key(key, mesh)
