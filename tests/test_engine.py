@@ -171,7 +171,7 @@ def test_session_inserts_steps_and_cancels(setup, queue):  # noqa: F811
     engine = Engine(slm, llm, cfg, command, slots=2, buckets=(2, 1))
     session = Session(engine, sp, lp, prompts.shape[1])
     assert (session.bucket(2), session.bucket(1), session.bucket(1, 2)) == (2, 1, 2)
-    compiled = engine_module._advance_rows._cache_size()
+    compiled = engine_module._session_step._cache_size()
     for bad, match in (
         ({"prompt_ids": [V]}, r"prompt token ids must be in \[0, 64\)"),
         ({"prompt_ids": []}, "the prompt has 0 tokens"),
@@ -200,7 +200,7 @@ def test_session_inserts_steps_and_cancels(setup, queue):  # noqa: F811
             session.cancel(slot)
             rows[cancel] = None
     assert rows[cancel] is None
-    assert engine_module._advance_rows._cache_size() == compiled + 1  # the one-row steps ran
+    assert engine_module._session_step._cache_size() == compiled + 2  # both buckets ran
     for i in range(6):
         if i == cancel:
             continue

@@ -49,6 +49,7 @@ import functools
 import itertools
 import math
 import warnings
+from typing import NamedTuple
 
 import flax.struct
 import jax
@@ -494,17 +495,41 @@ _advance = functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
-def _advance_rows(spec: _Spec, slm_params, llm_params, tables, es, rows, queue, iterations):
-    """`_advance` on slots `rows` only (distinct; a smaller bucket holding every live
-    slot): they are taken out with their caches, advanced, and put back. A step then
-    costs the live rows' bucket, not every slot (one cache copy each way per call)."""
-    part = es.replace(
-        slots=dec._constrain(_take_rows(es.slots, rows), spec.layout),
-        slot_request=es.slot_request[rows],
-    )
-    part = _iterations(spec, 0, slm_params, llm_params, tables, part, queue, iterations)
-    slots = dec._constrain(_put_rows(es.slots, rows, part.slots), spec.layout)
-    return part.replace(slots=slots, slot_request=es.slot_request.at[rows].set(part.slot_request))
+def _session_step(spec: _Spec, slm_params, llm_params, tables, es, rows, queue, iterations):
+    """`Session.step`'s program: at most `iterations` iterations, on every slot (`rows`
+    None) or on slots `rows` only (distinct; a smaller bucket holding every live slot:
+    taken out with their caches, advanced, put back, so a step costs the live rows'
+    bucket, with one cache copy each way). Returns the state and a copy of what the host
+    reads of it (`_View`), which outlives the state's donation to the next step."""
+    if rows is None:
+        es = _iterations(spec, 0, slm_params, llm_params, tables, es, queue, iterations)
+    else:
+        part = es.replace(
+            slots=dec._constrain(_take_rows(es.slots, rows), spec.layout),
+            slot_request=es.slot_request[rows],
+        )
+        part = _iterations(spec, 0, slm_params, llm_params, tables, part, queue, iterations)
+        es = part.replace(
+            slots=dec._constrain(_put_rows(es.slots, rows, part.slots), spec.layout),
+            slot_request=es.slot_request.at[rows].set(part.slot_request),
+        )
+    s = es.slots
+    view = _View(s.length, s.phase, s.finish, s.calls, s.llm_prefill, s.tokens, s.source,
+                 s.logprobs)  # fmt: skip
+    return es, jax.tree.map(jnp.copy, view)
+
+
+class _View(NamedTuple):
+    """Per slot, after a session step: what `Session.step` reads on the host."""
+
+    length: jax.Array
+    phase: jax.Array
+    finish: jax.Array
+    calls: jax.Array
+    llm_prefill: jax.Array
+    tokens: jax.Array
+    source: jax.Array
+    logprobs: jax.Array
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -793,6 +818,11 @@ class Session:
         """Free slots, lowest first."""
         self.emitted = [0] * B
         """Per slot: row slots already returned by `step`."""
+        self._occupant: list[int | None] = [None] * B
+        """Per slot: which insert holds it (a count), None when free."""
+        self._inserted = 0
+        self._inflight = None
+        """The step queued on the device and not read yet: (its view, the occupants)."""
 
     @property
     def slots(self) -> int:
@@ -834,11 +864,14 @@ class Session:
         slot = self.free.pop(0)
         self._state = _insert(self.spec, self._state, np.int32(slot), request)
         self.emitted[slot] = ids.size
+        self._inserted += 1
+        self._occupant[slot] = self._inserted
         return slot
 
     def cancel(self, slot: int):
         """Ends the request in `slot` now (finish reason CANCELLED) and frees the slot."""
         self._state = _cancel(self._state, np.int32(slot))
+        self._occupant[slot] = None
         if slot not in self.free:
             self.free.append(slot)
             self.free.sort()
@@ -853,50 +886,69 @@ class Session:
         return min(b for b in self.engine.buckets if b >= max(live, at_least))
 
     def step(self, iterations: int = 8, bucket: int = 0) -> list:
-        """At most `iterations` loop iterations; returns one `Update` per slot that wrote
-        tokens or finished since the last step. A finished request's slot is free again.
+        """At most `iterations` loop iterations; returns one `Update` per request that
+        wrote tokens or finished. A finished request's slot is free again.
 
-        The step runs on the smallest of the engine's buckets that holds the live slots
-        (at least `bucket` rows: a warm-up compiles each size), as `Engine.run` compacts
-        its tail; each bucket size is one more program, compiled on first use."""
-        if self.live == 0:
+        Pipelined: each call queues the next step on the device before reading the step
+        queued by the call before, so the device computes while the host reads, streams
+        and inserts. Requests inserted between calls join the step queued by the next
+        call, and their first tokens come back from the call after. A step runs on the
+        smallest of the engine's buckets that holds the live slots (at least `bucket`
+        rows: a warm-up compiles each size), as `Engine.run` compacts its tail; each
+        bucket size is one more program, compiled on first use."""
+        if self._inflight is None:  # nothing queued: start the pipeline
+            self._inflight = self._queue_step(iterations, bucket)
+        if self._inflight is None:
             return []
+        queued = self._queue_step(iterations, bucket)
+        view, occupants = self._inflight
+        self._inflight = queued
+        return self._read(jax.device_get(view), occupants)
+
+    def _queue_step(self, iterations, bucket):
+        """Dispatches one step of the live slots: (its view, the slots' occupants then),
+        or None when no slot is live."""
         busy = [b for b in range(self.slots) if b not in self.free]
+        if not busy:
+            return None
         size = self.bucket(len(busy), bucket)
-        k = jnp.asarray(iterations, jnp.int32)
-        if size == self.slots:
-            es = _advance(self.spec, 0, *self.params, self.tables, self._state, self._queue, k)
-        else:  # the live slots, topped up with free ones to the bucket's size
+        rows = None
+        if size < self.slots:  # the live slots, topped up with free ones to the bucket's size
             rows = np.array(busy + self.free[: size - len(busy)], np.int32)
-            es = _advance_rows(self.spec, *self.params, self.tables, self._state, rows,
-                               self._queue, k)  # fmt: skip
-        self._state = es
-        s = es.slots
-        length, phase, finish, calls, prefill = jax.device_get(
-            (s.length, s.phase, s.finish, s.calls, s.llm_prefill)
-        )
-        changed = [b for b in busy if length[b] > self.emitted[b] or phase[b] == FINISHED]
-        if not changed:
-            return []
-        tokens, source, logprobs = jax.device_get((s.tokens, s.source, s.logprobs))
+        self._state, view = _session_step(
+            self.spec, *self.params, self.tables, self._state, rows, self._queue,
+            jnp.asarray(iterations, jnp.int32),
+        )  # fmt: skip
+        return view, tuple(self._occupant)
+
+    def _read(self, view: _View, occupants) -> list:
+        """The updates in one step's view, for the slots whose request is the one they
+        held when the step was queued (a slot cancelled or refilled since is skipped)."""
         updates = []
-        for b in changed:
-            start, end = self.emitted[b], int(length[b])
-            done = phase[b] == FINISHED
+        for b in range(self.slots):
+            if occupants[b] is None or occupants[b] != self._occupant[b]:
+                continue
+            done = view.phase[b] == FINISHED
+            start, end = self.emitted[b], int(view.length[b])
+            if end <= start and not done:
+                continue
             updates.append(
                 Update(
                     slot=b,
-                    tokens=tokens[b, start:end].tolist(),
-                    source=source[b, start:end].tolist(),
+                    tokens=view.tokens[b, start:end].tolist(),
+                    source=view.source[b, start:end].tolist(),
                     finished=bool(done),
-                    finish_reason=int(finish[b]) if done else None,
-                    row=(tokens[b, :end], source[b, :end], logprobs[b, :end]) if done else None,
-                    calls=int(calls[b]),
-                    llm_prefill_tokens=int(prefill[b]),
+                    finish_reason=int(view.finish[b]) if done else None,
+                    row=(view.tokens[b, :end], view.source[b, :end], view.logprobs[b, :end])
+                    if done
+                    else None,
+                    calls=int(view.calls[b]),
+                    llm_prefill_tokens=int(view.llm_prefill[b]),
                 )
             )
             self.emitted[b] = end
             if done:
+                self._occupant[b] = None
                 self.free.append(b)
         self.free.sort()
         return updates
