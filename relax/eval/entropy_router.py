@@ -38,8 +38,9 @@ import jax.numpy as jnp
 
 from relax.ops import entropy
 from relax.relay.config import RelayConfig
-from relax.relay.decoder import BUDGET, EOS, LLM, PAD, PROMPT, SLM, RelayOutput
+from relax.relay.decoder import RelayOutput
 from relax.relay.sampling import sample_batch, token_key
+from relax.relay.state import BUDGET, EOS, LLM, PAD, PROMPT, SLM
 
 __all__ = ["entropy_router_generate"]
 
