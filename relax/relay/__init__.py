@@ -1,5 +1,5 @@
-"""Command automaton, sampling, the jitted relay decoder and engine, and the eager
-reference.
+"""Command automaton, sampling, the jitted relay decoder and engine, the entropy-router
+baseline, and the eager reference.
 
 - command.py    `CallCommand`: `<call>\\s*(\\d+)\\s*</call>` compiled into per-(state, token) tables.
 - config.py     `RelayConfig`, `SamplingConfig` (frozen, static under jit).
@@ -12,5 +12,7 @@ reference.
                 `lax.while_loop`.
 - slots.py      the engine's slots on device: its state, one iteration, its programs.
 - engine.py     `Engine`, `Session`: continuous batching of a queue on B slots.
+- entropy_router.py  `EntropyRouter`: the training-free baseline (the LLM writes k
+                tokens when the SLM's entropy passes tau).
 - reference.py  the same protocol eagerly, without caches: the test oracle.
 """
