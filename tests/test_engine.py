@@ -18,7 +18,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from relax.errors import InputError
-from relax.relay import decoder
+from relax.relay import decoder, slots
+from relax.relay import engine as engine_module
 from relax.relay.config import GREEDY
 from relax.relay.engine import CANCELLED, Engine, Requests, Session, stats
 from tests.test_relay_random import CONFIG, V, check_same, setup  # noqa: F401  (fixture)
@@ -105,8 +106,6 @@ def test_host_driven_run_equals_the_program(setup, queue, relay_run):  # noqa: F
 def test_queues_of_other_lengths_share_one_program(setup, queue, relay_run):  # noqa: F811
     """`Engine.run` pads a queue to a standard size (the copies are never admitted), so
     the benchmarks of an evaluation, each of its own length, compile the engine once."""
-    from relax.relay import slots
-
     slm, sp, llm, lp, _, _, command = setup
     _, _, requests = queue
     engine, es = relay_run
@@ -163,11 +162,14 @@ def test_slots_sharded_over_four_devices(setup, queue, relay_run):  # noqa: F811
 def test_session_inserts_steps_and_cancels(setup, queue):  # noqa: F811
     """The serving loop: requests inserted as slots free up, K iterations per step, tokens
     streamed; a cancelled request frees its slot at once and the next one there is
-    unaffected."""
+    unaffected; a lone live row steps in the one-row bucket."""
     slm, sp, llm, lp, _, _, command = setup
     prompts, lens, _ = queue
     cfg = dataclasses.replace(CONFIG, llm_trigger_fraction=0.0)
-    session = Session(Engine(slm, llm, cfg, command, slots=2), sp, lp, prompts.shape[1])
+    engine = Engine(slm, llm, cfg, command, slots=2, buckets=(2, 1))
+    session = Session(engine, sp, lp, prompts.shape[1])
+    assert (session.bucket(2), session.bucket(1), session.bucket(1, 2)) == (2, 1, 2)
+    compiled = engine_module._advance_rows._cache_size()
     for bad, match in (
         ({"prompt_ids": [V]}, r"prompt token ids must be in \[0, 64\)"),
         ({"prompt_ids": []}, "the prompt has 0 tokens"),
@@ -196,6 +198,7 @@ def test_session_inserts_steps_and_cancels(setup, queue):  # noqa: F811
             session.cancel(slot)
             rows[cancel] = None
     assert rows[cancel] is None
+    assert engine_module._advance_rows._cache_size() == compiled + 1  # the one-row steps ran
     for i in range(6):
         if i == cancel:
             continue

@@ -70,14 +70,15 @@ def leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-def assert_stopped(rc, err, signal_name, code):
-    """rc, one final line, no traceback; returns the step the line names (None: before step 1)."""
+def assert_stopped(rc, err, signal_name, code, command="sft"):
+    """rc, one final line, no traceback; returns the step the line names (None: before step 1)
+    and the checkpoint folder."""
     assert rc == code, (rc, err[-3000:])
     assert "Traceback" not in err and "Segmentation" not in err, err[-3000:]
-    lines = [line for line in err.splitlines() if line.startswith("relax sft: ")]
+    lines = [line for line in err.splitlines() if line.startswith(f"relax {command}: ")]
     assert len(lines) == 1, err[-3000:]
     m = re.fullmatch(
-        rf"relax sft: stopped by {signal_name} (at step (\d+); checkpoint saved in (\S+)|"
+        rf"relax {command}: stopped by {signal_name} (at step (\d+); checkpoint saved in (\S+)|"
         r"before step 1; nothing to save), rerun the same command to resume",
         lines[0],
     )

@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import math
 import warnings
 
 import jax
@@ -44,7 +43,7 @@ from relax.relay import command as cmd
 from relax.relay.config import RelayConfig
 from relax.relay.decoder import RelayDecoder, RelayOutput
 from relax.relay.inputs import Requests, RowSettings, check_requests, check_settings, typed_key
-from relax.relay.layout import Layout, constrain
+from relax.relay.layout import Layout, constrain, row_devices
 from relax.relay.sampling import RowSampling
 from relax.relay.slots import (
     EngineSpec,
@@ -54,8 +53,11 @@ from relax.relay.slots import (
     default_buckets,
     init_state,
     iterate,
+    put_rows,
+    queue_size,
     run_all,
     stage_running,
+    take_rows,
 )
 from relax.relay.state import FINISHED
 
@@ -63,20 +65,7 @@ CANCELLED = 4
 """Finish reason of a request its client gave up on (`Session.cancel`)."""
 
 
-QUEUE_MIN = 64
-"""The smallest queue `Engine.run` compiles for (see `queue_size`)."""
-
-
-def queue_size(n: int) -> int:
-    """The queue length `Engine.run` pads n requests to: the next power of two, at least
-    QUEUE_MIN. A queue's length is a shape of the compiled program, so without this every
-    benchmark or sub-batch of a new size would compile the engine again; padding costs at
-    most twice the results' rows, and nothing is decoded for the copies."""
-    return max(QUEUE_MIN, 1 << max(n - 1, 0).bit_length())
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,))
-def _advance(spec: EngineSpec, floor, slm_params, llm_params, tables, es, queue, iterations):
+def _iterations(spec: EngineSpec, floor, slm_params, llm_params, tables, es, queue, iterations):
     """At most `iterations` iterations of the current bucket (fewer when it is done)."""
     stop = es.iterations + iterations
     es = jax.lax.while_loop(
@@ -85,6 +74,23 @@ def _advance(spec: EngineSpec, floor, slm_params, llm_params, tables, es, queue,
         es.replace(queue=queue),
     )
     return es.replace(queue=None)
+
+
+_advance = functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,))(_iterations)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
+def _advance_rows(spec: EngineSpec, slm_params, llm_params, tables, es, rows, queue, iterations):
+    """`_advance` on slots `rows` only (distinct; a smaller bucket holding every live
+    slot): they are taken out with their caches, advanced, and put back. A step then
+    costs the live rows' bucket, not every slot (one cache copy each way per call)."""
+    part = es.replace(
+        slots=constrain(take_rows(es.slots, rows), spec.layout),
+        slot_request=es.slot_request[rows],
+    )
+    part = _iterations(spec, 0, slm_params, llm_params, tables, part, queue, iterations)
+    slots = constrain(put_rows(es.slots, rows, part.slots), spec.layout)
+    return part.replace(slots=slots, slot_request=es.slot_request.at[rows].set(part.slot_request))
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -142,17 +148,9 @@ class Engine:
     def __post_init__(self):
         if self.slots < 1:
             raise ValueError(f"slots must be >= 1, got {self.slots}")
-        multiple = 1
-        if self.rows is not None:
-            multiple = math.prod(
-                self.rows.mesh.shape[a]
-                for a in jax.tree.leaves(tuple(self.rows.spec[:1]))
-                if a is not None
-            )
-            if self.slots % multiple:
-                raise ValueError(
-                    f"slots ({self.slots}) must divide over the {multiple} row devices"
-                )
+        multiple = row_devices(self.rows)
+        if self.slots % multiple:
+            raise ValueError(f"slots ({self.slots}) must divide over the {multiple} row devices")
         buckets = self.buckets or default_buckets(self.slots, multiple)
         buckets = tuple(int(b) for b in buckets)
         if buckets[0] != self.slots or any(b <= c for b, c in itertools.pairwise(buckets)):
@@ -375,21 +373,34 @@ class Session:
     def live(self) -> int:
         return self.slots - len(self.free)
 
-    def step(self, iterations: int = 8) -> list:
+    def bucket(self, live: int, at_least: int = 0) -> int:
+        """The slots a step runs on: the engine's smallest bucket holding `live` rows
+        (and `at_least` rows)."""
+        return min(b for b in self.engine.buckets if b >= max(live, at_least))
+
+    def step(self, iterations: int = 8, bucket: int = 0) -> list:
         """At most `iterations` loop iterations; returns one `Update` per slot that wrote
-        tokens or finished since the last step. A finished request's slot is free again."""
+        tokens or finished since the last step. A finished request's slot is free again.
+
+        The step runs on the smallest of the engine's buckets that holds the live slots
+        (at least `bucket` rows: a warm-up compiles each size), as `Engine.run` compacts
+        its tail; each bucket size is one more program, compiled on first use."""
         if self.live == 0:
             return []
-        es = _advance(
-            self.spec, 0, *self.params, self.tables, self._state, self._queue,
-            jnp.asarray(iterations, jnp.int32),
-        )  # fmt: skip
+        busy = [b for b in range(self.slots) if b not in self.free]
+        size = self.bucket(len(busy), bucket)
+        k = jnp.asarray(iterations, jnp.int32)
+        if size == self.slots:
+            es = _advance(self.spec, 0, *self.params, self.tables, self._state, self._queue, k)
+        else:  # the live slots, topped up with free ones to the bucket's size
+            rows = np.array(busy + self.free[: size - len(busy)], np.int32)
+            es = _advance_rows(self.spec, *self.params, self.tables, self._state, rows,
+                               self._queue, k)  # fmt: skip
         self._state = es
         s = es.slots
         length, phase, finish, calls, prefill = jax.device_get(
             (s.length, s.phase, s.finish, s.calls, s.llm_prefill)
         )
-        busy = [b for b in range(self.slots) if b not in self.free]
         changed = [b for b in busy if length[b] > self.emitted[b] or phase[b] == FINISHED]
         if not changed:
             return []

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 
@@ -57,6 +58,14 @@ class Layout:
         """The shardings of the two caches (None where a model has none)."""
         pairs = (self.slm_cache, self.llm_cache)
         return tuple(None if sh is None else jax.tree.unflatten(*sh) for sh in pairs)
+
+
+def row_devices(rows) -> int:
+    """How many devices rows laid out as `rows` split over (1: no layout)."""
+    if rows is None:
+        return 1
+    axes = jax.tree.leaves(tuple(rows.spec[:1]))
+    return math.prod(rows.mesh.shape[a] for a in axes if a is not None)
 
 
 def constrain(state, layout: Layout | None):

@@ -113,7 +113,7 @@ def _rows_where(mask, new, old):
     return jax.tree.map(pick, new, old)
 
 
-def _take_rows(s: State, idx, keep=CACHES) -> State:
+def take_rows(s: State, idx, keep=CACHES) -> State:
     """Rows `idx` of a state, with the caches named in `keep` (along their batch axis);
     the others are None."""
     out = {}
@@ -127,7 +127,7 @@ def _take_rows(s: State, idx, keep=CACHES) -> State:
     return State(**out)
 
 
-def _put_rows(s: State, idx, rows: State) -> State:
+def put_rows(s: State, idx, rows: State) -> State:
     """`s` with rows `idx` (distinct) replaced by `rows` (caches that `rows` holds)."""
     out = {}
     for f in dataclasses.fields(s):
@@ -179,7 +179,7 @@ def _slm_catch_up(loop: LoopSpec, slm_params, s: State) -> State:
 
     def one(s):
         b = jnp.argmax(behind(s))[None]
-        row = _take_rows(s, b, keep=("slm_cache",))
+        row = take_rows(s, b, keep=("slm_cache",))
         full = row.length
         row = row.replace(length=row.length - 1)
         ingest = lambda r, w: slm_ingest(loop, slm_params, r, r.phase == DECODING, w)[2]
@@ -190,7 +190,7 @@ def _slm_catch_up(loop: LoopSpec, slm_params, s: State) -> State:
             ),
             row,
         )
-        return _put_rows(s, b, row.replace(length=full))
+        return put_rows(s, b, row.replace(length=full))
 
     return jax.lax.while_loop(lambda s: jnp.any(behind(s)), one, s)
 
@@ -204,12 +204,12 @@ def _serve_calls(loop: LoopSpec, llm_params, s: State, call_rows) -> State:
         calling = s.phase == CALLING
         idx = jnp.argsort(~calling, stable=True)[:call_rows]  # calling rows first
         part = calling[idx]
-        sub = _take_rows(s, idx, keep=("llm_cache",))
+        sub = take_rows(s, idx, keep=("llm_cache",))
         sub = sub.replace(phase=jnp.where(part, CALLING, FINISHED))
         sub = jax.lax.while_loop(
             lambda r: jnp.any(r.phase == CALLING), lambda r: llm_steps(loop, llm_params, r), sub
         )
-        return _put_rows(s, idx, sub.replace(phase=jnp.where(part, sub.phase, s.phase[idx])))
+        return put_rows(s, idx, sub.replace(phase=jnp.where(part, sub.phase, s.phase[idx])))
 
     return jax.lax.while_loop(lambda s: jnp.any(s.phase == CALLING), serve, s)
 
@@ -278,8 +278,20 @@ def stage_running(es: EngineState, floor):
 def _compact_traced(es: EngineState, size, layout) -> EngineState:
     """The live slots moved into a bucket of `size` slots (they fit: the queue is empty)."""
     order = jnp.argsort(es.slot_request < 0, stable=True)[:size]  # live first
-    slots = constrain(_take_rows(es.slots, order), layout)
+    slots = constrain(take_rows(es.slots, order), layout)
     return es.replace(slots=slots, slot_request=es.slot_request[order])
+
+
+QUEUE_MIN = 64
+"""The smallest queue `Engine.run` compiles for (see `queue_size`)."""
+
+
+def queue_size(n: int) -> int:
+    """The queue length `Engine.run` pads n requests to: the next power of two, at least
+    QUEUE_MIN. A queue's length is a shape of the compiled program, so without this every
+    benchmark or sub-batch of a new size would compile the engine again; padding costs at
+    most twice the results' rows, and nothing is decoded for the copies."""
+    return max(QUEUE_MIN, 1 << max(n - 1, 0).bit_length())
 
 
 MIN_BUCKET = 4

@@ -162,10 +162,12 @@ class Worker:
     # -- the engine thread -----------------------------------------------------
 
     def _warm(self, name):
+        """Compiles the session's programs: insert, a step on each bucket size, cancel."""
         session = self._sessions[name]
-        slot = session.insert(np.zeros(1, np.int32), jax.random.key(0), max_new_tokens=1)
-        while not any(u.finished for u in session.step(self.steps_per_call)):
-            pass
+        for size in session.engine.buckets:
+            slot = session.insert(np.zeros(1, np.int32), jax.random.key(0), max_new_tokens=1)
+            while not any(u.finished for u in session.step(self.steps_per_call, size)):
+                pass
         session.cancel(slot)  # already free; compiles the cancel program too
 
     def _has_work(self):

@@ -3,7 +3,9 @@
 One step (the unit of checkpoints and metrics):
 
 1. take ``prompts_per_step`` problems (a seeded permutation per epoch; this
-   process's contiguous share), repeat each G times (prompt-major rows);
+   process's contiguous share of each mini-batch's), repeat each G times
+   (prompt-major rows), padded to a power of two >= the step's longest prompt on
+   any process;
 2. roll out with the current policy on the run's mesh (the one the update runs
    on): the step's rows as one queue on the relay engine (continuous batching,
    relax.relay.engine) with ``rollout_batch_size`` slots per process over data x
@@ -201,10 +203,11 @@ def train_grpo(
     run = TrainRun(cfg.run, params, optimizer, total, mesh=cfg.mesh)
     procs, G, shards = jax.process_count(), cfg.group_size, run.local_row_shards
     local_rows_ = cfg.prompts_per_step * G // procs
-    if (cfg.prompts_per_step % procs) or local_rows_ % shards:
+    if (cfg.mini_batch_prompts % procs) or local_rows_ % shards:
         raise ValueError(
-            f"{cfg.prompts_per_step} prompts x G={G} do not split over {procs} processes x "
-            f"{shards} row shards (data x fsdp) each"
+            f"mini-batches of {cfg.mini_batch_prompts} prompts and {local_rows_} rows (x G={G}) "
+            f"per process do not split over {procs} processes x {shards} row shards "
+            "(data x fsdp) each"
         )
     rows_per_call = min(cfg.rollout_batch_size or local_rows_, local_rows_)
     queue = getattr(rollout, "queue", False)  # the engine's slots need not divide the rows
@@ -224,18 +227,22 @@ def train_grpo(
     )
     serve = param_shardings(params, mesh, "serve")  # the rollout copy's placement
     cast = _caster(ROLLOUT_DTYPES[cfg.rollout_dtype], run.shardings.params, serve)
-    on_mesh = _on_mesh(rollout, mesh, local_rows_)
+    # Process i rolls out and trains on its share of each mini-batch's rows (those rows'
+    # indices in a 1-process run: the rollouts' row_ids).
+    on_mesh = _on_mesh(
+        rollout, mesh, _process_share(np.arange(local_rows_ * procs), updates_per_step)
+    )
     rows_per_update = cfg.mini_batch_prompts * G // procs
     llm = None  # the frozen teacher, placed once on the mesh
     if llm_params is not None:
         llm = place(llm_params, param_shardings(llm_params, mesh, "serve"))
     bar = tqdm(total=total, initial=run.step, desc="grpo", disable=not (progress and run.main))
     while run.step < total:
-        idx = distributed.shard_rows(step_problems(run.step, len(problems), cfg))
+        idx = _process_share(step_problems(run.step, len(problems), cfg), updates_per_step)
         examples = [problems[i] for i in idx for _ in range(G)]
-        prompts, lens = pad_prompts(
-            [list(encode(problems[i])) for i in idx for _ in range(G)], pad_id
-        )
+        ids = [list(encode(problems[i])) for i in idx for _ in range(G)]
+        # One width on every process (a 1-process run's): the step's prompts are one array.
+        prompts, lens = pad_prompts(ids, pad_id, longest=_global_max([len(x) for x in ids]))
         # Rows over the mesh, the policy in the rollout dtype and serve placement (one
         # cast copy per step, dropped before the update).
         rollout_params = cast(run.params)
@@ -289,28 +296,56 @@ def _caster(dtype, train, serve):
     return maybe
 
 
-def _on_mesh(rollout, mesh, local_count):
+def _process_share(x, parts):
+    """This process's share of a step's ``x`` (its problems, or its row indices): its
+    contiguous slice of each of ``parts`` equal parts, the mini-batches. Mini-batch u then
+    holds the same prompts, in the same order and on the same row shards, whatever the
+    number of processes (a contiguous slice of the whole step would give mini-batch 0 the
+    first prompts of every process's slice)."""
+    return np.concatenate([distributed.shard_rows(p) for p in np.split(np.asarray(x), parts)])
+
+
+def _on_mesh(rollout, mesh, row_ids):
     """``rollout`` on the mesh for ``chunked_rollout``: this process's host rows in (rows
-    over data x fsdp, ``row_ids`` made global), its rows back as host arrays."""
+    over data x fsdp; their ``row_ids`` in a 1-process run, ``_process_share``), its rows
+    back as host arrays."""
     rows = rows_sharding(mesh)
-    offset = jax.process_index() * local_count
 
     def put(x):
         return jax.make_array_from_process_local_data(rows, np.asarray(x))
 
     def call(slm_params, llm_params, prompts, lens, key, **kw):
         if kw.get("row_ids") is not None:
-            kw["row_ids"] = put(np.asarray(kw["row_ids"]) + offset)
+            kw["row_ids"] = put(row_ids[np.asarray(kw["row_ids"])].astype(np.int32))
         elif jax.process_count() > 1:
-            kw["row_ids"] = put(np.arange(len(lens), dtype=np.int32) + offset)
+            kw["row_ids"] = put(row_ids[: len(lens)].astype(np.int32))
         if kw.get("slots"):
             kw["slots"] *= jax.process_count()  # the engine's slots span every process
-        key = jax.device_put(key, NamedSharding(mesh, PartitionSpec()))
+        key = _replicated_key(key, mesh)
         out = rollout(slm_params, llm_params, put(prompts), put(lens), key, **kw)
-        return jax.tree.map(local_rows, out)
+        return jax.tree.map(lambda x: _process_rows(x, len(lens)), out)
 
     call.queue = getattr(rollout, "queue", False)
     return call
+
+
+def _process_rows(x, n):
+    """This process's ``n`` rows of a rollout result, on the host: its shards when the rows
+    are sharded, rows [i * n, (i + 1) * n) of process i when every process holds them all
+    (the relay engine returns its results replicated)."""
+    if x.is_fully_replicated:
+        i = jax.process_index()
+        return np.array(x.addressable_data(0)[i * n : (i + 1) * n])
+    return local_rows(x)
+
+
+def _replicated_key(key, mesh):
+    """The step's typed ``key`` (the same on every process) replicated over the whole
+    mesh. ``jax.device_put`` refuses a sharding that holds other processes' devices, so
+    each process contributes its copy of the key's data."""
+    data = np.asarray(jax.random.key_data(key))
+    data = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec()), data)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key))
 
 
 def _global_max(lengths):

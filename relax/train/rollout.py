@@ -41,8 +41,11 @@ def encode_prompts(tokenizer, questions, prompt_fn=None, pad_id=None, min_width=
     return pad_prompts(ids, 0 if pad is None else pad, min_width)
 
 
-def pad_prompts(ids, pad_id=0, min_width=16):
-    longest = max(len(x) for x in ids)
+def pad_prompts(ids, pad_id=0, min_width=16, longest=None):
+    """Right-padded [B, P] ids and [B] lengths, P the smallest power of two >= ``longest``
+    (default the longest of ``ids``; the processes of one rollout pass their common one)
+    and >= ``min_width``."""
+    longest = max(len(x) for x in ids) if longest is None else longest
     width = max(min_width, 1 << (longest - 1).bit_length())
     prompts = np.full((len(ids), width), pad_id, np.int32)
     for i, x in enumerate(ids):
