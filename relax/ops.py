@@ -2,7 +2,7 @@
 
 Only what two parts of relax compute the same way lives here, so they cannot
 drift apart: the entropy of a next-token distribution is both the entropy
-router's trigger (`relax.eval.entropy_router`) and GRPO's entropy metric
+router's trigger (`relax.relay.entropy_router`) and GRPO's entropy metric
 (`relax.train.logprobs`); the most likely token is both the relay's greedy and
 sampled draw (`relax.relay.sampling`) and SFT's token accuracy
 (`relax.train.logprobs`). Sampling itself is `relax.relay.sampling`.

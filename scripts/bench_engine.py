@@ -61,8 +61,8 @@ from timing import best_times
 from relax.relay import decoder
 from relax.relay.command import CallCommand
 from relax.relay.config import GREEDY, RelayConfig
-from relax.relay.decoder import LLM, PROMPT, SLM
 from relax.relay.engine import Engine, Requests, stats
+from relax.relay.state import LLM, PROMPT, SLM
 
 SIGMA = 1.26  # lognormal sigma: P(length >= 8 x median) = 5%
 NOMINAL_PROMPT = 24  # prompts hold 16-32 tokens; the hazard counts new tokens from here

@@ -38,13 +38,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import best_times
 
 from relax.models import Model, ModelConfig
 from relax.relay import decoder
 from relax.relay.command import PATTERN, CallCommand
 from relax.relay.config import GREEDY, RelayConfig
-from relax.relay.decoder import COMMAND, LLM, PROMPT, SLM
-from timing import best_times
+from relax.relay.state import CALL_LIMIT, COMMAND, LLM, PROMPT, SLM
 
 V = 512
 PAD, EOS, OPEN, CLOSE = 0, 1, 2, 3  # token ids; 4..13 are the digits
@@ -182,7 +182,7 @@ def host_relay(slm, sp, llm, lp, prompts, lens, config, command):
             srcs[b] += [int(s) for s in src[b, new]]
             if len(rows[b]) - lens[b] >= N or (new and toks[b, new[-1]] == EOS):
                 done[b] = True
-            elif int(out.finish_reason[b]) == decoder.CALL_LIMIT:
+            elif int(out.finish_reason[b]) == CALL_LIMIT:
                 cmd = [t for t, s in zip(rows[b], srcs[b]) if s == COMMAND]
                 n = int(list(PATTERN.finditer(command.decode(cmd)))[-1].group(1))
                 calls[b] = min(n, config.max_call_tokens, N - (len(rows[b]) - lens[b]))

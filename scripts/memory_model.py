@@ -6,7 +6,7 @@ CPU laptop (a few minutes of compilation for the relay loop).
 
   decode   one decode step `jit(model.apply, donate_argnums=3)`, Qwen3-1.7B bf16,
            batch 16, 9,216 cache slots.
-  relay    the relay loop (`relax.relay.decoder._run`, caches donated), SLM
+  relay    the relay loop (`RelayDecoder.lower`, caches donated), SLM
            Qwen3-1.7B bf16 + LLM Qwen3-8B bf16, batch 16, prompt 1,024, budget 8,192.
   train    `jax.grad` of the summed final-norm activations (`Model.hidden`, no LM
            head) of one 12,287-token sequence, Qwen3-1.7B float32, remat on.
@@ -47,8 +47,8 @@ import jax.numpy as jnp
 from relax.models import Model, ModelConfig
 from relax.relay.command import CallCommand
 from relax.relay.config import RelayConfig
-from relax.relay.decoder import _run
-from relax.relay.loop import Loop
+from relax.relay.decoder import RelayDecoder
+from relax.relay.inputs import Requests
 
 GIB = 2**30
 QWEN3_1_7B = ModelConfig(
@@ -126,22 +126,16 @@ def relay(batch=16, prompt=1024, budget=8192, small=False):
     config = RelayConfig(max_new_tokens=budget)
     texts = ["<call>", "</call>"] + [str(d) for d in range(10)] + [f" w{i}" for i in range(500)]
     command = CallCommand.from_token_texts(texts)
-    loop = Loop(slm=slm, llm=llm, config=config, max_n=command.max_n, vocab=QWEN3_1_7B.vocab_size)
-    tables = command.device_tables(QWEN3_1_7B.vocab_size)
     slots = prompt + budget
     caches = abstract_cache(slm, batch, slots), abstract_cache(llm, batch, slots)
-    lowered = _run.lower(
-        loop,
-        None,  # layout: one device
-        slm.param_shapes(),
-        llm.param_shapes(),
-        tables,
-        jax.ShapeDtypeStruct((batch, prompt), jnp.int32),
-        jax.ShapeDtypeStruct((batch,), jnp.int32),
-        jax.random.key(0),
-        *caches,
-        jax.ShapeDtypeStruct((batch,), jnp.int32),  # row ids
-    )
+    requests = jax.eval_shape(
+        lambda: Requests.build(
+            config, jnp.zeros((batch, prompt), jnp.int32), jnp.ones((batch,), jnp.int32),
+            jax.random.key(0),
+        )
+    )  # fmt: skip
+    decoder = RelayDecoder(slm, llm, config, command)  # one device: no layout
+    lowered = decoder.lower(slm.param_shapes(), llm.param_shapes(), requests)
     if small:
         return memory(lowered)
     chunk_logits = batch * config.prefill_chunk * QWEN3_1_7B.vocab_size * 4

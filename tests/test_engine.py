@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from relax.errors import InputError
-from relax.relay import decoder
+from relax.relay import decoder, slots
 from relax.relay import engine as engine_module
 from relax.relay.config import GREEDY
 from relax.relay.engine import CANCELLED, Engine, Requests, Session, stats
@@ -106,17 +106,15 @@ def test_host_driven_run_equals_the_program(setup, queue, relay_run):  # noqa: F
 def test_queues_of_other_lengths_share_one_program(setup, queue, relay_run):  # noqa: F811
     """`Engine.run` pads a queue to a standard size (the copies are never admitted), so
     the benchmarks of an evaluation, each of its own length, compile the engine once."""
-    from relax.relay import engine as engine_module
-
     slm, sp, llm, lp, _, _, command = setup
     _, _, requests = queue
     engine, es = relay_run
     full = es.results.output()
-    compiled = engine_module._run_all._cache_size()
+    compiled = slots.run_all._cache_size()
     for n in (3, 8):
         got = engine.run(sp, lp, jax.tree.map(lambda x, n=n: x[:n], requests))
         check_same(got, jax.tree.map(lambda x, n=n: x[:n], full))
-    assert engine_module._run_all._cache_size() <= compiled + 1
+    assert slots.run_all._cache_size() <= compiled + 1
 
 
 def test_single_model_engine_equals_generate(setup, queue):  # noqa: F811

@@ -325,7 +325,8 @@ def _entropy_oracle(slm, sp, llm, lp, prompt, key, row, cfg, tau, k):
 
 
 def test_entropy_router_matches_eager_oracle(setup):
-    from relax.eval.entropy_router import entropy_router_generate
+    from relax.relay.entropy_router import EntropyRouter
+    from relax.relay.inputs import Requests
 
     s = setup
     cfg = s["cfg"].relay  # the shapes of test_entropy_router_counters: no new compilation
@@ -333,8 +334,8 @@ def test_entropy_router_matches_eager_oracle(setup):
     prompts = rng.integers(3, 100, (4, 64)).astype(np.int32)
     lens = np.array([64, 2, 30, 45], np.int32)
     key = jax.random.key(3)
-    out = entropy_router_generate(
-        s["slm"], s["sp"], s["llm"], s["lp"], prompts, lens, key, cfg, tau=2.5, k=2
+    out = EntropyRouter(s["slm"], s["llm"], cfg, tau=2.5, k=2)(
+        s["sp"], s["lp"], Requests.build(cfg, prompts, lens, key)
     )
     assert int(out.calls.sum()) > 0 and int(out.slm_tokens.sum()) > 0
     for b in range(4):

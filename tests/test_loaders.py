@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from relax.data.loaders import BENCHMARKS, BenchmarkUnavailable, load_benchmark
+from relax.data.benchmarks import BENCHMARKS
+from relax.data.loaders import BenchmarkUnavailable, load_benchmark
 
 # One fixture row per benchmark, in the columns of the paper's hub datasets.
 ROWS = {

@@ -16,7 +16,8 @@ import pytest
 
 from relax.relay import decoder, reference
 from relax.relay.config import GREEDY, RelayConfig
-from relax.relay.decoder import BUDGET, CALL_LIMIT, COMMAND, EOS, LLM, PROMPT, SLM
+from relax.relay.inputs import Requests
+from relax.relay.state import BUDGET, CALL_LIMIT, COMMAND, EOS, LLM, PROMPT, SLM
 from tests.scripted import ScriptedModel, qwen_tokenizer_and_command, script_params, slm_script
 
 V = 151936  # Qwen3's embedding rows (the tokenizer has 151669 tokens)
@@ -272,11 +273,9 @@ def test_rows_independent_and_no_recompile(case, outputs):
 
 
 def test_single_while_loop_and_no_callbacks(case):
-    args = decoder._prepare(
-        case["slm"], case["slm_params"], case["llm"], case["llm_params"],
-        case["prompts"], case["lens"], jax.random.PRNGKey(0), CONFIG, case["command"],
-    )  # fmt: skip
-    text = decoder._run.lower(*args).as_text()
+    relay = decoder.RelayDecoder(case["slm"], case["llm"], CONFIG, case["command"])
+    requests = Requests.build(CONFIG, case["prompts"], case["lens"], jax.random.PRNGKey(0))
+    text = relay.lower(case["slm_params"], case["llm_params"], requests).as_text()
     # Which function each while sits in: one in main (the relay loop); the others are the
     # PRNG's own rounds loop (threefry), called from inside the loop body.
     funcs = [(m.start(), m.group(1)) for m in re.finditer(r"func\.func \w+ @(\w+)", text)]
@@ -386,13 +385,12 @@ def test_relay_loop_updates_caches_in_place():
 
     def compiled(budget):
         cfg = RelayConfig(max_new_tokens=budget, prefill_chunk=8, eos_ids=(1,), pad_id=0)
-        args = decoder._prepare(
-            slm, slm.param_shapes(), llm, llm.param_shapes(), prompts, lens,
-            jax.random.PRNGKey(0), cfg, stand_in_command(64),
-        )  # fmt: skip
-        caches = args[-3:-1]
+        relay = decoder.RelayDecoder(slm, llm, cfg, stand_in_command(64))
+        requests = Requests.build(cfg, prompts, lens, jax.random.PRNGKey(0))
+        caches = jax.eval_shape(lambda: relay.init_caches(*prompts.shape))
         size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(caches))
-        return decoder._run.lower(*args).compile().memory_analysis().temp_size_in_bytes, size
+        lowered = relay.lower(slm.param_shapes(), llm.param_shapes(), requests)
+        return lowered.compile().memory_analysis().temp_size_in_bytes, size
 
     small, _ = compiled(16)
     large, size = compiled(8192)

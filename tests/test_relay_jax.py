@@ -18,7 +18,8 @@ from jax.sharding import PartitionSpec as P
 import relax
 import relax.mesh
 from relax.relay.config import GREEDY
-from relax.relay.decoder import INVALID, RelayDecoder
+from relax.relay.decoder import RelayDecoder
+from relax.relay.state import INVALID
 from tests.test_relay_random import CONFIG, V, check_same, setup  # noqa: F401  (fixture)
 
 
@@ -172,8 +173,8 @@ def test_tensor_parallel_relay_equals_unsharded(batch):
         rows=rows,
     )  # fmt: skip
     check_same(out, plain)
-    args = dataclasses.replace(decoder, rows=rows).arguments(sps, lps, prompts, lens, key=None)
-    for cache in args[8:10]:  # [L, B, K, S, H]: rows over data, kv heads over model
+    caches = dataclasses.replace(decoder, rows=rows).init_caches(*prompts.shape)
+    for cache in caches:  # [L, B, K, S, H]: rows over data, kv heads over model
         assert cache["k"].sharding.spec == P(None, "data", "model")
         assert {s.data.shape[1:3] for s in cache["k"].addressable_shards} == {(4, 1)}
 

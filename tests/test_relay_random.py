@@ -18,7 +18,7 @@ from relax.models import Model, ModelConfig
 from relax.relay import decoder, reference
 from relax.relay.command import CallCommand
 from relax.relay.config import GREEDY, RelayConfig, SamplingConfig
-from relax.relay.decoder import LLM, PROMPT, SLM
+from relax.relay.state import LLM, PROMPT, SLM
 
 TEXTS = ["[PAD]", "[EOS]", "<", "call", ">", "</", "></", "><", " <", ">.", "<call>", "</call>",
          " ", "1", "2", "3", "0", "12", "40", "x", " the", " sum", " is", ".", "\n", "a", "c",

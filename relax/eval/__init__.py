@@ -8,6 +8,6 @@ Entry points (import the modules; this package imports nothing eagerly so
       -> {"summary", "records", "config"}
   relax.eval.report.write_report(results, out_dir)  # results.json / .md / .png
   relax.eval.metrics.router_cost_reduction(acc, acc_slm, acc_llm, call_ratio)
-  relax.eval.entropy_router.entropy_router_generate(...)  # the training-free baseline
+  relax.relay.entropy_router.EntropyRouter(...)  # the training-free baseline
   relax.data.loaders.load_benchmark(name, path=..., fields=...)
 """

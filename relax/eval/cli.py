@@ -9,7 +9,7 @@ read from --tokenizer (default: the --slm folder). --base-slm, when given, is
 the SLM of the training-free strategies (slm, random_router, entropy_router:
 the paper's "Base" row); relay, teacher_free and fixed_n use --slm.
 
-Benchmarks: a name of `relax.data.loaders.BENCHMARKS` (read from the Hugging
+Benchmarks: a name of `relax.data.benchmarks.BENCHMARKS` (read from the Hugging
 Face hub or its cache), NAME=FILE for a local JSONL/JSON/Parquet file, with an
 optional column mapping NAME=FILE?question=COL&answer=COL&options=COL&id=COL,
 or hf:ORG/NAME / tfds:NAME. Default: the paper's six math benchmarks.
@@ -51,7 +51,7 @@ benchmarks (--benchmarks, comma-separated):
 
 
 def _parser():
-    from relax.data.loaders import ALIASES, BENCHMARKS
+    from relax.data.benchmarks import ALIASES, BENCHMARKS
     from relax.eval.strategies import STRATEGIES, strategy_help
 
     p = argparse.ArgumentParser(

@@ -19,20 +19,19 @@ the table's descriptions. Every decoder returns a `relax.RelayOutput`.
   random_router  query-level: each sample goes to the LLM with probability p
                  (seeded), else to the SLM (the `llm` and `slm` entries)
   entropy_router training-free token-level: the LLM writes k tokens whenever the
-                 SLM's next-token entropy exceeds tau (`relax.eval.entropy_router`)
+                 SLM's next-token entropy exceeds tau (`relax.relay.entropy_router`)
 
-Batching: the samples of a benchmark (a problem repeated `repeats` times for
-avg@k) are one queue on the engine (relax.relay.engine: continuous batching on
-`batch_size` slots sharded over the local devices, one SPMD program compiled once;
-a finished sample's slot takes the next at once). Sample i draws as row i %
-batch_size of a call with key fold_in(key(seed, benchmark), i // batch_size), so
-its result is that of the fixed chunks of `batch_size` rows relax used to decode,
-whatever slot served it (the entropy router still decodes such chunks). With
-`mesh.model` > 1 the models' weights and KV caches are split over `model` devices
-(tensor parallel, relax.mesh "serve"; placed once per run) and the slots over the
-rest. Nothing depends on the mesh, so 1 device and 4 devices give identical
-results. Prompts are padded to a multiple of `prompt_bucket` so a benchmark
-compiles once per strategy.
+Batching (relax.eval.samples): the samples of a benchmark (a problem repeated `repeats`
+times for avg@k) are one `relax.Requests`, sample i drawing as row i % batch_size of a
+call with key fold_in(key(seed, benchmark), i // batch_size), so its result is that of
+the fixed chunks of `batch_size` rows relax used to decode, whatever slot served it.
+They are one queue on the engine (relax.relay.engine: continuous batching on
+`batch_size` slots sharded over the local devices, one SPMD program compiled once); the
+entropy router still decodes such chunks. With `mesh.model` > 1 the models' weights and
+KV caches are split over `model` devices (tensor parallel, relax.mesh "serve"; placed
+once per run) and the slots over the rest. Nothing depends on the mesh, so 1 device and
+4 devices give identical results. Prompts are padded to a multiple of `prompt_bucket` so
+a benchmark compiles once per strategy.
 
 Entry points: `evaluate(...) -> {"summary", "records", "config"}` and
 `run_strategy(...) -> [record]`; `relax.eval.report.write_report` writes files.
@@ -46,16 +45,15 @@ import zlib
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from relax.data.grading import grade
 from relax.data.loaders import Benchmark, Problem
 from relax.eval import metrics
-from relax.mesh import MeshConfig
+from relax.eval.samples import Queued, decode_samples, sample_records
+from relax.mesh import MeshConfig, relay_mesh
 from relax.models.model import put_served
 from relax.relay.config import RelayConfig
-from relax.relay.engine import Engine, Requests
+from relax.relay.entropy_router import EntropyRouter
 from relax.tokenizer import build_prompt
 
 __all__ = [
@@ -130,27 +128,9 @@ def _pad(ids_list, width, pad_id):
 
 # ---------------------------------------------------------------------------
 # The strategies: one record each. A decoder builder takes (slm, llm, cfg, command),
-# cfg the EvalConfig with the strategy's own RelayConfig, and returns
-# fn(slm_params, llm_params, prompts, lens, key) -> RelayOutput.
-
-
-@dataclasses.dataclass(frozen=True)
-class Queued:
-    """A decoder that runs on the engine (relax.relay.engine): every sample of a benchmark
-    is one request of one queue, served on `batch_size` slots."""
-
-    model: object
-    """The model that writes (the SLM for the relay)."""
-    llm: object
-    """The relay's LLM, or None (one model alone)."""
-    relay: RelayConfig
-    """The config the engine runs (one model: its `slm` sampling is that model's)."""
-    command: object
-    reads: str
-    """Whose params the writing model takes: "slm" or "llm"."""
-
-    def engine(self, slots, rows):
-        return Engine(self.model, self.llm, self.relay, self.command, slots=slots, rows=rows)
+# cfg the EvalConfig with the strategy's own RelayConfig, and returns a `Queued`
+# decoder (served on the engine) or decoder(slm_params, llm_params, requests)
+# -> RelayOutput (relax.eval.samples).
 
 
 def _generate(which):
@@ -168,12 +148,7 @@ def _relay(slm, llm, cfg, command):
 
 
 def _entropy_router(slm, llm, cfg, command):
-    from relax.eval.entropy_router import entropy_router_generate
-
-    tau, k = float(cfg.entropy_tau), int(cfg.entropy_k)
-    return lambda sp, lp, prompts, lens, key: entropy_router_generate(
-        slm, sp, llm, lp, prompts, lens, key, cfg.relay, tau=tau, k=k
-    )
+    return EntropyRouter(slm, llm, cfg.relay, float(cfg.entropy_tau), int(cfg.entropy_k))
 
 
 def _same_relay(relay, cfg):
@@ -205,8 +180,9 @@ class Strategy:
     """The models whose params its decoder reads: ("slm",), ("llm",) or ("slm", "llm")."""
     decoder: Callable | None
     """decoder(slm, llm, cfg, command) -> a `Queued` decoder (served on the engine) or
-    fn(slm_params, llm_params, prompts, lens, key)
-    -> RelayOutput; None for a router, which sends each sample to another entry."""
+    decoder(slm_params, llm_params, requests) -> RelayOutput with its `config` (run on
+    fixed chunks, relax.eval.samples); None for a router, which sends each sample to
+    another entry."""
     relay: Callable = _same_relay
     """relay(cfg.relay, cfg) -> the RelayConfig it decodes under."""
     command: bool = False
@@ -251,152 +227,15 @@ def strategy_help():
     return "\n".join(f"  {n:<{width}}{s.description}" for n, s in STRATEGIES.items())
 
 
-_OUT_FIELDS = (
-    "tokens",
-    "source",
-    "lengths",
-    "finish_reason",
-    "slm_tokens",
-    "command_tokens",
-    "llm_tokens",
-    "calls",
-    "llm_prefill_tokens",
-)
-
-
-def _decode_samples(fn, prompts, lens, base_key, slm_params, llm_params, cfg, mesh, desc):
-    """Run decoder `fn` over all rows; numpy arrays of _OUT_FIELDS.
-
-    Row i samples as row i % batch_size of a call with key fold_in(base_key, i //
-    batch_size). A `Queued` decoder serves every row as one queue on the engine
-    (`batch_size` slots sharded over the mesh's row devices, one compiled SPMD program,
-    each device decoding its slots of its model shard); any other decoder runs on fixed
-    chunks of batch_size rows, chunk c with key fold_in(base_key, c). The keys and each
-    row's computation depend on neither the mesh nor the schedule, so neither do the
-    results.
-    """
-    if isinstance(fn, Queued):
-        return _decode_queue(fn, prompts, lens, base_key, slm_params, llm_params, cfg, mesh, desc)
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from relax.mesh import rows_sharding
-
-    n = prompts.shape[0]
-    bs = cfg.batch_size
-    n_chunks = max(1, math.ceil(n / bs))
-    rows, replicated = rows_sharding(mesh), NamedSharding(mesh, P())
-    # Pad the rows to whole chunks with copies of row 0 (dropped afterwards).
-    idx = np.concatenate([np.arange(n), np.zeros(n_chunks * bs - n, np.int64)])
-    pr, ln = prompts[idx].reshape(n_chunks, bs, -1), lens[idx].reshape(n_chunks, bs)
-    chunks = range(n_chunks)
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc=desc, unit="batch", leave=False)
-    outs = []
-    for c in chunks:
-        key = jax.device_put(jax.random.fold_in(base_key, c), replicated)
-        out = fn(
-            slm_params, llm_params, jax.device_put(pr[c], rows), jax.device_put(ln[c], rows), key
-        )
-        outs.append({f: np.asarray(getattr(out, f)) for f in _OUT_FIELDS})
-    return {f: np.concatenate([o[f] for o in outs])[:n] for f in _OUT_FIELDS}
-
-
-def _decode_queue(fn, prompts, lens, base_key, slm_params, llm_params, cfg, mesh, desc):
-    """`_decode_samples` on the engine: one queue of every row, `batch_size` slots."""
-    from relax.mesh import rows_sharding
-
-    n, bs = len(lens), cfg.batch_size
-    keys = jax.vmap(lambda c: jax.random.fold_in(base_key, c))(jnp.arange(n) // bs)
-    requests = Requests.build(fn.relay, prompts, lens, keys, row_ids=np.arange(n) % bs)
-    params = (slm_params, llm_params) if fn.reads == "slm" else (llm_params, None)
-    engine = fn.engine(bs, rows_sharding(mesh))
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc=desc, unit="sample", leave=False)
-    progress = None if bar is None else lambda done, total: bar.update(done - bar.n)
-    out = engine.run(*params, requests, progress=progress)
-    if bar is not None:
-        bar.close()
-    return {f: np.asarray(getattr(out, f)) for f in _OUT_FIELDS}
-
-
 def _eval_mesh(cfg, devices):
     """The mesh of eval's relay calls: `cfg.mesh.model` devices per model replica (tensor
     parallel), rows over the most replicas that divide `batch_size`."""
-    from relax.mesh import relay_mesh
-
     return relay_mesh(cfg.mesh, devices, rows=cfg.batch_size)
 
 
 def _bench_key(seed, name, tag=0):
     key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
     return jax.random.fold_in(key, tag)
-
-
-def _costs(writer, resp, read, out, i):
-    """A record's token counters: one model wrote everything, or the relay's counters."""
-    if writer == "llm":  # the LLM alone wrote everything
-        return {
-            "slm_tokens": 0,
-            "command_tokens": 0,
-            "llm_tokens": resp,
-            "calls": 0,
-            "llm_prefill_tokens": read,
-            "slm_processed": 0,
-            "llm_processed": read,
-        }
-    if writer == "slm":
-        return {
-            "slm_tokens": resp,
-            "command_tokens": 0,
-            "llm_tokens": 0,
-            "calls": 0,
-            "llm_prefill_tokens": 0,
-            "slm_processed": read,
-            "llm_processed": 0,
-        }
-    pre = int(out["llm_prefill_tokens"][i])  # everything the LLM ingested
-    return {
-        "slm_tokens": int(out["slm_tokens"][i]),
-        "command_tokens": int(out["command_tokens"][i]),
-        "llm_tokens": int(out["llm_tokens"][i]),
-        "calls": int(out["calls"][i]),
-        "llm_prefill_tokens": pre,
-        "slm_processed": read,
-        "llm_processed": pre,
-    }
-
-
-def _records(label, bench_name, samples, out, prompt_lens, tokenizer, writers):
-    recs = []
-    for i, (prob, rep) in enumerate(samples):
-        p = int(prompt_lens[i])
-        length = int(out["lengths"][i])
-        ids = out["tokens"][i, p:length]
-        resp = length - p
-        text = tokenizer.decode([int(t) for t in ids], skip_special_tokens=True)
-        # tokens a model reading everything ingests (the last is never fed)
-        read = p + max(resp - 1, 0)
-        recs.append(
-            dict(
-                strategy=label,
-                benchmark=bench_name,
-                id=prob.id,
-                sample=rep,
-                correct=bool(grade(text, prob.answer, kind=prob.kind)),
-                response=text,
-                response_tokens=resp,
-                prompt_tokens=p,
-                finish_reason=int(out["finish_reason"][i]),
-                **_costs(writers[i], resp, read, out, i),
-            )
-        )
-    return recs
 
 
 def _as_benchmarks(benchmarks):
@@ -492,7 +331,7 @@ def run_strategy(
                 rows = np.nonzero(mask)[0]
                 if rows.size == 0:
                     continue
-                sub = _decode_samples(
+                sub = decode_samples(
                     fns[s.name],
                     prompts[rows],
                     lens[rows],
@@ -506,7 +345,7 @@ def run_strategy(
                 for i in rows:
                     writers[i] = s.writer
         else:
-            out = _decode_samples(
+            out = decode_samples(
                 fns[kind],
                 prompts,
                 lens,
@@ -515,7 +354,7 @@ def run_strategy(
                 desc=desc,
                 **common,
             )
-        records += _records(label, bench.name, samples, out, lens, tokenizer, writers)
+        records += sample_records(label, bench.name, samples, out, lens, tokenizer, writers)
     return records
 
 

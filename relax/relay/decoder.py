@@ -27,8 +27,8 @@ call. Rows not taking part in a step are masked (position -1: nothing is
 written), so scheduling changes timing, never a row's tokens.
 
 Randomness: the token written at slot p of row b is drawn with
-`fold_in(fold_in(key, row_ids[b]), p)` (relax.relay.sampling.token_key)
-instead of a per-loop-step key, so a row's samples do not depend on the
+`fold_in(fold_in(keys[b], row_ids[b]), p)` (relax.relay.sampling.token_key; `keys[b]`
+the call's one key unless each request brings its own) instead of a per-loop-step key, so a row's samples do not depend on the
 schedule or on the other rows, the eager reference can draw the same tokens,
 and a batch split into calls or shards (each passing its rows' global ids)
 samples as one call.
@@ -42,30 +42,19 @@ contract returns logits for every fed token; for relax's `Model` the loop uses
 position only, so a catch-up step holds [B, V] logits, not [B, prefill_chunk, V]
 (a model with only the two-member contract still gets the full logits computed:
 keep `prefill_chunk` moderate at large batch with those). The caches are updated
-in place through the loop (see relax.relay.loop `_step` for the one XLA pattern
-that would copy them).
+in place through the loop (see relax.relay.loop `catch_up_or_decode` for the one XLA
+pattern that would copy them).
 
-A building block (`RelayDecoder`): the decoder is a pure function of params,
-prompts and a key, callable inside a caller's `jit`, under `shard_map` and on
-mesh-sharded inputs. Input checks: shapes and dtypes always; prompt lengths
-in [1, P] and prompt token ids inside the vocabulary on the host when the
-values are known there (`InputError` naming the row and slot), else on device
-(the row ends with finish reason INVALID). A prompt width + `max_new_tokens`
-past a model's `max_position_embeddings` only warns, once per model and width.
-
-On a device mesh (relax.mesh). Rows split over `data` x `fsdp`; each model's weights
-split over `model` by the "serve" rules (attention heads, MLP width, vocabulary: tensor
-parallelism), its KV cache by kv head over `model` as well, so a device holds its rows'
-cache of the heads its weight shard computes. A caller places the params once
-(`relax.models.put_params(params, mesh, "serve")`) and passes
-`rows=relax.mesh.rows_sharding(mesh)`; the caches are then made in that layout
-(`Model.cache_sharding`) and the loop state is pinned to it each iteration (`Layout`):
-XLA's SPMD partitioner inserts the reductions of each layer's matmuls. Tensor
-parallelism rather than FSDP-style weights gathered per layer because decode reads every
-weight once per token: FSDP would all-gather the whole teacher for every token written
-(16 GB for an 8B model in bf16), while tensor parallelism moves only [B, D] activations
-(two reductions a layer). Sampling draws are layout-invariant (partitionable threefry),
-so a sharded call gives the unsharded call's tokens row for row.
+A building block (`RelayDecoder`): the decoder is a pure function of params and a call's
+`Requests` (prompts, lengths, keys, row ids and per-row settings: relax.relay.inputs),
+callable inside a caller's `jit`, under `shard_map` and on mesh-sharded inputs
+(relax.relay.layout: rows over `data` x `fsdp`, weights and KV caches tensor parallel over
+`model`). Input checks: shapes and dtypes always; prompt lengths in [1, P], prompt token
+ids inside the vocabulary and per-row settings on the host when the values are known
+there (`InputError` naming the row and slot), else on device (the row ends with finish
+reason INVALID). A prompt width + `max_new_tokens` past a model's
+`max_position_embeddings` only warns, once per model and width. `RelayDecoder.lower`
+gives the compiled program without running it (its HLO text, memory and cost analyses).
 
 Not done here: beam search, speculative decoding, stop strings other than EOS.
 """
@@ -74,36 +63,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from relax.errors import InputError
 from relax.relay import command as cmd
 from relax.relay.config import RelayConfig, SamplingConfig
-from relax.relay.loop import (  # noqa: F401  (the constants are part of this module's API)
-    BUDGET,
-    CALL_LIMIT,
-    CALLING,
-    COMMAND,
-    DECODING,
-    EOS,
-    FINISHED,
-    INVALID,
-    LLM,
-    PAD,
-    PROMPT,
-    SLM,
-    Loop,
-    RowSettings,
-    State,
-    body,
-    fresh_rows,
-    typed_key,
+from relax.relay.inputs import (
+    Requests,
+    check_requests,
+    check_values,
+    shared_vocab,
+    warn_positions,
 )
+from relax.relay.layout import Layout, constrain, make_caches, rows_of
+from relax.relay.loop import body
+from relax.relay.state import COMMAND, FINISHED, LLM, SLM, LoopSpec, State, fresh_rows
 
 
 @flax.struct.dataclass
@@ -135,8 +111,9 @@ class RelayOutput:
 
     @staticmethod
     def of_rows(tokens, source, lengths, finish, logprobs, calls, llm_prefill) -> RelayOutput:
-        """The output of finished rows (the loop's or the engine's), token counts by source."""
-        count = lambda k: jnp.sum(source == k, axis=1).astype(jnp.int32)
+        """The output of finished rows (a decoder's or the engine's), token counts by
+        source. Works on jax and numpy arrays."""
+        count = lambda k: (source == k).sum(axis=1).astype(jnp.int32)
         return RelayOutput(
             tokens=tokens,
             source=source,
@@ -151,69 +128,26 @@ class RelayOutput:
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Where a sharded call's loop state lives (static, hashable): the row layout of every
-    [B]-leading array and the shardings of the two caches, as (treedef, leaves) pairs."""
-
-    rows: jax.sharding.NamedSharding
-    slm_cache: tuple | None
-    llm_cache: tuple | None
-
-    @staticmethod
-    def frozen(tree):
-        if tree is None:
-            return None
-        leaves, treedef = jax.tree.flatten(tree)
-        return treedef, tuple(leaves)
-
-
-def _constrain(s: State, layout: Layout | None) -> State:
-    """The loop state pinned to `layout`. XLA's sharding propagation does not always carry
-    an input's layout through a while loop with conds inside; without the hint it may keep
-    a cache replicated or gather it per step. Rows stay with their device, caches by kv
-    head with the weights that write them."""
-    if layout is None:
-        return s
-    pin = jax.lax.with_sharding_constraint
-    out = {
-        f.name: pin(getattr(s, f.name), layout.rows)
-        for f in dataclasses.fields(s)
-        if f.name not in ("slm_cache", "llm_cache")
-    }
-    for name, sh in (("slm_cache", layout.slm_cache), ("llm_cache", layout.llm_cache)):
-        if sh is not None:
-            out[name] = pin(getattr(s, name), jax.tree.unflatten(*sh))
-    return s.replace(**out)
-
-
 # The caches are donated: they are the largest buffers of the run, and donating
 # them lets XLA update them in place inside the loop instead of keeping the
 # caller's (empty) copies alive next to the loop's. Inside a caller's jit the
 # donation is moot (the caches are that program's own buffers).
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(8, 9))
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(6, 7))
 def _run(
-    loop: Loop,
+    spec: LoopSpec,
     layout: Layout | None,
     slm_params,
     llm_params,
     tables,
-    prompts,
-    prompt_lens,
-    key,
+    requests: Requests,
     slm_cache,
     llm_cache,
-    row_ids,
-    settings,
 ):
-    B = prompts.shape[0]
-    keys = jnp.broadcast_to(typed_key(key), (B,))
-    rows = fresh_rows(loop, prompts, prompt_lens, keys, row_ids, settings)
-    s = State(slm_cache=slm_cache, llm_cache=llm_cache, **rows)
-    s = _constrain(s, layout)
+    s = State(slm_cache=slm_cache, llm_cache=llm_cache, **fresh_rows(spec, requests))
+    s = constrain(s, layout)
     s = jax.lax.while_loop(
         lambda s: jnp.any(s.phase != FINISHED),
-        lambda s: _constrain(body(loop, slm_params, llm_params, tables, s), layout),
+        lambda s: constrain(body(spec, slm_params, llm_params, tables, s), layout),
         s,
     )
     out = RelayOutput.of_rows(
@@ -222,144 +156,28 @@ def _run(
     return out, s.slm_cache, s.llm_cache
 
 
-def _vocab_size(model, params, batch, max_len):
-    """The model's logits width, from shapes only (nothing runs; cached per model and shapes,
-    since tracing a model costs more than a short relay run). Works on traced params."""
-    leaves, treedef = jax.tree.flatten(params)
-    shapes = tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
-    return _vocab_size_cached(model, treedef, shapes, batch, max_len)
-
-
-@functools.lru_cache(maxsize=256)
-def _vocab_size_cached(model, treedef, shapes, batch, max_len):
-    params = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in shapes])
-    cache = jax.eval_shape(lambda: model.init_cache(batch, max_len))
-    tok = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
-    logits, _ = jax.eval_shape(model.apply, params, tok, tok, cache)
-    return int(logits.shape[-1])
-
-
-def _host_value(x):
-    """x as a numpy array when its value is known on this host, else None (a tracer, or an
-    array with shards on other processes)."""
-    if isinstance(x, jax.core.Tracer):
-        return None
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return None
-    return np.asarray(x)
-
-
-def _check_shapes(prompts, prompt_lens, row_ids):
-    """Shape and dtype checks: they hold under tracing too."""
-    if prompts.ndim != 2:
-        raise ValueError(f"prompts must be [batch, prompt_len], got shape {prompts.shape}")
-    B = prompts.shape[0]
-    for name, x in (("prompt_lens", prompt_lens), ("row_ids", row_ids)):
-        if x is None:
-            continue
-        if x.shape != (B,):
-            raise ValueError(f"{name} must be [{B}], got shape {x.shape}")
-        if not jnp.issubdtype(x.dtype, jnp.integer):
-            raise ValueError(f"{name} must be integers, got {x.dtype}")
-    if not jnp.issubdtype(prompts.dtype, jnp.integer):
-        raise ValueError(f"prompts must be token ids (integers), got {prompts.dtype}")
-
-
-def _check_lengths(lens, width):
-    bad = np.nonzero((lens < 1) | (lens > width))[0]
-    if bad.size:
-        raise InputError(
-            f"prompt length of row {bad[0]} is {lens[bad[0]]}: prompts must have between 1 and "
-            f"{width} tokens (the prompts array's width)"
-        )
-
-
-def _check_prompt_ids(ids, lens, vocab):
-    """Prompt token ids (within each row's length) must index the vocabulary.
-
-    An id outside [0, vocab) would be clamped by the embedding gather and give a
-    row of nonsense, so it is an error, named by row and slot.
-    """
-    real = np.arange(ids.shape[1])[None, :] < lens[:, None]
-    bad = np.argwhere(real & ((ids < 0) | (ids >= vocab)))
-    if bad.size:
-        row, slot = (int(i) for i in bad[0])
-        raise InputError(
-            f"prompt token id {int(ids[row, slot])} at row {row}, slot {slot} is outside the "
-            f"model's vocabulary of {vocab} ({len(bad)} such ids in all)",
-            "encode the prompts with the models' own tokenizer",
-        )
-
-
-def check_settings(settings: RowSettings, max_new_tokens):
-    """Per-row settings in range, checked on the host when their values are known there
-    (`InputError` naming the first bad row); traced values are checked on device, where
-    a bad budget ends its row as INVALID."""
-    budget = _host_value(settings.max_new_tokens)
-    if budget is not None:
-        bad = np.nonzero((budget < 1) | (budget > max_new_tokens))[0]
-        if bad.size:
-            raise InputError(
-                f"max_new_tokens of row {bad[0]} is {budget[bad[0]]}: it must be in [1, "
-                f"{max_new_tokens}] (the config's max_new_tokens sizes the rows)"
-            )
-    for who, rows in (("slm", settings.slm), ("llm", settings.llm)):
-        t, p = _host_value(rows.temperature), _host_value(rows.top_p)
-        if t is not None:
-            bad = np.nonzero(~(t >= 0))[0]
-            if bad.size:
-                raise InputError(
-                    f"{who} temperature of row {bad[0]} is {t[bad[0]]}: it must be >= 0 "
-                    "(0 is greedy)"
-                )
-        if p is not None:
-            bad = np.nonzero(~((p > 0) & (p <= 1)))[0]
-            if bad.size:
-                raise InputError(
-                    f"{who} top_p of row {bad[0]} is {p[bad[0]]}: it must be in (0, 1]"
-                )
-
-
-_warned_positions = set()
-
-
-def _warn_positions(model, width, name):
-    """Warn once per model and width when prompt + budget passes max_position_embeddings.
-
-    A warning, not an error: RoPE models run past their trained length (often
-    with degraded quality), and a budget is an upper bound most rows never reach.
-    """
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if limit is None or width <= limit or (model, width) in _warned_positions:
-        return
-    _warned_positions.add((model, width))
-    warnings.warn(
-        f"the {name}'s context of prompt width + max_new_tokens = {width} tokens exceeds its "
-        f"max_position_embeddings ({limit}); positions past {limit} were never trained",
-        stacklevel=4,
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class RelayDecoder:
-    """The relay decoder as a pure, traceable function of params, prompts and a key.
+    """The relay decoder as a pure, traceable function of params and a call's requests.
 
-    `RelayDecoder(slm, llm, config, command)(slm_params, llm_params, prompts,
-    prompt_lens, key, row_ids=None) -> RelayOutput`. With `llm=None` (and no
-    command) it is single-model generation: commands are plain text and
-    `config.slm` is the sampling.
+    `RelayDecoder(slm, llm, config, command)(slm_params, llm_params, requests)
+    -> RelayOutput`, `requests` a `relax.Requests` (`Requests.build(config, prompts,
+    prompt_lens, key, row_ids=...)`), or the same arrays passed directly:
+    `decoder(slm_params, llm_params, prompts, prompt_lens, key, row_ids=None,
+    settings=None)`. With `llm=None` (and no command) it is single-model generation:
+    commands are plain text and `config.slm` is the sampling.
 
     The object is frozen and hashable (a valid static argument), and calling it
     works eagerly, inside a caller's `jax.jit`, under `shard_map` and on inputs
     sharded over a mesh. Shape and dtype checks always run. Value checks (prompt
-    lengths in [1, P], prompt ids inside the vocabulary) run on the host when
-    the values are known there and raise `InputError`; under tracing a bad row
-    instead ends at once with `finish_reason` INVALID (3) and no generated
+    lengths in [1, P], prompt ids inside the vocabulary, per-row settings) run on
+    the host when the values are known there and raise `InputError`; under tracing
+    a bad row instead ends at once with `finish_reason` INVALID (3) and no generated
     tokens, and the other rows are unaffected. `validate` runs the host checks
     explicitly.
 
     Randomness: the token at slot p of row b is drawn with
-    `fold_in(fold_in(key, row_ids[b]), p)`. `row_ids` default to 0..B-1, which
+    `fold_in(fold_in(keys[b], row_ids[b]), p)`. `row_ids` default to 0..B-1, which
     is right for an unsplit batch and for a batch sharded over a mesh under
     `jit` (the ids are global there). A caller that splits a batch itself — into
     sequential calls, or with `shard_map`, where each shard sees only its rows —
@@ -376,10 +194,10 @@ class RelayDecoder:
     `relax.mesh.rows_sharding(mesh)`). The KV caches are made with their batch axis laid
     out the same way and, on a mesh with a `model` axis, their kv heads split over it
     (models with `cache_sharding`), so no device holds other devices' rows or heads; the
-    loop state keeps that layout. Params are used where they are (place them once with
-    `relax.models.put_params(params, mesh, "serve")`). Default: the prompts' own sharding
-    when they are a concrete row-sharded array; under tracing without it, XLA chooses
-    (it may replicate)."""
+    loop state keeps that layout (relax.relay.layout). Params are used where they are
+    (place them once with `relax.models.put_params(params, mesh, "serve")`). Default: the
+    prompts' own sharding when they are a concrete row-sharded array; under tracing
+    without it, XLA chooses (it may replicate)."""
 
     def __post_init__(self):
         if not isinstance(self.config, RelayConfig):
@@ -389,143 +207,82 @@ class RelayDecoder:
                 f"command must be a relax.CallCommand, got {type(self.command).__name__}"
             )
 
-    def _vocab(self, slm_params, llm_params, B, L):
-        """The ids both models sample from: the models' logits width, or, for two members
-        of a family padded to different widths (Qwen2-1.5B's 151,936 logits against
-        Qwen2-72B's 152,064, one tokenizer), the narrower one, which must still hold the
-        command's whole tokenizer: ids past it are padding neither model samples."""
-        v = _vocab_size(self.slm, slm_params, B, L)
-        if self.llm is not None:
-            v_llm = _vocab_size(self.llm, llm_params, B, L)
-            if v != v_llm and min(v, v_llm) < self.command.vocab_size:
-                raise ValueError(
-                    f"the SLM and LLM vocabularies differ ({v} vs {v_llm} logits) and the "
-                    f"narrower one cannot hold the tokenizer's {self.command.vocab_size} "
-                    "tokens: the relay passes token ids between them, so both must use the "
-                    "same tokenizer"
+    @property
+    def relay(self) -> bool:
+        return self.llm is not None
+
+    def loop_spec(self, slm_params, llm_params, width):
+        """(the static spec of the compiled loop, the command's device tables) for prompts
+        `width` wide. The vocabulary both models sample from is read off their logits width
+        (`relax.relay.inputs.shared_vocab`)."""
+        L = width + self.config.max_new_tokens
+        tokenizer = self.command.vocab_size if self.relay else None
+        v = shared_vocab(self.slm, slm_params, self.llm, llm_params, self.config, tokenizer, L)
+        spec = LoopSpec(self.slm, self.llm, self.config, self.command.max_n if self.relay else 1, v)
+        return spec, self.command.device_tables(v) if self.relay else None
+
+    def _requests(self, requests, prompt_lens=None, key=None, row_ids=None, settings=None):
+        """`requests` if it is a `Requests`, else one built from the arrays
+        (`Requests.build(config, prompts, prompt_lens, key, row_ids, settings=...)`)."""
+        if isinstance(requests, Requests):
+            if any(x is not None for x in (prompt_lens, key, row_ids, settings)):
+                raise TypeError(
+                    "a Requests carries its prompt_lens, keys, row_ids and settings: pass "
+                    "either a Requests or prompts, prompt_lens and a key"
                 )
-            v = min(v, v_llm)
-        bad = [i for i in (*self.config.eos_ids, self.config.pad_id) if i >= v]
-        if bad:
-            raise ValueError(f"eos/pad ids {bad} are outside the models' vocabulary ({v})")
-        return v
+            return requests
+        return Requests.build(self.config, requests, prompt_lens, key, row_ids, settings=settings)
 
-    def validate(self, slm_params, llm_params, prompts, prompt_lens):
-        """The host-side checks of concrete inputs; raises `InputError` on the first bad row."""
-        prompts, lens = np.asarray(prompts), np.asarray(prompt_lens)
-        B, P = prompts.shape
-        v = self._vocab(slm_params, llm_params, B, P + self.config.max_new_tokens)
-        _check_lengths(lens, P)
-        _check_prompt_ids(prompts, lens, v)
+    def check(self, slm_params, llm_params, requests: Requests):
+        """The checks of a call on `requests` (shapes always, values on the host when known
+        there: `InputError` on the first bad row); returns `loop_spec`'s (spec, tables)."""
+        check_requests(requests)
+        spec, tables = self.loop_spec(slm_params, llm_params, requests.prompts.shape[1])
+        check_values(requests, spec.vocab, self.config.max_new_tokens)
+        return spec, tables
 
-    def arguments(
-        self, slm_params, llm_params, prompts, prompt_lens, key, row_ids=None, settings=None
-    ):
-        """The checked arguments of the jitted loop `_run` (tests and `relax plan` lower it)."""
-        prompts, prompt_lens = jnp.asarray(prompts), jnp.asarray(prompt_lens)
-        row_ids = None if row_ids is None else jnp.asarray(row_ids)
-        _check_shapes(prompts, prompt_lens, row_ids)
-        B, P = prompts.shape
+    def validate(self, slm_params, llm_params, requests, prompt_lens=None):
+        """The host-side checks of concrete inputs (a `Requests`, or prompts and their
+        lengths); raises `InputError` on the first bad row."""
+        if not isinstance(requests, Requests):  # prompts and lengths: any key will do
+            requests = Requests.build(self.config, requests, prompt_lens, jax.random.key(0))
+        self.check(slm_params, llm_params, requests)
+
+    def init_caches(self, batch, width, rows=None):
+        """Both models' empty KV caches for `batch` rows of prompts `width` wide, laid out
+        for rows as `rows` (default `self.rows`; relax.relay.layout): what a call starts
+        from (and donates to its loop)."""
+        layout = Layout.of(self.rows if rows is None else rows, self.slm, self.llm)
+        return make_caches(self.slm, self.llm, batch, width + self.config.max_new_tokens, layout)
+
+    def _arguments(self, slm_params, llm_params, requests, abstract=False):
+        """The checked arguments of the jitted loop `_run`; the caches abstract (shapes and
+        shardings only) for lowering."""
+        spec, tables = self.check(slm_params, llm_params, requests)
+        B, P = requests.prompts.shape
         L = P + self.config.max_new_tokens
-        v = self._vocab(slm_params, llm_params, B, L)
-        ids, lens = _host_value(prompts), _host_value(prompt_lens)
-        if lens is not None:
-            _check_lengths(lens, P)
-            if ids is not None:
-                _check_prompt_ids(ids, lens, v)
-        _warn_positions(self.slm, L, "SLM" if self.llm is not None else "model")
-        if self.llm is not None:
-            _warn_positions(self.llm, L, "LLM")
-        relay = self.llm is not None
-        loop = Loop(
-            slm=self.slm,
-            llm=self.llm,
-            config=self.config,
-            max_n=self.command.max_n if relay else 1,
-            vocab=v,
-        )
-        tables = self.command.device_tables(v) if relay else None
-        rows = self.rows if self.rows is not None else _rows_sharding(prompts)
-        shardings = (
-            _cache_sharding(self.slm, rows),
-            _cache_sharding(self.llm, rows) if relay else None,
-        )
-        caches = (
-            _new_cache(self.slm, B, L, shardings[0]),
-            _new_cache(self.llm, B, L, shardings[1]) if relay else None,
-        )
-        layout = None
-        if rows is not None:
-            layout = Layout(rows, *(Layout.frozen(sh) for sh in shardings))
-        if row_ids is None:
-            row_ids = jnp.arange(B, dtype=jnp.int32)
-        settings = self.settings(B, settings)
-        args = (slm_params, llm_params, tables, prompts, prompt_lens, key, *caches, row_ids)
-        return (loop, layout, *args, settings)
+        warn_positions(self.slm, L, "SLM" if self.relay else "model")
+        if self.relay:
+            warn_positions(self.llm, L, "LLM")
+        rows = self.rows if self.rows is not None else rows_of(requests.prompts)
+        layout = Layout.of(rows, self.slm, self.llm)
+        caches = make_caches(self.slm, self.llm, B, L, layout, abstract)
+        return (spec, layout, slm_params, llm_params, tables, requests, *caches)
 
-    def settings(self, batch, settings=None) -> RowSettings:
-        """`settings` checked (on the host when its values are known there), or the config's
-        for `batch` rows."""
-        if settings is None:
-            return RowSettings.of(self.config, batch)
-        if not isinstance(settings, RowSettings):
-            raise TypeError(f"settings must be a RowSettings, got {type(settings).__name__}")
-        for name, x in (
-            ("max_new_tokens", settings.max_new_tokens),
-            ("slm temperature", settings.slm.temperature),
-            ("slm top_p", settings.slm.top_p),
-            ("llm temperature", settings.llm.temperature),
-            ("llm top_p", settings.llm.top_p),
-        ):
-            if x.shape != (batch,):
-                raise ValueError(f"settings' {name} must be [{batch}], got shape {x.shape}")
-        check_settings(settings, self.config.max_new_tokens)
-        return settings
+    def lower(self, slm_params, llm_params, requests: Requests) -> jax.stages.Lowered:
+        """The program a call on `requests` runs, lowered and not run: its StableHLO
+        (`.as_text()`) and, once compiled (`.compile()`), its memory and cost analyses.
+        Params and requests may be abstract (`jax.ShapeDtypeStruct`s, e.g.
+        `Model.param_shapes()` and `jax.eval_shape(lambda: Requests.build(...))`); the
+        caches are not made."""
+        return _run.lower(*self._arguments(slm_params, llm_params, requests, abstract=True))
 
     def __call__(
-        self, slm_params, llm_params, prompts, prompt_lens, key, row_ids=None, settings=None
-    ):
-        args = self.arguments(slm_params, llm_params, prompts, prompt_lens, key, row_ids, settings)
-        return _run(*args)[0]
-
-
-def _rows_sharding(prompts):
-    """The row layout of concrete prompts sharded over a mesh axis (or replicated over a mesh
-    with a `model` axis: the caches still split by kv head), else None."""
-    if isinstance(prompts, jax.core.Tracer) or not isinstance(prompts, jax.Array):
-        return None
-    sharding = prompts.sharding
-    if not isinstance(sharding, jax.sharding.NamedSharding) or sharding.mesh.size == 1:
-        return None
-    lead = sharding.spec[0] if sharding.spec else None
-    if lead is None and sharding.mesh.shape.get("model", 1) == 1:
-        return None  # replicated rows and no model axis: nothing to lay out
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(lead))
-
-
-def _cache_sharding(model, rows):
-    """The shardings of `model`'s cache for rows laid out as `rows` (`cache_sharding` of
-    relax's Model: rows, and kv heads over a mesh's `model` axis), else None."""
-    if rows is None or not hasattr(model, "cache_sharding"):
-        return None
-    return model.cache_sharding(rows)
-
-
-def _new_cache(model, batch, max_len, sharding):
-    """`model.init_cache`, laid out as `sharding` when given (made in place: never whole on
-    one device first); inside a caller's trace the same call constrains the layout."""
-    if sharding is None:
-        return model.init_cache(batch, max_len)
-    return _cache_maker(model, batch, max_len, Layout.frozen(sharding))()
-
-
-@functools.lru_cache(maxsize=64)
-def _cache_maker(model, batch, max_len, sharding):
-    """The jitted, sharded `init_cache`, one per model, shape and layout (so a relay call
-    does not trace and compile it again)."""
-    return jax.jit(
-        lambda: model.init_cache(batch, max_len), out_shardings=jax.tree.unflatten(*sharding)
-    )
+        self, slm_params, llm_params, requests, prompt_lens=None, key=None, row_ids=None,
+        settings=None,
+    ) -> RelayOutput:  # fmt: skip
+        requests = self._requests(requests, prompt_lens, key, row_ids, settings)
+        return _run(*self._arguments(slm_params, llm_params, requests))[0]
 
 
 def relay_generate(
@@ -558,16 +315,8 @@ def relay_generate(
     Returns:
       RelayOutput with [B, P + config.max_new_tokens] sequences.
     """
-    return RelayDecoder(slm, llm, config, command, rows)(
-        slm_params, llm_params, prompts, prompt_lens, key, row_ids, settings
-    )
-
-
-def _prepare(slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config, command):
-    """The arguments of `_run` for a relay call (tests lower `_run` with these)."""
-    return RelayDecoder(slm, llm, config, command).arguments(
-        slm_params, llm_params, prompts, prompt_lens, key
-    )
+    requests = Requests.build(config, prompts, prompt_lens, key, row_ids, settings=settings)
+    return RelayDecoder(slm, llm, config, command, rows)(slm_params, llm_params, requests)
 
 
 def generate(
@@ -596,6 +345,5 @@ def generate(
                 f"sampling must be a relax.SamplingConfig, got {type(sampling).__name__}"
             )
         config = dataclasses.replace(config, slm=sampling)
-    return RelayDecoder(model, None, config, None, rows)(
-        params, None, prompts, prompt_lens, key, row_ids, settings
-    )
+    requests = Requests.build(config, prompts, prompt_lens, key, row_ids, settings=settings)
+    return RelayDecoder(model, None, config, None, rows)(params, None, requests)

@@ -6,25 +6,10 @@ queue of N requests on B slots instead. When a row ends (EOS, its budget, the ca
 limit, invalid input) its result is written out and the next request takes the slot
 inside the same compiled loop: no host round trip per refill, no recompilation. When
 nothing is left in the queue, the live rows are compacted into a smaller bucket of slots
-as soon as they fit (B, B/4, ..., down to MIN_BUCKET), so a step's cost follows
-the rows still live rather than the slots once filled.
-
-Exactness. Every row runs the decoder's own loop iteration (relax.relay.loop `body`)
-on per-row data: its key, global row id, budget and sampling are fields of the row,
-so a request's result (tokens, sources, SLM log-probs, finish reason, counters) is
-the result of a lone `relay_generate` call on it with its key, its `row_ids` and its
-settings, whatever slot, bucket or schedule served it. A reused slot starts its new
-request from position 0: attention reads only slots at or before a query's position,
-and each of those is written by the new request before it is read, so nothing of the
-previous request is ever seen (its stale entries past the new row's length are never
-read).
-
-Admission. A new request's prompt (all but its last token) is ingested on its own, as
-a one-row batch: its slot's cache rows are taken out, filled by the same chunked
-catch-up steps the decoder uses, and put back. The last prompt token is then ingested
-by the next ordinary decode step, which samples the first new token. So refilling one
-slot never runs a prompt-wide step over all B slots (which would cost B x
-prefill_chunk tokens of compute for each of the N requests).
+as soon as they fit (B, B/4, ...: `default_buckets`), so a step's cost follows
+the rows still live rather than the slots once filled. A request's result is that of a
+lone `relay_generate` call on it with its key, row id and settings, whatever slot, bucket
+or schedule served it (relax.relay.slots: the slots on device, and why).
 
 Two ways to drive it, one state (`EngineState`) and one iteration:
 - On device (`Engine.__call__`): one pure, traceable program that runs the whole queue
@@ -47,445 +32,46 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import math
 import warnings
 from typing import NamedTuple
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from relax.errors import InputError
 from relax.relay import command as cmd
-from relax.relay import decoder as dec
 from relax.relay.config import RelayConfig
 from relax.relay.decoder import RelayDecoder, RelayOutput
-from relax.relay.loop import (
-    CALLING,
-    DECODING,
-    FINISHED,
-    Loop,
-    RowSettings,
-    State,
-    _slm_ingest,
-    _step,
-    fresh_rows,
-    llm_steps,
-    schedule,
-    slm_step,
-    typed_key,
-)
+from relax.relay.inputs import Requests, RowSettings, check_requests, check_settings, typed_key
+from relax.relay.layout import Layout, constrain, row_devices
 from relax.relay.sampling import RowSampling
+from relax.relay.slots import (
+    EngineSpec,
+    EngineState,
+    admit,
+    compact,
+    default_buckets,
+    init_state,
+    iterate,
+    put_rows,
+    queue_size,
+    run_all,
+    stage_running,
+    take_rows,
+)
+from relax.relay.state import FINISHED
 
 CANCELLED = 4
 """Finish reason of a request its client gave up on (`Session.cancel`)."""
 
 
-@flax.struct.dataclass
-class Requests:
-    """N requests: prompts and everything a request sets for itself, as data."""
-
-    prompts: jax.Array
-    """[N, P] int32, right-padded."""
-    prompt_lens: jax.Array
-    """[N] int32, each in [1, P]."""
-    keys: jax.Array
-    """[N] typed PRNG keys: request i samples as a lone call with key `keys[i]`."""
-    row_ids: jax.Array
-    """[N] int32: ... and row id `row_ids[i]` (its global identity for sampling)."""
-    settings: RowSettings
-    """[N] budgets (max_new_tokens) and per-model temperature / top-p."""
-
-    @staticmethod
-    def build(
-        config: RelayConfig,
-        prompts,
-        prompt_lens,
-        key,
-        row_ids=None,
-        max_new_tokens=None,
-        temperature=None,
-        top_p=None,
-        llm_temperature=None,
-        llm_top_p=None,
-    ) -> Requests:
-        """Requests from arrays; anything not given is the config's.
-
-        key: one PRNG key for all (request i then samples as row `row_ids[i]` of one call
-          with that key), or [N] keys, one per request.
-        row_ids: [N] (default 0..N-1). max_new_tokens: [N] budgets, each at most the
-          config's. temperature / top_p: the SLM's (the single model's), [N] or a scalar;
-          0 is greedy. llm_temperature / llm_top_p: the LLM's.
-        """
-        prompts = jnp.asarray(prompts, jnp.int32)
-        n = prompts.shape[0]
-        key = typed_key(jnp.asarray(key) if not isinstance(key, jax.Array) else key)
-        keys = key if key.shape == (n,) else jnp.broadcast_to(key, (n,))
-        base = RowSettings.of(config, n)
-
-        def column(x, default, dtype):
-            return default if x is None else jnp.broadcast_to(jnp.asarray(x, dtype), (n,))
-
-        settings = RowSettings(
-            column(max_new_tokens, base.max_new_tokens, jnp.int32),
-            RowSampling(
-                column(temperature, base.slm.temperature, jnp.float32),
-                column(top_p, base.slm.top_p, jnp.float32),
-            ),
-            RowSampling(
-                column(llm_temperature, base.llm.temperature, jnp.float32),
-                column(llm_top_p, base.llm.top_p, jnp.float32),
-            ),
-        )
-        ids = jnp.arange(n, dtype=jnp.int32) if row_ids is None else jnp.asarray(row_ids)
-        return Requests(prompts, jnp.asarray(prompt_lens, jnp.int32), keys, ids, settings)
-
-    def __len__(self):
-        return self.prompts.shape[0]
-
-    def padded(self, size: int) -> Requests:
-        """These requests followed by copies of request 0, `size` in all: a queue of a
-        standard size (`queue_size`), so that queues of different lengths share one
-        compiled program. The engine is told the true count and never admits the copies."""
-        n = len(self)
-        if size == n:
-            return self
-        idx = np.concatenate([np.arange(n), np.zeros(size - n, np.int64)])
-        return jax.tree.map(lambda x: x[idx], self)
-
-
-QUEUE_MIN = 64
-"""The smallest queue `Engine.run` compiles for (see `queue_size`)."""
-
-
-def queue_size(n: int) -> int:
-    """The queue length `Engine.run` pads n requests to: the next power of two, at least
-    QUEUE_MIN. A queue's length is a shape of the compiled program, so without this every
-    benchmark or sub-batch of a new size would compile the engine again; padding costs at
-    most twice the results' rows, and nothing is decoded for the copies."""
-    return max(QUEUE_MIN, 1 << max(n - 1, 0).bit_length())
-
-
-@flax.struct.dataclass
-class Results:
-    """The finished requests' rows ([N, L], L = P + config.max_new_tokens)."""
-
-    tokens: jax.Array
-    source: jax.Array
-    logprobs: jax.Array
-    lengths: jax.Array
-    finish: jax.Array
-    calls: jax.Array
-    llm_prefill: jax.Array
-
-    @staticmethod
-    def empty(n, width, pad_id):
-        z = jnp.zeros((n,), jnp.int32)
-        return Results(
-            jnp.full((n, width), pad_id, jnp.int32),
-            jnp.zeros((n, width), jnp.int32),
-            jnp.zeros((n, width), jnp.float32),
-            z,
-            z,
-            z,
-            z,
-        )
-
-    def output(self) -> RelayOutput:
-        return RelayOutput.of_rows(
-            self.tokens, self.source, self.lengths, self.finish, self.logprobs, self.calls,
-            self.llm_prefill,
-        )  # fmt: skip
-
-
-@flax.struct.dataclass
-class EngineState:
-    """Everything the engine carries between iterations (and between host calls)."""
-
-    slots: State
-    """The B slot rows (B: the current bucket) with both models' caches."""
-    slot_request: jax.Array
-    """[B] int32: the request each slot holds, -1 when free."""
-    queue: Requests
-    """The queue's requests (a placeholder of one when driven by `Session`)."""
-    queue_len: jax.Array
-    """int32: how many of them are real (the rest pad the queue to a standard size)."""
-    next_request: jax.Array
-    """int32: the first request not yet admitted (queue_len: the queue is empty)."""
-    results: Results
-    """[N, L] rows of the finished requests."""
-    finished: jax.Array
-    """int32: requests finished."""
-    iterations: jax.Array
-    """int32: loop iterations run."""
-    slot_steps: jax.Array
-    """int32: slots paid for, summed over iterations (the bucket's size each)."""
-
-    @property
-    def live(self):
-        return jnp.sum(self.slot_request >= 0, dtype=jnp.int32)
-
-
-# ---------------------------------------------------------------------------
-# Pieces of an iteration (traced).
-
-
-def _rows_where(mask, new, old):
-    """Per-row select between two pytrees of [B, ...] arrays."""
-
-    def pick(a, b):
-        m = mask.reshape(mask.shape + (1,) * (a.ndim - 1))
-        return jnp.where(m, a, b)
-
-    return jax.tree.map(pick, new, old)
-
-
-_CACHES = ("slm_cache", "llm_cache")
-
-
-def _take_rows(s: State, idx, keep=_CACHES) -> State:
-    """Rows `idx` of a state, with the caches named in `keep` (along their batch axis);
-    the others are None."""
-    out = {}
-    for f in dataclasses.fields(s):
-        x = getattr(s, f.name)
-        if f.name in _CACHES:
-            x = jax.tree.map(lambda a: jnp.take(a, idx, axis=1), x) if f.name in keep else None
-        else:
-            x = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), x)
-        out[f.name] = x
-    return State(**out)
-
-
-def _put_rows(s: State, idx, rows: State) -> State:
-    """`s` with rows `idx` (distinct) replaced by `rows` (caches that `rows` holds)."""
-    out = {}
-    for f in dataclasses.fields(s):
-        x, new = getattr(s, f.name), getattr(rows, f.name)
-        if f.name in _CACHES:
-            if new is not None:
-                x = jax.tree.map(lambda a, n: a.at[:, idx].set(n), x, new)
-        else:
-            x = jax.tree.map(lambda a, n: a.at[idx].set(n), x, new)
-        out[f.name] = x
-    return State(**out)
-
-
-def _collect(es: EngineState) -> EngineState:
-    """Finished slots write their rows into the results and become free."""
-    s = es.slots
-    done = (es.slot_request >= 0) & (s.phase == FINISHED)
-
-    def write(es):
-        n = es.results.lengths.shape[0]
-        at = jnp.where(done, es.slot_request, n)  # n: dropped
-        r = es.results
-        put = lambda buf, rows: buf.at[at].set(rows, mode="drop")
-        r = Results(
-            tokens=put(r.tokens, s.tokens),
-            source=put(r.source, s.source),
-            logprobs=put(r.logprobs, s.logprobs),
-            lengths=put(r.lengths, s.length),
-            finish=put(r.finish, s.finish),
-            calls=put(r.calls, s.calls),
-            llm_prefill=put(r.llm_prefill, s.llm_prefill),
-        )
-        return es.replace(
-            results=r,
-            slot_request=jnp.where(done, -1, es.slot_request),
-            finished=es.finished + jnp.sum(done, dtype=jnp.int32),
-        )
-
-    return jax.lax.cond(jnp.any(done), write, lambda es: es, es)
-
-
-def _slm_catch_up(loop, slm_params, s: State) -> State:
-    """Rows more than one token behind the SLM (a new prompt, the LLM's tokens after a
-    call) ingest all but their last unseen token, one row at a time: the row's cache rows
-    taken out, filled by the decoder's chunked catch-up steps, put back. The next decode
-    step then ingests the last token and samples, so the bucket's SLM step is always
-    one token wide."""
-    behind = lambda s: (s.phase == DECODING) & (s.length - s.slm_seen > 1)
-
-    def one(s):
-        b = jnp.argmax(behind(s))[None]
-        row = _take_rows(s, b, keep=("slm_cache",))
-        full = row.length
-        row = row.replace(length=row.length - 1)
-        ingest = lambda r, w: _slm_ingest(loop, slm_params, r, r.phase == DECODING, w)[2]
-        row = jax.lax.while_loop(
-            lambda r: jnp.any(r.slm_seen < r.length),
-            lambda r: _step(
-                ingest, loop.config.prefill_chunk, r.phase == DECODING, r.length - r.slm_seen, r
-            ),
-            row,
-        )
-        return _put_rows(s, b, row.replace(length=full))
-
-    return jax.lax.while_loop(lambda s: jnp.any(behind(s)), one, s)
-
-
-def _serve_calls(loop, llm_params, s: State, call_rows) -> State:
-    """Every row inside a call gets its call's LLM tokens, `call_rows` rows at a time on a
-    sub-batch of theirs (cache rows taken out and put back), each call to its end. An
-    LLM step then costs the calling rows, not the bucket."""
-
-    def serve(s):
-        calling = s.phase == CALLING
-        idx = jnp.argsort(~calling, stable=True)[:call_rows]  # calling rows first
-        part = calling[idx]
-        sub = _take_rows(s, idx, keep=("llm_cache",))
-        sub = sub.replace(phase=jnp.where(part, CALLING, FINISHED))
-        sub = jax.lax.while_loop(
-            lambda r: jnp.any(r.phase == CALLING), lambda r: llm_steps(loop, llm_params, r), sub
-        )
-        return _put_rows(s, idx, sub.replace(phase=jnp.where(part, sub.phase, s.phase[idx])))
-
-    return jax.lax.while_loop(lambda s: jnp.any(s.phase == CALLING), serve, s)
-
-
-def _admit(loop, es: EngineState, take, req) -> EngineState:
-    """Slots `take` [B] start requests `req` [B] of the queue (fresh rows; their prompts are
-    ingested by the next iteration's catch-up)."""
-    q = es.queue
-    idx = jnp.where(take, req, 0)
-    pick = lambda x: jnp.take(x, idx, axis=0)
-    settings = jax.tree.map(pick, q.settings)
-    fresh = fresh_rows(
-        loop, pick(q.prompts), pick(q.prompt_lens), pick(q.keys), pick(q.row_ids), settings
-    )
-    s = es.slots
-    s = s.replace(**_rows_where(take, fresh, {k: getattr(s, k) for k in fresh}))
-    return es.replace(slots=s, slot_request=jnp.where(take, req, es.slot_request))
-
-
-def _refill(loop, es: EngineState) -> EngineState:
-    """Free slots take the next requests of the queue, in slot order."""
-    free = es.slot_request < 0
-    req = es.next_request + jnp.cumsum(free) - 1
-    take = free & (req < es.queue_len)
-
-    def admit(es):
-        es = _admit(loop, es, take, req)
-        return es.replace(next_request=es.next_request + jnp.sum(take, dtype=jnp.int32))
-
-    return jax.lax.cond(jnp.any(take), admit, lambda es: es, es)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-    """Everything static about the engine's compiled programs (hashable)."""
-
-    loop: Loop
-    layout: dec.Layout | None
-    call_rows: int
-
-
-def _iterate(spec: _Spec, slm_params, llm_params, tables, es: EngineState) -> EngineState:
-    """One engine iteration: calls served, rows behind caught up, one SLM decode step of
-    the bucket; then finished rows out and queued requests in."""
-    loop, layout = spec.loop, spec.layout
-    call_rows = min(spec.call_rows, es.slot_request.shape[0])
-    s = es.slots
-    if loop.relay:
-        s, any_calling = schedule(loop, s)
-        s = jax.lax.cond(
-            any_calling, lambda s: _serve_calls(loop, llm_params, s, call_rows), lambda s: s, s
-        )
-    s = _slm_catch_up(loop, slm_params, s)
-    s = dec._constrain(slm_step(loop, slm_params, tables, s, chunk=1), layout)
-    es = es.replace(
-        slots=s,
-        iterations=es.iterations + 1,
-        slot_steps=es.slot_steps + s.length.shape[0],
-    )
-    es = _collect(es)
-    es = _refill(loop, es)
-    return es.replace(slots=dec._constrain(es.slots, layout))
-
-
-def _stage_running(es: EngineState, floor):
-    """The current bucket keeps running while requests wait or more than `floor` rows are
-    live (then they fit the next bucket)."""
-    return (es.next_request < es.queue_len) | (es.live > floor)
-
-
-def _compact(es: EngineState, size, layout) -> EngineState:
-    """The live slots moved into a bucket of `size` slots (they fit: the queue is empty)."""
-    order = jnp.argsort(es.slot_request < 0, stable=True)[:size]  # live first
-    slots = dec._constrain(_take_rows(es.slots, order), layout)
-    return es.replace(slots=slots, slot_request=es.slot_request[order])
-
-
-# ---------------------------------------------------------------------------
-# Compiled programs.
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _init(spec: _Spec, slots, requests: Requests, queue_len) -> EngineState:
-    """Empty slots (caches in the slots' layout), empty results, the queue (jitted: every
-    buffer of the state is its own, so the state can be donated)."""
-    loop, layout = spec.loop, spec.layout
-    cfg = loop.config
-    N, P = requests.prompts.shape
-    L = P + cfg.max_new_tokens
-    B = slots
-    caches = [None if model is None else model.init_cache(B, L) for model in (loop.slm, loop.llm)]
-    empty = Requests.build(
-        cfg, jnp.zeros((B, P), jnp.int32), jnp.ones((B,), jnp.int32), jax.random.key(0)
-    )
-    rows = fresh_rows(
-        loop, empty.prompts, empty.prompt_lens, empty.keys, empty.row_ids, empty.settings
-    )
-    rows["phase"] = jnp.full((B,), FINISHED, jnp.int32)
-    slots = dec._constrain(State(slm_cache=caches[0], llm_cache=caches[1], **rows), layout)
-    z = jnp.zeros((), jnp.int32)
-    return EngineState(
-        slots=slots,
-        slot_request=jnp.full((B,), -1, jnp.int32),
-        queue=requests,
-        queue_len=jnp.asarray(queue_len, jnp.int32),
-        next_request=z,
-        results=Results.empty(N, L, cfg.pad_id),
-        finished=z,
-        iterations=z,
-        slot_steps=z,
-    )
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,))
-def _run_all(spec: _Spec, buckets, slm_params, llm_params, tables, es, queue):
-    """The rest of the queue on device (all of it, from a fresh state): a while loop per
-    bucket size, compacting between. The state is donated, the caller's queue is not."""
-    es = es.replace(queue=queue)
-    for i, size in enumerate(buckets):
-        if i:
-            es = _compact(es, size, spec.layout)
-        floor = buckets[i + 1] if i + 1 < len(buckets) else 0
-        es = jax.lax.while_loop(
-            lambda es, floor=floor: _stage_running(es, floor),
-            lambda es: _iterate(spec, slm_params, llm_params, tables, es),
-            es,
-        )
-    return es.replace(queue=None)
-
-
-# The state is donated: its caches are the largest buffers, and each call updates them
-# in place instead of copying them (the host keeps no reference to the old state). The
-# queue is the caller's and is not donated: it travels beside the state.
-@functools.partial(jax.jit, static_argnums=(1, 2), donate_argnums=(0,))
-def _compact_jit(es, size, layout):
-    """`_compact` as its own program, between the host-driven stages of `Engine.run` (the
-    state is donated, without its queue)."""
-    return _compact(es, size, layout)
-
-
-def _iterations(spec: _Spec, floor, slm_params, llm_params, tables, es, queue, iterations):
+def _iterations(spec: EngineSpec, floor, slm_params, llm_params, tables, es, queue, iterations):
     """At most `iterations` iterations of the current bucket (fewer when it is done)."""
     stop = es.iterations + iterations
     es = jax.lax.while_loop(
-        lambda es: _stage_running(es, floor) & (es.iterations < stop),
-        lambda es: _iterate(spec, slm_params, llm_params, tables, es),
+        lambda es: stage_running(es, floor) & (es.iterations < stop),
+        lambda es: iterate(spec, slm_params, llm_params, tables, es),
         es.replace(queue=queue),
     )
     return es.replace(queue=None)
@@ -495,7 +81,7 @@ _advance = functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
-def _session_step(spec: _Spec, slm_params, llm_params, tables, es, rows, queue, iterations):
+def _session_step(spec: EngineSpec, slm_params, llm_params, tables, es, rows, queue, iterations):
     """`Session.step`'s program: at most `iterations` iterations, on every slot (`rows`
     None) or on slots `rows` only (distinct; a smaller bucket holding every live slot:
     taken out with their caches, advanced, put back, so a step costs the live rows'
@@ -505,12 +91,12 @@ def _session_step(spec: _Spec, slm_params, llm_params, tables, es, rows, queue, 
         es = _iterations(spec, 0, slm_params, llm_params, tables, es, queue, iterations)
     else:
         part = es.replace(
-            slots=dec._constrain(_take_rows(es.slots, rows), spec.layout),
+            slots=constrain(take_rows(es.slots, rows), spec.layout),
             slot_request=es.slot_request[rows],
         )
         part = _iterations(spec, 0, slm_params, llm_params, tables, part, queue, iterations)
         es = part.replace(
-            slots=dec._constrain(_put_rows(es.slots, rows, part.slots), spec.layout),
+            slots=constrain(put_rows(es.slots, rows, part.slots), spec.layout),
             slot_request=es.slot_request.at[rows].set(part.slot_request),
         )
     s = es.slots
@@ -545,38 +131,13 @@ def _cancel(es, slot):
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
-def _insert(spec: _Spec, es, slot, request: Requests):
+def _insert(spec: EngineSpec, es, slot, request: Requests):
     """Request 0 of `request` (a one-request queue) into `slot`, whatever it held (its
     prompt is ingested by the next iteration's catch-up)."""
     B = es.slot_request.shape[0]
     take = jnp.arange(B) == slot
-    es = _admit(spec.loop, es.replace(queue=request), take, jnp.zeros((B,), jnp.int32))
-    return es.replace(queue=None, slots=dec._constrain(es.slots, spec.layout))
-
-
-# ---------------------------------------------------------------------------
-# The public object.
-
-
-MIN_BUCKET = 4
-"""The smallest bucket `default_buckets` compacts into: below it a step costs about the
-same on an accelerator (it reads every weight once whatever the rows), and each bucket is
-one more loop body to compile."""
-
-
-def default_buckets(slots, multiple=1):
-    """slots, slots/4, slots/16, ... while at least MIN_BUCKET (and `multiple`, the row
-    devices, which each bucket must divide over; a last halving where quartering does not
-    divide): quartering keeps the tail's slots at least a quarter live."""
-    out = [slots]
-    while True:
-        for f in (4, 2):
-            nxt = out[-1] // f
-            if out[-1] % f == 0 and nxt >= max(MIN_BUCKET, multiple) and nxt % multiple == 0:
-                out.append(nxt)
-                break
-        else:
-            return tuple(out)
+    es = admit(spec.loop, es.replace(queue=request), take, jnp.zeros((B,), jnp.int32))
+    return es.replace(queue=None, slots=constrain(es.slots, spec.layout))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -612,17 +173,9 @@ class Engine:
     def __post_init__(self):
         if self.slots < 1:
             raise ValueError(f"slots must be >= 1, got {self.slots}")
-        multiple = 1
-        if self.rows is not None:
-            multiple = math.prod(
-                self.rows.mesh.shape[a]
-                for a in jax.tree.leaves(tuple(self.rows.spec[:1]))
-                if a is not None
-            )
-            if self.slots % multiple:
-                raise ValueError(
-                    f"slots ({self.slots}) must divide over the {multiple} row devices"
-                )
+        multiple = row_devices(self.rows)
+        if self.slots % multiple:
+            raise ValueError(f"slots ({self.slots}) must divide over the {multiple} row devices")
         buckets = self.buckets or default_buckets(self.slots, multiple)
         buckets = tuple(int(b) for b in buckets)
         if buckets[0] != self.slots or any(b <= c for b, c in itertools.pairwise(buckets)):
@@ -640,47 +193,20 @@ class Engine:
             self, "_decoder", RelayDecoder(self.slm, self.llm, self.config, self.command, self.rows)
         )
 
-    @property
-    def relay(self) -> bool:
-        return self.llm is not None
-
     # -- set-up ---------------------------------------------------------------
 
     def _static(self, slm_params, llm_params, width):
-        """(spec, tables) for prompts `width` wide."""
-        L = width + self.config.max_new_tokens
-        v = self._decoder._vocab(slm_params, llm_params, self.slots, L)
-        loop = Loop(
-            slm=self.slm,
-            llm=self.llm,
-            config=self.config,
-            max_n=self.command.max_n if self.relay else 1,
-            vocab=v,
-        )
-        tables = self.command.device_tables(v) if self.relay else None
-        layout = None
-        if self.rows is not None:
-            layout = dec.Layout(
-                self.rows,
-                dec.Layout.frozen(dec._cache_sharding(self.slm, self.rows)),
-                dec.Layout.frozen(dec._cache_sharding(self.llm, self.rows)) if self.relay else None,
-            )
-        return _Spec(loop, layout, self.call_rows), tables
+        """(spec, tables) for prompts `width` wide: the decoder's loop, the slots' layout."""
+        loop, tables = self._decoder.loop_spec(slm_params, llm_params, width)
+        layout = Layout.of(self.rows, self.slm, self.llm)
+        return EngineSpec(loop, layout, self.call_rows), tables
 
     def _check(self, slm_params, llm_params, requests: Requests):
-        if not isinstance(requests, Requests):
-            raise TypeError(f"requests must be a relax Requests, got {type(requests).__name__}")
-        dec._check_shapes(requests.prompts, requests.prompt_lens, requests.row_ids)
-        N, P = requests.prompts.shape
-        if N < 1:
+        """The decoder's checks of a call (`RelayDecoder`), on a queue of at least one."""
+        check_requests(requests)
+        if len(requests) < 1:
             raise ValueError("requests must hold at least one request")
-        v = self._decoder._vocab(slm_params, llm_params, self.slots, P + self.config.max_new_tokens)
-        ids, lens = dec._host_value(requests.prompts), dec._host_value(requests.prompt_lens)
-        if lens is not None:
-            dec._check_lengths(lens, P)
-            if ids is not None:
-                dec._check_prompt_ids(ids, lens, v)
-        self._decoder.settings(N, requests.settings)
+        self._decoder.check(slm_params, llm_params, requests)
 
     def init(self, slm_params, llm_params, requests: Requests, queue_len=None) -> EngineState:
         """The engine's state before its first iteration: the queue, empty slots (their
@@ -690,7 +216,7 @@ class Engine:
         self._check(slm_params, llm_params, requests)
         spec, _ = self._static(slm_params, llm_params, requests.prompts.shape[1])
         n = len(requests) if queue_len is None else queue_len
-        return _init(spec, self.slots, requests, jnp.asarray(n, jnp.int32))
+        return init_state(spec, self.slots, requests, jnp.asarray(n, jnp.int32))
 
     # -- on device ------------------------------------------------------------
 
@@ -709,7 +235,7 @@ class Engine:
         with warnings.catch_warnings():
             # The slots' buffers shrink at each compaction, so XLA cannot reuse them all.
             warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-            es = _run_all(
+            es = run_all(
                 spec, self.buckets, slm_params, llm_params, tables, es.replace(queue=None), queue
             )
         return es.replace(queue=queue)
@@ -761,7 +287,7 @@ class Engine:
                 with warnings.catch_warnings():  # the slots shrink: not every buffer is reused
                     warnings.filterwarnings("ignore", "Some donated buffers were not usable")
                     queue = es.queue  # the caller's: never donated
-                    es = _compact_jit(es.replace(queue=None), size, spec.layout)
+                    es = compact(es.replace(queue=None), size, spec.layout)
                     es = es.replace(queue=queue)
             floor = self.buckets[i + 1] if i + 1 < len(self.buckets) else 0
             while True:
@@ -840,11 +366,11 @@ class Session:
             raise RuntimeError("no free slot: wait for a request to finish")
         ids = np.asarray(prompt_ids, np.int32).reshape(-1)
         if not 1 <= ids.size <= self.width:
-            raise dec.InputError(
+            raise InputError(
                 f"the prompt has {ids.size} tokens; this engine takes 1 to {self.width}"
             )
         if ids.min() < 0 or ids.max() >= self._vocab:
-            raise dec.InputError(f"prompt token ids must be in [0, {self._vocab}), the vocabulary")
+            raise InputError(f"prompt token ids must be in [0, {self._vocab}), the vocabulary")
         prompts = np.zeros((1, self.width), np.int32)
         prompts[0, : ids.size] = ids
         # Built on the host, in numpy (a server inserts often: no small device ops here).
@@ -855,7 +381,7 @@ class Session:
             RowSampling(column(temperature, d.slm.temperature), column(top_p, d.slm.top_p)),
             RowSampling(column(llm_temperature, d.llm.temperature), column(llm_top_p, d.llm.top_p)),
         )
-        dec.check_settings(settings, self.engine.config.max_new_tokens)
+        check_settings(settings, self.engine.config.max_new_tokens)
         key = typed_key(key if isinstance(key, jax.Array) else jnp.asarray(key))
         request = Requests(
             prompts, np.array([ids.size], np.int32), key.reshape(1),

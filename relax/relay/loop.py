@@ -1,184 +1,36 @@
-"""The relay loop's state and one iteration of it (used by relax.relay.decoder).
+"""One iteration of the relay loop and the model steps it is made of (relax.relay.state
+holds what they advance).
 
 Each iteration runs at most one LLM step and one SLM step (each under a
 `lax.cond`); see relax.relay.decoder for the protocol, the scheduling and
 why every model step is "ingest what is unseen, sample when caught up".
-Everything here is traced inside the decoder's single `lax.while_loop`.
+Everything here is traced inside the decoder's single `lax.while_loop` (and the
+engine's loops, which run the same steps on their slots).
 """
 
 from __future__ import annotations
-
-import dataclasses
-from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from relax.relay import command as cmd
-from relax.relay.config import RelayConfig
-from relax.relay.sampling import RowSampling, sample_rows, token_key
-
-# Sources of a token.
-PAD, PROMPT, SLM, COMMAND, LLM = 0, 1, 2, 3, 4
-# Finish reasons. INVALID: a row whose prompt length or token ids were invalid, found on
-# device when the inputs are traced (concrete inputs are checked on the host and raise).
-EOS, BUDGET, CALL_LIMIT, INVALID = 0, 1, 2, 3
-# Row phases.
-DECODING, WAITING, CALLING, FINISHED = 0, 1, 2, 3
-
-
-@flax.struct.dataclass
-class State:
-    """The loop state. B rows, L = P + max_new_tokens slots per row."""
-
-    tokens: jax.Array
-    """[B, L] int32: the rows being written."""
-    source: jax.Array
-    """[B, L] int32: source of each slot."""
-    logprobs: jax.Array
-    """[B, L] float32: SLM log-probs."""
-    length: jax.Array
-    """[B] int32: slots filled (prompt + generated)."""
-    phase: jax.Array
-    """[B] int32: decoding with the SLM, waiting for the LLM, inside a call, done."""
-    finish: jax.Array
-    """[B] int32: finish reason once done."""
-    slm_cache: Any
-    """The SLM's KV cache; its slot i holds row slot i."""
-    slm_seen: jax.Array
-    """[B] int32: row slots the SLM has ingested."""
-    llm_cache: Any
-    """The LLM's KV cache; its slots hold the LLM-visible tokens only, in order."""
-    llm_scan: jax.Array
-    """[B] int32: row slots the LLM has gone past (ingested, or skipped as commands)."""
-    llm_fill: jax.Array
-    """[B] int32: LLM cache slots filled (its next position)."""
-    auto: jax.Array
-    """[B] int32: command automaton state."""
-    num: jax.Array
-    """[B] int32: the number being read inside a partial command (saturating)."""
-    pstart: jax.Array
-    """[B] int32: row slot where the partial command started."""
-    last_lt: jax.Array
-    """[B] int32: row slot of the last token holding a "<"."""
-    call_left: jax.Array
-    """[B] int32: LLM tokens still to write in the current call."""
-    calls: jax.Array
-    """[B] int32: calls honoured."""
-    waited: jax.Array
-    """[B] int32: loop iterations spent waiting for the LLM."""
-    llm_prefill: jax.Array
-    """[B] int32: tokens fed to the LLM."""
-    row_ids: jax.Array
-    """[B] int32: each row's global identity for its sampling keys, so a batch split into
-    calls or shards samples as one call (default: 0..B-1)."""
-    key: jax.Array
-    """[B] typed PRNG keys: each row's key (a call's one key, or each request's own)."""
-    prompt_len: jax.Array
-    """[B] int32: the row's prompt length (its first generated slot)."""
-    budget: jax.Array
-    """[B] int32: the row's max_new_tokens (at most the config's, which sizes the rows)."""
-    slm_sampling: RowSampling
-    """The SLM's temperature and top-p per row."""
-    llm_sampling: RowSampling
-    """The LLM's temperature and top-p per row."""
-
-
-@flax.struct.dataclass
-class RowSettings:
-    """What a row (a request) sets for itself, as data: one compiled loop serves every
-    value. B rows."""
-
-    max_new_tokens: jax.Array
-    """[B] int32: the row's budget, in [1, config.max_new_tokens] (the config's sizes the
-    output rows)."""
-    slm: RowSampling
-    """The SLM's temperature (0: greedy) and top-p per row."""
-    llm: RowSampling
-    """The LLM's temperature (0: greedy) and top-p per row."""
-
-    @staticmethod
-    def of(config: RelayConfig, batch: int) -> RowSettings:
-        """The config's budget and sampling for `batch` rows."""
-        return RowSettings(
-            jnp.full((batch,), config.max_new_tokens, jnp.int32),
-            RowSampling.of(config.slm, batch),
-            RowSampling.of(config.llm, batch),
-        )
-
-
-def typed_key(key):
-    """A typed PRNG key (`jax.random.key`) for a raw uint32 key (`jax.random.PRNGKey`): the
-    same draws, and an array of them can be indexed and selected like any other."""
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return key
-    return jax.random.wrap_key_data(key)
-
-
-def fresh_rows(loop, prompts, prompt_lens, keys, row_ids, settings: RowSettings) -> dict:
-    """Every per-row field of a `State` (all but the caches) for rows that start on
-    `prompts` [B, P] (right-padded, lengths [B]) with typed `keys` [B], `row_ids` [B] and
-    `settings`. A row whose length or prompt ids are invalid starts FINISHED with
-    finish reason INVALID (nothing generated), as does a budget outside
-    [1, config.max_new_tokens]."""
-    cfg = loop.config
-    B, P = prompts.shape
-    L = P + cfg.max_new_tokens
-    prompts = prompts.astype(jnp.int32)
-    lens = jnp.clip(prompt_lens.astype(jnp.int32), 0, P)
-    in_prompt = jnp.arange(L)[None] < lens[:, None]
-    budget = settings.max_new_tokens.astype(jnp.int32)
-    ids_ok = (prompts >= 0) & (prompts < loop.vocab)
-    valid = (
-        (prompt_lens >= 1)
-        & (prompt_lens <= P)
-        & jnp.all(ids_ok | ~in_prompt[:, :P], axis=1)
-        & (budget >= 1)
-        & (budget <= cfg.max_new_tokens)
-    )
-    padded = jnp.pad(prompts, ((0, 0), (0, cfg.max_new_tokens)))
-    zeros = jnp.zeros((B,), jnp.int32)
-    return {
-        "tokens": jnp.where(in_prompt, padded, cfg.pad_id),
-        "source": jnp.where(in_prompt, PROMPT, PAD),
-        "logprobs": jnp.zeros((B, L), jnp.float32),
-        "length": lens,
-        "phase": jnp.where(valid, DECODING, FINISHED),
-        "finish": jnp.where(valid, 0, INVALID),
-        "slm_seen": zeros,
-        "llm_scan": zeros,
-        "llm_fill": zeros,
-        "auto": zeros,
-        "num": zeros,
-        "pstart": zeros,
-        "last_lt": zeros,
-        "call_left": zeros,
-        "calls": zeros,
-        "waited": zeros,
-        "llm_prefill": zeros,
-        "row_ids": row_ids.astype(jnp.int32),
-        "key": keys,
-        "prompt_len": lens,
-        "budget": budget,
-        "slm_sampling": settings.slm,
-        "llm_sampling": settings.llm,
-    }
-
-
-@dataclasses.dataclass(frozen=True)
-class Loop:
-    """Everything static about one compiled loop (hashable: a jit static argument)."""
-
-    slm: Any
-    llm: Any  # None: single-model generation, commands not read
-    config: RelayConfig
-    max_n: int
-    vocab: int  # ids both models sample from (prompt ids outside it make a row INVALID)
-
-    @property
-    def relay(self) -> bool:
-        return self.llm is not None
+from relax.relay.sampling import sample_rows, token_key
+from relax.relay.state import (
+    BUDGET,
+    CALL_LIMIT,
+    CALLING,
+    COMMAND,
+    DECODING,
+    EOS,
+    FINISHED,
+    LLM,
+    PROMPT,
+    SLM,
+    WAITING,
+    LoopSpec,
+    State,
+)
 
 
 @flax.struct.dataclass
@@ -234,14 +86,14 @@ def _feed(model, params, cache, tok, pos, n_feed, vocab):
     return logits[:, :vocab], cache
 
 
-def _slm_ingest(loop, params, s: State, rows, width):
+def slm_ingest(spec: LoopSpec, params, s: State, rows, width):
     """The SLM ingests up to `width` unseen slots of each row in `rows` (it sees everything)."""
     n_feed = jnp.where(rows, jnp.minimum(s.length - s.slm_seen, width), 0)
     idx = s.slm_seen[:, None] + jnp.arange(width)[None]
     valid = jnp.arange(width)[None] < n_feed[:, None]
     tok = _gather_rows(s.tokens, idx)
     pos = jnp.where(valid, idx, -1)
-    last, cache = _feed(loop.slm, params, s.slm_cache, tok, pos, n_feed, loop.vocab)
+    last, cache = _feed(spec.slm, params, s.slm_cache, tok, pos, n_feed, spec.vocab)
     ready = rows & (n_feed > 0) & (s.slm_seen + n_feed == s.length)
     return last, ready, s.replace(slm_cache=cache, slm_seen=s.slm_seen + n_feed)
 
@@ -259,7 +111,7 @@ def _llm_unseen(s: State):
     return jnp.sum(_visible_unseen(s), axis=1, dtype=jnp.int32)
 
 
-def _llm_ingest(loop, params, s: State, rows, width):
+def _llm_ingest(spec: LoopSpec, params, s: State, rows, width):
     """The LLM ingests up to `width` unseen visible slots (prompt, slm, llm) of each row in `rows`."""
     L = s.tokens.shape[1]
     slots = jnp.arange(L)[None]
@@ -278,7 +130,7 @@ def _llm_ingest(loop, params, s: State, rows, width):
     )
     valid = jnp.arange(width)[None] < n_feed[:, None]
     pos = jnp.where(valid, s.llm_fill[:, None] + jnp.arange(width)[None], -1)
-    last, cache = _feed(loop.llm, params, s.llm_cache, tok, pos, n_feed, loop.vocab)
+    last, cache = _feed(spec.llm, params, s.llm_cache, tok, pos, n_feed, spec.vocab)
     last_slot = jnp.take_along_axis(src, jnp.maximum(n_feed - 1, 0)[:, None], axis=1)[:, 0]
     scan = jnp.where(n_feed == total, s.length, last_slot + 1)
     ready = rows & (n_feed > 0) & (n_feed == total)
@@ -306,36 +158,40 @@ def _budget_left(s):
     return s.budget - (s.length - s.prompt_len)
 
 
-def _slm_draw(loop, params, t: cmd.CommandTables, s: State, width):
+def _slm_draw(spec: LoopSpec, params, t: cmd.CommandTables, s: State, width):
     """The SLM's model step for the rows decoding: ingest up to `width` unseen tokens and
     draw the next token. Returns (state with the SLM's cache and count updated, draw)."""
-    cfg = loop.config
-    last, ready, s = _slm_ingest(loop, params, s, s.phase == DECODING, width)
-    if loop.relay and cfg.on_call_limit == "block":
+    cfg = spec.config
+    last, ready, s = slm_ingest(spec, params, s, s.phase == DECODING, width)
+    if spec.relay and cfg.on_call_limit == "block":
         # Past the limit, tokens that would complete an opening "<call>" from the row's
         # automaton state are never drawn (t.opens is [S, V], by token id).
-        blocked = t.opens[s.auto] & (s.calls >= cfg.max_calls)[:, None]
+        blocked = t.opens[s.automaton] & (s.calls >= cfg.max_calls)[:, None]
         last = jnp.where(blocked, -jnp.inf, last)
     tok, lp = sample_rows(last, _keys(s), cfg.slm, s.slm_sampling)
     return s, Draw(tok, lp, ready)
 
 
-def _slm_write(loop, t: cmd.CommandTables, s: State, d: Draw):
+def _slm_write(spec: LoopSpec, t: cmd.CommandTables, s: State, d: Draw):
     """Writes the SLM's draw at each ready row and reads the command automaton: a
     complete command marks its slots COMMAND and, if honoured, hands the row to the LLM.
     A no-op for rows not ready."""
-    cfg = loop.config
+    cfg = spec.config
     ready, tok = d.ready, d.token
     s, slot = _append(s, ready, tok, SLM, logprobs=d.logprob)
     is_eos = jnp.isin(tok, jnp.asarray(cfg.eos_ids, jnp.int32))
     left = _budget_left(s)
     phase, finish = s.phase, s.finish
-    if loop.relay:
-        a = s.auto
+    if spec.relay:
+        a = s.automaton
         cell = t.cell(a, t.token_class[tok])  # every table's entry for (state, class)
         done_cmd = ready & cell["complete"]
-        n = _saturating(s.num, cell["cmul"], cell["cadd"], loop.max_n)
-        where_from = {cmd.START_KEEP: s.pstart, cmd.START_HERE: slot, cmd.START_LT: s.last_lt}
+        n = _saturating(s.call_number, cell["cmul"], cell["cadd"], spec.max_n)
+        where_from = {
+            cmd.START_KEEP: s.command_start,
+            cmd.START_HERE: slot,
+            cmd.START_LT: s.last_open,
+        }
 
         def origin(src):
             return jnp.select([src == k for k in where_from], list(where_from.values()))
@@ -344,10 +200,12 @@ def _slm_write(loop, t: cmd.CommandTables, s: State, d: Draw):
         L = s.tokens.shape[1]
         in_cmd = (jnp.arange(L)[None] >= cstart[:, None]) & (jnp.arange(L)[None] <= slot[:, None])
         source = jnp.where(done_cmd[:, None] & in_cmd, COMMAND, s.source)
-        auto = jnp.where(ready, cell["next_state"], a)
-        pstart = jnp.where(ready, origin(cell["start_src"]), s.pstart)
-        last_lt = jnp.where(ready & cell["lt_here"], slot, s.last_lt)
-        num = jnp.where(ready, _saturating(s.num, cell["mul"], cell["add"], loop.max_n), s.num)
+        automaton = jnp.where(ready, cell["next_state"], a)
+        command_start = jnp.where(ready, origin(cell["start_src"]), s.command_start)
+        last_open = jnp.where(ready & cell["lt_here"], slot, s.last_open)
+        call_number = jnp.where(
+            ready, _saturating(s.call_number, cell["mul"], cell["add"], spec.max_n), s.call_number
+        )
 
         asks = done_cmd & (n >= 1) & ~is_eos
         honour = asks & (s.calls < cfg.max_calls) & (left > 0)
@@ -356,10 +214,10 @@ def _slm_write(loop, t: cmd.CommandTables, s: State, d: Draw):
         call_left = jnp.minimum(jnp.minimum(asked, cfg.max_call_tokens), left)
         s = s.replace(
             source=source,
-            auto=jnp.where(honour, 0, auto),  # afresh after the LLM's segment
-            num=jnp.where(honour, 0, num),
-            pstart=pstart,
-            last_lt=last_lt,
+            automaton=jnp.where(honour, 0, automaton),  # afresh after the LLM's segment
+            call_number=jnp.where(honour, 0, call_number),
+            command_start=command_start,
+            last_open=last_open,
             call_left=jnp.where(honour, call_left, s.call_left),
             calls=s.calls + honour,
             waited=jnp.where(honour, 0, s.waited),
@@ -375,18 +233,18 @@ def _slm_write(loop, t: cmd.CommandTables, s: State, d: Draw):
     return s.replace(phase=phase, finish=finish)
 
 
-def _llm_draw(loop, params, s: State, width):
+def _llm_draw(spec: LoopSpec, params, s: State, width):
     """The LLM's model step for the rows inside a call: catch up (up to `width` tokens),
     then draw the next token."""
-    last, ready, s = _llm_ingest(loop, params, s, s.phase == CALLING, width)
-    tok, lp = sample_rows(last, _keys(s), loop.config.llm, s.llm_sampling)
+    last, ready, s = _llm_ingest(spec, params, s, s.phase == CALLING, width)
+    tok, lp = sample_rows(last, _keys(s), spec.config.llm, s.llm_sampling)
     return s, Draw(tok, lp, ready)
 
 
-def _llm_write(loop, s: State, d: Draw):
+def _llm_write(spec: LoopSpec, s: State, d: Draw):
     """Writes the LLM's draw at each ready row; the row's call ends after its last token
     (back to the SLM), at EOS or at the budget. A no-op for rows not ready."""
-    cfg = loop.config
+    cfg = spec.config
     ready, tok = d.ready, d.token
     s, _ = _append(s, ready, tok, LLM)
     s = s.replace(call_left=s.call_left - ready)
@@ -415,7 +273,7 @@ def _no_draw(batch):
     )
 
 
-def _step(step, chunk, rows, unseen, carry):
+def catch_up_or_decode(step, chunk, rows, unseen, carry):
     """carry = step(carry, width) for the `rows` if any: a catch-up when some row is more
     than one token behind, else one-token decoding.
 
@@ -448,11 +306,11 @@ def _step(step, chunk, rows, unseen, carry):
     return jax.lax.cond(decode, lambda c: step(c, 1), keep, carry)
 
 
-def schedule(loop, s: State):
+def schedule(spec: LoopSpec, s: State):
     """Protocol rule 5: waiting rows join an LLM phase (phase CALLING) when they reach
     `llm_trigger_fraction` of the active rows, one has waited `max_wait_steps`, or no row
     is left decoding. Returns (state, whether any row is inside a call now)."""
-    cfg = loop.config
+    cfg = spec.config
     waiting = s.phase == WAITING
     # The five counts the schedule needs, in one reduction.
     counts = jnp.sum(
@@ -478,45 +336,47 @@ def schedule(loop, s: State):
     return s, (n_calling > 0) | trigger
 
 
-def llm_step(loop, llm_params, s: State, width) -> State:
+def llm_step(spec: LoopSpec, llm_params, s: State, width) -> State:
     """One LLM model step of the rows inside a call (catch-up of `width`, or decoding) with
     its draw written."""
-    s, d = _llm_draw(loop, llm_params, s, width)
-    return _llm_write(loop, s, d)
+    s, d = _llm_draw(spec, llm_params, s, width)
+    return _llm_write(spec, s, d)
 
 
-def llm_steps(loop, llm_params, s: State) -> State:
-    """The calling rows' next LLM step (`_step`: the narrowest catch-up that holds what
+def llm_steps(spec: LoopSpec, llm_params, s: State) -> State:
+    """The calling rows' next LLM step (`catch_up_or_decode`: the narrowest catch-up that holds what
     the furthest-behind row has left, or one-token decoding)."""
-    step = lambda s, w: llm_step(loop, llm_params, s, w)
-    return _step(step, loop.config.prefill_chunk, s.phase == CALLING, _llm_unseen(s), s)
+    step = lambda s, w: llm_step(spec, llm_params, s, w)
+    return catch_up_or_decode(
+        step, spec.config.prefill_chunk, s.phase == CALLING, _llm_unseen(s), s
+    )
 
 
-def slm_step(loop, slm_params, tables, s: State, chunk=None) -> State:
+def slm_step(spec: LoopSpec, slm_params, tables, s: State, chunk=None) -> State:
     """The decoding rows' next SLM step (catch-up or one-token decoding), its draw written
     and read by the command automaton; the waiting rows' counters advanced. `chunk`:
     the widest catch-up (default `prefill_chunk`; 1: decoding only, for rows that are
     never more than one token behind)."""
-    s, d = _step(
-        lambda c, w: _slm_draw(loop, slm_params, tables, c[0], w),
-        loop.config.prefill_chunk if chunk is None else chunk,
+    s, d = catch_up_or_decode(
+        lambda c, w: _slm_draw(spec, slm_params, tables, c[0], w),
+        spec.config.prefill_chunk if chunk is None else chunk,
         s.phase == DECODING,
         s.length - s.slm_seen,
         (s, _no_draw(s.length.shape[0])),
     )
-    s = _slm_write(loop, tables, s, d)
-    if loop.relay:
+    s = _slm_write(spec, tables, s, d)
+    if spec.relay:
         s = s.replace(waited=jnp.where(s.phase == WAITING, s.waited + 1, 0))
     return s
 
 
-def body(loop, slm_params, llm_params, tables, s: State):
+def body(spec: LoopSpec, slm_params, llm_params, tables, s: State):
     """One iteration of the lockstep loop: at most one LLM step (for the rows inside a
     call) and one SLM step (for the rows decoding). Everything it reads is in `s`, per
     row."""
-    if loop.relay:
-        s, any_calling = schedule(loop, s)
+    if spec.relay:
+        s, any_calling = schedule(spec, s)
         # The LLM's steps (and the [B, L] count of what it has not seen) only when a row
         # is inside a call: most iterations have none.
-        s = jax.lax.cond(any_calling, lambda s: llm_steps(loop, llm_params, s), lambda s: s, s)
-    return slm_step(loop, slm_params, tables, s)
+        s = jax.lax.cond(any_calling, lambda s: llm_steps(spec, llm_params, s), lambda s: s, s)
+    return slm_step(spec, slm_params, tables, s)

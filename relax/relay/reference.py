@@ -19,8 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from relax.relay.command import PATTERN
-from relax.relay.decoder import BUDGET, CALL_LIMIT, COMMAND, EOS, LLM, PROMPT, SLM, RelayOutput
+from relax.relay.config import SamplingConfig
+from relax.relay.decoder import RelayOutput
+from relax.relay.inputs import Requests
 from relax.relay.sampling import sample, token_key
+from relax.relay.state import BUDGET, CALL_LIMIT, COMMAND, EOS, LLM, PROMPT, SLM
 
 _sample = jax.jit(sample, static_argnums=2)
 
@@ -32,25 +35,40 @@ def _forward(model):
     )
 
 
-def _next_logits(model, params, context, width):
-    """Full forward (no cache) of the context, right-padded to `width` with position -1 so
-    that one compilation serves every length; causal attention keeps the padding out."""
-    tokens = np.zeros((1, width), np.int32)
-    positions = np.full((1, width), -1, np.int32)
-    tokens[0, : len(context)] = context
-    positions[0, : len(context)] = np.arange(len(context))
-    return _forward(model)(params, jnp.asarray(tokens), jnp.asarray(positions))[0, len(context) - 1]
-
-
 def _logits_width(model, params):
     """The model's logits width (its padded vocabulary)."""
     one = jnp.zeros((1, 1), jnp.int32)
     return jax.eval_shape(lambda: _forward(model)(params, one, one)).shape[-1]
 
 
-def _draw(model, params, context, key, b, cfg, width, vocab, blocked=None):
-    """The SLM's draw: it sees the whole row, so the row slot is len(context)."""
-    return _sample_at(model, params, context, key, b, len(context), cfg, width, vocab, blocked)
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """What every row of one call shares: the models, the config and the widths."""
+
+    slm: object
+    slm_params: object
+    llm: object  # None: one model, no commands
+    llm_params: object
+    config: object
+    command: object
+    width: int  # every forward is padded to this many slots: one compilation
+    vocab: int  # both models draw from ids below it (the narrower logits width)
+
+    def draw(self, model, params, context, key, row, slot, sampling, blocked=None):
+        """A token for row slot `slot` after `context` (full forward, no cache) and its
+        log-prob. blocked: None, or a function of the vocabulary size giving ids never to
+        draw."""
+        tokens = np.zeros((1, self.width), np.int32)
+        positions = np.full((1, self.width), -1, np.int32)  # -1: padding, never attended
+        tokens[0, : len(context)] = context
+        positions[0, : len(context)] = np.arange(len(context))
+        logits = _forward(model)(params, jnp.asarray(tokens), jnp.asarray(positions))
+        logits = logits[0, len(context) - 1][: self.vocab]
+        ids = blocked(logits.shape[-1]) if blocked is not None else []
+        if ids:
+            logits = logits.at[jnp.asarray(ids)].set(-jnp.inf)
+        tok, lp = _sample(logits, token_key(key, row, slot), sampling)
+        return int(tok), float(lp)
 
 
 def _openers(command, segment, vocab):
@@ -70,9 +88,25 @@ def _new_command(command, segment):
     return None
 
 
-def _row(slm, slm_params, llm, llm_params, prompt, key, b, config, command, width, vocab):
-    """One row; both models draw from ids below `vocab` (the narrower logits width)."""
-    N = config.max_new_tokens
+def _sampling(cfg: SamplingConfig, temperature, top_p) -> SamplingConfig:
+    """A row's sampling: `cfg` with the row's temperature (0: greedy) and top-p."""
+    own = (0.0 if cfg.greedy else np.float32(cfg.temperature), np.float32(cfg.top_p))
+    if (temperature, top_p) == own:
+        return cfg  # the config's own: no new compilation of `_sample`
+    if temperature == 0:
+        return SamplingConfig(greedy=True, top_k=cfg.top_k)
+    return SamplingConfig(float(temperature), float(top_p), cfg.top_k)
+
+
+def _row(call: _Call, requests, b):
+    """Row b of `requests` (host arrays)."""
+    config, command = call.config, call.command
+    prompt = requests.prompts[b, : requests.prompt_lens[b]].tolist()
+    key, row_id = requests.keys[b], int(requests.row_ids[b])
+    N = int(requests.settings.max_new_tokens[b])
+    rows = requests.settings
+    slm_sampling = _sampling(config.slm, rows.slm.temperature[b], rows.slm.top_p[b])
+    llm_sampling = _sampling(config.llm, rows.llm.temperature[b], rows.llm.top_p[b])
     row, src, lps = list(prompt), [PROMPT] * len(prompt), [0.0] * len(prompt)
     calls = prefill = llm_seen = 0
     segment_start = len(row)  # the regex reads the SLM's text from here
@@ -81,7 +115,10 @@ def _row(slm, slm_params, llm, llm_params, prompt, key, b, config, command, widt
         blocked = None
         if block and calls >= config.max_calls:
             blocked = functools.partial(_openers, command, row[segment_start:])
-        tok, lp = _draw(slm, slm_params, row, key, b, config.slm, width, vocab, blocked)
+        # The SLM sees the whole row, so the row slot is len(row).
+        tok, lp = call.draw(
+            call.slm, call.slm_params, row, key, row_id, len(row), slm_sampling, blocked
+        )
         row.append(tok), src.append(SLM), lps.append(lp)
         if tok in config.eos_ids:
             finish = EOS
@@ -104,8 +141,8 @@ def _row(slm, slm_params, llm, llm_params, prompt, key, b, config, command, widt
                     prefill += len(visible) - llm_seen
                     llm_seen = len(visible)
                     # The key is per row slot, not per LLM position.
-                    tok, _ = _sample_at(
-                        llm, llm_params, visible, key, b, len(row), config.llm, width, vocab
+                    tok, _ = call.draw(
+                        call.llm, call.llm_params, visible, key, row_id, len(row), llm_sampling
                     )
                     row.append(tok), src.append(LLM), lps.append(0.0)
                     if tok in config.eos_ids:
@@ -123,92 +160,46 @@ def _row(slm, slm_params, llm, llm_params, prompt, key, b, config, command, widt
     return row, src, lps, finish, calls, prefill
 
 
-def _sample_at(model, params, context, key, b, slot, cfg, width, vocab, blocked=None):
-    """blocked: None, or a function of the vocabulary size giving ids never to draw."""
-    logits = _next_logits(model, params, context, width)[:vocab]
-    ids = blocked(logits.shape[-1]) if blocked is not None else []
-    if ids:
-        logits = logits.at[jnp.asarray(ids)].set(-jnp.inf)
-    tok, lp = _sample(logits, token_key(key, b, slot), cfg)
-    return int(tok), float(lp)
-
-
-def _pack(rows, prompts, config):
-    B, P = np.asarray(prompts).shape
-    L = P + config.max_new_tokens
-    tokens = np.full((B, L), config.pad_id, np.int32)
-    source = np.zeros((B, L), np.int32)
-    logprobs = np.zeros((B, L), np.float32)
+def _pack(rows, width, pad_id):
+    B = len(rows)
+    tokens = np.full((B, width), pad_id, np.int32)
+    source = np.zeros((B, width), np.int32)
+    logprobs = np.zeros((B, width), np.float32)
     lengths, finish, calls, prefill = (np.zeros(B, np.int32) for _ in range(4))
     for b, (row, src, lps, fin, ncalls, npre) in enumerate(rows):
         tokens[b, : len(row)], source[b, : len(row)], logprobs[b, : len(row)] = row, src, lps
         lengths[b], finish[b], calls[b], prefill[b] = len(row), fin, ncalls, npre
-    count = lambda k: (source == k).sum(1).astype(np.int32)
-    return RelayOutput(
-        tokens=tokens,
-        source=source,
-        lengths=lengths,
-        finish_reason=finish,
-        slm_logprobs=logprobs,
-        slm_tokens=count(SLM),
-        command_tokens=count(COMMAND),
-        llm_tokens=count(LLM),
-        calls=calls,
-        llm_prefill_tokens=prefill,
-    )
+    return RelayOutput.of_rows(tokens, source, lengths, finish, logprobs, calls, prefill)
+
+
+def decode(slm, slm_params, llm, llm_params, requests: Requests, config, command):
+    """`RelayDecoder(slm, llm, config, command)(slm_params, llm_params, requests)`, eagerly
+    (see the module docstring); `llm` None: one model, commands plain text."""
+    keys = requests.keys  # typed PRNG keys stay jax arrays
+    requests = jax.tree.map(np.asarray, requests.replace(keys=None)).replace(keys=keys)
+    width = requests.prompts.shape[1] + config.max_new_tokens
+    vocab = _logits_width(slm, slm_params)
+    if llm is not None:
+        vocab = min(vocab, _logits_width(llm, llm_params))
+    call = _Call(slm, slm_params, llm, llm_params, config, command, width, vocab)
+    rows = [_row(call, requests, b) for b in range(len(requests))]
+    return _pack(rows, width, config.pad_id)
 
 
 def relay_generate(
-    slm,
-    slm_params,
-    llm,
-    llm_params,
-    prompts,
-    prompt_lens,
-    key,
-    config,
-    command,
-    row_ids=None,
+    slm, slm_params, llm, llm_params, prompts, prompt_lens, key, config, command, row_ids=None
 ):
-    """Same signature and result as relax.relay_generate, computed eagerly (see module docstring)."""
-    prompts, lens = np.asarray(prompts), np.asarray(prompt_lens)
-    if row_ids is None:
-        row_ids = np.arange(prompts.shape[0])
-    width = prompts.shape[1] + config.max_new_tokens
-    vocab = min(_logits_width(slm, slm_params), _logits_width(llm, llm_params))
-    rows = [
-        _row(
-            slm,
-            slm_params,
-            llm,
-            llm_params,
-            prompts[b, : lens[b]].tolist(),
-            key,
-            int(row_ids[b]),
-            config,
-            command,
-            width,
-            vocab,
-        )
-        for b in range(prompts.shape[0])
-    ]
-    return _pack(rows, prompts, config)
+    """Same result as relax.relay_generate, computed eagerly (see module docstring); per-row
+    settings: `decode`."""
+    requests = Requests.build(config, prompts, prompt_lens, key, row_ids)
+    return decode(slm, slm_params, llm, llm_params, requests, config, command)
 
 
-def generate(model, params, prompts, prompt_lens, key, config, sampling=None, row_ids=None):
+def generate(
+    model, params, prompts, prompt_lens, key, config, sampling=None, row_ids=None, settings=None
+):
     """Same as relax.generate (one model, no commands), eagerly."""
     if sampling is not None:
         config = dataclasses.replace(config, slm=sampling)
-    prompts, lens = np.asarray(prompts), np.asarray(prompt_lens)
-    if row_ids is None:
-        row_ids = np.arange(prompts.shape[0])
-    width = prompts.shape[1] + config.max_new_tokens
-    vocab = _logits_width(model, params)
-    rows = []
-    for b in range(len(lens)):
-        prompt = prompts[b, : lens[b]].tolist()
-        row = _row(
-            model, params, None, None, prompt, key, int(row_ids[b]), config, None, width, vocab
-        )
-        rows.append(row)
-    return _pack(rows, prompts, config)
+    requests = Requests.build(config, prompts, prompt_lens, key, row_ids, settings=settings)
+    return decode(model, params, None, None, requests, config, None)

@@ -35,10 +35,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from relax.relay.loop import COMMAND, LLM, SLM
+from relax.relay.state import COMMAND, LLM, SLM
 from relax.serve import protocol
+from relax.serve.access import AccessLog
 from relax.serve.config import DESCRIPTIONS, ServeConfig
-from relax.serve.metrics import Metrics, access_log
+from relax.serve.metrics import Metrics
 from relax.serve.protocol import ChatRequest, CompletionRequest
 from relax.serve.text import AnswerText
 from relax.serve.worker import Draining, Overloaded, Row, Strategy, Worker, build_engine
@@ -471,33 +472,3 @@ async def _stream(gen, request, head, chat, include_usage):
 def _note(request, **fields):
     """Fields for this request's access-log line."""
     request.scope.setdefault("state", {}).setdefault("relax", {}).update(fields)
-
-
-class AccessLog:
-    """One line per request once its response has ended: client, method, path, status,
-    wall time, and the generation's figures (`_note`)."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0 = time.perf_counter()
-        status = [0]
-
-        async def send_status(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            client = scope.get("client") or ("-", 0)
-            extra = scope.get("state", {}).get("relax", {})
-            fields = " ".join(f"{k}={v}" for k, v in extra.items())
-            access_log.info(
-                '%s:%s "%s %s" %s %.3fs %s', client[0], client[1], scope["method"],
-                scope["path"], status[0] or "-", time.perf_counter() - t0, fields,
-            )  # fmt: skip

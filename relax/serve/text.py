@@ -20,7 +20,7 @@ decodes the whole answer: linear per step, quadratic per answer).
 
 from __future__ import annotations
 
-from relax.relay.loop import LLM
+from relax.relay.state import LLM
 
 REPLACEMENT = "\ufffd"
 

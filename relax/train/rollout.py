@@ -93,12 +93,12 @@ def make_relay_rollout(slm, llm, relay_config, command, rows=None):
     ``SamplingConfig``), which ``train_grpo`` checks against its config, ``llm``, and
     ``queue`` (it takes ``slots``: ``chunked_rollout`` gives it a step's rows at once).
     """
-    from relax.relay.decoder import _rows_sharding
     from relax.relay.engine import Engine, Requests
+    from relax.relay.layout import rows_of
 
     def rollout(slm_params, llm_params, prompts, lens, key, row_ids=None, slots=None):
         model = _in_params_dtype(slm, slm_params)
-        layout = rows if rows is not None else _rows_sharding(prompts)
+        layout = rows if rows is not None else rows_of(prompts)
         engine = Engine(
             model, llm, relay_config, command, slots=slots or prompts.shape[0], rows=layout
         )

@@ -10,10 +10,14 @@ metric too) exceeds `tau` and the row has calls
 left, the LLM writes the next min(k, remaining budget) tokens, then the SLM
 resumes. EOS from either model ends the row.
 
-It is one jitted `lax.while_loop` over the model contract of docs/protocol.md, with
-the relay's sampling functions and key schedule (`token_key(key, row, slot)`),
-so a row's draws depend only on its own index and slots. Costs follow the
-relay decoder's accounting:
+It is one jitted `lax.while_loop` over the model contract of docs/protocol.md, a
+sibling of the relay decoder (relax.relay.decoder) that shares its inputs and their
+checks (`Requests`: prompts, keys, global row ids and per-row budgets and sampling,
+relax.relay.inputs), its sampling functions and key schedule
+(`token_key(keys[b], row_ids[b], slot)`, so a row's draws depend only on its own key,
+id and slots) and its mesh layout (rows over the mesh, caches by kv head:
+relax.relay.layout).
+Costs follow the relay decoder's accounting:
 
   * the SLM ingests every token (its own and the LLM's), one per step;
   * the LLM keeps its own KV cache and ingests lazily, only when a row needs
@@ -30,22 +34,35 @@ What it does not do: parse commands (the SLM's text is plain text here), or
 wait to batch LLM work across rows.
 """
 
+from __future__ import annotations
+
+import dataclasses
 import functools
 
-import flax
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from relax.ops import entropy
 from relax.relay.config import RelayConfig
-from relax.relay.decoder import BUDGET, EOS, LLM, PAD, PROMPT, SLM, RelayOutput
-from relax.relay.sampling import sample_batch, token_key
-
-__all__ = ["entropy_router_generate"]
+from relax.relay.decoder import RelayOutput
+from relax.relay.inputs import (
+    Requests,
+    check_requests,
+    check_values,
+    shared_vocab,
+    valid_rows,
+    warn_positions,
+)
+from relax.relay.layout import Layout, constrain, make_caches, rows_of
+from relax.relay.sampling import sample_rows, token_key
+from relax.relay.state import BUDGET, EOS, INVALID, LLM, PAD, PROMPT, SLM
 
 
 @flax.struct.dataclass
 class _State:
+    """B rows, L = P + max_new_tokens slots, V the shared vocabulary."""
+
     tokens: jax.Array
     """[B, L] int32: prompt, then generated tokens, then pad."""
     source: jax.Array
@@ -65,11 +82,7 @@ class _State:
     done: jax.Array
     """[B] bool: the row has ended."""
     finish: jax.Array
-    """[B] int32: the relay's EOS or BUDGET."""
-    slm_tokens: jax.Array
-    """[B] int32: tokens the SLM wrote."""
-    llm_tokens: jax.Array
-    """[B] int32: tokens the LLM wrote."""
+    """[B] int32: the relay's EOS, BUDGET or INVALID."""
     calls: jax.Array
     """[B] int32: LLM segments started."""
     llm_prefill: jax.Array
@@ -86,35 +99,69 @@ def _last_logits(logits, positions):
     return jnp.take_along_axis(logits, idx[:, None, None], axis=1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("slm", "llm", "config", "tau", "k"))
-def entropy_router_generate(
-    slm,
-    slm_params,
-    llm,
-    llm_params,
-    prompts,
-    prompt_lens,
-    key,
-    config: RelayConfig,
-    tau: float,
-    k: int,
-):
-    """Entropy-triggered relay. prompts [B, P] right-padded, prompt_lens [B].
+@dataclasses.dataclass(frozen=True)
+class EntropyRouter:
+    """The entropy-triggered relay as a pure, traceable function of params and requests.
 
-    config supplies max_new_tokens, max_calls (segments per row), prefill_chunk,
-    slm/llm sampling, eos_ids and pad_id; its command and scheduling fields are
-    unused. Each row writes at most max_new_tokens after its own prompt.
-    Returns a `relax.RelayOutput` with tokens of width P + max_new_tokens: its
-    command_tokens are 0 and its calls count the LLM segments started.
+    `EntropyRouter(slm, llm, config, tau, k)(slm_params, llm_params, requests)
+    -> RelayOutput` (`requests`: a `relax.Requests`), tokens [B, P + max_new_tokens]:
+    its command_tokens are 0 and its calls count the LLM segments started. `config`
+    supplies max_new_tokens, max_calls (segments per row), prefill_chunk, slm/llm
+    sampling, eos_ids and pad_id; its command and scheduling fields are unused. Each row
+    writes at most its own max_new_tokens after its prompt, sampled with its own
+    settings. Checks and layout as `RelayDecoder`'s: shapes always, values on the host
+    when known there (`InputError`), else on device (the row ends at once with finish
+    reason INVALID).
     """
-    B, P = prompts.shape
+
+    slm: object
+    llm: object
+    config: RelayConfig
+    tau: float
+    """The entropy threshold, in nats."""
+    k: int
+    """Tokens the LLM writes per trigger (fewer when the budget ends first)."""
+    rows: jax.sharding.NamedSharding | None = None
+    """The row layout over a mesh, as `RelayDecoder.rows` (default: the prompts' own)."""
+
+    def __post_init__(self):
+        if not isinstance(self.config, RelayConfig):
+            raise TypeError(f"config must be a relax.RelayConfig, got {type(self.config).__name__}")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+
+    def __call__(self, slm_params, llm_params, requests: Requests) -> RelayOutput:
+        cfg = self.config
+        check_requests(requests)
+        B, P = requests.prompts.shape
+        L = P + cfg.max_new_tokens
+        vocab = shared_vocab(self.slm, slm_params, self.llm, llm_params, cfg, None, L)
+        check_values(requests, vocab, cfg.max_new_tokens)
+        warn_positions(self.slm, L, "SLM")
+        warn_positions(self.llm, L, "LLM")
+        rows = self.rows if self.rows is not None else rows_of(requests.prompts)
+        layout = Layout.of(rows, self.slm, self.llm)
+        caches = make_caches(self.slm, self.llm, B, L, layout)
+        return _route(self, vocab, layout, slm_params, llm_params, requests, *caches)[0]
+
+
+# The caches are donated, as the relay decoder's: updated in place through the loop.
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(6, 7))
+def _route(
+    router: EntropyRouter, vocab, layout, slm_params, llm_params, requests, slm_cache, llm_cache
+):
+    slm, llm, config = router.slm, router.llm, router.config
+    B, P = requests.prompts.shape
     L = P + config.max_new_tokens
     C = min(config.prefill_chunk, L)
-    rows = jnp.arange(B)
     slots = jnp.arange(L)[None, :]
     eos_ids = jnp.asarray(config.eos_ids, jnp.int32)
+    settings = requests.settings
+    valid = valid_rows(requests, vocab, config.max_new_tokens)
+    prompt_lens = jnp.clip(requests.prompt_lens.astype(jnp.int32), 0, P)
+    end = prompt_lens + settings.max_new_tokens  # each row writes up to slot `end`
 
-    prompt_lens = prompt_lens.astype(jnp.int32)
+    prompts = requests.prompts
     in_prompt = jnp.arange(P)[None, :] < prompt_lens[:, None]
     tokens = (
         jnp.full((B, L), config.pad_id, jnp.int32)
@@ -125,8 +172,7 @@ def entropy_router_generate(
 
     # The SLM reads the prompt at once; the LLM reads nothing until it is needed.
     positions = jnp.where(in_prompt, jnp.arange(P)[None, :], -1)
-    logits, slm_cache = slm.apply(slm_params, prompts, positions, slm.init_cache(B, L))
-    V = logits.shape[-1]
+    logits, slm_cache = slm.apply(slm_params, prompts, positions, slm_cache)
 
     state = _State(
         tokens=tokens,
@@ -135,16 +181,14 @@ def entropy_router_generate(
         cur=prompt_lens,
         llm_seen=jnp.zeros((B,), jnp.int32),
         llm_left=jnp.zeros((B,), jnp.int32),
-        slm_logits=_last_logits(logits, positions),
-        llm_logits=jnp.zeros((B, V), jnp.float32),
-        done=prompt_lens >= L,
-        finish=jnp.full((B,), BUDGET, jnp.int32),
-        slm_tokens=jnp.zeros((B,), jnp.int32),
-        llm_tokens=jnp.zeros((B,), jnp.int32),
+        slm_logits=_last_logits(logits, positions)[:, :vocab],
+        llm_logits=jnp.zeros((B, vocab), jnp.float32),
+        done=~valid,
+        finish=jnp.where(valid, BUDGET, INVALID),
         calls=jnp.zeros((B,), jnp.int32),
         llm_prefill=jnp.zeros((B,), jnp.int32),
         slm_cache=slm_cache,
-        llm_cache=llm.init_cache(B, L),
+        llm_cache=llm_cache,
     )
 
     def llm_ingest(s, need, width):
@@ -156,9 +200,10 @@ def entropy_router_generate(
         pos = jnp.where(valid, pos, -1)
         lg, cache = llm.apply(llm_params, toks, pos, s.llm_cache)
         got = valid.sum(1).astype(jnp.int32)
+        last = _last_logits(lg, pos)[:, :vocab]
         return s.replace(
             llm_cache=cache,
-            llm_logits=jnp.where((got > 0)[:, None], _last_logits(lg, pos), s.llm_logits),
+            llm_logits=jnp.where((got > 0)[:, None], last, s.llm_logits),
             llm_seen=s.llm_seen + got,
             llm_prefill=s.llm_prefill + got,
         )
@@ -182,21 +227,21 @@ def entropy_router_generate(
 
     def body(s):
         active = ~s.done
-        budget = prompt_lens + config.max_new_tokens - s.cur  # tokens this row may still write
+        budget = end - s.cur  # tokens this row may still write
         start = (
             active
             & (s.llm_left == 0)
             & (s.calls < config.max_calls)
-            & (entropy(s.slm_logits) > tau)
+            & (entropy(s.slm_logits) > router.tau)
         )
-        llm_left = jnp.where(start, jnp.minimum(k, budget), s.llm_left)
+        llm_left = jnp.where(start, jnp.minimum(router.k, budget), s.llm_left)
         s = s.replace(llm_left=llm_left, calls=s.calls + start.astype(jnp.int32))
         llm_rows = active & (s.llm_left > 0)
         s = jax.lax.cond(jnp.any(llm_rows), lambda s: llm_catch_up(s, llm_rows), lambda s: s, s)
 
-        keys = jax.vmap(lambda r, p: token_key(key, r, p))(rows, s.cur)
-        slm_tok, slm_lp = sample_batch(s.slm_logits, keys, config.slm)
-        llm_tok, _ = sample_batch(s.llm_logits, keys, config.llm)
+        keys = jax.vmap(token_key)(requests.keys, requests.row_ids, s.cur)
+        slm_tok, slm_lp = sample_rows(s.slm_logits, keys, config.slm, settings.slm)
+        llm_tok, _ = sample_rows(s.llm_logits, keys, config.llm, settings.llm)
         tok = jnp.where(llm_rows, llm_tok, slm_tok)
         write = active[:, None] & (slots == s.cur[:, None])
         tokens = jnp.where(write, tok[:, None], s.tokens)
@@ -205,36 +250,27 @@ def entropy_router_generate(
 
         eos = jnp.any(tok[:, None] == eos_ids[None, :], axis=1)
         cur = s.cur + active.astype(jnp.int32)
-        ended = active & (eos | (cur >= prompt_lens + config.max_new_tokens))
+        ended = active & (eos | (cur >= end))
         finish = jnp.where(ended, jnp.where(eos, EOS, BUDGET), s.finish)
 
         # The SLM reads every new token (its own or the LLM's) to stay current.
         pos = jnp.where(active, s.cur, -1)[:, None]
         lg, slm_cache = slm.apply(slm_params, tok[:, None], pos, s.slm_cache)
-        return s.replace(
+        s = s.replace(
             tokens=tokens,
             source=source,
             logprobs=logprobs,
             cur=cur,
             llm_left=s.llm_left - llm_rows.astype(jnp.int32),
-            slm_logits=jnp.where(active[:, None], lg[:, 0], s.slm_logits),
+            slm_logits=jnp.where(active[:, None], lg[:, 0, :vocab], s.slm_logits),
             done=s.done | ended,
             finish=finish,
-            slm_tokens=s.slm_tokens + (active & ~llm_rows).astype(jnp.int32),
-            llm_tokens=s.llm_tokens + llm_rows.astype(jnp.int32),
             slm_cache=slm_cache,
         )
+        return constrain(s, layout)
 
-    s = jax.lax.while_loop(cond, body, state)
-    return RelayOutput(
-        tokens=s.tokens,
-        source=s.source,
-        lengths=s.cur,
-        finish_reason=s.finish,
-        slm_logprobs=s.logprobs,
-        slm_tokens=s.slm_tokens,
-        command_tokens=jnp.zeros_like(s.slm_tokens),
-        llm_tokens=s.llm_tokens,
-        calls=s.calls,
-        llm_prefill_tokens=s.llm_prefill,
+    s = jax.lax.while_loop(cond, body, constrain(state, layout))
+    out = RelayOutput.of_rows(
+        s.tokens, s.source, s.cur, s.finish, s.logprobs, s.calls, s.llm_prefill
     )
+    return out, s.slm_cache, s.llm_cache
