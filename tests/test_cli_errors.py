@@ -230,6 +230,16 @@ def test_prompt_ids_outside_the_vocabulary_are_an_error(ckpt):
     assert out.tokens.shape == (2, 5)
 
 
+def test_a_call_of_zero_rows_is_an_error(ckpt):
+    model = ckpt["net"]
+    params = model.init_params(jax.random.key(0))
+    cfg = relax.RelayConfig(max_new_tokens=2, eos_ids=(0,), pad_id=0)
+    for prompts in (np.zeros((0, 3), np.int32), np.zeros((2, 0), np.int32)):
+        lens = np.ones(prompts.shape[:1], np.int32)
+        with pytest.raises(InputError, match=r"a call needs at least one row of at least one"):
+            relax.generate(model, params, prompts, lens, jax.random.key(0), cfg)
+
+
 def test_budget_past_max_positions_warns_once(ckpt):
     import dataclasses
 

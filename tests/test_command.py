@@ -12,6 +12,7 @@ import random
 import numpy as np
 import pytest
 
+from relax.errors import InputError
 from relax.relay import command as cmd
 from relax.relay.command import PATTERN, CallCommand
 from relax.relay.config import RelayConfig, SamplingConfig
@@ -186,3 +187,14 @@ def test_config_validation():
     with pytest.raises(ValueError, match="max_n"):
         CallCommand.from_token_texts(["a"], max_n=0)
     assert np.all(CallCommand.from_token_texts(TEXTS).token_class >= 0)
+
+
+def test_a_vocabulary_that_cannot_spell_a_command_is_refused():
+    """The relay could never call: one clear error when the command is built."""
+    with pytest.raises(InputError, match="the vocabulary is empty"):
+        CallCommand.from_token_texts([])
+    with pytest.raises(InputError, match="no sequence of this vocabulary's 18 tokens spells"):
+        CallCommand.from_token_texts(list("abcdef0123456789 ."))  # no "<"
+    with pytest.raises(InputError, match="spells a command"):
+        CallCommand.from_token_texts(list("<>/cal "))  # the tags, but no digit
+    assert CallCommand.from_token_texts(list("<>/cal 7")).vocab_size == 8  # one digit will do

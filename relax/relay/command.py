@@ -62,6 +62,8 @@ import flax.struct
 import jax
 import numpy as np
 
+from relax.errors import InputError
+
 PATTERN = re.compile(r"<call>\s*(\d+)\s*</call>", re.ASCII)
 
 _WS = frozenset(" \t\n\r\f\v")
@@ -319,6 +321,8 @@ class CallCommand:
     def _build(cls, texts, max_n, decode) -> CallCommand:
         if not 1 <= max_n <= 100_000_000:
             raise ValueError(f"max_n must be in [1, 1e8] (int32 arithmetic), got {max_n}")
+        if not texts:
+            raise InputError("the vocabulary is empty: the command automaton needs its tokens")
         relevant = set("<>/call") | _WS | _DIGITS
         columns = {}  # column signature -> class id
         token_class = np.zeros(len(texts), np.int32)
@@ -336,6 +340,12 @@ class CallCommand:
             token_class[i] = columns[col]
         arr = np.array(cols, dtype=np.int64).transpose(1, 0, 2)  # [S, C, fields]
         f = [arr[:, :, k] for k in range(arr.shape[2])]
+        if not _can_complete(f[0], f[5].astype(bool)):
+            raise InputError(
+                f"no sequence of this vocabulary's {len(texts)} tokens spells a command "
+                "<call>n</call>, so the relay could never call (use the tokenizer the SLM "
+                "was trained with, one whose tokens can spell <, call, >, / and digits)"
+            )
         return cls(
             token_class=token_class,
             next_state=f[0].astype(np.int32),
@@ -446,3 +456,17 @@ def _device_tables(command: CallCommand, vocab_size: int) -> CommandTables:
     return CommandTables(
         token_class=token_class, cells=cells, opens=tables["opens"][:, token_class]
     )
+
+
+def _can_complete(next_state, complete) -> bool:
+    """Whether some token sequence completes a command from the start state: a walk over
+    the [states, classes] transition table."""
+    seen, todo = {0}, [0]
+    while todo:
+        s = todo.pop()
+        if complete[s].any():
+            return True
+        for t in set(next_state[s].tolist()) - seen:
+            seen.add(t)
+            todo.append(t)
+    return False

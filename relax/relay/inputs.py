@@ -162,8 +162,13 @@ def host_value(x):
 def check_shapes(prompts, prompt_lens, row_ids=None):
     """Shape and dtype checks of a call's arrays: they hold under tracing too."""
     if prompts.ndim != 2:
-        raise ValueError(f"prompts must be [batch, prompt_len], got shape {prompts.shape}")
+        raise InputError(f"prompts must be [batch, prompt_len], got shape {prompts.shape}")
     B = prompts.shape[0]
+    if B == 0 or prompts.shape[1] == 0:
+        raise InputError(
+            f"prompts have shape {prompts.shape}: a call needs at least one row of at least "
+            "one token"
+        )
     for name, x in (("prompt_lens", prompt_lens), ("row_ids", row_ids)):
         if x is None:
             continue
