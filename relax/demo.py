@@ -229,17 +229,15 @@ def parse_args(argv):
     return p.parse_intermixed_args(argv)
 
 
-RELAY_SECTIONS = ("grpo.relay", "eval.relay")
-
-
 def load_demo_config(args, tokenizer=None):
     """The DemoConfig of the preset and overrides, by the loader training and eval use; with
     `tokenizer`, its eos and pad ids fill the relay sections that leave them unset."""
-    from relax.train.config import load_config, resolve_preset, tokenizer_defaults
+    from relax.config import load_config, resolve_preset
+    from relax.tokenizer import special_ids
 
     preset = resolve_preset(args.config or (QUICK_CONFIG if args.quick else DEFAULT_CONFIG))
-    defaults = tokenizer_defaults(tokenizer, *RELAY_SECTIONS) if tokenizer is not None else None
-    cfg = load_config(DemoConfig, preset, None, args.overrides, defaults=defaults)
+    ids = special_ids(tokenizer) if tokenizer is not None else None
+    cfg = load_config(DemoConfig, preset, None, args.overrides, special_ids=ids)
     if args.seeds is not None:
         cfg.seeds = args.seeds
     if cfg.seeds < 1:
@@ -517,6 +515,7 @@ def stage_filter(st, cfg, task, tokenizer, llm, llm_params, llm_digest):
     """RL problems the teacher solves at least once in k samples."""
     import relax
     from relax.data import synthetic
+    from relax.tokenizer import special_ids
     from relax.train import filter as teacher_filter
     from relax.train.config import FilterConfig
 
@@ -526,13 +525,17 @@ def stage_filter(st, cfg, task, tokenizer, llm, llm_params, llm_digest):
     if not st.done("filter", settings):
         st.start("filter")
         problems = synthetic.make_dataset(sec.problems, SPLIT_SEEDS["rl"], task)
+        eos, pad = special_ids(tokenizer)
         fcfg = FilterConfig(
             output=path,
             k=sec.k,
             batch_size=max(1, 256 // sec.k),
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=sec.temperature,
-            top_p=sec.top_p,
+            relay=RelayConfig(
+                max_new_tokens=cfg.max_new_tokens,
+                llm=SamplingConfig(temperature=sec.temperature, top_p=sec.top_p),
+                eos_ids=eos,
+                pad_id=pad,
+            ),
             seed=cfg.seed,
         )
         kept = teacher_filter.filter_problems(

@@ -189,7 +189,7 @@ def test_train_grpo_with_chunked_bf16_relay_rollouts(setup, tmp_path):
     """Two steps of 4 prompts x G = 2 through train_grpo: rollouts in 2 calls of 4 rows
     from a bf16 copy of the params; the old-policy forward makes the single update's
     ratio exactly 1 (to float rounding)."""
-    from relax.train.config import load_config
+    from relax.config import load_config
     from relax.train.grpo_train import train_grpo
     from relax.train.metrics import read_metrics
 
@@ -219,7 +219,7 @@ def test_train_grpo_with_chunked_bf16_relay_rollouts(setup, tmp_path):
 def test_train_grpo_with_tensor_parallel_rollouts(setup, tmp_path):
     """mesh.model=2: the teacher and the student's bf16 rollout copy split over two devices
     (heads, MLP, vocabulary; caches by kv head) give the data-parallel run's step."""
-    from relax.train.config import load_config
+    from relax.config import load_config
     from relax.train.grpo_train import train_grpo
     from relax.train.metrics import read_metrics
 

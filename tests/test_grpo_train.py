@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 
 import relax
+from relax.config import load_config
 from relax.mesh import MeshConfig, make_mesh
 from relax.models import Model, ModelConfig
 from relax.relay.config import RelayConfig, SamplingConfig
 from relax.train import rollout as rollout_lib
 from relax.train import update
-from relax.train.config import GRPOConfig, load_config
+from relax.train.config import GRPOConfig
 from relax.train.grpo_train import make_grpo_loss, train_grpo
 from relax.train.metrics import read_metrics
 

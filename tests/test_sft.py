@@ -7,10 +7,11 @@ import numpy as np
 import optax
 import pytest
 
+from relax.config import load_config
 from relax.mesh import MeshConfig, make_mesh
 from relax.models import Model, ModelConfig
 from relax.train import update
-from relax.train.config import OptimConfig, SFTConfig, load_config
+from relax.train.config import OptimConfig, SFTConfig
 from relax.train.metrics import read_metrics
 from relax.train.sft import make_sft_loss, pack_examples, train_sft
 
