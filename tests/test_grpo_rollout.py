@@ -19,7 +19,7 @@ from relax.mesh import MeshConfig, make_mesh
 from relax.models import Model, ModelConfig
 from relax.relay.command import CallCommand
 from relax.relay.config import RelayConfig, SamplingConfig
-from relax.train import update
+from relax.train import logprobs, sharding
 from relax.train.config import GRPOConfig
 from relax.train.grpo_train import check_sampling, make_grpo_loss
 from relax.train.rollout import chunked_rollout, make_relay_rollout, train_width, training_batch
@@ -81,14 +81,16 @@ def test_recomputed_logprobs_equal_rollout_logprobs(setup):
     assert int(out.calls.sum()) >= 2 and int(out.llm_tokens.sum()) > 0  # real relay traffic
     batch = training_batch(out, np.zeros(len(lens)))
     mesh = make_mesh(MeshConfig(), jax.devices()[:2])
-    split = update.shard_batch({k: batch[k] for k in ("inputs", "positions", "targets")}, mesh, 2)
+    split = sharding.shard_batch({k: batch[k] for k in ("inputs", "positions", "targets")}, mesh, 2)
     mask = batch["loss_mask"] > 0
     want = np.asarray(out.slm_logprobs)[:, 1:][mask]
     for chunk in (5, 1024):
-        fwd = update.make_forward_logprobs(slm, temperature=TEMP, chunk=chunk, mesh=mesh)
-        got = update.unshard_batch(fwd(params, split), 2)[mask]
+        fwd = logprobs.make_forward_logprobs(slm, temperature=TEMP, chunk=chunk, mesh=mesh)
+        got = sharding.unshard_batch(fwd(params, split), 2)[mask]
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-    at_one = update.unshard_batch(update.make_forward_logprobs(slm, 1.0)(params, split), 2)[mask]
+    at_one = sharding.unshard_batch(logprobs.make_forward_logprobs(slm, 1.0)(params, split), 2)[
+        mask
+    ]
     assert np.max(np.abs(at_one - want)) > 1e-2
 
 

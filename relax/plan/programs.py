@@ -9,7 +9,8 @@ sequence the preset allows). Nothing is allocated.
 
 Shapes and placements follow the loops, on each stage's `mesh` (relax.mesh) over the N
 devices: the SFT and GRPO updates and the log-prob forward are the mesh update step of
-relax.train.update (params, gradients and AdamW state by the "train" rules: the model
+relax.train.update on the placements of relax.train.sharding (params, gradients and
+AdamW state by the "train" rules: the model
 width over `fsdp`, heads / MLP / vocabulary over `model`; [micro-batches, rows, ...]
 batches, rows over data x fsdp); the rollout, eval and filter queues run on the relay
 engine on `relax.mesh.relay_mesh` (`model` devices per model replica, tensor parallel by
@@ -33,7 +34,11 @@ from relax.models import Model
 from relax.models.weights import param_shardings
 from relax.train.config import FilterConfig, GRPOConfig, SFTConfig
 from relax.train.filter import QUEUE_CHUNKS, teacher_relay
+from relax.train.logprobs import make_forward_logprobs, training_model
+from relax.train.optim import make_optimizer
 from relax.train.rollout import pad_prompts
+from relax.train.sharding import batch_spec, train_shardings
+from relax.train.update import make_update_step
 
 
 @dataclasses.dataclass
@@ -71,9 +76,8 @@ def _train_mesh(cfg, devices):
 
 def _train_batch(mesh, cfg, rows, T, what, floats=("loss_mask",), per_row=()):
     """The update's batch: `rows` rows as [M, R, T] leaves, rows over data x fsdp
-    (`relax.train.update.shard_batch`); returns (batch, shapes note)."""
+    (`relax.train.sharding.shard_batch`); returns (batch, shapes note)."""
     from relax.mesh import ROWS, axis_size
-    from relax.train.update import batch_spec
 
     mbs = cfg.run.micro_batch_size
     shards = axis_size(mesh, ROWS)
@@ -87,8 +91,6 @@ def _train_batch(mesh, cfg, rows, T, what, floats=("loss_mask",), per_row=()):
 
 
 def _update(name, model, loss_fn, cfg, mesh, batch, shapes):
-    from relax.train.update import make_optimizer, make_update_step, train_shardings
-
     optimizer = make_optimizer(cfg.optim, 1000)
     params = model.param_shapes()
     state = train_shardings(mesh, params, optimizer)
@@ -112,8 +114,6 @@ def sft_step(model: Model, cfg, devices) -> Program:
 
 def _train_model(model, cfg):
     """The model as the training loops run it (`training_model`: remat per `run.remat`)."""
-    from relax.train.update import training_model
-
     return training_model(model, cfg.run.remat)
 
 
@@ -137,8 +137,6 @@ def grpo_update(model: Model, cfg, devices) -> Program:
 
 def grpo_logprobs(model: Model, cfg, devices) -> Program:
     """The old-policy / reference log-prob forward over a whole rollout step."""
-    from relax.train.update import make_forward_logprobs, make_optimizer, train_shardings
-
     mesh = _train_mesh(cfg, devices)
     batch, shapes = _train_batch(
         mesh, cfg, cfg.prompts_per_step * cfg.group_size, _grpo_width(cfg)[1] - 1,

@@ -27,6 +27,7 @@ from relax.errors import ConfigError, DataError
 from relax.tokenizer import special_ids
 from relax.train import distributed, interrupt
 from relax.train.config import FilterConfig, GRPOConfig, SampleConfig, SFTConfig
+from relax.train.sharding import mesh_devices
 
 
 def _parse(prog, argv, cls, section):
@@ -81,8 +82,6 @@ def check_thinking(rows, cfg):
 
 def check_training_devices(cfg):
     """run.num_devices and the mesh section must fit the visible devices (before any load)."""
-    from relax.train.update import mesh_devices
-
     runtime.check_devices(cfg.run.num_devices, "run.num_devices")
     runtime.check_mesh(cfg.mesh, mesh_devices(cfg.run.num_devices))
 

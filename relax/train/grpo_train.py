@@ -54,18 +54,12 @@ from relax.mesh import rows_sharding
 from relax.models.weights import param_shardings
 from relax.train import distributed
 from relax.train.grpo import grpo_loss_from_logprobs
-from relax.train.logprobs import sequence_stats
-from relax.train.loop import TrainRun
+from relax.train.logprobs import make_forward_logprobs, sequence_stats, training_model
+from relax.train.optim import make_optimizer
 from relax.train.rollout import chunked_rollout, pad_prompts, score, train_width, training_batch
-from relax.train.update import (
-    local_rows,
-    make_forward_logprobs,
-    make_optimizer,
-    make_update_step,
-    place,
-    training_model,
-    unshard_batch,
-)
+from relax.train.run import TrainRun
+from relax.train.sharding import local_rows, place, unshard_batch
+from relax.train.update import make_update_step
 
 
 def make_grpo_loss(model, cfg):
