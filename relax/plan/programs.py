@@ -51,7 +51,7 @@ class Program:
     devices: int = 1
     """Devices one call spans: an SPMD program's global costs are divided by this."""
     mesh: str = ""
-    """The mesh it runs on ("data=1 fsdp=2 model=4"), empty for a pmapped program."""
+    """The mesh it runs on ("data=1 fsdp=2 model=4")."""
 
 
 def _placed(tree, shardings):

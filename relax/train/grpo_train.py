@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from relax.errors import ConfigError
 from relax.mesh import rows_sharding
+from relax.models.model import put_served
 from relax.models.weights import param_shardings
 from relax.train import distributed
 from relax.train.grpo import grpo_loss_from_logprobs
@@ -181,7 +182,9 @@ def train_grpo(
         against ``cfg`` (``check_sampling``).
       verifier: ``verifier(response_ids, problem) -> bool``.
       encode: ``encode(problem) -> prompt ids`` (list of ints).
-      llm_params: the teacher's params (placed once on the mesh, "serve" profile).
+      llm_params: the teacher's params, placed once on the mesh by
+        ``relax.models.model.put_served`` (the "serve" rules for the rollout's ``llm``,
+        a relax ``Model``; replicated for any other rollout).
       on_step: optional ``on_step(step, metrics)`` callback.
     Metrics per step (JSONL/TensorBoard): reward, accuracy, call_rate,
     llm_token_share, response_tokens, loss, pg_loss, kl, clip_frac,
@@ -220,9 +223,8 @@ def train_grpo(
     cast = _caster(ROLLOUT_DTYPES[cfg.rollout_dtype], run.shardings.params, serve)
     on_mesh = _on_mesh(rollout, mesh, local_rows_)
     rows_per_update = cfg.mini_batch_prompts * G // procs
-    llm = None  # the frozen teacher, placed once on the mesh
-    if llm_params is not None:
-        llm = place(llm_params, param_shardings(llm_params, mesh, "serve"))
+    # the frozen teacher, placed once on the mesh as every relay stage places it
+    llm = put_served(getattr(rollout, "llm", None), llm_params, mesh)
     bar = tqdm(total=total, initial=run.step, desc="grpo", disable=not (progress and run.main))
     while run.step < total:
         idx = distributed.shard_rows(step_problems(run.step, len(problems), cfg))
