@@ -23,7 +23,7 @@ from relax.errors import RelaxError, debug_enabled, one_line
 
 # subcommand -> ("module:function", one-line help). Each function takes argv.
 COMMANDS = {
-    "demo": ("relax.demo:main", "train and evaluate a miniature RelayLLM on CPU, end to end"),
+    "demo": ("relax.demo.cli:main", "train and evaluate a miniature RelayLLM on CPU, end to end"),
     "sample": (
         "relax.train.cli:sample",
         "the SLM's own correct solutions (k samples per problem, graded): relax sft's data",

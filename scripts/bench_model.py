@@ -30,8 +30,7 @@ import numpy as np
 
 import relax
 from relax.models import Model, ModelConfig
-from relax.train.logprobs import sequence_stats
-from relax.train.update import training_model
+from relax.train.logprobs import sequence_stats, training_model
 from timing import best_times
 
 PRESETS = {

@@ -5,9 +5,9 @@
 
 It reuses `relax demo`'s cached teacher, student, warm-up and filtered problems
 (run `relax demo` first, same --config and --out), trains each GRPO run of the
-grid (`relax.demo.GRPO_RUNS` by name) under `<out>/sweep/`, and evaluates it on a
+grid (`relax.demo.stages.GRPO_RUNS` by name) under `<out>/sweep/`, and evaluates it on a
 validation split: problems drawn with --val-seed, a stream disjoint from the
-held-out eval problems (eval.seed), so nothing is tuned on those. For each run
+held-out eval problems (eval.data_seed), so nothing is tuned on those. For each run
 it prints accuracy and its errors split by kind, against the reference
 solution: `price` (the first wrong character is inside a price, the hard step),
 `arithmetic` (elsewhere) and `format` (no \\boxed{} answer). The trained SLM is
@@ -21,10 +21,16 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import sys
 
-COMMAND = re.compile(r"<call>\s*\d+\s*</call>")
+from relax.data import synthetic
+from relax.data.placement import COMMAND, call_placement
+from relax.demo.cache import Stages, digest
+from relax.demo.cli import parse_args
+from relax.demo.config import load_demo_config
+from relax.demo.stages import GRPO_RUNS, base_stages, synthetic_benchmark, train_run
+from relax.eval.strategies import run_strategy
+from relax.models.hf import load_hf
 
 
 def error_kind(response, problem):
@@ -51,23 +57,18 @@ def main(argv=None):
     p.add_argument("overrides", nargs="*", help="demo key=value overrides")
     args = p.parse_args(argv)
 
-    import relax
-    from relax import demo
-    from relax.data import synthetic
-    from relax.eval.strategies import EvalConfig, run_strategy
-
-    dargs = demo.parse_args(
+    dargs = parse_args(
         ([f"--config={args.config}"] if args.config else [])
         + ([f"--out={args.out}"] if args.out else [])
         + args.overrides
     )
-    st = demo.Stages(demo.load_demo_config(dargs).out, fresh=False)
-    base = demo.base_stages(st, dargs)
+    st = Stages(load_demo_config(dargs).out, fresh=False)
+    base = base_stages(st, dargs)
     cfg, slm, llm, llm_params = base.cfg, base.slm, base.llm, base.llm_params
     tokenizer = base.tokenizer
-    val = synthetic.make_dataset(args.problems, args.val_seed, base.task)
-    bench = demo.synthetic_benchmark("validation", val)
-    ecfg = EvalConfig(relay=cfg.eval.relay, batch_size=cfg.eval.batch_size, prompt_bucket=16)
+    val = synthetic.make_dataset(args.problems, args.val_seed, cfg.task)
+    bench = synthetic_benchmark("validation", val)
+    ecfg = cfg.eval  # the demo's decoding (greedy, its budget and call limit)
 
     def score(kind, params):
         recs = run_strategy(kind, slm, params, llm, llm_params, bench, tokenizer, ecfg)
@@ -79,7 +80,7 @@ def main(argv=None):
             1, sum(r["response_tokens"] for r in recs)
         )
         n = len(recs)
-        placement = demo.call_placement(recs, tokenizer)["share"]
+        placement = call_placement(recs, tokenizer)["share"]
         return {
             "accuracy": 100.0 * sum(r["correct"] for r in recs) / n,
             **{f"{k}_errors": 100.0 * v / n for k, v in kinds.items()},
@@ -94,13 +95,13 @@ def main(argv=None):
 
     rows = [{"run": "base slm", **score("slm", base.slm_params)}]
     rows.append({"run": "warm-up slm", **score("slm", base.inits["warmup"][0])})
-    for r in demo.GRPO_RUNS:  # the demo's own runs, where it trained them
+    for r in GRPO_RUNS:  # the demo's own runs, where it trained them
         path = st.path(r.name, "model")
         if args.with_demo and os.path.exists(os.path.join(path, "config.json")):
-            params = relax.load_hf(path, dtype="float32")[1]
-            label = f"demo {r.name} lr={cfg.grpo.learning_rate:g} kl={cfg.grpo.kl_coef:g}"
+            params = load_hf(path, dtype="float32")[1]
+            label = f"demo {r.name} lr={cfg.grpo.optim.learning_rate:g} kl={cfg.grpo.kl_coef:g}"
             rows += score_run(label, params, r.calls)
-    by_name = {r.name: r for r in demo.GRPO_RUNS}
+    by_name = {r.name: r for r in GRPO_RUNS}
     kls = [float(x) for x in args.kl.split(",")] if args.kl else [cfg.grpo.kl_coef]
     steps = [int(x) for x in args.steps.split(",")] if args.steps else [cfg.grpo.steps]
     for name in args.runs.split(","):
@@ -108,14 +109,16 @@ def main(argv=None):
         for lr in (float(x) for x in args.lr.split(",")):
             for kl in kls:
                 for n_steps in steps:
-                    g = dataclasses.replace(cfg.grpo, learning_rate=lr, kl_coef=kl, steps=n_steps)
+                    optim = dataclasses.replace(cfg.grpo.optim, learning_rate=lr)
+                    g = dataclasses.replace(cfg.grpo, optim=optim, kl_coef=kl, steps=n_steps)
                     label = f"{name} lr={lr:g} kl={kl:g} steps={n_steps}"
                     # the grpo section's digest: runs differing in an override never share a folder
-                    stage = f"sweep/{name}-lr{lr:g}-kl{kl:g}-s{n_steps}-{demo._digest(g)[:6]}"
-                    params = demo.train_run(st, base, r, stage, dataclasses.replace(cfg, grpo=g))
+                    stage = f"sweep/{name}-lr{lr:g}-kl{kl:g}-s{n_steps}-{digest(g)[:6]}"
+                    params = train_run(st, base, r, stage, dataclasses.replace(cfg, grpo=g))
                     rows += score_run(label, params, r.calls)
     print(
-        f"validation: {args.problems} problems, data seed {args.val_seed} (eval uses {cfg.eval.seed})"
+        f"validation: {args.problems} problems, data seed {args.val_seed} "
+        f"(eval uses {cfg.eval.data_seed})"
     )
     print(
         "| run | decode | accuracy % | price err % | arithmetic err % | format err % | LLM % "

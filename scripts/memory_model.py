@@ -168,7 +168,7 @@ def grpo(seq=12287):
     `training_model`: remat, chunked log-probs at the rollout temperature), one sequence."""
     from relax.train.config import GRPOConfig
     from relax.train.grpo_train import make_grpo_loss
-    from relax.train.update import training_model
+    from relax.train.logprobs import training_model
 
     cfg = GRPOConfig()
     model = training_model(Model(QWEN3_1_7B, dtype=jnp.float32), cfg.run.remat)

@@ -12,8 +12,13 @@ import os
 
 import pytest
 
-from relax import demo
+from relax.data.placement import call_placement
+from relax.demo.cache import Stages
+from relax.demo.cli import main, parse_args
+from relax.demo.config import PretrainConfig, load_demo_config
+from relax.demo.stages import reference_examples
 from relax.errors import ConfigError
+from relax.eval.report import seed_spread, summary_table
 
 STRATEGIES = (
     "slm",
@@ -30,30 +35,30 @@ STRATEGIES = (
 
 
 def test_stage_cache_reuses_and_fresh_retrains(tmp_path):
-    st = demo.Stages(str(tmp_path), fresh=False)
-    settings = {"a": 1, "model": demo.ModelSection()}
+    st = Stages(str(tmp_path), fresh=False)
+    settings = {"a": 1, "model": PretrainConfig()}
     assert not st.done("x", settings)
     st.start("x")
     st.finish("x", settings, {"k": 2})
     assert st.done("x", settings)
-    assert not st.done("x", {"a": 2, "model": demo.ModelSection()})
+    assert not st.done("x", {"a": 2, "model": PretrainConfig()})
     assert st.info("x")["info"] == {"k": 2}
-    assert not demo.Stages(str(tmp_path), fresh=True).done("x", settings)
+    assert not Stages(str(tmp_path), fresh=True).done("x", settings)
 
 
 def test_config_presets_load_and_overrides_apply():
-    args = demo.parse_args(["--quick", "grpo.steps=3", "task.num_items=9"])
-    cfg = demo.load_demo_config(args)
+    args = parse_args(["--quick", "grpo.steps=3", "task.num_items=9"])
+    cfg = load_demo_config(args)
     assert cfg.grpo.steps == 3 and cfg.task.num_items == 9
-    full = demo.load_demo_config(demo.parse_args([]))
+    full = load_demo_config(parse_args([]))
     assert full.out == "runs/demo"
     with pytest.raises(ConfigError, match=r"unknown keys \['nope'\]"):
-        demo.load_demo_config(demo.parse_args(["nope=1"]))
+        load_demo_config(parse_args(["nope=1"]))
 
 
 def test_quick_demo_end_to_end(tmp_path):
     out = str(tmp_path / "demo")
-    assert demo.main(["--quick", "--out", out]) == 0
+    assert main(["--quick", "--out", out]) == 0
     with open(os.path.join(out, "results.json")) as f:
         res = json.load(f)
     assert set(STRATEGIES) <= set(res["strategies"])
@@ -88,8 +93,8 @@ def test_reference_examples_mask_the_commands_they_insert(tmp_path):
 
     tok = relax.load_tokenizer(synthetic.save_tokenizer(str(tmp_path / "tok")))
     problems = synthetic.make_dataset(40, 3, synthetic.TaskConfig(num_items=8))
-    plain = demo.reference_examples(tok, problems)
-    noisy = demo.reference_examples(tok, problems, read_commands=3, seed=1)
+    plain = reference_examples(tok, problems)
+    noisy = reference_examples(tok, problems, read_commands=3, seed=1)
     inserted = 0
     for p, a, b in zip(problems, plain, noisy):
         assert a["prompt_ids"] == b["prompt_ids"] and set(a["response_mask"]) == {1.0}
@@ -120,7 +125,7 @@ def test_reference_examples_mask_unknown_prices(tmp_path):
     unknown = set(list(synthetic.catalog(task))[4:])
     shifted = 0
     for read in (0, 3):
-        examples = demo.reference_examples(tok, problems, read, seed=2, unknown=unknown)
+        examples = reference_examples(tok, problems, read, seed=2, unknown=unknown)
         for p, e in zip(problems, examples):
             ids, mask = e["response_ids"], e["response_mask"]
             hidden = tok.decode([t for t, m in zip(ids, mask) if not m])
@@ -134,7 +139,7 @@ def test_reference_examples_mask_unknown_prices(tmp_path):
             shifted += bool(read and want and e["commands"])
     assert shifted > 10
     with pytest.raises(ValueError, match="unknown_items"):
-        demo.ModelSection(unknown_items="forgotten")
+        PretrainConfig(unknown_items="forgotten")
 
 
 def test_seed_spread_means_and_std():
@@ -149,7 +154,7 @@ def test_seed_spread_means_and_std():
             "call_placement": {"share": placed},
         }
 
-    spread, summary = demo.seed_spread([one(40.0, 1.0, 0.5, 0.8), one(60.0, 3.0, 0.7, 0.6)])
+    spread, summary = seed_spread([one(40.0, 1.0, 0.5, 0.8), one(60.0, 3.0, 0.7, 0.6)])
     assert spread["relay"] == {"accuracy": [40.0, 60.0], "call_ratio": [1.0, 3.0]}
     assert spread["gap_closed"] == [0.5, 0.7] and spread["call_placement"] == [0.8, 0.6]
     from relax.eval.report import markdown_spread
@@ -161,7 +166,7 @@ def test_seed_spread_means_and_std():
     assert "call_placement" not in text
     assert summary["relay"]["average"]["accuracy"] == 50.0
     assert summary["relay"]["benchmarks"]["b"]["call_ratio"] == 2.0
-    table = demo.summary_table(
+    table = summary_table(
         {"summary": summary, "gap_closed": 0.6, "seeds": [0, 1]}, wall=1.0, spread=spread
     )
     assert "| relay | 50.0 ± 14.1 | 2.00 ± 1.41 |" in table
@@ -200,6 +205,6 @@ def test_call_placement_counts_honoured_calls_near_a_price(tmp_path):
         # inline layout: before the event's marker, far ahead of the price: not
         {"response": "So 9. <call>2</call>Second: bivo for 37. So 46.", "calls": 1},
     ]
-    placement = demo.call_placement(records, tok)
+    placement = call_placement(records, tok)
     assert placement == {"commands": 7, "at_hard_step": 4, "within_tokens": 2, "share": 4 / 7}
-    assert demo.call_placement([], tok)["share"] is None
+    assert call_placement([], tok)["share"] is None

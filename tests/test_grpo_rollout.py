@@ -19,7 +19,7 @@ from relax.mesh import MeshConfig, make_mesh
 from relax.models import Model, ModelConfig
 from relax.relay.command import CallCommand
 from relax.relay.config import RelayConfig, SamplingConfig
-from relax.train import update
+from relax.train import logprobs, sharding
 from relax.train.config import GRPOConfig
 from relax.train.grpo_train import check_sampling, make_grpo_loss
 from relax.train.rollout import chunked_rollout, make_relay_rollout, train_width, training_batch
@@ -81,14 +81,16 @@ def test_recomputed_logprobs_equal_rollout_logprobs(setup):
     assert int(out.calls.sum()) >= 2 and int(out.llm_tokens.sum()) > 0  # real relay traffic
     batch = training_batch(out, np.zeros(len(lens)))
     mesh = make_mesh(MeshConfig(), jax.devices()[:2])
-    split = update.shard_batch({k: batch[k] for k in ("inputs", "positions", "targets")}, mesh, 2)
+    split = sharding.shard_batch({k: batch[k] for k in ("inputs", "positions", "targets")}, mesh, 2)
     mask = batch["loss_mask"] > 0
     want = np.asarray(out.slm_logprobs)[:, 1:][mask]
     for chunk in (5, 1024):
-        fwd = update.make_forward_logprobs(slm, temperature=TEMP, chunk=chunk, mesh=mesh)
-        got = update.unshard_batch(fwd(params, split), 2)[mask]
+        fwd = logprobs.make_forward_logprobs(slm, temperature=TEMP, chunk=chunk, mesh=mesh)
+        got = sharding.unshard_batch(fwd(params, split), 2)[mask]
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-    at_one = update.unshard_batch(update.make_forward_logprobs(slm, 1.0)(params, split), 2)[mask]
+    at_one = sharding.unshard_batch(logprobs.make_forward_logprobs(slm, 1.0)(params, split), 2)[
+        mask
+    ]
     assert np.max(np.abs(at_one - want)) > 1e-2
 
 
@@ -189,7 +191,7 @@ def test_train_grpo_with_chunked_bf16_relay_rollouts(setup, tmp_path):
     """Two steps of 4 prompts x G = 2 through train_grpo: rollouts in 2 calls of 4 rows
     from a bf16 copy of the params; the old-policy forward makes the single update's
     ratio exactly 1 (to float rounding)."""
-    from relax.train.config import load_config
+    from relax.config import load_config
     from relax.train.grpo_train import train_grpo
     from relax.train.metrics import read_metrics
 
@@ -219,7 +221,7 @@ def test_train_grpo_with_chunked_bf16_relay_rollouts(setup, tmp_path):
 def test_train_grpo_with_tensor_parallel_rollouts(setup, tmp_path):
     """mesh.model=2: the teacher and the student's bf16 rollout copy split over two devices
     (heads, MLP, vocabulary; caches by kv head) give the data-parallel run's step."""
-    from relax.train.config import load_config
+    from relax.config import load_config
     from relax.train.grpo_train import train_grpo
     from relax.train.metrics import read_metrics
 

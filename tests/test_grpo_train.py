@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 
 import relax
+from relax.config import load_config
 from relax.mesh import MeshConfig, make_mesh
 from relax.models import Model, ModelConfig
 from relax.relay.config import RelayConfig, SamplingConfig
+from relax.train import logprobs, optim, sharding, update
 from relax.train import rollout as rollout_lib
-from relax.train import update
-from relax.train.config import GRPOConfig, load_config
+from relax.train.config import GRPOConfig
 from relax.train.grpo_train import make_grpo_loss, train_grpo
 from relax.train.metrics import read_metrics
 
@@ -161,9 +162,9 @@ def grpo_case():
         "advantages": rng.normal(size=B).astype(np.float32),
     }
     mesh = make_mesh(MeshConfig(), jax.devices()[:1])
-    fwd = update.make_forward_logprobs(model, cfg.relay.slm.temperature, 16, mesh)
-    x = update.shard_batch({k: batch[k] for k in ("inputs", "positions", "targets")}, mesh, 8)
-    old = update.unshard_batch(fwd(params, x), 8)
+    fwd = logprobs.make_forward_logprobs(model, cfg.relay.slm.temperature, 16, mesh)
+    x = sharding.shard_batch({k: batch[k] for k in ("inputs", "positions", "targets")}, mesh, 8)
+    old = sharding.unshard_batch(fwd(params, x), 8)
     batch["old_logp"] = old - 0.05 * rng.random(old.shape).astype(np.float32)
     batch["ref_logp"] = old + 0.1 * rng.normal(size=old.shape).astype(np.float32)
     return model, params, cfg, batch
@@ -172,14 +173,14 @@ def grpo_case():
 def _grpo_updates(case, mesh_cfg, micro, devices=None, steps=2):
     model, params, cfg, batch = case
     mesh = make_mesh(mesh_cfg, devices)
-    opt = update.make_optimizer(cfg.optim, 10)
-    state = update.train_shardings(mesh, params, opt)
+    opt = optim.make_optimizer(cfg.optim, 10)
+    state = sharding.train_shardings(mesh, params, opt)
     step = update.make_update_step(make_grpo_loss(model, cfg), opt, state)
-    p = update.place(params, state.params)
+    p = sharding.place(params, state.params)
     o = jax.jit(opt.init, out_shardings=state.opt_state)(p)
     for _ in range(steps):
-        p, o, m = step(p, o, update.shard_batch(batch, mesh, micro))
-    return update.host_copy(p), {k: float(v) for k, v in m.items()}, p, o
+        p, o, m = step(p, o, sharding.shard_batch(batch, mesh, micro))
+    return sharding.host_copy(p), {k: float(v) for k, v in m.items()}, p, o
 
 
 @pytest.fixture(scope="module")

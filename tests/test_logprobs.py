@@ -14,7 +14,7 @@ import pytest
 from relax import ops
 from relax.models import Model, ModelConfig
 from relax.relay.config import RelayConfig, SamplingConfig
-from relax.train import grpo, logprobs, update
+from relax.train import grpo, logprobs, sharding
 from relax.train.config import GRPOConfig
 from relax.train.grpo_train import make_grpo_loss
 from relax.train.sft import make_sft_loss, sft_loss_from_logits
@@ -141,10 +141,10 @@ def test_forward_logprobs_on_mesh_equal_full(case):
 
     model, params, batch = case
     mesh = make_mesh(MeshConfig(), jax.devices()[:2])
-    fwd = update.make_forward_logprobs(model, temperature=TEMP, chunk=CHUNK, mesh=mesh)
-    split = update.shard_batch(
+    fwd = logprobs.make_forward_logprobs(model, temperature=TEMP, chunk=CHUNK, mesh=mesh)
+    split = sharding.shard_batch(
         {k: np.asarray(batch[k]) for k in ("inputs", "positions", "targets")}, mesh, 1
     )
-    got = update.unshard_batch(fwd(params, split), 1)
+    got = sharding.unshard_batch(fwd(params, split), 1)
     want = grpo.token_logprobs(full_logits(model, params, batch) / TEMP, batch["targets"])
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

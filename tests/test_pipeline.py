@@ -31,7 +31,7 @@ def test_sample_sft_filter_grpo_eval(tmp_path, monkeypatch, capsys):
     common = ["--config", "train-tiny", "--no-progress"]
     sample = [
         "sample", *common, f"output={d}/solutions.jsonl", "data=synthetic:4:2", "k=2",
-        "batch_size=4", "max_new_tokens=8", MODEL,
+        "batch_size=4", "relay.max_new_tokens=8", MODEL,
     ]  # fmt: skip
     assert main(sample) == 0
     solutions = rows(f"{d}/solutions.jsonl")
@@ -55,7 +55,7 @@ def test_sample_sft_filter_grpo_eval(tmp_path, monkeypatch, capsys):
     sft = f"{d}/sft/final"  # the tiny teacher too: any checkpoint of the contract serves
     assert main([
         "filter", *common, f"llm={sft}", f"tokenizer={sft}", "data=synthetic:4:1",
-        f"output={d}/filtered.jsonl", "k=2", "batch_size=4", "max_new_tokens=8", "dtype=float32",
+        f"output={d}/filtered.jsonl", "k=2", "batch_size=4", "relay.max_new_tokens=8", "dtype=float32",
     ]) == 0  # fmt: skip
     filtered = rows(f"{d}/filtered.jsonl")
     assert len(filtered) == 4 and all(r["pass_rate"] == 1.0 for r in filtered)

@@ -36,7 +36,7 @@ def test_wheel_ships_every_preset_and_finds_them_from_another_folder(tmp_path):
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {"PYTHONPATH": str(tmp_path / "site")}
-    where = run([sys.executable, "-c", "import relax.train.config as c; print(c.CONFIG_DIR)"],
+    where = run([sys.executable, "-c", "import relax.config as c; print(c.CONFIG_DIR)"],
                 cwd=work, env=env)  # fmt: skip
     assert where.returncode == 0, where.stderr[-3000:]
     assert where.stdout.strip() == str(tmp_path / "site" / "relax" / "configs")

@@ -7,10 +7,11 @@ import numpy as np
 import optax
 import pytest
 
+from relax.config import load_config
 from relax.mesh import MeshConfig, make_mesh
 from relax.models import Model, ModelConfig
-from relax.train import update
-from relax.train.config import OptimConfig, SFTConfig, load_config
+from relax.train import optim, sharding, update
+from relax.train.config import OptimConfig, SFTConfig
 from relax.train.metrics import read_metrics
 from relax.train.sft import make_sft_loss, pack_examples, train_sft
 
@@ -89,13 +90,13 @@ def _updates(model, params, data, mesh_cfg, micro, opt, steps=1, devices=None):
     """``steps`` updates of ``opt`` on the same global batch, on the mesh of ``mesh_cfg``;
     returns host params, the last metrics, and the device params."""
     mesh = make_mesh(mesh_cfg, devices)
-    state = update.train_shardings(mesh, params, opt)
+    state = sharding.train_shardings(mesh, params, opt)
     step = update.make_update_step(make_sft_loss(model), opt, state)
-    p = update.place(params, state.params)
+    p = sharding.place(params, state.params)
     o = jax.jit(opt.init, out_shardings=state.opt_state)(p)
     for _ in range(steps):
-        p, o, m = step(p, o, update.shard_batch(data, mesh, micro))
-    return update.host_copy(p), {k: float(v) for k, v in m.items()}, p
+        p, o, m = step(p, o, sharding.shard_batch(data, mesh, micro))
+    return sharding.host_copy(p), {k: float(v) for k, v in m.items()}, p
 
 
 def _unequal_batch(n=8):
@@ -139,7 +140,7 @@ def adamw_refs(tiny):
     """Two AdamW steps on 1 device and on the data-parallel mesh (data=4)."""
     model, params = tiny
     data = _unequal_batch()
-    opt = update.make_optimizer(
+    opt = optim.make_optimizer(
         OptimConfig(learning_rate=1e-3, eps=1e-4, warmup_ratio=0.0, decay="constant"), 10
     )
     one, _, _ = _updates(model, params, data, MeshConfig(), 2, opt, 2, jax.devices()[:1])
@@ -185,27 +186,27 @@ def test_nan_loss_skips_step(tiny, mesh_cfg):
         return loss * mb["scale"][0], metrics
 
     mesh = make_mesh(mesh_cfg, jax.devices()[:2])
-    opt = update.make_optimizer(SFTConfig().optim, 10)
-    state = update.train_shardings(mesh, params, opt)
+    opt = optim.make_optimizer(SFTConfig().optim, 10)
+    state = sharding.train_shardings(mesh, params, opt)
     step = update.make_update_step(loss_fn, opt, state)
     data = pack_examples(toy_examples(4), max_len=16)
-    p0 = update.place(params, state.params)
+    p0 = sharding.place(params, state.params)
     o0 = jax.jit(opt.init, out_shardings=state.opt_state)(p0)
-    before = update.host_copy((p0, o0))
+    before = sharding.host_copy((p0, o0))
     for bad in (np.nan, np.inf):
-        batch = update.shard_batch(dict(data, scale=np.full((4,), bad, np.float32)), mesh, 1)
+        batch = sharding.shard_batch(dict(data, scale=np.full((4,), bad, np.float32)), mesh, 1)
         p0, o0, m = step(p0, o0, batch)
         assert float(m["skipped"]) == 1.0
         for a, b in zip(
-            jax.tree.leaves(update.host_copy((p0, o0))), jax.tree.leaves(before), strict=True
+            jax.tree.leaves(sharding.host_copy((p0, o0))), jax.tree.leaves(before), strict=True
         ):
             np.testing.assert_array_equal(a, b)
-    batch = update.shard_batch(dict(data, scale=np.ones((4,), np.float32)), mesh, 1)
+    batch = sharding.shard_batch(dict(data, scale=np.ones((4,), np.float32)), mesh, 1)
     p1, _, m = step(p0, o0, batch)
     assert float(m["skipped"]) == 0.0
     assert any(
         not np.array_equal(a, b)
-        for a, b in zip(jax.tree.leaves(update.host_copy(p1)), jax.tree.leaves(before[0]))
+        for a, b in zip(jax.tree.leaves(sharding.host_copy(p1)), jax.tree.leaves(before[0]))
     )
 
 
@@ -216,7 +217,7 @@ def test_checkpoint_on_data_parallel_mesh_resumes_on_fsdp_mesh(tiny, tmp_path):
     import shutil
 
     from relax.train.checkpoint import Checkpointer
-    from relax.train.loop import TrainRun
+    from relax.train.run import TrainRun
 
     model, params = tiny
 
@@ -235,17 +236,17 @@ def test_checkpoint_on_data_parallel_mesh_resumes_on_fsdp_mesh(tiny, tmp_path):
     shutil.copytree(ref_dir, res_dir)
     shutil.rmtree(res_dir / "ckpt" / "4")
     sharded = cfg(res_dir, "mesh.data=2", "mesh.fsdp=2")
-    opt = update.make_optimizer(sharded.optim, 4)
+    opt = optim.make_optimizer(sharded.optim, 4)
     run = TrainRun(sharded.run, params, opt, 4, mesh=sharded.mesh)
     assert run.step == 2 and run.resumed_from == 2
     up = run.params["layers"]["up"]
     assert up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
     assert {s.data.shape for s in up.addressable_shards} == {(1, 16, 64)}
     ckpt = Checkpointer(str(ref_dir / "ckpt"))
-    saved = ckpt.restore(*update.host_copy((run.params, run.opt_state)), run.rng, step=2)
+    saved = ckpt.restore(*sharding.host_copy((run.params, run.opt_state)), run.rng, step=2)
     ckpt.close()
     for a, b in zip(
-        jax.tree.leaves(update.host_copy((run.params, run.opt_state))),
+        jax.tree.leaves(sharding.host_copy((run.params, run.opt_state))),
         jax.tree.leaves(saved[:2]),
         strict=True,
     ):

@@ -8,8 +8,21 @@ import numpy as np
 
 import relax
 from relax.data.synthetic import save_tokenizer
+from relax.relay.config import RelayConfig, SamplingConfig
+from relax.tokenizer import special_ids
 from relax.train.config import FilterConfig
 from relax.train.filter import filter_problems, pass_rates
+
+
+def teacher_relay(tok, temperature=0.7):
+    """The filter's decoding in these tests: 6 tokens, the teacher at top-p 0.95."""
+    eos, pad = special_ids(tok)
+    return RelayConfig(
+        max_new_tokens=6,
+        llm=SamplingConfig(temperature=temperature, top_p=0.95),
+        eos_ids=eos,
+        pad_id=pad,
+    )
 
 
 def tiny_model():
@@ -47,7 +60,9 @@ def test_filter_keeps_problems_above_threshold(tmp_path):
         return answer == "yes"
 
     out = tmp_path / "kept.jsonl"
-    cfg = FilterConfig(k=4, batch_size=2, max_new_tokens=6, output=str(out), min_pass_rate=0.0)
+    cfg = FilterConfig(
+        k=4, batch_size=2, relay=teacher_relay(tok), output=str(out), min_pass_rate=0.0
+    )
     kept = filter_problems(model, params, tok, problems, cfg, grade, progress=False)
     assert len(calls) == 16
     assert [p["answer"] for p in kept] == ["yes", "half", "yes"]
@@ -58,7 +73,7 @@ def test_filter_keeps_problems_above_threshold(tmp_path):
     with open(str(out) + ".all.jsonl") as f:
         all_rows = [json.loads(line) for line in f]
     assert [r["pass_rate"] for r in all_rows] == [1.0, 0.0, 0.5, 1.0]
-    cfg2 = FilterConfig(k=4, batch_size=2, max_new_tokens=6, output="", min_pass_rate=0.5)
+    cfg2 = FilterConfig(k=4, batch_size=2, relay=teacher_relay(tok), output="", min_pass_rate=0.5)
     calls.clear()
     assert [
         p["answer"]
@@ -66,19 +81,21 @@ def test_filter_keeps_problems_above_threshold(tmp_path):
     ] == ["yes", "yes"]
 
 
-def teacher_samples(tmp_path, **cfg):
-    """The texts the filter grades for two problems x k = 4 with FilterConfig(**cfg)."""
+def teacher_samples(tmp_path, temperature=0.7, **cfg):
+    """The texts the filter grades for two problems x k = 4 with FilterConfig(**cfg), the
+    teacher sampled at ``temperature``."""
     tok = relax.load_tokenizer(save_tokenizer(str(tmp_path / "tok")))
     model, params = tiny_model()
     problems = [{"question": f"Ann has {i} coins.", "answer": "1"} for i in range(2)]
     seen = []
-    cfg = FilterConfig(k=4, batch_size=2, max_new_tokens=6, output="", **cfg)
+    relay = teacher_relay(tok, temperature)
+    cfg = FilterConfig(k=4, batch_size=2, relay=relay, output="", **cfg)
     pass_rates(model, params, tok, problems, cfg, lambda t, a: seen.append(t), progress=False)
     return seen
 
 
 def test_filter_samples_with_the_teachers_temperature(tmp_path):
-    """FilterConfig.temperature is the teacher's sampling: changing it changes the samples."""
+    """FilterConfig.relay.llm is the teacher's sampling: changing it changes the samples."""
     samples = lambda t: teacher_samples(tmp_path, temperature=t)
     assert len(samples(0.7)) == 8
     assert samples(0.7) == samples(0.7) and samples(0.7) != samples(2.0)

@@ -28,7 +28,9 @@ import os
 import sys
 import time
 
+from relax.config import load_config, resolve_preset
 from relax.errors import ConfigError
+from relax.tokenizer import special_ids
 
 __all__ = ["build_config", "main", "parse_benchmarks"]
 
@@ -136,9 +138,8 @@ def _parser():
 
 def build_config(args, tokenizer):
     """EvalConfig: defaults < YAML (--config) < flags < key=value, by the one config loader
-    (`relax.train.config.load_config`); eos and pad ids left unset are the tokenizer's."""
+    (`relax.config.load_config`); eos and pad ids left unset are the tokenizer's."""
     from relax.eval.strategies import EvalConfig
-    from relax.train.config import load_config, resolve_preset, tokenizer_defaults
 
     flags = {
         "seed": args.seed,
@@ -165,7 +166,7 @@ def build_config(args, tokenizer):
         None,
         args.overrides,
         settings=flags,
-        defaults=tokenizer_defaults(tokenizer, "relay"),
+        special_ids=special_ids(tokenizer),
     )
 
 

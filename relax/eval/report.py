@@ -12,6 +12,10 @@
                 strategy, with the random router's line from the SLM (share 0)
                 to the LLM (share 100%)
 
+Several seeds of the same evaluation (`relax demo --seeds N`) pool into one result
+(`pool_seeds`): the summary holds the means over seeds, and `spread` the per-seed values
+from which results.md gets its mean ± std table and the plot its error bars.
+
 matplotlib runs headless (Agg); nothing here needs a display.
 """
 
@@ -19,7 +23,15 @@ import json
 import math
 import os
 
-__all__ = ["markdown_report", "markdown_spread", "markdown_table", "plot", "write_report"]
+__all__ = [
+    "markdown_report",
+    "markdown_spread",
+    "markdown_table",
+    "plot",
+    "pool_seeds",
+    "summary_table",
+    "write_report",
+]
 
 _PRETTY = {
     "math500": "MATH-500",
@@ -128,7 +140,7 @@ def markdown_spread(spread):
 
 
 def placement_line(placement, shares=()):
-    """One line on where the relay's calls land, from `relax.demo.call_placement`'s
+    """One line on where the relay's calls land, from `relax.data.placement.call_placement`'s
     counts (pooled over seeds when there are several), plus the per-seed mean ± std
     when `shares` (fractions, one per seed) has more than one value."""
     line = (
@@ -152,6 +164,124 @@ def mean_std(values):
 def _mean_std(values, digits=2):
     m, sd = mean_std(values)
     return f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def _mean_of(dicts):
+    """Field-wise mean of dicts of numbers (nested dicts recursed; None if any is None)."""
+    out = {}
+    for key, first in dicts[0].items():
+        vals = [d.get(key) for d in dicts]
+        if isinstance(first, dict):
+            out[key] = _mean_of(vals)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            out[key] = sum(vals) / len(vals)
+        else:
+            out[key] = None if any(v is None for v in vals) else first
+    return out
+
+
+def seed_spread(per_seed):
+    """From each seed's results (`evaluate`'s, with "gap_closed" and "call_placement"): the
+    per-seed values of accuracy and LLM-token share per strategy and of the gap closed
+    (`markdown_spread`'s input), and the summary of means over seeds (every metric of
+    every strategy)."""
+    names = list(per_seed[0]["summary"])
+    spread = {
+        name: {
+            m: [r["summary"][name]["average"][m] for r in per_seed]
+            for m in ("accuracy", "call_ratio")
+        }
+        for name in names
+    }
+    spread["gap_closed"] = [r["gap_closed"] for r in per_seed]
+    spread["call_placement"] = [(r.get("call_placement") or {}).get("share") for r in per_seed]
+    summary = {name: _mean_of([r["summary"][name] for r in per_seed]) for name in names}
+    return spread, summary
+
+
+def pool_seeds(per_seed):
+    """(results, spread) of several seeds' results: the first seed's, with the summary of
+    means over seeds, the mean gap closed and the call placement's counts pooled; spread
+    None for one seed (its results as they are)."""
+    results = dict(per_seed[0])  # a copy: per_seed keeps each seed's own summary
+    if len(per_seed) == 1:
+        return results, None
+    spread, results["summary"] = seed_spread(per_seed)
+    gaps = spread["gap_closed"]
+    results["gap_closed"] = sum(gaps) / len(gaps) if None not in gaps else None
+    placed = [r["call_placement"] for r in per_seed]
+    commands, near = (sum(p[k] for p in placed) for k in ("commands", "at_hard_step"))
+    results["call_placement"] = {
+        "commands": commands,
+        "at_hard_step": near,
+        "within_tokens": placed[0]["within_tokens"],
+        "share": near / commands if commands else None,
+    }
+    return results, spread
+
+
+def strategy_rows(summary, spread=None):
+    """{strategy: accuracy, LLM-token share, LLM prefill and decode tokens, calls} of the
+    summary's averages, with the std over seeds of the first two when `spread` is given."""
+    rows = {
+        name: {
+            "accuracy": m["accuracy"],
+            "llm_token_share": m["call_ratio"],
+            "llm_prefill_tokens": m["llm_prefill_tokens"],
+            "llm_decode_tokens": m["llm_decode_tokens"],
+            "calls": m["calls"],
+        }
+        for name, m in ((k, v["average"]) for k, v in summary.items())
+    }
+    if spread:
+        for name, m in rows.items():
+            m["accuracy_std"] = mean_std(spread[name]["accuracy"])[1]
+            m["llm_token_share_std"] = mean_std(spread[name]["call_ratio"])[1]
+    return rows
+
+
+def per_seed_rows(seeds, per_seed):
+    """Each seed's gap closed, call placement, accuracy and LLM-token share per strategy."""
+    return [
+        {
+            "seed": seed,
+            "gap_closed": r["gap_closed"],
+            "call_placement": r["call_placement"],
+            "accuracy": {k: v["average"]["accuracy"] for k, v in r["summary"].items()},
+            "llm_token_share": {k: v["average"]["call_ratio"] for k, v in r["summary"].items()},
+            "fixed_n_used": r["config"].get("fixed_n_used"),
+        }
+        for seed, r in zip(seeds, per_seed)
+    ]
+
+
+def summary_table(results, wall, spread=None):
+    """The paper-style table (strategy, accuracy, LLM-token share, LLM prefill) as text;
+    with `spread` (several seeds) accuracy and share are mean ± std."""
+    avg = {k: v["average"] for k, v in results["summary"].items()}
+    n = len(results.get("seeds") or [0])
+    lines = [
+        "| strategy | accuracy (%) | LLM tokens (%) | LLM prefill tokens | calls / answer |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in avg.items():
+        acc, share = f"{m['accuracy']:.1f}", f"{m['call_ratio']:.2f}"
+        if spread:
+            acc += f" ± {mean_std(spread[name]['accuracy'])[1]:.1f}"
+            share += f" ± {mean_std(spread[name]['call_ratio'])[1]:.2f}"
+        lines.append(
+            f"| {name} | {acc} | {share} | {m['llm_prefill_tokens']:.1f} | {m['calls']:.2f} |"
+        )
+    g = results["gap_closed"]
+    cp = results.get("call_placement") or {}
+    lines.append("")
+    gap = "n/a" if g is None else f"{100 * g:.1f}%"
+    if spread and None not in spread["gap_closed"]:
+        gap += f" ± {100 * mean_std(spread['gap_closed'])[1]:.1f} (mean ± std of {n} seeds)"
+    lines.append(f"gap closed by relay: {gap}   wall time: {wall:.0f}s")
+    if cp.get("commands"):
+        lines.append(placement_line(cp, (spread or {}).get("call_placement", ())))
+    return "\n".join(lines)
 
 
 _MARKERS = "osD^vP*Xhp<>"

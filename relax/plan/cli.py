@@ -36,7 +36,7 @@ import os
 import re
 import sys
 
-from relax.train.config import resolve_preset  # jax-free: XLA_FLAGS can still be set after
+from relax.config import apply_overrides, read_yaml, resolve_preset  # no jax: XLA_FLAGS first
 
 
 def _parser():
@@ -121,8 +121,6 @@ def mesh_overrides(doc, mesh):
 
 
 def _load(preset, overrides, mesh=None):
-    from relax.train.config import apply_overrides, read_yaml
-
     preset = resolve_preset(preset)
     doc = read_yaml(preset)
     if mesh:  # before the explicit overrides, which may refine one stage

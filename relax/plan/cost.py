@@ -98,5 +98,6 @@ def jaxpr_cost(jaxpr) -> Cost:
 
 
 def program_cost(fn, *args) -> Cost:
-    """The `Cost` of `fn(*args)` (abstract args are fine); a pmap's cost is per device."""
+    """The `Cost` of `fn(*args)` (abstract args are fine); a `shard_map`'s cost is per
+    device (its jaxpr is one device's program)."""
     return jaxpr_cost(jax.make_jaxpr(fn)(*args))

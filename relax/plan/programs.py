@@ -9,7 +9,8 @@ sequence the preset allows). Nothing is allocated.
 
 Shapes and placements follow the loops, on each stage's `mesh` (relax.mesh) over the N
 devices: the SFT and GRPO updates and the log-prob forward are the mesh update step of
-relax.train.update (params, gradients and AdamW state by the "train" rules: the model
+relax.train.update on the placements of relax.train.sharding (params, gradients and
+AdamW state by the "train" rules: the model
 width over `fsdp`, heads / MLP / vocabulary over `model`; [micro-batches, rows, ...]
 batches, rows over data x fsdp); the rollout, eval and filter queues run on the relay
 engine on `relax.mesh.relay_mesh` (`model` devices per model replica, tensor parallel by
@@ -28,8 +29,16 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from relax import mesh as mesh_lib
+from relax.config import build, from_dict, load_config
 from relax.models import Model
 from relax.models.weights import param_shardings
+from relax.train.config import FilterConfig, GRPOConfig, SFTConfig
+from relax.train.filter import QUEUE_CHUNKS, teacher_relay
+from relax.train.logprobs import make_forward_logprobs, training_model
+from relax.train.optim import make_optimizer
+from relax.train.rollout import pad_prompts
+from relax.train.sharding import batch_spec, train_shardings
+from relax.train.update import make_update_step
 
 
 @dataclasses.dataclass
@@ -42,7 +51,7 @@ class Program:
     devices: int = 1
     """Devices one call spans: an SPMD program's global costs are divided by this."""
     mesh: str = ""
-    """The mesh it runs on ("data=1 fsdp=2 model=4"), empty for a pmapped program."""
+    """The mesh it runs on ("data=1 fsdp=2 model=4")."""
 
 
 def _placed(tree, shardings):
@@ -67,9 +76,8 @@ def _train_mesh(cfg, devices):
 
 def _train_batch(mesh, cfg, rows, T, what, floats=("loss_mask",), per_row=()):
     """The update's batch: `rows` rows as [M, R, T] leaves, rows over data x fsdp
-    (`relax.train.update.shard_batch`); returns (batch, shapes note)."""
+    (`relax.train.sharding.shard_batch`); returns (batch, shapes note)."""
     from relax.mesh import ROWS, axis_size
-    from relax.train.update import batch_spec
 
     mbs = cfg.run.micro_batch_size
     shards = axis_size(mesh, ROWS)
@@ -83,8 +91,6 @@ def _train_batch(mesh, cfg, rows, T, what, floats=("loss_mask",), per_row=()):
 
 
 def _update(name, model, loss_fn, cfg, mesh, batch, shapes):
-    from relax.train.update import make_optimizer, make_update_step, train_shardings
-
     optimizer = make_optimizer(cfg.optim, 1000)
     params = model.param_shapes()
     state = train_shardings(mesh, params, optimizer)
@@ -108,14 +114,10 @@ def sft_step(model: Model, cfg, devices) -> Program:
 
 def _train_model(model, cfg):
     """The model as the training loops run it (`training_model`: remat per `run.remat`)."""
-    from relax.train.update import training_model
-
     return training_model(model, cfg.run.remat)
 
 
 def _grpo_width(cfg):
-    from relax.train.rollout import pad_prompts
-
     prompt = pad_prompts([[0] * cfg.max_prompt_len])[0].shape[1]
     return prompt, prompt + cfg.relay.max_new_tokens  # a rollout row: the padded prompt + budget
 
@@ -135,8 +137,6 @@ def grpo_update(model: Model, cfg, devices) -> Program:
 
 def grpo_logprobs(model: Model, cfg, devices) -> Program:
     """The old-policy / reference log-prob forward over a whole rollout step."""
-    from relax.train.update import make_forward_logprobs, make_optimizer, train_shardings
-
     mesh = _train_mesh(cfg, devices)
     batch, shapes = _train_batch(
         mesh, cfg, cfg.prompts_per_step * cfg.group_size, _grpo_width(cfg)[1] - 1,
@@ -232,19 +232,12 @@ def eos_pad(vocab_size: int):
 # The stages of a preset, as `relax sft`, `relax grpo`, `relax eval` and `relax filter` run them.
 
 
-def _stand_in_ids(vocab_size, prefix):
-    """Loader defaults: `eos_pad`'s ids where `relax grpo` / `relax eval` take the tokenizer's."""
-    eos, pad = eos_pad(vocab_size)
-    return {f"{prefix}.eos_ids": list(eos), f"{prefix}.pad_id": pad}
-
-
 def _eval_settings(path, vocab_size):
     """(RelayConfig, batch_size, prompt_bucket) of an eval YAML (`relax eval --config`), read by
     the loader `relax eval` uses."""
     from relax.eval.strategies import EvalConfig
-    from relax.train.config import load_config
 
-    cfg = load_config(EvalConfig, path, defaults=_stand_in_ids(vocab_size, "relay"))
+    cfg = load_config(EvalConfig, path, special_ids=eos_pad(vocab_size))
     return cfg.relay, cfg.batch_size, cfg.prompt_bucket
 
 
@@ -253,8 +246,6 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
     import jax.numpy as jnp
 
     from relax.plan.arch import resolve
-    from relax.relay.config import RelayConfig
-    from relax.train import config as config_lib
 
     out = []
     archs = {}  # path -> (arch, source): a later stage reading an earlier stage's model
@@ -280,14 +271,14 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
         return jnp.dtype(name)
 
     if doc.get("sft") is not None:
-        cfg = config_lib.from_dict(config_lib.SFTConfig, doc["sft"], "sft.")
+        cfg = from_dict(SFTConfig, doc["sft"], "sft.")
         a, src = arch(cfg.model, cfg.model_config, "sft.model")
         archs[cfg.run.output_dir] = (a, src)  # the SFT output has the SFT model's architecture
         model = Model(a, dtype=dtype(cfg.run.dtype))
         add("sft step", lambda: sft_step(model, cfg, devices), f"slm {src}")
     grpo = None
     if doc.get("grpo") is not None:
-        grpo = cfg = config_lib.from_dict(config_lib.GRPOConfig, doc["grpo"], "grpo.")
+        grpo = cfg = from_dict(GRPOConfig, doc["grpo"], "grpo.")
         sa, ssrc = arch(cfg.slm, cfg.model_config, "grpo.slm")
         la, lsrc = arch(cfg.llm, cfg.llm_config, "grpo.llm")
         slm = Model(sa, dtype=dtype(cfg.run.dtype))
@@ -298,9 +289,7 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
         r_slm = Model(sa, dtype=dtype(getattr(cfg, "rollout_dtype", "") or cfg.run.dtype))
         llm = Model(la, dtype=dtype(cfg.llm_dtype))
         # the rollouts' RelayConfig as `relax grpo` loads it, stand-ins for the tokenizer's ids
-        stand_ins = _stand_in_ids(sa.vocab_size, "relay")
-        grpo_doc = config_lib.with_defaults(doc["grpo"], stand_ins)
-        relay_cfg = config_lib.from_dict(config_lib.GRPOConfig, grpo_doc, "grpo.").relay
+        relay_cfg = build(GRPOConfig, doc["grpo"], eos_pad(sa.vocab_size)).relay
         step_rows = cfg.prompts_per_step * cfg.group_size
         rows = min(getattr(cfg, "rollout_batch_size", 0) or step_rows, step_rows)  # as grpo
         width = _grpo_width(cfg)[0]
@@ -346,16 +335,13 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
 
             add("eval relay", eval_program, f"bf16 slm {ssrc}; llm {lsrc}")
     if doc.get("filter") is not None:
-        cfg_f = config_lib.from_dict(config_lib.FilterConfig, doc["filter"], "filter.")
+        cfg_f = from_dict(FilterConfig, doc["filter"], "filter.")
         fa, fsrc = arch(cfg_f.llm, {}, "filter.llm")
         teacher = Model(fa, dtype=dtype(cfg_f.dtype))
+        # the teacher's RelayConfig as `relax filter` loads it, stand-ins for the tokenizer's ids
+        gen = teacher_relay(build(FilterConfig, doc["filter"], eos_pad(fa.vocab_size)))
 
         def filter_program():
-            from relax.train.filter import QUEUE_CHUNKS, teacher_sampling
-            from relax.train.rollout import pad_prompts
-
-            eos, pad = eos_pad(fa.vocab_size)
-            gen = RelayConfig(max_new_tokens=cfg_f.max_new_tokens, eos_ids=eos, pad_id=pad)
             p = prompt_len or (grpo.max_prompt_len if grpo else 1024)
             width = pad_prompts([[0] * p])[0].shape[1]
             return relay_program(
@@ -370,7 +356,6 @@ def build_programs(doc, devices, eval_path=None, prompt_len=None):
                 width,
                 devices,
                 cfg_f.mesh,
-                sampling=teacher_sampling(cfg_f),
                 queue=QUEUE_CHUNKS * cfg_f.batch_size * cfg_f.k,
             )
 

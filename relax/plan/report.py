@@ -71,7 +71,7 @@ def format_table(report):
             (
                 r["name"],
                 r["shapes"],
-                r.get("mesh") or "pmap",
+                r.get("mesh") or "-",
                 format_bytes(r["argument_bytes"]),
                 format_bytes(r["temp_bytes"]),
                 format_bytes(r["output_bytes"]),

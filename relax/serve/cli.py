@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 
+from relax.config import resolve_preset
 from relax.errors import ConfigError
 
 
@@ -52,7 +53,6 @@ def _parser():
 
 def build_config(args, tokenizer):
     from relax.serve.config import load
-    from relax.train.config import resolve_preset
 
     flags = {
         "slots": args.slots,

@@ -2,7 +2,7 @@
 
 `ServeConfig` is the source of truth; a preset (`--config serve`, or any YAML file of its
 keys), the command's flags and trailing `key=value` overrides fill it through the one
-loader of relax (`relax.train.config.load_config`); eos and pad ids the relay section
+loader of relax (`relax.config.load_config`); eos and pad ids the relay section
 leaves unset are the tokenizer's. The engines' shapes follow from it: every strategy's
 slots hold rows `prompt_width + relay.max_new_tokens` long, compiled once at start.
 
@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from relax.config import load_config
 from relax.errors import ConfigError
 from relax.relay.config import RelayConfig
+from relax.tokenizer import special_ids
 
 STRATEGIES = ("relay", "slm", "llm")
 """The `model` names a client may ask for: the relay (the student calling the teacher),
@@ -88,7 +90,5 @@ class ServeConfig:
 def load(preset=None, overrides=(), settings=None, tokenizer=None) -> ServeConfig:
     """ServeConfig: defaults < the tokenizer's eos / pad ids < preset < `settings` (dotted
     key -> value, None skipped: the flags) < `key=value` overrides."""
-    from relax.train.config import load_config, tokenizer_defaults
-
-    defaults = tokenizer_defaults(tokenizer, "relay") if tokenizer is not None else None
-    return load_config(ServeConfig, preset, None, overrides, settings=settings, defaults=defaults)
+    ids = special_ids(tokenizer) if tokenizer is not None else None
+    return load_config(ServeConfig, preset, None, overrides, settings=settings, special_ids=ids)

@@ -9,5 +9,9 @@ Python entry points (the CLI and ``relax demo`` call these):
 - Maths: ``relax.train.rewards`` (difficulty_aware, simple, accuracy) and
   ``relax.train.grpo`` (group_advantages, policy_loss, ...); token log-probs
   without [B, T, V] logits in ``relax.train.logprobs`` (sequence_stats).
-- Configs: ``relax.train.config`` (SFTConfig, GRPOConfig, FilterConfig; YAML presets in configs/).
+- Shared machinery: ``optim`` (AdamW and its schedule), ``sharding`` (where a run's
+  arrays live on the mesh), ``update`` (the update step), ``run`` (``TrainRun``: resume,
+  checkpoints, metrics, clean stops).
+- Configs: ``relax.train.config`` (SampleConfig, SFTConfig, FilterConfig, GRPOConfig),
+  read from the YAML presets in configs/ by ``relax.config``.
 """

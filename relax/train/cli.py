@@ -6,7 +6,9 @@
     relax filter --config configs/train-qwen3-1.7b+8b.yaml data=dapo17k.jsonl
 
 Each stage reads its section (``sample:``, ``sft:``, ``grpo:``, ``filter:``) of the
-preset; overrides use the dataclass field names of ``relax.train.config``.
+preset, read by the loader of ``relax.config``; overrides use the dataclass field names
+of ``relax.train.config``. A stage that decodes takes the eos and pad ids of its relay
+section from the tokenizer it loads, unless set.
 Data: a JSONL path, or ``synthetic:N[:seed]`` for the CPU task of
 ``relax.data.synthetic`` (its solutions serve as the SLM's responses).
 Tokenizer ``synthetic`` writes and loads that task's tokenizer. Launched in
@@ -19,13 +21,18 @@ import functools
 import json
 import os
 
+from relax import config as config_lib
 from relax import runtime
 from relax.errors import ConfigError, DataError
-from relax.train import config as config_lib
+from relax.tokenizer import special_ids
 from relax.train import distributed, interrupt
+from relax.train.config import FilterConfig, GRPOConfig, SampleConfig, SFTConfig
+from relax.train.sharding import mesh_devices
 
 
-def _parse(prog, argv, cls, section, defaults=None):
+def _parse(prog, argv, cls, section):
+    """(the stage's config, the parsed args, its merged settings: ``config_lib.build``
+    makes the config again from them once the tokenizer's eos and pad ids are known)."""
     parser = argparse.ArgumentParser(prog=f"relax {prog}", description=cls.__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML preset (path, or a name in configs/ without .yaml)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -41,10 +48,8 @@ def _parse(prog, argv, cls, section, defaults=None):
             f"presets: {', '.join(config_lib.preset_names())}",
         )
     preset = config_lib.resolve_preset(args.config) if args.config else None
-    cfg = config_lib.load_config(
-        cls, preset, section if preset else None, args.overrides, defaults=defaults
-    )
-    return cfg, args
+    data = config_lib.merge(preset, section if preset else None, args.overrides)
+    return config_lib.build(cls, data), args, data
 
 
 def prompt_fn(enable_thinking):
@@ -77,8 +82,6 @@ def check_thinking(rows, cfg):
 
 def check_training_devices(cfg):
     """run.num_devices and the mesh section must fit the visible devices (before any load)."""
-    from relax.train.update import mesh_devices
-
     runtime.check_devices(cfg.run.num_devices, "run.num_devices")
     runtime.check_mesh(cfg.mesh, mesh_devices(cfg.run.num_devices))
 
@@ -150,7 +153,7 @@ def export(model, params, tokenizer, output_dir):
 
 
 def sft(argv):
-    cfg, args = _parse("sft", argv, config_lib.SFTConfig, "sft")
+    cfg, args, _ = _parse("sft", argv, SFTConfig, "sft")
     if args.print_config:
         print(json.dumps(config_lib.to_dict(cfg), indent=2))
         return 0
@@ -186,7 +189,7 @@ def _sft(cfg, args, rows):
 
 
 def grpo(argv):
-    cfg, args = _parse("grpo", argv, config_lib.GRPOConfig, "grpo")
+    cfg, args, data = _parse("grpo", argv, GRPOConfig, "grpo")
     if args.print_config:
         print(json.dumps(config_lib.to_dict(cfg), indent=2))
         return 0
@@ -199,10 +202,10 @@ def grpo(argv):
     runtime.check_relay_mesh(cfg.mesh)  # the rollouts' mesh: mesh.model devices per replica
     with interrupt.guard(cfg.run.output_dir):  # one run per folder; SIGTERM / ^C save and stop
         record_config(cfg, cfg.run.output_dir)
-        return _grpo(cfg, args, argv, problems)
+        return _grpo(cfg, args, data, problems)
 
 
-def _grpo(cfg, args, argv, problems):
+def _grpo(cfg, args, data, problems):
     import relax
     from relax.tokenizer import check_same_tokenizer
     from relax.train.grpo_train import train_grpo
@@ -215,9 +218,7 @@ def _grpo(cfg, args, argv, problems):
         raise ConfigError("GRPO needs a tokenizer", "set tokenizer=FOLDER or slm=FOLDER")
     if cfg.llm and os.path.isdir(cfg.llm):
         check_same_tokenizer(tokenizer, cfg.llm)
-    # eos and pad ids from the tokenizer, unless the preset or an override sets them
-    cfg, _ = _parse("grpo", argv, config_lib.GRPOConfig, "grpo",
-                    config_lib.tokenizer_defaults(tokenizer, "relay"))  # fmt: skip
+    cfg = config_lib.build(GRPOConfig, data, special_ids(tokenizer))  # eos / pad unless set
     relay_cfg = cfg.relay
     rollout = make_relay_rollout(slm, llm, relay_cfg, relax.CallCommand.from_tokenizer(tokenizer))
 
@@ -254,7 +255,7 @@ def _grpo(cfg, args, argv, problems):
 
 
 def sample(argv):
-    cfg, args = _parse("sample", argv, config_lib.SampleConfig, "sample")
+    cfg, args, data = _parse("sample", argv, SampleConfig, "sample")
     if args.print_config:
         print(json.dumps(config_lib.to_dict(cfg), indent=2))
         return 0
@@ -283,6 +284,7 @@ def sample(argv):
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, os.path.dirname(cfg.output) or ".")
     if tokenizer is None:
         raise ConfigError("no tokenizer", "set tokenizer=FOLDER or model=FOLDER")
+    cfg = config_lib.build(SampleConfig, data, special_ids(tokenizer))  # eos / pad unless set
     sampled, written, skipped = sample_solutions(
         model, params, tokenizer, rows, cfg, relax.grade, progress=not args.no_progress
     )
@@ -295,7 +297,7 @@ def sample(argv):
 
 
 def filter(argv):
-    cfg, args = _parse("filter", argv, config_lib.FilterConfig, "filter")
+    cfg, args, data = _parse("filter", argv, FilterConfig, "filter")
     if args.print_config:
         print(json.dumps(config_lib.to_dict(cfg), indent=2))
         return 0
@@ -309,6 +311,7 @@ def filter(argv):
 
     llm, llm_params = load_model(cfg.llm, {}, cfg.dtype, cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.llm, os.path.dirname(cfg.output) or ".")
+    cfg = config_lib.build(FilterConfig, data, special_ids(tokenizer))  # eos / pad unless set
     rows = read_rows(cfg.data, cfg.seed)
     if cfg.limit:
         rows = rows[: cfg.limit]

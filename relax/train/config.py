@@ -1,48 +1,24 @@
-"""Typed configs and the one YAML loader of relax: training, eval and the demo.
+"""The training stages' sections: what ``relax sample``, ``sft``, ``filter`` and ``grpo`` read.
 
-The dataclasses are the source of truth: a preset in ``configs/`` may only set
-fields that exist here (or in the dataclass a caller loads: ``EvalConfig``,
-``DemoConfig``), and an override ``optim.learning_rate=1e-6`` is parsed as
-YAML and checked against the field's type. Nested sections may be frozen
-dataclasses: a ``relay:`` section *is* a ``relax.RelayConfig`` with nested
-``slm:`` / ``llm:`` ``SamplingConfig``, checked by its own ``__post_init__``
-(a bad value is a one-line ``ConfigError`` naming the key). A preset file
-holds one section per stage (``sft:``, ``filter:``, ``grpo:``); a stage reads
-its own section. eos and pad ids a relay section leaves unset come from the
-tokenizer (``tokenizer_defaults``).
+One typed dataclass per stage (``SampleConfig``, ``SFTConfig``, ``FilterConfig``,
+``GRPOConfig``) and the parts they share (``OptimConfig``, ``RunConfig``,
+``WarmupDataConfig``). A preset file holds one section per stage (``sample:``,
+``sft:``, ``filter:``, ``grpo:``); a stage reads its own, by the loader of
+``relax.config``. Every stage that decodes holds one ``relay:`` section, a
+``relax.RelayConfig`` (budget, sampling per model, eos and pad ids: the tokenizer's
+unless set).
 
 This module does not build models or optimizers; it only describes them.
 """
 
-import copy
 import dataclasses
-import importlib.resources
-import os
-import types
-import typing
-from typing import Any
 
-import yaml
-
-from relax.errors import ConfigError
+from relax.config import check, check_choice
 from relax.mesh import MeshConfig
 from relax.relay.config import RelayConfig, SamplingConfig
 
-
 DTYPES = ("float32", "bfloat16")
 """The dtypes a trained or frozen model may have (``run.dtype``, ``llm_dtype``, ``dtype``)."""
-
-
-def _check(cfg, field, ok, rule, hint=None):
-    """A ConfigError "FIELD must be RULE, got VALUE" unless ``ok``. ``from_dict`` puts the
-    section in front (``run.dtype must be ...``), so the message names the key to fix."""
-    if not ok:
-        raise ConfigError(f"{field} must be {rule}, got {getattr(cfg, field)!r}", hint)
-
-
-def _check_choice(cfg, field, choices):
-    value = getattr(cfg, field)
-    _check(cfg, field, value in choices, " or ".join(choices))
 
 
 @dataclasses.dataclass
@@ -71,15 +47,15 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self):
-        _check(self, "learning_rate", self.learning_rate > 0, "> 0")
-        _check(self, "warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)")
-        _check_choice(self, "decay", ("cosine", "linear", "constant"))
-        _check(self, "end_lr_ratio", self.end_lr_ratio >= 0, ">= 0")
-        _check(self, "weight_decay", self.weight_decay >= 0, ">= 0")
+        check(self, "learning_rate", self.learning_rate > 0, "> 0")
+        check(self, "warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)")
+        check_choice(self, "decay", ("cosine", "linear", "constant"))
+        check(self, "end_lr_ratio", self.end_lr_ratio >= 0, ">= 0")
+        check(self, "weight_decay", self.weight_decay >= 0, ">= 0")
         for b in ("b1", "b2"):
-            _check(self, b, 0 <= getattr(self, b) < 1, "in [0, 1)")
-        _check(self, "eps", self.eps >= 0, ">= 0")
-        _check(self, "grad_clip", self.grad_clip >= 0, ">= 0 (0 = no clipping)")
+            check(self, b, 0 <= getattr(self, b) < 1, "in [0, 1)")
+        check(self, "eps", self.eps >= 0, ">= 0")
+        check(self, "grad_clip", self.grad_clip >= 0, ">= 0 (0 = no clipping)")
 
 
 @dataclasses.dataclass
@@ -143,13 +119,13 @@ class RunConfig:
     kill_at_step: int = 0
 
     def __post_init__(self):
-        _check(self, "output_dir", bool(self.output_dir), "a folder")
-        _check_choice(self, "dtype", DTYPES)
-        _check(self, "num_devices", self.num_devices >= 0, ">= 0 (0 = all)")
+        check(self, "output_dir", bool(self.output_dir), "a folder")
+        check_choice(self, "dtype", DTYPES)
+        check(self, "num_devices", self.num_devices >= 0, ">= 0 (0 = all)")
         for name in ("micro_batch_size", "logprob_chunk", "keep_checkpoints"):
-            _check(self, name, getattr(self, name) >= 1, ">= 1")
+            check(self, name, getattr(self, name) >= 1, ">= 1")
         for name in ("checkpoint_every", "log_every", "kill_at_step"):
-            _check(self, name, getattr(self, name) >= 0, ">= 0 (0 = never)")
+            check(self, name, getattr(self, name) >= 0, ">= 0 (0 = never)")
 
 
 @dataclasses.dataclass
@@ -187,21 +163,21 @@ class SFTConfig:
     """The device mesh (relax.mesh): ``mesh.fsdp=8`` etc.; default all devices on data."""
 
     def __post_init__(self):
-        _check(self, "max_len", self.max_len >= 2, ">= 2 (a prompt token and a target)")
-        _check(self, "batch_size", self.batch_size >= 1, ">= 1")
+        check(self, "max_len", self.max_len >= 2, ">= 2 (a prompt token and a target)")
+        check(self, "batch_size", self.batch_size >= 1, ">= 1")
         _check_steps(self)
 
 
 def _check_steps(cfg):
     """epochs >= 1 and steps >= 0: a run that trains nothing would export its initial weights."""
-    _check(
+    check(
         cfg,
         "epochs",
         cfg.epochs >= 1,
         ">= 1",
         "a run that trains nothing exports untrained weights",
     )
-    _check(cfg, "steps", cfg.steps >= 0, ">= 0 (0 = no cap)", "steps only caps epochs x batches")
+    check(cfg, "steps", cfg.steps >= 0, ">= 0 (0 = no cap)", "steps only caps epochs x batches")
 
 
 @dataclasses.dataclass
@@ -304,13 +280,13 @@ class GRPOConfig:
     def __post_init__(self):
         # rollout_dtype is checked with the sampling settings (grpo_train.check_sampling).
         for name in ("group_size", "prompts_per_step", "mini_batch_prompts", "max_prompt_len"):
-            _check(self, name, getattr(self, name) >= 1, ">= 1")
-        _check(self, "rollout_batch_size", self.rollout_batch_size >= 0, ">= 0 (0 = all rows)")
-        _check_choice(self, "reward", ("difficulty_aware", "simple", "accuracy"))
-        _check_choice(self, "llm_dtype", DTYPES)
+            check(self, name, getattr(self, name) >= 1, ">= 1")
+        check(self, "rollout_batch_size", self.rollout_batch_size >= 0, ">= 0 (0 = all rows)")
+        check_choice(self, "reward", ("difficulty_aware", "simple", "accuracy"))
+        check_choice(self, "llm_dtype", DTYPES)
         for name in ("clip_low", "clip_high", "kl_coef"):
-            _check(self, name, getattr(self, name) >= 0, ">= 0")
-        _check(self, "dual_clip", self.dual_clip > 1, "> 1")
+            check(self, name, getattr(self, name) >= 0, ">= 0")
+        check(self, "dual_clip", self.dual_clip > 1, "> 1")
         _check_steps(self)
 
 
@@ -326,7 +302,10 @@ class FilterConfig:
       k: samples per problem (paper: 16).
       min_pass_rate: keep a problem when pass rate > this (default 0: solved at least once).
       batch_size: prompts per generate call (each expanded to k rows).
-      max_new_tokens, temperature, top_p: teacher sampling (paper: 8192, 0.7, 0.95).
+      relay: the teacher's decoding, a ``relax.RelayConfig``: ``max_new_tokens`` per
+        sample and ``llm`` the teacher's own sampling (paper: 8192, temperature 0.7,
+        top-p 0.95); eos and pad ids: the tokenizer's unless set. The teacher decodes
+        alone (no command is honoured), so the rest of the section does not apply.
       seed: sampling seed.
       limit: only the first ``limit`` problems (0 = all).
       enable_thinking: Qwen3 thinking mode in the teacher's prompts (the paper: off);
@@ -340,9 +319,11 @@ class FilterConfig:
     k: int = 16
     min_pass_rate: float = 0.0
     batch_size: int = 8
-    max_new_tokens: int = 8192
-    temperature: float = 0.7
-    top_p: float = 0.95
+    relay: RelayConfig = dataclasses.field(
+        default_factory=lambda: RelayConfig(
+            max_new_tokens=8192, llm=SamplingConfig(temperature=0.7, top_p=0.95)
+        )
+    )
     seed: int = 0
     limit: int = 0
     enable_thinking: bool = False
@@ -351,13 +332,11 @@ class FilterConfig:
     """The device mesh (relax.mesh): ``mesh.fsdp=8`` etc.; default all devices on data."""
 
     def __post_init__(self):
-        for name in ("k", "batch_size", "max_new_tokens"):
-            _check(self, name, getattr(self, name) >= 1, ">= 1")
-        _check(self, "min_pass_rate", 0 <= self.min_pass_rate < 1, "in [0, 1)")
-        _check(self, "temperature", self.temperature > 0, "> 0")
-        _check(self, "top_p", 0 < self.top_p <= 1, "in (0, 1]")
-        _check(self, "limit", self.limit >= 0, ">= 0 (0 = all)")
-        _check_choice(self, "dtype", DTYPES)
+        for name in ("k", "batch_size"):
+            check(self, name, getattr(self, name) >= 1, ">= 1")
+        check(self, "min_pass_rate", 0 <= self.min_pass_rate < 1, "in [0, 1)")
+        check(self, "limit", self.limit >= 0, ">= 0 (0 = all)")
+        check_choice(self, "dtype", DTYPES)
 
 
 @dataclasses.dataclass
@@ -373,7 +352,9 @@ class SampleConfig:
       output: JSONL of the correct solutions, {"question", "answer", "response", ...}:
         the ``data`` of ``relax sft``; ``<output>.all.jsonl`` records every problem.
       k: samples per problem.
-      max_new_tokens, temperature, top_p: the SLM's sampling.
+      relay: the SLM's decoding, a ``relax.RelayConfig``: ``max_new_tokens`` per sample
+        and ``slm`` its sampling; eos and pad ids: the tokenizer's unless set. The SLM
+        decodes alone (no command is honoured).
       batch_size: problems per generate call (each expanded to k rows).
       enable_thinking: Qwen3 thinking mode in the chat template (the paper: off).
       seed: sampling seed.
@@ -387,9 +368,11 @@ class SampleConfig:
     data: str = ""
     output: str = "runs/solutions.jsonl"
     k: int = 4
-    max_new_tokens: int = 8192
-    temperature: float = 1.0
-    top_p: float = 1.0
+    relay: RelayConfig = dataclasses.field(
+        default_factory=lambda: RelayConfig(
+            max_new_tokens=8192, slm=SamplingConfig(temperature=1.0)
+        )
+    )
     batch_size: int = 8
     enable_thinking: bool = False
     seed: int = 0
@@ -397,246 +380,8 @@ class SampleConfig:
     dtype: str = "bfloat16"
 
     def __post_init__(self):
-        for name in ("k", "batch_size", "max_new_tokens"):
-            _check(self, name, getattr(self, name) >= 1, ">= 1")
-        _check(self, "output", bool(self.output), "a JSONL path")
-        _check(self, "temperature", self.temperature > 0, "> 0")
-        _check(self, "top_p", 0 < self.top_p <= 1, "in (0, 1]")
-        _check(self, "limit", self.limit >= 0, ">= 0 (0 = all)")
-        _check_choice(self, "dtype", DTYPES)
-
-
-def _type_name(tp):
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value, tp, where):
-    """``value`` as type ``tp`` (the field's annotation), or a ConfigError naming ``where``."""
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None: None or an X
-        if value is None and type(None) in args:
-            return None
-        others = [a for a in args if a is not type(None)]
-        if len(others) == 1:
-            return _coerce(value, others[0], where)
-        return value
-    if tp is tuple or typing.get_origin(tp) is tuple:
-        item = args[0] if args else Any
-        if isinstance(value, str):  # a flag or override: "5,6" or "(5, 6)"
-            value = [yaml.safe_load(v) for v in value.strip("()[] ").split(",") if v.strip()]
-        elif isinstance(value, int) and not isinstance(value, bool):
-            value = [value]
-        if isinstance(value, (list, tuple)):
-            return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
-    if tp is bool and isinstance(value, bool):
-        return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # PyYAML reads "1e-6" (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp is str and isinstance(value, (str, int, float)) or (tp is str and value is None):
-        return "" if value is None else str(value)
-    if tp is dict and isinstance(value, dict):
-        return dict(value)
-    raise ConfigError(
-        f"{where}: expected {_type_name(tp)}, got {value!r}", f"set {where}=<{_type_name(tp)}>"
-    )
-
-
-def from_dict(cls, data, where="", base=None):
-    """Build dataclass ``cls`` from a nested dict over its defaults (or ``base``).
-
-    Nested dataclass fields (frozen ones too, e.g. ``relay: RelayConfig`` with
-    its ``slm:`` / ``llm:`` ``SamplingConfig``) are built from nested mappings
-    over their current value; tuple and ``X | None`` fields are coerced. Unknown
-    keys, wrong types and values the dataclass itself rejects (its
-    ``__post_init__`` checks) are one-line ConfigErrors naming the dotted key.
-    ``where`` is the dotted prefix of ``data`` in the preset (e.g. "grpo.").
-    """
-    base = copy.deepcopy(cls() if base is None else base)
-    if data is None:
-        return base
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{where.rstrip('.') or cls.__name__}: expected a mapping, got {data!r}",
-            f"set its fields with dotted keys, e.g. {where}FIELD=VALUE",
-        )
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - fields
-    if unknown:
-        raise ConfigError(
-            f"unknown keys {sorted(where + str(k) for k in unknown)}",
-            f"known keys{' of ' + where.rstrip('.') if where else ''}: {', '.join(sorted(fields))}",
-        )
-    values = {}
-    for name, value in data.items():
-        current = getattr(base, name)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(
-                    f"{where}{name}: expected a mapping, got {value!r}",
-                    f"set its fields with dotted keys, e.g. {where}{name}.FIELD=VALUE",
-                )
-            values[name] = from_dict(type(current), value, f"{where}{name}.", current)
-        else:
-            values[name] = _coerce(value, hints[name], f"{where}{name}")
-    try:
-        return dataclasses.replace(base, **values)
-    except ConfigError as e:  # a check of this section: its message starts with the field
-        raise ConfigError(f"{where}{e.message}", e.hint) from None
-    except (TypeError, ValueError) as e:  # the dataclass's own checks (ranges, choices)
-        raise ConfigError(f"{where.rstrip('.') or cls.__name__}: {e}") from None
-
-
-def _set_path(tree, dotted, value):
-    keys = dotted.split(".")
-    for k in keys[:-1]:
-        sub = tree.get(k)
-        if not isinstance(sub, dict):
-            sub = tree[k] = {}
-        tree = sub
-    tree[keys[-1]] = value
-
-
-def _set_default(tree, dotted, value):
-    """Set ``dotted`` in ``tree`` unless it (or a non-mapping above it) is already set."""
-    *heads, last = dotted.split(".")
-    for k in heads:
-        if k not in tree or tree[k] is None:
-            tree[k] = {}
-        if not isinstance(tree[k], dict):
-            return  # a wrong value there: from_dict reports it
-        tree = tree[k]
-    tree.setdefault(last, value)
-
-
-def with_defaults(data, defaults):
-    """A copy of the nested dict ``data`` with each dotted key of ``defaults`` set where unset."""
-    data = copy.deepcopy(data or {})
-    for key, value in defaults.items():
-        _set_default(data, key, value)
-    return data
-
-
-def tokenizer_defaults(tokenizer, *relays):
-    """Loader ``defaults``: the tokenizer's eos and pad ids (``relax.tokenizer.special_ids``)
-    for each RelayConfig section named in ``relays`` (dotted, e.g. "relay", "eval.relay");
-    a preset or override that sets them wins."""
-    from relax.tokenizer import special_ids
-
-    eos, pad = special_ids(tokenizer)
-    out = {}
-    for r in relays:
-        out[f"{r}.eos_ids"], out[f"{r}.pad_id"] = list(eos), pad
-    return out
-
-
-def load_config(cls, preset=None, section=None, overrides=(), settings=None, defaults=None):
-    """A ``cls`` config from a YAML preset (its ``section``), ``settings``, then ``key=value`` overrides.
-
-    The one loader of training, eval and demo configs. Later layers win:
-    ``cls``'s defaults, ``defaults`` (dotted key -> value: what the run
-    derives, e.g. ``tokenizer_defaults``), the preset, ``settings`` (dotted
-    key -> value, None skipped: what command-line flags set), then the
-    overrides, parsed as YAML (``steps=10`` is an int,
-    ``relay.llm.temperature=0.5`` a float). Dotted keys reach nested sections.
-    """
-    data = {}
-    if preset:
-        doc = read_yaml(preset)
-        if section is not None:
-            if section not in doc:
-                raise ConfigError(
-                    f"{preset}: no '{section}:' section", f"it has {', '.join(sorted(doc))}"
-                )
-            doc = doc[section] or {}
-        data = copy.deepcopy(doc)
-    data = with_defaults(data, defaults or {})
-    for key, value in (settings or {}).items():
-        if value is not None:
-            _set_path(data, key, value)
-    apply_overrides(data, overrides)
-    return from_dict(cls, data)
-
-
-def apply_overrides(data, overrides):
-    """Set each ``key=value`` of ``overrides`` (dotted key, value parsed as YAML) in ``data``."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value", "write KEY=VALUE")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        _set_path(data, key.strip(), value)
-    return data
-
-
-def read_yaml(path):
-    """A YAML mapping from ``path``; a missing file or a non-mapping is a ConfigError."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"no config file {path}", "pass a YAML path or a preset name")
-    try:
-        with open(path) as f:
-            doc = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML", " ".join(str(e).split())) from None
-    if doc is None:
-        return {}
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings, got {type(doc).__name__}")
-    return doc
-
-
-def preset_dir():
-    """The folder of the named presets (``relax sft --config train-tiny``, ``relax demo``).
-
-    The presets live in the repository's top-level ``configs/``. An installed wheel ships
-    them inside the package, as ``relax/configs/`` (``setup.py`` maps that folder there);
-    a source checkout (an editable install, or ``PYTHONPATH``) reads ``configs/`` beside
-    the package. The working directory never matters: a path to a YAML file is the way to
-    pass a preset of one's own.
-    """
-    installed = importlib.resources.files("relax") / "configs"
-    if installed.is_dir():
-        return str(installed)
-    return os.path.join(os.path.dirname(str(importlib.resources.files("relax"))), "configs")
-
-
-CONFIG_DIR = preset_dir()
-
-
-def preset_names(config_dir=CONFIG_DIR):
-    """The named presets (file names without ``.yaml``), sorted."""
-    if not os.path.isdir(config_dir):
-        return []
-    return sorted(f[: -len(".yaml")] for f in os.listdir(config_dir) if f.endswith(".yaml"))
-
-
-def resolve_preset(spec, config_dir=CONFIG_DIR, flag="--config"):
-    """A preset path: ``spec`` itself if it is a file, else ``config_dir/spec.yaml``; a
-    ConfigError naming ``flag`` and listing the presets otherwise."""
-    if os.path.isfile(spec):
-        return spec
-    named = os.path.join(config_dir, spec if spec.endswith(".yaml") else spec + ".yaml")
-    if os.path.isfile(named):
-        return named
-    names = preset_names(config_dir)
-    raise ConfigError(
-        f"{flag} {spec}: no such file, and no preset {spec!r}",
-        f"presets: {', '.join(names)}" if names else f"no presets found in {config_dir}",
-    )
-
-
-def to_dict(cfg):
-    """The config as a plain nested dict (for logging next to the metrics)."""
-    return dataclasses.asdict(cfg)
+        for name in ("k", "batch_size"):
+            check(self, name, getattr(self, name) >= 1, ">= 1")
+        check(self, "output", bool(self.output), "a JSONL path")
+        check(self, "limit", self.limit >= 0, ">= 0 (0 = all)")
+        check_choice(self, "dtype", DTYPES)

@@ -7,7 +7,7 @@ explicit ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
 SLURM, Open MPI), which ``RELAX_DISTRIBUTED=1`` asks for. The training mesh
 (``relax.mesh.make_mesh``) then spans the devices of every process, and each
 process feeds its own contiguous slice of every global batch to its devices
-(``relax.train.update.shard_batch``); the update's reductions run over the
+(``relax.train.sharding.shard_batch``); the update's reductions run over the
 whole mesh.
 
 It does not launch processes; the README shows the launch lines.

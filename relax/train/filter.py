@@ -1,7 +1,8 @@
 """Teacher filtering: keep the training problems the LLM solves often enough.
 
-For every problem, ``k`` samples from the LLM (``relax.generate`` with
-``sampling=`` the teacher's own settings, ``cfg.temperature`` / ``cfg.top_p``), graded with ``grade(response_text, answer)``; a problem
+For every problem, ``k`` samples from the LLM alone (``cfg.relay``: its budget, eos and
+pad ids, and ``relay.llm``, the teacher's own sampling), graded with
+``grade(response_text, answer)``; a problem
 is kept when its pass rate is above ``min_pass_rate`` (default 0: solved at
 least once in k = 16, as the paper). Every problem is written with its
 ``pass_rate`` to ``cfg.output`` (JSONL, kept rows only) and the full table to
@@ -18,6 +19,7 @@ are split over ``model`` devices (tensor parallel, placed once; see
 relax.relay.decoder) and the slots over the rest.
 """
 
+import dataclasses
 import json
 import os
 
@@ -28,15 +30,14 @@ from tqdm.auto import tqdm
 
 from relax.mesh import relay_mesh, rows_sharding
 from relax.models.model import put_served
-from relax.relay.config import RelayConfig, SamplingConfig
 from relax.relay.engine import Engine, Requests
-from relax.tokenizer import special_ids
 from relax.train.rollout import decode_responses, encode_prompts
 
 
-def teacher_sampling(cfg):
-    """The teacher's own sampling, from the FilterConfig (temperature, top_p)."""
-    return SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p)
+def teacher_relay(cfg):
+    """The RelayConfig the teacher decodes alone with: ``cfg.relay`` with its ``llm``
+    sampling on the engine's one model."""
+    return dataclasses.replace(cfg.relay, slm=cfg.relay.llm)
 
 
 QUEUE_CHUNKS = 32
@@ -45,10 +46,8 @@ QUEUE_CHUNKS = 32
 
 def pass_rates(llm, llm_params, tokenizer, problems, cfg, grade, progress=True, prompt_fn=None):
     """Pass rate of each problem over ``cfg.k`` teacher samples. Returns float [len(problems)]."""
-    eos, pad = special_ids(tokenizer)
-    gen = RelayConfig(
-        max_new_tokens=cfg.max_new_tokens, eos_ids=eos, pad_id=pad, slm=teacher_sampling(cfg)
-    )
+    gen = teacher_relay(cfg)
+    pad = gen.pad_id
     key = jax.random.key(cfg.seed)
     slots = cfg.batch_size * cfg.k
     mesh = relay_mesh(cfg.mesh, rows=slots)

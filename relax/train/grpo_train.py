@@ -53,21 +53,16 @@ from tqdm.auto import tqdm
 
 from relax.errors import ConfigError
 from relax.mesh import rows_sharding
+from relax.models.model import put_served
 from relax.models.weights import param_shardings
 from relax.train import distributed
 from relax.train.grpo import grpo_loss_from_logprobs
-from relax.train.logprobs import sequence_stats
-from relax.train.loop import TrainRun
+from relax.train.logprobs import make_forward_logprobs, sequence_stats, training_model
+from relax.train.optim import make_optimizer
 from relax.train.rollout import chunked_rollout, pad_prompts, score, train_width, training_batch
-from relax.train.update import (
-    local_rows,
-    make_forward_logprobs,
-    make_optimizer,
-    make_update_step,
-    place,
-    training_model,
-    unshard_batch,
-)
+from relax.train.run import TrainRun
+from relax.train.sharding import local_rows, place, unshard_batch
+from relax.train.update import make_update_step
 
 
 def make_grpo_loss(model, cfg):
@@ -189,7 +184,9 @@ def train_grpo(
         against ``cfg`` (``check_sampling``).
       verifier: ``verifier(response_ids, problem) -> bool``.
       encode: ``encode(problem) -> prompt ids`` (list of ints).
-      llm_params: the teacher's params (placed once on the mesh, "serve" profile).
+      llm_params: the teacher's params, placed once on the mesh by
+        ``relax.models.model.put_served`` (the "serve" rules for the rollout's ``llm``,
+        a relax ``Model``; replicated for any other rollout).
       on_step: optional ``on_step(step, metrics)`` callback.
     Metrics per step (JSONL/TensorBoard): reward, accuracy, call_rate,
     llm_token_share, response_tokens, loss, pg_loss, kl, clip_frac,
@@ -233,9 +230,8 @@ def train_grpo(
         rollout, mesh, _process_share(np.arange(local_rows_ * procs), updates_per_step)
     )
     rows_per_update = cfg.mini_batch_prompts * G // procs
-    llm = None  # the frozen teacher, placed once on the mesh
-    if llm_params is not None:
-        llm = place(llm_params, param_shardings(llm_params, mesh, "serve"))
+    # the frozen teacher, placed once on the mesh as every relay stage places it
+    llm = put_served(getattr(rollout, "llm", None), llm_params, mesh)
     bar = tqdm(total=total, initial=run.step, desc="grpo", disable=not (progress and run.main))
     while run.step < total:
         idx = _process_share(step_problems(run.step, len(problems), cfg), updates_per_step)

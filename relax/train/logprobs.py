@@ -27,11 +27,16 @@ Not done here: fused (Pallas) cross-entropy kernels; the chunk loop is plain
 XLA, which keeps it portable across CPU, GPU and TPU.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 
 from relax import ops
+from relax.models import Model
 from relax.train.grpo import token_logprobs
+from relax.train.sharding import batch_spec
 
 DEFAULT_CHUNK = 1024  # positions per LM-head chunk: [1024, 151936] f32 logits = 0.6 GB
 
@@ -110,3 +115,45 @@ def sequence_stats(
         entropy=entropy,
         argmax=argmax,
     )
+
+
+def training_model(model, remat=True):
+    """``model`` for the training forward: a ``relax.Model`` recomputing each layer in the
+    backward when ``remat`` (only the layer inputs are kept); other models as given.
+    Numerics are those of ``model``."""
+    if remat and isinstance(model, Model) and not model.remat:
+        return dataclasses.replace(model, remat=True)
+    return model
+
+
+def make_forward_logprobs(model, temperature=1.0, chunk=None, mesh=None):
+    """Jitted ``f(params, batch) -> token log-probs`` [M, R, T], no gradient.
+
+    Used for the old-policy and reference log-probs of GRPO, at the rollouts'
+    sampling ``temperature`` (log softmax(logits / T), the same function as
+    the loss: ``relax.train.logprobs.sequence_stats``, the LM head in chunks
+    of ``chunk`` positions). ``batch`` is ``shard_batch``'s layout and params
+    live where the training step keeps them; the output is sharded like the
+    batch on ``mesh`` (XLA's choice when None). Micro-batches are mapped one at a
+    time to bound memory.
+    """
+    chunk = DEFAULT_CHUNK if chunk is None else chunk
+
+    def forward(params, batch):
+        def one(mb):
+            stats = sequence_stats(
+                model,
+                params,
+                mb["inputs"],
+                mb["positions"],
+                mb["targets"],
+                temperature=temperature,
+                chunk=chunk,
+            )
+            return stats["logp"]
+
+        return jax.lax.map(one, batch)
+
+    if mesh is None:
+        return jax.jit(forward)
+    return jax.jit(forward, out_shardings=NamedSharding(mesh, batch_spec(mesh)))

@@ -106,7 +106,7 @@ def make_relay_rollout(slm, llm, relay_config, command, rows=None):
         return engine(slm_params, llm_params, requests)
 
     rollout.slm_sampling = relay_config.slm
-    rollout.llm = llm  # how `train_grpo` places the teacher's params (relax.models.put_served)
+    rollout.llm = llm  # `train_grpo` places the teacher's params for it (put_served)
     rollout.queue = True
     return rollout
 

@@ -26,23 +26,15 @@ import jax
 from tqdm.auto import tqdm
 
 from relax.errors import DataError
-from relax.relay.config import RelayConfig, SamplingConfig
-from relax.tokenizer import build_prompt, special_ids
+from relax.tokenizer import build_prompt
 from relax.train.warmup import self_solutions
 
 
 def sample_solutions(model, params, tokenizer, problems, cfg, grade, progress=True):
     """Sample, grade and append the correct solutions of ``problems`` to ``cfg.output``.
 
-    ``cfg`` is a ``SampleConfig``. Returns (problems sampled now, correct rows written
-    now, problems skipped as already done)."""
-    eos, pad = special_ids(tokenizer)
-    gen = RelayConfig(
-        max_new_tokens=cfg.max_new_tokens,
-        slm=SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p),
-        eos_ids=eos,
-        pad_id=pad,
-    )
+    ``cfg`` is a ``SampleConfig``; the SLM decodes with ``cfg.relay``. Returns (problems
+    sampled now, correct rows written now, problems skipped as already done)."""
     key = jax.random.key(cfg.seed)
     prompt_fn = functools.partial(build_prompt, enable_thinking=cfg.enable_thinking)
     done = _resume(cfg.output, problems)
@@ -54,7 +46,7 @@ def sample_solutions(model, params, tokenizer, problems, cfg, grade, progress=Tr
             continue
         chunk = [problems[i] for i in index]
         kept = self_solutions(
-            model, params, tokenizer, chunk, gen, grade, jax.random.fold_in(key, start),
+            model, params, tokenizer, chunk, cfg.relay, grade, jax.random.fold_in(key, start),
             batch_size=len(chunk), samples=cfg.k, prompt_fn=prompt_fn,
         )  # fmt: skip
         first = {}  # question -> its first index in the chunk

@@ -23,14 +23,10 @@ from tqdm.auto import tqdm
 from relax.errors import ConfigError
 from relax.train import distributed
 from relax.train.grpo import token_logprobs
-from relax.train.logprobs import DEFAULT_CHUNK, sequence_stats
-from relax.train.loop import TrainRun
-from relax.train.update import (
-    lr_schedule,
-    make_optimizer,
-    make_update_step,
-    training_model,
-)
+from relax.train.logprobs import DEFAULT_CHUNK, sequence_stats, training_model
+from relax.train.optim import lr_schedule, make_optimizer
+from relax.train.run import TrainRun
+from relax.train.update import make_update_step
 
 
 def sft_loss_from_stats(logp, predicted, targets, mask, num_tokens=None):
@@ -110,13 +106,9 @@ def pack_examples(examples, max_len, pad_id=0):
     }
 
 
-def sft_steps(num_examples, cfg):
-    """Optimizer steps: epochs x full batches, capped by ``cfg.steps`` when it is > 0."""
-    return sft_plan(num_examples, cfg)[0]
-
-
 def sft_plan(num_examples, cfg):
-    """(steps, one line saying how that number follows from the data and the config)."""
+    """(optimizer steps: epochs x full batches, capped by ``cfg.steps`` when it is > 0; one
+    line saying how that number follows from the data and the config)."""
     per_epoch = num_examples // cfg.batch_size
     if per_epoch == 0:
         raise ConfigError(

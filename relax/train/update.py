@@ -1,19 +1,9 @@
-"""The optimizer and the update step shared by SFT and GRPO, on the device mesh.
+"""The update step shared by SFT and GRPO: one optimizer step over a global batch, on the mesh.
 
-One update = one optimizer step over a global batch. Everything lives on ONE mesh
-(``relax.mesh``, axes ``data``, ``fsdp``, ``model``) built from the stage config's
-``mesh`` section, on one host or many:
-
-  params, AdamW state   NamedSharding arrays, ``relax.mesh`` "train" profile: the model
-                        width over ``fsdp`` (ZeRO-3: each device holds 1/fsdp), heads /
-                        MLP / vocabulary over ``model``; on a data-only mesh, replicated.
-  gradients             the params' shardings (constrained inside the step).
-  a batch               [M, R, ...]: M micro-batches of R rows, the rows over
-                        data x fsdp (``shard_batch``); each process feeds its share.
-
-The same arrays are what the GRPO rollouts read (a jitted cast to the rollout dtype
-and the "serve" profile) and what orbax saves: nothing converts between parallelism
-models inside a step.
+The params, the AdamW state (``relax.train.optim``) and the batch live where
+``relax.train.sharding`` puts them: params and state by the "train" rules of
+``relax.mesh``, a batch as [M, R, ...] micro-batches with the rows over data x fsdp.
+The gradients take the params' shardings (constrained inside the step).
 
 One step body (``_step_body``: micro-batch scan with summed gradients, exact
 global-token-mean loss, gradient norm, non-finite skip, optimizer) is wrapped two ways
@@ -42,109 +32,17 @@ order.
 A non-finite loss or gradient norm skips the update: params and optimizer state are
 returned unchanged and ``metrics["skipped"]`` is 1.
 
-What this module does not do: build batches (it only places them, ``shard_batch``),
-sample, or checkpoint.
+What this module does not do: build or place batches, sample, or checkpoint.
 """
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from relax import mesh as mesh_lib
 from relax.mesh import is_data_parallel
-from relax.models.weights import param_specs
-
-
-def lr_schedule(cfg, total_steps):
-    """Linear warm-up from 0 over ``warmup_ratio * total_steps``, then the decay."""
-    total_steps = max(int(total_steps), 1)
-    warmup = round(cfg.warmup_ratio * total_steps)
-    peak, end = cfg.learning_rate, cfg.learning_rate * cfg.end_lr_ratio
-    rest = max(total_steps - warmup, 1)
-    if cfg.decay == "constant":
-        after = optax.constant_schedule(peak)
-    elif cfg.decay == "cosine":
-        after = optax.cosine_decay_schedule(peak, rest, alpha=cfg.end_lr_ratio)
-    elif cfg.decay == "linear":
-        after = optax.linear_schedule(peak, end, rest)
-    else:
-        raise ValueError(f"optim.decay must be constant, cosine or linear, not {cfg.decay!r}")
-    if warmup == 0:
-        return after
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
-
-
-def make_optimizer(cfg, total_steps):
-    """AdamW (decay on matrices only, as HF trainers do) after global-norm clipping."""
-    parts = []
-    if cfg.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-    parts.append(
-        optax.adamw(
-            lr_schedule(cfg, total_steps),
-            b1=cfg.b1,
-            b2=cfg.b2,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
-        )
-    )
-    return optax.chain(*parts)
-
-
-def mesh_devices(num_devices=0):
-    """The devices a training mesh spans: each process's first ``num_devices`` local
-    devices (0 = all), in ``jax.devices()`` order."""
-    if not num_devices:
-        return jax.devices()
-    taken, out = {}, []
-    for d in jax.devices():
-        if taken.get(d.process_index, 0) < num_devices:
-            taken[d.process_index] = taken.get(d.process_index, 0) + 1
-            out.append(d)
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainState:
-    """Where a run's state lives: the mesh and the NamedShardings of params and AdamW state."""
-
-    mesh: jax.sharding.Mesh
-    params: object
-    """NamedShardings of the params (pytree like them)."""
-    opt_state: object
-    """NamedShardings of the optimizer state."""
-
-
-def train_shardings(mesh, params, optimizer):
-    """``TrainState`` of ``params`` (arrays or ShapeDtypeStructs) and ``optimizer`` on ``mesh``.
-
-    The "train" profile of ``relax.mesh`` (``relax.models.weights.param_specs``); on a
-    data-parallel mesh every leaf is replicated (and any model's params work, not only a
-    relax ``Model``'s)."""
-    specs = param_specs(params, mesh, "train")
-    opt_specs = mesh_lib.opt_state_specs(optimizer, jax.eval_shape(optimizer.init, params), specs)
-    named = lambda tree: jax.tree.map(
-        lambda s: NamedSharding(mesh, s), tree, is_leaf=lambda x: isinstance(x, PartitionSpec)
-    )
-    return TrainState(mesh, named(specs), named(opt_specs))
-
-
-def place(tree, shardings):
-    """Host arrays (the same on every process) as global arrays with ``shardings``.
-
-    Each device gets only its slice (``make_array_from_callback``), so no device
-    ever holds a whole sharded matrix."""
-
-    def one(x, s):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
-
-    return jax.tree.map(one, tree, shardings)
+from relax.train.sharding import TrainState, batch_spec
 
 
 def _tree_add(a, b):
@@ -200,11 +98,6 @@ def _step_body(loss_fn, optimizer, axes=(), grad_shardings=None):
     return step
 
 
-def batch_spec(mesh):
-    """Spec of a batch leaf [M, R, ...]: micro-batches whole, rows over data x fsdp."""
-    return PartitionSpec(None, mesh_lib.ROWS)
-
-
 def make_update_step(loss_fn, optimizer, state: TrainState):
     """``step(params, opt_state, batch) -> (params, opt_state, metrics)`` on ``state.mesh``.
 
@@ -236,118 +129,3 @@ def make_update_step(loss_fn, optimizer, state: TrainState):
         out_shardings=(state.params, state.opt_state, replicated),
         donate_argnums=(0, 1),
     )
-
-
-def local_row_shards(mesh):
-    """(row shards of the mesh, those whose rows this process feeds).
-
-    A row shard is one slice of the rows over data x fsdp (its devices along
-    ``model`` hold the same rows)."""
-    total = mesh_lib.axis_size(mesh, mesh_lib.ROWS)
-    sharding = NamedSharding(mesh, PartitionSpec(mesh_lib.ROWS))
-    starts = {idx[0].start for idx in sharding.addressable_devices_indices_map((total,)).values()}
-    return total, len(starts)
-
-
-def shard_batch(batch, mesh, micro_batch_size):
-    """This process's rows [b, ...] (host arrays) -> global arrays [M, R, ...] on ``mesh``.
-
-    Row shard d of this process gets rows [d * M * mbs, (d + 1) * M * mbs) of its
-    share, micro-batch m of them at [m * mbs, (m + 1) * mbs): the rows a pmapped
-    update gave device d. R = mbs x the mesh's row shards; each process passes only
-    its own rows (``make_array_from_process_local_data``)."""
-    total, local = local_row_shards(mesh)
-    sharding = NamedSharding(mesh, batch_spec(mesh))
-
-    def one(x):
-        x = np.asarray(x)
-        rows = x.shape[0]
-        if rows % (local * micro_batch_size):
-            raise ValueError(
-                f"{rows} rows do not split over {local} row shards x micro-batches of "
-                f"{micro_batch_size}"
-            )
-        m = rows // (local * micro_batch_size)
-        y = x.reshape(local, m, micro_batch_size, *x.shape[1:]).swapaxes(0, 1)
-        y = y.reshape(m, local * micro_batch_size, *x.shape[1:])
-        return jax.make_array_from_process_local_data(
-            sharding, y, (m, total * micro_batch_size, *x.shape[1:])
-        )
-
-    return jax.tree.map(one, batch)
-
-
-def local_rows(x, axis=0):
-    """This process's rows of a global array sharded along ``axis`` (host numpy, in order;
-    replicas along other axes counted once). A copy: the device buffer may be donated."""
-    parts = {}
-    for s in x.addressable_shards:
-        parts.setdefault(s.index[axis].start or 0, s.data)
-    return np.concatenate([np.array(parts[k]) for k in sorted(parts)], axis=axis)
-
-
-def unshard_batch(x, micro_batch_size):
-    """Inverse of ``shard_batch`` for one array: global [M, R, ...] -> this process's [b, ...]."""
-    y = local_rows(x, axis=1)
-    m, r = y.shape[:2]
-    local = r // micro_batch_size
-    y = y.reshape(m, local, micro_batch_size, *y.shape[2:]).swapaxes(0, 1)
-    return y.reshape(-1, *y.shape[3:])
-
-
-def host_copy(tree):
-    """Whole arrays on the host (every process), e.g. for export: a jitted copy onto every
-    device, then device 0's. Numpy arrays that own their memory (the params buffers are
-    donated to the next update)."""
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return tree
-    mesh = leaves[0].sharding.mesh
-    whole = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, PartitionSpec()))(tree)
-    return jax.tree.map(lambda x: np.array(x.addressable_data(0), copy=True), whole)
-
-
-def training_model(model, remat=True):
-    """``model`` for the training forward: a ``relax.Model`` recomputing each layer in the
-    backward when ``remat`` (only the layer inputs are kept); other models as given.
-    Numerics are those of ``model``."""
-    from relax.models import Model
-
-    if remat and isinstance(model, Model) and not model.remat:
-        return dataclasses.replace(model, remat=True)
-    return model
-
-
-def make_forward_logprobs(model, temperature=1.0, chunk=None, mesh=None):
-    """Jitted ``f(params, batch) -> token log-probs`` [M, R, T], no gradient.
-
-    Used for the old-policy and reference log-probs of GRPO, at the rollouts'
-    sampling ``temperature`` (log softmax(logits / T), the same function as
-    the loss: ``relax.train.logprobs.sequence_stats``, the LM head in chunks
-    of ``chunk`` positions). ``batch`` is ``shard_batch``'s layout and params
-    live where the training step keeps them; the output is sharded like the
-    batch on ``mesh`` (XLA's choice when None). Micro-batches are mapped one at a
-    time to bound memory.
-    """
-    from relax.train.logprobs import DEFAULT_CHUNK, sequence_stats
-
-    chunk = DEFAULT_CHUNK if chunk is None else chunk
-
-    def forward(params, batch):
-        def one(mb):
-            stats = sequence_stats(
-                model,
-                params,
-                mb["inputs"],
-                mb["positions"],
-                mb["targets"],
-                temperature=temperature,
-                chunk=chunk,
-            )
-            return stats["logp"]
-
-        return jax.lax.map(one, batch)
-
-    if mesh is None:
-        return jax.jit(forward)
-    return jax.jit(forward, out_shardings=NamedSharding(mesh, batch_spec(mesh)))

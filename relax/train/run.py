@@ -4,7 +4,7 @@
 (``relax.mesh.make_mesh`` over every process's devices, ``run.num_devices`` of each
 when set) and owns, on it:
 
-  params, opt_state   global NamedSharding arrays at ``update.train_shardings``: the
+  params, opt_state   global NamedSharding arrays at ``sharding.train_shardings``: the
                       "train" profile of ``relax.mesh`` (ZeRO-3 over ``fsdp``, tensor
                       parallel over ``model``), replicated on a data-only mesh. They
                       stay there for the whole run: the update donates and returns
@@ -35,7 +35,7 @@ from relax.mesh import MeshConfig, make_mesh
 from relax.train import distributed, interrupt
 from relax.train.checkpoint import Checkpointer
 from relax.train.metrics import MetricsWriter
-from relax.train.update import (
+from relax.train.sharding import (
     host_copy,
     local_row_shards,
     mesh_devices,
