@@ -48,6 +48,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
@@ -348,8 +349,6 @@ def _global_max(lengths):
     """The longest sequence of the step over all processes (their training shapes must agree)."""
     longest = np.asarray([int(np.max(lengths))], np.int64)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         longest = np.asarray(multihost_utils.process_allgather(longest))
     return int(longest.max())
 
@@ -368,8 +367,6 @@ def _rollout_metrics(sc):
         np.float64,
     )
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         sums = np.asarray(multihost_utils.process_allgather(sums)).sum(axis=0)
     reward, correct, called, llm, resp, n = sums
     return {

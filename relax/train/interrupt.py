@@ -35,6 +35,8 @@ import signal
 import threading
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from relax.errors import ConfigError
 
@@ -90,8 +92,6 @@ def stop_reason(step):
     On several processes, every process must call it at every step (from the same
     first step), and all get the same answer at the same step."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         if multihost_utils.reached_preemption_sync_point(int(step)):
             return _received or "SIGTERM"
         return None
@@ -138,9 +138,6 @@ def _lock(output_dir):
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
         who = None if holder is None else f"pid {holder}"
         if jax.process_count() > 1:
-            import numpy as np
-            from jax.experimental import multihost_utils
-
             busy = multihost_utils.process_allgather(np.asarray([holder is not None]))
             if who is None and np.any(busy):
                 who = "its lock is held against another process of this run"
