@@ -15,6 +15,7 @@ import os
 import time
 
 import numpy as np
+from tensorboardX import SummaryWriter
 
 
 class MetricsWriter:
@@ -25,8 +26,6 @@ class MetricsWriter:
         if enabled:
             os.makedirs(output_dir, exist_ok=True)
             if tensorboard:
-                from tensorboardX import SummaryWriter
-
                 self._tb = SummaryWriter(logdir=output_dir, flush_secs=30)
 
     def write(self, step, scalars):

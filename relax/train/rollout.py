@@ -25,15 +25,21 @@ text grader such as ``relax.grade(text, answer)``. Tests pass toy verifiers.
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from relax.models.model import Model
+from relax.relay.engine import Engine
+from relax.relay.inputs import Requests
+from relax.relay.layout import rows_of
+from relax.tokenizer import build_prompt
 from relax.train import grpo, rewards
 
 
 def encode_prompts(tokenizer, questions, prompt_fn=None, pad_id=None, min_width=16):
     """Right-padded prompt ids [B, P] and lengths [B] (P a power of two >= min_width)."""
     if prompt_fn is None:
-        from relax.tokenizer import build_prompt as prompt_fn
+        prompt_fn = build_prompt
     ids = [
         tokenizer(prompt_fn(tokenizer, q), add_special_tokens=False)["input_ids"] for q in questions
     ]
@@ -93,8 +99,6 @@ def make_relay_rollout(slm, llm, relay_config, command, rows=None):
     ``SamplingConfig``), which ``train_grpo`` checks against its config, ``llm``, and
     ``queue`` (it takes ``slots``: ``chunked_rollout`` gives it a step's rows at once).
     """
-    from relax.relay.engine import Engine, Requests
-    from relax.relay.layout import rows_of
 
     def rollout(slm_params, llm_params, prompts, lens, key, row_ids=None, slots=None):
         model = _in_params_dtype(slm, slm_params)
@@ -113,10 +117,6 @@ def make_relay_rollout(slm, llm, relay_config, command, rows=None):
 
 def _in_params_dtype(model, params):
     """``model`` computing in its params' floating dtype (relax.Model only; others as given)."""
-    import jax.numpy as jnp
-
-    from relax.models import Model
-
     if not isinstance(model, Model):
         return model
     dtypes = {x.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)}
