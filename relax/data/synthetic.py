@@ -75,6 +75,8 @@ import os
 import random
 import string
 
+from tokenizers import AddedToken, Tokenizer, decoders, models
+
 from relax.tokenizer import INSTRUCTION
 
 # The instruction `relax.build_prompt` appends (the paper's evaluation prompt); one token.
@@ -334,8 +336,6 @@ def task_words(task):
 def build_tokenizer(task=None):
     """The task's `tokenizers.Tokenizer`: characters + whole words + chat specials
     (+ `task_words(task)`)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models
-
     chars = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for ch in chars:

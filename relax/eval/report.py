@@ -23,6 +23,11 @@ import json
 import math
 import os
 
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import FixedLocator, FuncFormatter
+
 __all__ = [
     "markdown_report",
     "markdown_spread",
@@ -156,8 +161,6 @@ def placement_line(placement, shares=()):
 
 def mean_std(values):
     """(mean, sample std) of a list of numbers; std 0 for one value."""
-    import numpy as np
-
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
@@ -298,12 +301,7 @@ def plot(summary, path, title="Accuracy vs LLM-token share", spread=None):
     strategies sit near 1 %, the LLM at 100 %). With `spread` (see
     `markdown_spread`) each point is the mean over seeds with ±1 std bars.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, FuncFormatter
-
+    matplotlib.use("Agg")  # headless: plot() only writes PNGs
     fig, ax = plt.subplots(figsize=(8.6, 4.6), dpi=110)
     if "slm" in summary and "llm" in summary:
         a0, a1 = summary["slm"]["average"]["accuracy"], summary["llm"]["average"]["accuracy"]

@@ -18,6 +18,15 @@ This module does not train; ``relax.train.sft.train_sft`` does.
 
 import random
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from relax.relay.engine import Engine
+from relax.relay.inputs import Requests
+from relax.tokenizer import build_prompt
+from relax.train.rollout import decode_responses, encode_prompts
+
 COMMAND_PATTERN = r"<call>\s*(\d+)\s*</call>"  # docs/protocol.md, "The relay protocol" 2
 
 
@@ -66,8 +75,6 @@ def _insert_commands(text, tokenizer, rng, cfg):
 
 def chat_prompt(tokenizer, question):
     """The SLM's prompt text: ``relax.build_prompt`` (chat template, non-thinking)."""
-    from relax.tokenizer import build_prompt
-
     return build_prompt(tokenizer, question)
 
 
@@ -143,13 +150,6 @@ def self_solutions(
     runs. ``progress(done, total)`` is called as samples finish. ``prompt_fn(tokenizer,
     question) -> str`` defaults to ``chat_prompt`` (non-thinking).
     """
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from relax.relay.engine import Engine, Requests
-    from relax.train.rollout import decode_responses, encode_prompts
-
     if not problems:
         return []
     rows = [p for p in problems for _ in range(samples)]
