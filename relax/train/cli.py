@@ -21,13 +21,29 @@ import functools
 import json
 import os
 
+import jax
+import jax.numpy as jnp
+
+import relax  # only for relax.grade: tests replace it there (tests/test_pipeline.py)
 from relax import config as config_lib
 from relax import runtime
+from relax.data.loaders import read_jsonl
+from relax.data.synthetic import make_dataset, save_tokenizer
 from relax.errors import ConfigError, DataError
-from relax.tokenizer import special_ids
+from relax.mesh import relay_mesh
+from relax.models.config import ModelConfig
+from relax.models.hf import load_hf, save_hf
+from relax.models.model import Model
+from relax.relay.command import CallCommand
+from relax.tokenizer import build_prompt, check_same_tokenizer, special_ids
+from relax.tokenizer import load_tokenizer as _load_tokenizer
 from relax.train import distributed, interrupt
 from relax.train.config import FilterConfig, GRPOConfig, SampleConfig, SFTConfig
 from relax.train.sharding import mesh_devices
+
+# The stage modules (relax.train.sft, grpo_train, rollout, warmup, sample, filter) are
+# imported inside the commands that run them: `--print-config` and a config or data
+# error answer before those heavy imports (optax, the training and relay programs).
 
 
 def _parse(prog, argv, cls, section):
@@ -55,8 +71,6 @@ def _parse(prog, argv, cls, section):
 def prompt_fn(enable_thinking):
     """``prompt_fn(tokenizer, question)``: the paper's prompt (``relax.build_prompt``) in
     the stage's thinking mode."""
-    from relax.tokenizer import build_prompt
-
     return functools.partial(build_prompt, enable_thinking=enable_thinking)
 
 
@@ -94,16 +108,12 @@ def read_rows(spec, seed=0):
     if not spec:
         raise ConfigError("data is not set", "set data=FILE.jsonl or data=synthetic:N")
     if spec.startswith("synthetic:"):
-        from relax.data.synthetic import make_dataset
-
         parts = spec.split(":")
         if not 2 <= len(parts) <= 3 or not all(p.isdigit() for p in parts[1:]):
             raise ConfigError(f"data {spec}: expected synthetic:N or synthetic:N:SEED")
         rows = make_dataset(int(parts[1]), int(parts[2]) if len(parts) > 2 else seed)
         rows = [dict(r, response=r["solution"]) for r in rows]
     else:
-        from relax.data.loaders import read_jsonl
-
         rows = read_jsonl(spec, DataError)
     if not rows:
         raise DataError(f"data {spec}: no rows", "pass a JSONL file with one object per line")
@@ -113,40 +123,29 @@ def read_rows(spec, seed=0):
 def load_tokenizer(spec, output_dir):
     if not spec:
         return None
-    import relax
-
     if spec == "synthetic":
-        from relax.data.synthetic import save_tokenizer
-
         spec = save_tokenizer(os.path.join(output_dir, "tokenizer"))
-    return relax.load_tokenizer(spec)
+    return _load_tokenizer(spec)
 
 
 def load_model(path, model_config, dtype_name, seed):
     """(model, params) from an HF directory, or a random model of ``model_config``."""
-    import jax
-    import jax.numpy as jnp
-
-    import relax
-
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
     if path:
-        return relax.load_hf(path, dtype=dtype)
+        return load_hf(path, dtype=dtype)
     if not model_config:
         raise ConfigError(
             "no model: the model path is empty and no model_config is set",
             "set the model's path (an HF folder) or model_config for a random model",
         )
-    model = relax.Model(relax.ModelConfig(**model_config), dtype=dtype)
+    model = Model(ModelConfig(**model_config), dtype=dtype)
     return model, model.init_params(jax.random.key(seed))
 
 
 def export(model, params, tokenizer, output_dir):
     """``relax.save_hf`` plus the tokenizer files into ``output_dir/final``."""
-    import relax
-
     path = os.path.join(output_dir, "final")
-    relax.save_hf(model, params, path)
+    save_hf(model, params, path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
@@ -206,8 +205,6 @@ def grpo(argv):
 
 
 def _grpo(cfg, args, data, problems):
-    import relax
-    from relax.tokenizer import check_same_tokenizer
     from relax.train.grpo_train import train_grpo
     from relax.train.rollout import make_relay_rollout, text_verifier
 
@@ -220,7 +217,7 @@ def _grpo(cfg, args, data, problems):
         check_same_tokenizer(tokenizer, cfg.llm)
     cfg = config_lib.build(GRPOConfig, data, special_ids(tokenizer))  # eos / pad unless set
     relay_cfg = cfg.relay
-    rollout = make_relay_rollout(slm, llm, relay_cfg, relax.CallCommand.from_tokenizer(tokenizer))
+    rollout = make_relay_rollout(slm, llm, relay_cfg, CallCommand.from_tokenizer(tokenizer))
 
     prompt = prompt_fn(cfg.enable_thinking)
 
@@ -274,9 +271,6 @@ def sample(argv):
         )
     if cfg.limit:
         rows = rows[: cfg.limit]
-    import jax
-
-    import relax
     from relax.train.sample import sample_solutions
 
     runtime.announce(devices=jax.local_devices()[:1])  # relax.generate of host arrays: one device
@@ -302,8 +296,6 @@ def filter(argv):
         print(json.dumps(config_lib.to_dict(cfg), indent=2))
         return 0
     distributed.maybe_initialize()
-    import relax
-    from relax.mesh import relay_mesh
     from relax.train.filter import filter_problems
 
     runtime.check_relay_mesh(cfg.mesh)
