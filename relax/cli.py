@@ -19,6 +19,8 @@ import importlib
 import os
 import sys
 
+import yaml
+
 from relax.errors import RelaxError, debug_enabled, one_line
 
 # subcommand -> ("module:function", one-line help). Each function takes argv.
@@ -63,12 +65,14 @@ def main(argv=None):
     if argv[0] not in COMMANDS:
         parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}")
     target, _ = COMMANDS[argv[0]]
-    from relax import runtime  # jax: only once a command runs, so `relax --help` stays instant
+    # The only function-local imports here: jax-backed modules (and the command's module,
+    # by importlib) load once a command runs, so `relax --help` stays instant.
+    from relax import runtime
+    from relax.train.interrupt import Stopped
 
     runtime.command = argv[0]
     module_name, func_name = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    from relax.train.interrupt import Stopped
 
     try:
         return func(argv[1:]) or 0
@@ -89,8 +93,6 @@ def main(argv=None):
 
 def _user_errors():
     """Exception types that are the user's to fix (shown as one line)."""
-    import yaml
-
     return (RelaxError, OSError, yaml.YAMLError)
 
 
