@@ -28,9 +28,19 @@ import os
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+
+from relax import runtime
 from relax.config import load_config, resolve_preset
+from relax.data.benchmarks import ALIASES, BENCHMARKS
+from relax.data.loaders import load_benchmark
 from relax.errors import ConfigError
-from relax.tokenizer import special_ids
+from relax.eval.report import markdown_table, write_report
+from relax.eval.strategies import STRATEGIES, EvalConfig, evaluate, strategy_help
+from relax.mesh import relay_mesh
+from relax.models.hf import load_hf
+from relax.tokenizer import check_same_tokenizer, load_tokenizer, special_ids
 
 __all__ = ["build_config", "main", "parse_benchmarks"]
 
@@ -53,9 +63,6 @@ benchmarks (--benchmarks, comma-separated):
 
 
 def _parser():
-    from relax.data.benchmarks import ALIASES, BENCHMARKS
-    from relax.eval.strategies import STRATEGIES, strategy_help
-
     p = argparse.ArgumentParser(
         prog="relax eval",
         description=__doc__.split("\n\n")[0],
@@ -139,8 +146,6 @@ def _parser():
 def build_config(args, tokenizer):
     """EvalConfig: defaults < YAML (--config) < flags < key=value, by the one config loader
     (`relax.config.load_config`); eos and pad ids left unset are the tokenizer's."""
-    from relax.eval.strategies import EvalConfig
-
     flags = {
         "seed": args.seed,
         "batch_size": args.batch_size,
@@ -172,8 +177,6 @@ def build_config(args, tokenizer):
 
 def parse_benchmarks(spec, seed=0, limit=None, repeats=None):
     """'math500,gsm8k=FILE?question=q&answer=a' -> [Benchmark]."""
-    from relax.data.loaders import load_benchmark
-
     out = []
     for item in [s.strip() for s in spec.split(",") if s.strip()]:
         name, path, fields = item, None, None
@@ -208,16 +211,6 @@ def main(argv=None):
     # intermixed: key=value overrides may come before, between or after the options
     args = _parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     check_args(args)
-    import jax
-    import jax.numpy as jnp
-
-    from relax import runtime
-    from relax.eval.report import markdown_table, write_report
-    from relax.eval.strategies import STRATEGIES, evaluate
-    from relax.mesh import relay_mesh
-    from relax.models.hf import load_hf
-    from relax.tokenizer import check_same_tokenizer, load_tokenizer
-
     runtime.check_devices(args.devices)  # before any benchmark or weights load
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
