@@ -36,7 +36,12 @@ import os
 import re
 import sys
 
-from relax.config import apply_overrides, read_yaml, resolve_preset  # no jax: XLA_FLAGS first
+from relax.config import apply_overrides, read_yaml, resolve_preset
+from relax.plan.devices import lookup, parse_bytes
+
+# jax and every module that imports it (relax.runtime, relax.plan.arch, .programs, .report)
+# are imported inside functions, after `_set_device_count` has set XLA_FLAGS and
+# JAX_PLATFORMS for the fake CPU devices: jax reads them when it first loads.
 
 
 def _parser():
@@ -142,7 +147,6 @@ def plan_preset(
 ):
     """The report of a preset: {"preset", "devices", "device", "device_memory", "programs",
     "all_fit"}. Each program row is `measure`'s, or {"name", "error", "fits": False}."""
-    from relax.plan.devices import lookup, parse_bytes
     from relax.plan.report import measure
 
     devs = _set_device_count(devices)
