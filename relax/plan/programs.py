@@ -30,13 +30,20 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from relax import mesh as mesh_lib
 from relax.config import build, from_dict, load_config
-from relax.models import Model
+from relax.eval.strategies import EvalConfig
+from relax.models.model import Model
 from relax.models.weights import param_shardings
+from relax.plan.arch import resolve
+from relax.relay.command import CallCommand
+from relax.relay.engine import Engine
+from relax.relay.inputs import Requests
 from relax.train.config import FilterConfig, GRPOConfig, SFTConfig
 from relax.train.filter import QUEUE_CHUNKS, teacher_relay
+from relax.train.grpo_train import make_grpo_loss
 from relax.train.logprobs import make_forward_logprobs, training_model
 from relax.train.optim import make_optimizer
-from relax.train.rollout import pad_prompts
+from relax.train.rollout import make_relay_rollout, pad_prompts
+from relax.train.sft import make_sft_loss
 from relax.train.sharding import batch_spec, train_shardings
 from relax.train.update import make_update_step
 
@@ -69,18 +76,14 @@ def _split(rows, n_dev, mbs, what):
 
 def _train_mesh(cfg, devices):
     """The stage's training mesh (its `mesh` section) over `devices`."""
-    from relax.mesh import make_mesh
-
-    return make_mesh(cfg.mesh, devices)
+    return mesh_lib.make_mesh(cfg.mesh, devices)
 
 
 def _train_batch(mesh, cfg, rows, T, what, floats=("loss_mask",), per_row=()):
     """The update's batch: `rows` rows as [M, R, T] leaves, rows over data x fsdp
     (`relax.train.sharding.shard_batch`); returns (batch, shapes note)."""
-    from relax.mesh import ROWS, axis_size
-
     mbs = cfg.run.micro_batch_size
-    shards = axis_size(mesh, ROWS)
+    shards = mesh_lib.axis_size(mesh, mesh_lib.ROWS)
     m = _split(rows, shards, mbs, what)
     sh = NamedSharding(mesh, batch_spec(mesh))
     leaf = lambda dtype, *tail: jax.ShapeDtypeStruct((m, shards * mbs, *tail), dtype, sharding=sh)
@@ -104,8 +107,6 @@ def _update(name, model, loss_fn, cfg, mesh, batch, shapes):
 
 def sft_step(model: Model, cfg, devices) -> Program:
     """`relax sft`'s update on the stage's mesh: batch_size rows of max_len - 1 tokens."""
-    from relax.train.sft import make_sft_loss
-
     mesh = _train_mesh(cfg, devices)
     batch, shapes = _train_batch(mesh, cfg, cfg.batch_size, cfg.max_len - 1, "sft.batch_size")
     loss = make_sft_loss(_train_model(model, cfg), cfg.run.logprob_chunk)
@@ -124,8 +125,6 @@ def _grpo_width(cfg):
 
 def grpo_update(model: Model, cfg, devices) -> Program:
     """`relax grpo`'s update of one mini-batch (mini_batch_prompts x G rows) on its mesh."""
-    from relax.train.grpo_train import make_grpo_loss
-
     mesh = _train_mesh(cfg, devices)
     batch, shapes = _train_batch(
         mesh, cfg, cfg.mini_batch_prompts * cfg.group_size, _grpo_width(cfg)[1] - 1,
@@ -163,9 +162,6 @@ def _relay_call(slm, llm, relay_cfg, command, slots, sampling=None, rows=None):
     on the relay engine with `slots` slots (relax.relay.engine), as the loops run it: the
     rollout function of `relax grpo` (`make_relay_rollout`), or one model alone sampled
     with `sampling` when `llm` is None (eval's single-model strategies, the filter)."""
-    from relax.relay.engine import Engine, Requests
-    from relax.train.rollout import make_relay_rollout
-
     if llm is None:
         cfg = dataclasses.replace(relay_cfg, slm=sampling or relay_cfg.slm)
         engine = Engine(slm, None, cfg, None, slots=slots, rows=rows)
@@ -216,8 +212,6 @@ EVAL_QUEUE = 8
 def stand_in_command(vocab_size: int):
     """A `CallCommand` whose automaton reads `<call>n</call>` from ids 2..13, for a vocabulary
     of `vocab_size` (the relay's tables are [vocab]-sized; their values do not change shapes)."""
-    from relax.relay.command import CallCommand
-
     texts = ["[PAD]", "[EOS]", "<call>", "</call>"] + [str(d) for d in range(10)]
     return CallCommand.from_token_texts(texts + [" w"] * max(0, vocab_size - len(texts)))
 
@@ -235,18 +229,12 @@ def eos_pad(vocab_size: int):
 def _eval_settings(path, vocab_size):
     """(RelayConfig, batch_size, prompt_bucket) of an eval YAML (`relax eval --config`), read by
     the loader `relax eval` uses."""
-    from relax.eval.strategies import EvalConfig
-
     cfg = load_config(EvalConfig, path, special_ids=eos_pad(vocab_size))
     return cfg.relay, cfg.batch_size, cfg.prompt_bucket
 
 
 def build_programs(doc, devices, eval_path=None, prompt_len=None):
     """[(name, Program or None, error or None, models note)] for every stage of the preset."""
-    import jax.numpy as jnp
-
-    from relax.plan.arch import resolve
-
     out = []
     archs = {}  # path -> (arch, source): a later stage reading an earlier stage's model
 
