@@ -7,11 +7,12 @@ loop-aware FLOPs and bytes of `relax.plan.cost`; `format_table` prints the rows.
 
 import time
 
+from relax.plan.cost import program_cost
+from relax.plan.devices import format_bytes
+
 
 def measure(prog, device, memory):
     """Compile `prog` and return its row of the report."""
-    from relax.plan.cost import program_cost
-
     t = time.perf_counter()
     lowered = prog.fn.lower(*prog.args)
     compiled = lowered.compile()
@@ -44,8 +45,6 @@ def measure(prog, device, memory):
 
 
 def format_table(report):
-    from relax.plan.devices import format_bytes
-
     head = (
         "program",
         "shapes",
