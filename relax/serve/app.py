@@ -35,6 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from relax.relay.command import CallCommand
 from relax.relay.state import COMMAND, LLM, SLM
 from relax.serve import protocol
 from relax.serve.access import AccessLog
@@ -75,8 +76,6 @@ class Service:
         if not names:
             raise ValueError("no model to serve: the relay and the teacher alone need the LLM")
         if "relay" in names and command is None:
-            from relax.relay.command import CallCommand
-
             command = CallCommand.from_tokenizer(tokenizer)
         strategies = {}
         for name in names:
