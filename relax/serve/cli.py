@@ -25,8 +25,16 @@ import sys
 import threading
 import time
 
+import jax.numpy as jnp
+import uvicorn
+
+from relax import runtime
 from relax.config import resolve_preset
 from relax.errors import ConfigError
+from relax.models.hf import load_hf
+from relax.serve import config as serve_config
+from relax.serve.app import Service, create_app
+from relax.tokenizer import load_tokenizer
 
 
 def _parser():
@@ -52,8 +60,6 @@ def _parser():
 
 
 def build_config(args, tokenizer):
-    from relax.serve.config import load
-
     flags = {
         "slots": args.slots,
         "relay.max_new_tokens": args.max_new_tokens,
@@ -61,7 +67,7 @@ def build_config(args, tokenizer):
         "models": args.models,
     }
     preset = resolve_preset(args.config) if args.config else None
-    return load(preset, args.overrides, flags, tokenizer)
+    return serve_config.load(preset, args.overrides, flags, tokenizer)
 
 
 def main(argv=None):
@@ -77,13 +83,6 @@ def main(argv=None):
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    import jax.numpy as jnp
-
-    from relax import runtime
-    from relax.models.hf import load_hf
-    from relax.serve.app import Service, create_app
-    from relax.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(args.tokenizer or args.slm)
     config = build_config(args, tokenizer)
     runtime.announce()
@@ -98,7 +97,6 @@ def main(argv=None):
 def serve(app, host="127.0.0.1", port=8000, log_level="info"):
     """Runs `app` with uvicorn until SIGTERM / SIGINT, which drain it (see the docstring).
     After a SIGTERM's drain, one line and exit code 143, as the other relax commands."""
-    import uvicorn
 
     def drained(signum, frame):  # uvicorn re-raises the signal once it has shut down
         print("relax serve: drained and stopped (SIGTERM)", file=sys.stderr, flush=True)
@@ -117,8 +115,6 @@ class Background:
     then `s.url`; leaving the block drains it as SIGTERM would. `port=0`: a free port."""
 
     def __init__(self, app, host="127.0.0.1", port=0, log_level="warning"):
-        import uvicorn
-
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="relax-http", daemon=True)
