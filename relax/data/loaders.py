@@ -38,6 +38,10 @@ import os
 import random
 from typing import NamedTuple
 
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from relax.data.benchmarks import ALIASES, BENCHMARKS, BenchmarkSpec
 from relax.errors import DataError
 
@@ -137,9 +141,6 @@ def _read_local(path):
         raise BenchmarkUnavailable(f"benchmark file not found: {path}")
     ext = path.lower().rsplit(".", 1)[-1]
     if ext == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         try:
             return pq.read_table(path).to_pylist()
         except pa.ArrowException as e:  # e.g. a text file named .parquet
@@ -207,12 +208,6 @@ def _local_hint(name):
 
 def _read_hub(spec):
     try:
-        import datasets
-    except ImportError as e:  # pragma: no cover - datasets is a requirement
-        raise BenchmarkUnavailable(
-            f"the `datasets` package is needed for {spec.hf_id}. {_local_hint(spec.name)}"
-        ) from e
-    try:
         ds = datasets.load_dataset(spec.hf_id, spec.hf_config, split=spec.split)
     except Exception as e:
         raise BenchmarkUnavailable(
@@ -224,7 +219,7 @@ def _read_hub(spec):
 
 
 def _read_tfds(name, split):
-    try:
+    try:  # an optional dependency (not in requirements.txt), so imported only when asked for
         import tensorflow_datasets as tfds
     except ImportError:
         raise BenchmarkUnavailable(
