@@ -19,6 +19,8 @@ not (no network at evaluation, and a re-check can only raise scores).
 import re
 import threading
 
+from math_verify import parse, verify
+
 __all__ = ["extract_choice", "grade", "grade_choice", "last_boxed", "normalize_answer"]
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
@@ -83,8 +85,6 @@ def _is_word_answer(s):
 
 
 def _math_verify(answer, predicted):
-    from math_verify import parse, verify
-
     # math-verify's timeouts use SIGALRM, which only works on the main thread.
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
     gold = parse(f"$\\boxed{{{answer}}}$", parsing_timeout=timeout)
