@@ -35,6 +35,8 @@ import math
 
 import jax
 import numpy as np
+import optax
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXES = ("data", "fsdp", "model")
@@ -102,8 +104,6 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
     Devices are laid out by `jax.experimental.mesh_utils` so that `model` (the axis
     with the most traffic) maps to the fastest interconnect where the topology is
     known (TPU); on CPU and GPU hosts the order is the devices' own."""
-    from jax.experimental import mesh_utils
-
     devices = list(jax.devices() if devices is None else devices)
     shape = config.resolve(len(devices))
     try:
@@ -144,8 +144,6 @@ def opt_state_specs(optimizer, opt_state, params_specs):
     """Specs of an optax state `opt_state` (arrays or ShapeDtypeStructs) of `optimizer`:
     every params-shaped part (AdamW's mu, nu) takes the params' specs, the rest (step
     counts) is replicated."""
-    import optax
-
     return optax.tree_map_params(
         optimizer,
         lambda _, spec: spec,
