@@ -52,6 +52,7 @@ from relax.eval import metrics
 from relax.eval.samples import Queued, decode_samples, sample_records
 from relax.mesh import MeshConfig, relay_mesh
 from relax.models.model import put_served
+from relax.relay.command import CallCommand
 from relax.relay.config import RelayConfig
 from relax.relay.entropy_router import EntropyRouter
 from relax.tokenizer import build_prompt
@@ -254,8 +255,6 @@ def _parts(kind):
 
 
 def _command(tokenizer):
-    from relax.relay.command import CallCommand
-
     return CallCommand.from_tokenizer(tokenizer)  # a large vocabulary takes seconds
 
 
