@@ -2,7 +2,7 @@
 one before wrote: sample -> sft -> filter -> grpo -> eval, through `relax.cli.main` in this
 process at the smallest sizes (about a minute on 2 CPU cores).
 
-The tiny random models solve nothing, so `relax.grade` is replaced by a grader that accepts
+The tiny random models solve nothing, so the train CLI's `grade` is replaced by a grader that accepts
 every response: sample keeps every sample and filter every problem, which is what lets the
 next stage run (grading has its own tests, tests/test_grading.py). `relax sample`'s rerun
 skips what is done.
@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-import relax
+import relax.train.cli as train_cli
 from relax.cli import main
 from relax.train.metrics import read_metrics
 from tests.test_train_resume import MODEL
@@ -26,7 +26,7 @@ def rows(path):
 
 
 def test_sample_sft_filter_grpo_eval(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(relax, "grade", lambda response, answer, **kw: True)
+    monkeypatch.setattr(train_cli, "grade", lambda response, answer, **kw: True)
     d = str(tmp_path)
     common = ["--config", "train-tiny", "--no-progress"]
     sample = [

@@ -9,7 +9,7 @@ cache instead of compiling them again (the 2-process programs differ).
 
 The random models solve nothing and never call the LLM: every reward would be 0, every
 advantage 0, and an update nothing but weight decay, which any two runs agree on. So the
-runs grade with ``half_right`` instead of ``relax.grade`` (as tests/test_pipeline.py
+runs grade with ``half_right`` instead of ``relax.grade`` (set on ``relax.train.cli``, which calls it) (as tests/test_pipeline.py
 replaces it): about half the responses count as correct, by a hash of their text, so the
 groups' rewards differ and the updates follow real policy gradients. ``LAUNCH`` installs
 it and runs ``relax``.
@@ -36,7 +36,8 @@ from tests.test_train_resume import MODEL, ROOT, saved_params
 STEPS = 2
 LAUNCH = (
     "import sys, relax; from tests.test_train_grpo_resume import half_right; "
-    "relax.grade = half_right; from relax.cli import main; sys.exit(main(sys.argv[1:]))"
+    "import relax.train.cli; relax.train.cli.grade = half_right; from relax.cli import main; "
+    "sys.exit(main(sys.argv[1:]))"
 )
 
 

@@ -24,9 +24,9 @@ import os
 import jax
 import jax.numpy as jnp
 
-import relax  # only for relax.grade: tests replace it there (tests/test_pipeline.py)
 from relax import config as config_lib
 from relax import runtime
+from relax.data.grading import grade
 from relax.data.loaders import read_jsonl
 from relax.data.synthetic import make_dataset, save_tokenizer
 from relax.errors import ConfigError, DataError
@@ -240,7 +240,7 @@ def _grpo(cfg, args, data, problems):
         problems,
         cfg,
         rollout,
-        text_verifier(tokenizer, relax.grade),
+        text_verifier(tokenizer, grade),
         encode,
         llm_params=llm_params,
         pad_id=relay_cfg.pad_id,
@@ -280,7 +280,7 @@ def sample(argv):
         raise ConfigError("no tokenizer", "set tokenizer=FOLDER or model=FOLDER")
     cfg = config_lib.build(SampleConfig, data, special_ids(tokenizer))  # eos / pad unless set
     sampled, written, skipped = sample_solutions(
-        model, params, tokenizer, rows, cfg, relax.grade, progress=not args.no_progress
+        model, params, tokenizer, rows, cfg, grade, progress=not args.no_progress
     )
     done = f" ({skipped} done before, skipped)" if skipped else ""
     print(
@@ -309,7 +309,7 @@ def filter(argv):
         rows = rows[: cfg.limit]
     rows = [dict(r, enable_thinking=cfg.enable_thinking) for r in rows]  # recorded in the output
     kept = filter_problems(
-        llm, llm_params, tokenizer, rows, cfg, relax.grade, progress=not args.no_progress,
+        llm, llm_params, tokenizer, rows, cfg, grade, progress=not args.no_progress,
         prompt_fn=prompt_fn(cfg.enable_thinking),
     )  # fmt: skip
     print(f"kept {len(kept)} of {len(rows)} problems -> {cfg.output}")
