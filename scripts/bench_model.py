@@ -27,11 +27,11 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import best_times
 
 import relax
 from relax.models import Model, ModelConfig
 from relax.train.logprobs import sequence_stats, training_model
-from timing import best_times
 
 PRESETS = {
     # ~20M parameters: a small vocabulary keeps the embedding from dominating.

@@ -22,7 +22,7 @@ from relax.relay.config import RelayConfig, SamplingConfig
 from relax.train import logprobs, sharding
 from relax.train.config import GRPOConfig
 from relax.train.grpo_train import check_sampling, make_grpo_loss
-from relax.train.rollout import chunked_rollout, make_relay_rollout, train_width, training_batch
+from relax.train.rollout import RelayRollout, chunked_rollout, train_width, training_batch
 
 TEXTS = ["[PAD]", "[EOS]", "<call>", "1", "2", "</call>"] + [f" w{i}" for i in range(10)]
 V = len(TEXTS)
@@ -69,7 +69,7 @@ def setup():
     prompts = np.zeros((len(lens), 8), np.int32)
     for b, n in enumerate(lens):
         prompts[b, :n] = rng.randint(6, V, size=n)
-    rollout = make_relay_rollout(slm, llm, RELAY, command)
+    rollout = RelayRollout(slm, llm, command).bind(RELAY)  # rollout.func: the RelayRollout
     return slm, params, llm_params, prompts, lens, rollout
 
 
@@ -174,17 +174,12 @@ def test_grpo_rejects_truncated_or_mismatched_sampling():
             GRPOConfig(relay=RelayConfig(slm=SamplingConfig(temperature=1.0, top_p=0.95)))
         )
     with pytest.raises(ValueError, match="top_k"):
-        check_sampling(GRPOConfig(), SamplingConfig(temperature=1.0, top_k=20))
-    with pytest.raises(ValueError, match="temperature"):
-        check_sampling(GRPOConfig(), SamplingConfig(temperature=0.7))
-    with pytest.raises(ValueError, match="greedy"):
-        check_sampling(GRPOConfig(), SamplingConfig(greedy=True))
+        check_sampling(GRPOConfig(relay=RelayConfig(slm=SamplingConfig(top_k=20))))
     with pytest.raises(ValueError, match="rollout_dtype"):
         check_sampling(GRPOConfig(rollout_dtype="float16"))
     with pytest.raises(ValueError, match="greedy"):
         check_sampling(GRPOConfig(relay=RelayConfig(slm=SamplingConfig(greedy=True))))
-    seventy = GRPOConfig(relay=RelayConfig(slm=SamplingConfig(temperature=0.7)))
-    check_sampling(seventy, SamplingConfig(temperature=0.7))
+    check_sampling(GRPOConfig(relay=RelayConfig(slm=SamplingConfig(temperature=0.7))))
 
 
 def test_train_grpo_with_chunked_bf16_relay_rollouts(setup, tmp_path):
@@ -206,9 +201,10 @@ def test_train_grpo_with_chunked_bf16_relay_rollouts(setup, tmp_path):
             "run.checkpoint_every=0", f"run.output_dir={tmp_path}", "reward=accuracy",
         ],
     )  # fmt: skip
+    cfg = dataclasses.replace(cfg, relay=RELAY)  # the relay rollout samples with cfg.relay
     train_grpo(
-        slm, params, problems, cfg, rollout, lambda ids, ex: 3 in ids, lambda p: p["question"],
-        llm_params=llm_params, progress=False,
+        slm, params, problems, cfg, rollout.func, lambda ids, ex: 3 in ids,
+        lambda p: p["question"], llm_params=llm_params, progress=False,
     )  # fmt: skip
     rows = read_metrics(str(tmp_path))
     assert len(rows) == 2
@@ -239,8 +235,9 @@ def test_train_grpo_with_tensor_parallel_rollouts(setup, tmp_path):
             ],
         )  # fmt: skip
         train_grpo(
-            slm, params, problems, cfg, rollout, lambda ids, ex: 3 in ids, lambda p: p["question"],
-            llm_params=llm_params, progress=False,
+            slm, params, problems, dataclasses.replace(cfg, relay=RELAY), rollout.func,
+            lambda ids, ex: 3 in ids, lambda p: p["question"], llm_params=llm_params,
+            progress=False,
         )  # fmt: skip
         (row,) = read_metrics(str(out))
         return row

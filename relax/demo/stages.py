@@ -36,7 +36,7 @@ from relax.train import warmup
 from relax.train.config import WarmupDataConfig
 from relax.train.filter import filter_problems
 from relax.train.grpo_train import train_grpo
-from relax.train.rollout import make_relay_rollout, text_verifier
+from relax.train.rollout import RelayRollout, text_verifier
 from relax.train.sft import train_sft
 
 MODEL_DEFAULTS = {"family": "qwen3", "rope_theta": 10000.0, "tie_embeddings": True}
@@ -289,9 +289,7 @@ def train_run(st, base, run, name=None, cfg=None, seed=None):
             ),
         )
         tokenizer = base.tokenizer
-        rollout = make_relay_rollout(
-            base.slm, base.llm, relay, CallCommand.from_tokenizer(tokenizer)
-        )
+        rollout = RelayRollout(base.slm, base.llm, CallCommand.from_tokenizer(tokenizer))
         prompt_ids = {}
 
         def encode(problem):

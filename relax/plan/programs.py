@@ -160,8 +160,8 @@ def grpo_logprobs(model: Model, cfg, devices) -> Program:
 def _relay_call(slm, llm, relay_cfg, command, slots, sampling=None, rows=None):
     """`fn(slm_params, llm_params, prompts, lens, key)`: every row of `prompts` as one queue
     on the relay engine with `slots` slots (relax.relay.engine), as the loops run it: the
-    rollout function of `relax grpo` (`make_relay_rollout`), or one model alone sampled
-    with `sampling` when `llm` is None (eval's single-model strategies, the filter)."""
+    rollout of `relax grpo` (a `RelayRollout` bound to `relay_cfg`), or one model alone
+    sampled with `sampling` when `llm` is None (eval's single-model strategies, the filter)."""
     if llm is None:
         cfg = dataclasses.replace(relay_cfg, slm=sampling or relay_cfg.slm)
         engine = Engine(slm, None, cfg, None, slots=slots, rows=rows)

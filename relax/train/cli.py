@@ -206,7 +206,7 @@ def grpo(argv):
 
 def _grpo(cfg, args, data, problems):
     from relax.train.grpo_train import train_grpo
-    from relax.train.rollout import make_relay_rollout, text_verifier
+    from relax.train.rollout import RelayRollout, text_verifier
 
     slm, params = load_model(cfg.slm, cfg.model_config, cfg.run.dtype, cfg.run.seed)
     llm, llm_params = load_model(cfg.llm, cfg.llm_config, cfg.llm_dtype, cfg.run.seed + 1)
@@ -216,8 +216,7 @@ def _grpo(cfg, args, data, problems):
     if cfg.llm and os.path.isdir(cfg.llm):
         check_same_tokenizer(tokenizer, cfg.llm)
     cfg = config_lib.build(GRPOConfig, data, special_ids(tokenizer))  # eos / pad unless set
-    relay_cfg = cfg.relay
-    rollout = make_relay_rollout(slm, llm, relay_cfg, CallCommand.from_tokenizer(tokenizer))
+    rollout = RelayRollout(slm, llm, CallCommand.from_tokenizer(tokenizer))
 
     prompt = prompt_fn(cfg.enable_thinking)
 
@@ -243,7 +242,7 @@ def _grpo(cfg, args, data, problems):
         text_verifier(tokenizer, grade),
         encode,
         llm_params=llm_params,
-        pad_id=relay_cfg.pad_id,
+        pad_id=cfg.relay.pad_id,
         progress=not args.no_progress,
     )
     if cfg.run.export and distributed.is_main_process():

@@ -229,7 +229,7 @@ class GRPOConfig:
       rollout_dtype: "bfloat16" or "float32" (default; no copy on a data-parallel
         mesh): the SLM decodes from a copy of the float32 master params cast to
         this dtype (and placed by the mesh's "serve" rules) once per step, and
-        computes and caches in it (``make_relay_rollout`` builds the bfloat16
+        computes and caches in it (``RelayRollout`` builds the bfloat16
         model; a custom rollout must accept such params).
         The real presets use "bfloat16". The training forward (ratio, KL,
         loss) always uses the master params, so decode rounding never enters

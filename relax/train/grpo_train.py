@@ -60,7 +60,14 @@ from relax.train import distributed
 from relax.train.grpo import grpo_loss_from_logprobs
 from relax.train.logprobs import make_forward_logprobs, sequence_stats, training_model
 from relax.train.optim import make_optimizer
-from relax.train.rollout import chunked_rollout, pad_prompts, score, train_width, training_batch
+from relax.train.rollout import (
+    RelayRollout,
+    chunked_rollout,
+    pad_prompts,
+    score,
+    train_width,
+    training_batch,
+)
 from relax.train.run import TrainRun
 from relax.train.sharding import local_rows, place, unshard_batch
 from relax.train.update import make_update_step
@@ -93,31 +100,25 @@ def make_grpo_loss(model, cfg):
 ROLLOUT_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
-def check_sampling(cfg, sampling=None):
+def check_sampling(cfg):
     """ConfigError (a ValueError) unless the rollouts sample from softmax(logits / T) itself, T = cfg.relay.slm.temperature.
 
     The training, old-policy and reference log-probs are those of the
     tempered softmax; top-p / top-k truncate the sampling distribution, which
     these log-probs do not model (the ratio would be that of another policy
-    on the samples), and greedy rollouts have no distribution. Checked on
-    ``cfg.relay.slm`` and, when known, on ``sampling``, the SLM
-    ``SamplingConfig`` the rollout function really uses (``make_relay_rollout``
-    attaches it): its temperature must be cfg's.
+    on the samples), and greedy rollouts have no distribution. A
+    ``RelayRollout`` samples with ``cfg.relay`` itself (``train_grpo`` gives it
+    that section), so the settings checked here are the ones the rollouts use.
     """
-    for name, s in (
-        ("GRPOConfig.relay.slm", cfg.relay.slm),
-        ("the rollout's SLM sampling", sampling),
-    ):
-        if s is None:
-            continue
-        if s.greedy:
-            raise ConfigError(f"{name} is greedy: GRPO needs sampled rollouts")
-        if s.top_k or s.top_p != 1.0:
-            raise ConfigError(
-                f"{name} has top_k={s.top_k}, top_p={s.top_p}: GRPO rollouts must sample "
-                "from the full tempered softmax (top_k=0, top_p=1.0), the distribution of the "
-                "training log-probs"
-            )
+    s = cfg.relay.slm
+    if s.greedy:
+        raise ConfigError("GRPOConfig.relay.slm is greedy: GRPO needs sampled rollouts")
+    if s.top_k or s.top_p != 1.0:
+        raise ConfigError(
+            f"GRPOConfig.relay.slm has top_k={s.top_k}, top_p={s.top_p}: GRPO rollouts must "
+            "sample from the full tempered softmax (top_k=0, top_p=1.0), the distribution of "
+            "the training log-probs"
+        )
     if cfg.rollout_dtype not in ROLLOUT_DTYPES:
         raise ConfigError(
             f"GRPOConfig.rollout_dtype must be one of {sorted(ROLLOUT_DTYPES)}, "
@@ -126,12 +127,6 @@ def check_sampling(cfg, sampling=None):
     if cfg.rollout_batch_size < 0:
         raise ConfigError(
             f"GRPOConfig.rollout_batch_size must be >= 0 (0 = one call), got {cfg.rollout_batch_size}"
-        )
-    if sampling is not None and sampling.temperature != cfg.relay.slm.temperature:
-        raise ConfigError(
-            f"the rollout samples at temperature {sampling.temperature} but "
-            f"GRPOConfig.relay.slm.temperature={cfg.relay.slm.temperature}: the training "
-            "log-probs must be taken at the sampling temperature"
         )
 
 
@@ -176,13 +171,13 @@ def train_grpo(
       problems: list of dicts (``{"question", "answer"}`` or anything the
         ``encode`` and ``verifier`` understand).
       cfg: ``GRPOConfig``.
-      rollout: ``rollout(slm_params, llm_params, prompts, lens, key) -> RelayOutput``
-        (``rollout.make_relay_rollout``, or a toy for tests); when a step runs
-        in several calls (``rollout_batch_size``) it is also given
-        ``row_ids=`` (the call's global row indices; see ``relay_generate``). Its
-        SLM params arrive in ``rollout_dtype``. If it carries
-        ``slm_sampling`` (``make_relay_rollout`` does), that is checked
-        against ``cfg`` (``check_sampling``).
+      rollout: a ``relax.train.rollout.RelayRollout`` (the SLM, the LLM and the
+        command), called with ``cfg.relay``, the one copy of the relay's settings;
+        or any function ``rollout(slm_params, llm_params, prompts, lens, key) ->
+        RelayOutput`` (a toy for tests), which is also given ``row_ids=`` (the
+        call's global row indices; see ``relay_generate``) when a step runs in
+        several calls (``rollout_batch_size``) and must sample as ``cfg.relay.slm``
+        says. The SLM params arrive in ``rollout_dtype``.
       verifier: ``verifier(response_ids, problem) -> bool``.
       encode: ``encode(problem) -> prompt ids`` (list of ints).
       llm_params: the teacher's params, placed once on the mesh by
@@ -195,7 +190,10 @@ def train_grpo(
     skipped, train_width (T of the step's trimmed training arrays).
     """
     ref_params = params if ref_params is None else ref_params
-    check_sampling(cfg, getattr(rollout, "slm_sampling", None))
+    check_sampling(cfg)
+    relay = rollout if isinstance(rollout, RelayRollout) else None
+    if relay is not None:
+        rollout = relay.bind(cfg.relay)
     total, updates_per_step = grpo_schedule(len(problems), cfg)
     optimizer = make_optimizer(cfg.optim, total * updates_per_step)
     run = TrainRun(cfg.run, params, optimizer, total, mesh=cfg.mesh)
@@ -208,7 +206,7 @@ def train_grpo(
             "(data x fsdp) each"
         )
     rows_per_call = min(cfg.rollout_batch_size or local_rows_, local_rows_)
-    queue = getattr(rollout, "queue", False)  # the engine's slots need not divide the rows
+    queue = relay is not None  # the engine's slots need not divide the rows
     if (not queue and local_rows_ % rows_per_call) or rows_per_call % shards:
         raise ValueError(
             f"GRPOConfig.rollout_batch_size={cfg.rollout_batch_size} must be a multiple of "
@@ -232,7 +230,7 @@ def train_grpo(
     )
     rows_per_update = cfg.mini_batch_prompts * G // procs
     # the frozen teacher, placed once on the mesh as every relay stage places it
-    llm = put_served(getattr(rollout, "llm", None), llm_params, mesh)
+    llm = put_served(relay.llm if relay else None, llm_params, mesh)
     bar = tqdm(total=total, initial=run.step, desc="grpo", disable=not (progress and run.main))
     while run.step < total:
         idx = _process_share(step_problems(run.step, len(problems), cfg), updates_per_step)

@@ -2,11 +2,12 @@
 
 - ``encode_prompts``: right-padded prompt ids (width rounded up to a power of
   two, so few distinct shapes compile).
-- ``make_relay_rollout``: the rollout function: a step's rows as one queue on the
-  relay engine (relax.relay.engine: continuous batching on ``slots`` slots) with
-  the SLM (in its params' dtype, so a bf16 copy of the params decodes in bf16),
-  the LLM, a ``RelayConfig`` and the ``CallCommand``. Each row's tokens are those
-  of one ``relax.relay_generate`` call on all rows.
+- ``RelayRollout``: the rollout: a step's rows as one queue on the relay engine
+  (relax.relay.engine: continuous batching on ``slots`` slots) with the SLM (in
+  its params' dtype, so a bf16 copy of the params decodes in bf16), the LLM and
+  the ``CallCommand``, the ``RelayConfig`` given per call (``make_relay_rollout``
+  fixes one). Each row's tokens are those of one ``relax.relay_generate`` call on
+  all rows.
 - ``chunked_rollout``: a step's rows through a rollout function: the engine's
   queue with ``rows_per_call`` slots (only those slots' KV caches are alive), or,
   for any other rollout function, sequential calls of ``rows_per_call`` rows,
@@ -23,6 +24,7 @@ text grader such as ``relax.grade(text, answer)``. Tests pass toy verifiers.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -81,38 +83,57 @@ def text_verifier(tokenizer, grade):
     return verify
 
 
-def make_relay_rollout(slm, llm, relay_config, command, rows=None):
-    """``rollout(slm_params, llm_params, prompts, lens, key, row_ids=None, slots=None)
-    -> RelayOutput``.
+@dataclasses.dataclass(frozen=True)
+class RelayRollout:
+    """GRPO's rollout on the relay engine: the SLM, the LLM and the ``CallCommand``;
+    the relay's settings come with each call, so they live in one place (``train_grpo``
+    passes its config's ``relay`` section, ``bind`` fixes one for other callers).
 
-    The rows as one queue on the relay engine (``relax.relay.engine.Engine``, one
-    program, traceable) with ``slots`` slots (default: one per row), the SLM, the
-    LLM, ``relay_config`` and the ``CallCommand``: row b's result is that of
-    ``relax.relay_generate`` on all rows with ``row_ids`` (default 0..N-1). A
-    ``relax.Model`` SLM decodes in its params' dtype: given bfloat16 params (a cast
-    copy of the float32 master weights, see ``GRPOConfig.rollout_dtype``) it computes
-    and caches in bfloat16. ``rows``: the slots' row layout (``Engine.rows``), default
-    the prompts' own when they are a concrete row-sharded array; on a
-    ``relax.mesh.relay_mesh`` with ``model`` > 1, params placed by
-    ``relax.models.put_served`` run tensor parallel and the caches split by kv head
-    (relax.relay.decoder). The function carries ``slm_sampling`` (the SLM's
-    ``SamplingConfig``), which ``train_grpo`` checks against its config, ``llm``, and
-    ``queue`` (it takes ``slots``: ``chunked_rollout`` gives it a step's rows at once).
+    ``rollout(relay_config, slm_params, llm_params, prompts, lens, key, row_ids=None,
+    slots=None) -> RelayOutput``: the rows as one queue on the relay engine
+    (``relax.relay.engine.Engine``, one program, traceable) with ``slots`` slots
+    (default: one per row): row b's result is that of ``relax.relay_generate`` on all
+    rows with ``row_ids`` (default 0..N-1). A ``relax.Model`` SLM decodes in its
+    params' dtype: given bfloat16 params (a cast copy of the float32 master weights,
+    see ``GRPOConfig.rollout_dtype``) it computes and caches in bfloat16. ``rows``:
+    the slots' row layout (``Engine.rows``), default the prompts' own when they are a
+    concrete row-sharded array; on a ``relax.mesh.relay_mesh`` with ``model`` > 1,
+    params placed by ``relax.models.put_served`` run tensor parallel and the caches
+    split by kv head (relax.relay.decoder); ``train_grpo`` places the teacher's
+    params for ``llm`` that way.
     """
 
-    def rollout(slm_params, llm_params, prompts, lens, key, row_ids=None, slots=None):
-        model = _in_params_dtype(slm, slm_params)
-        layout = rows if rows is not None else rows_of(prompts)
+    slm: object
+    llm: object
+    command: object
+    rows: object = None
+
+    def __call__(
+        self, relay_config, slm_params, llm_params, prompts, lens, key, row_ids=None, slots=None
+    ):
+        model = _in_params_dtype(self.slm, slm_params)
+        layout = self.rows if self.rows is not None else rows_of(prompts)
         engine = Engine(
-            model, llm, relay_config, command, slots=slots or prompts.shape[0], rows=layout
-        )
+            model, self.llm, relay_config, self.command, slots=slots or prompts.shape[0],
+            rows=layout,
+        )  # fmt: skip
         requests = Requests.build(relay_config, prompts, lens, key, row_ids=row_ids)
         return engine(slm_params, llm_params, requests)
 
-    rollout.slm_sampling = relay_config.slm
-    rollout.llm = llm  # `train_grpo` places the teacher's params for it (put_served)
-    rollout.queue = True
-    return rollout
+    def bind(self, relay_config):
+        """The rollout function with ``relay_config`` fixed: ``rollout(slm_params,
+        llm_params, prompts, lens, key, row_ids=None, slots=None)``, marked ``queue``
+        (``chunked_rollout`` gives it a step's rows at once)."""
+        rollout = functools.partial(self, relay_config)
+        rollout.queue = True
+        return rollout
+
+
+def make_relay_rollout(slm, llm, relay_config, command, rows=None):
+    """``RelayRollout(slm, llm, command, rows).bind(relay_config)``: the relay rollout
+    function with its settings fixed (``relax plan``, tests); ``train_grpo`` takes the
+    ``RelayRollout`` itself and calls it with its config's relay section."""
+    return RelayRollout(slm, llm, command, rows).bind(relay_config)
 
 
 def _in_params_dtype(model, params):
@@ -128,7 +149,7 @@ def _in_params_dtype(model, params):
 def chunked_rollout(rollout, slm_params, llm_params, prompts, lens, key, rows_per_call, put=None):
     """The rollouts of [N, P] prompts, ``rows_per_call`` rows decoded at a time.
 
-    A queue rollout (``make_relay_rollout``: ``rollout.queue``) gets all N rows at
+    A queue rollout (``RelayRollout.bind``: ``rollout.queue``) gets all N rows at
     once with ``slots=rows_per_call`` (0: N): the engine refills a slot as soon as
     its row ends, and only those slots' KV caches are alive. Any other rollout is
     called on rows [c * R, (c + 1) * R) in turn, with those indices as ``row_ids``,
