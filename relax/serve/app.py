@@ -24,6 +24,7 @@ sends is a path, so no request makes the server read or write a file.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import math
@@ -86,7 +87,10 @@ class Service:
             params = (llm_params, None) if name == "llm" else (slm_params, llm_params)
             strategies[name] = Strategy(name, engine, *params)
         self.worker = Worker(strategies, config.prompt_width, config.steps_per_call,
-                             config.max_queue)  # fmt: skip
+                             config.max_queue, flush=self._flush)  # fmt: skip
+        self.loop: asyncio.AbstractEventLoop | None = None
+        """The event loop the HTTP side runs on (`start` is given it)."""
+        self._outbox = collections.deque()  # (asyncio queue, item) the engine thread emitted
         self.metrics = Metrics(self.worker)
         self.created = protocol.now()
 
@@ -94,8 +98,26 @@ class Service:
     def models(self):
         return list(self.worker.strategies)
 
-    def start(self):
+    def start(self, loop: asyncio.AbstractEventLoop):
+        """Starts the engine loop; its updates reach the requests on `loop`."""
+        self.loop = loop
         self.worker.start(warmup=self.config.warmup)
+
+    def emit(self, queue: asyncio.Queue, item):
+        """On the engine thread: `item` for `queue`, handed over at the turn's `_flush`."""
+        self._outbox.append((queue, item))
+
+    def _flush(self):
+        """On the engine thread, once a turn: the turn's updates to the event loop, at once."""
+        if self._outbox and self.loop is not None:
+            with contextlib.suppress(RuntimeError):  # the event loop has closed
+                self.loop.call_soon_threadsafe(self._hand_over)
+
+    def _hand_over(self):
+        """On the event loop: every update emitted so far into its request's queue."""
+        while self._outbox:
+            queue, item = self._outbox.popleft()
+            queue.put_nowait(item)
 
     def stop(self):
         self.metrics.draining.set(1)
@@ -212,7 +234,6 @@ class Generation:
     def __init__(self, service: Service, strategy, prompts, n, settings, arrived):
         self.service = service
         self.strategy = strategy
-        self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.arrived = arrived
         self.first_token_at = None
@@ -226,11 +247,7 @@ class Generation:
             self.rows.append(Row(strategy, ids, seed, i, emit=self._emitter(i), **settings))
 
     def _emitter(self, i):
-        def emit(item):
-            with contextlib.suppress(RuntimeError):  # the event loop has closed
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, item))
-
-        return emit
+        return lambda item: self.service.emit(self.queue, (i, item))
 
     def submit(self):
         try:
@@ -313,7 +330,7 @@ def create_app(service: Service) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        await asyncio.to_thread(service.start)
+        await asyncio.to_thread(service.start, asyncio.get_running_loop())
         yield
         await asyncio.to_thread(service.stop)
 

@@ -45,7 +45,7 @@ class ServeConfig:
     """Slots of the student-alone and teacher-alone engines (0: `slots`)."""
     prompt_width: int = 1024
     """The longest prompt in tokens (chat template included); longer ones get HTTP 400."""
-    steps_per_call: int = 8
+    steps_per_call: int = 16
     """Engine iterations per host call: tokens reach clients in steps of at most this many
     (smaller: lower latency per token, more host round trips)."""
     max_queue: int = 64

@@ -3,9 +3,16 @@
 A `relax.relay.engine.Session` is not thread-safe, so one thread (`Worker`) drives every
 strategy's session: it cancels the rows whose clients left, inserts waiting rows into
 free slots, runs `step(steps_per_call)` on each session with live rows, and hands each
-`Update` to its row's `emit` callback (which the HTTP side makes thread-safe with
-`loop.call_soon_threadsafe`). When nothing is live or waiting it sleeps on a condition.
-The HTTP side only calls `submit`, `cancel`, `stats` and `stop`, all under one lock.
+`Update` to its row's `emit` callback, then calls `flush` once per turn: the HTTP side's
+emit callbacks only queue updates, and its `flush` hands a turn's updates to the event
+loop in one `loop.call_soon_threadsafe` (one wake-up per turn, not one per row). When
+nothing is live or waiting it sleeps on a condition. The HTTP side only calls `submit`,
+`cancel`, `stats` and `stop`, all under one lock.
+
+While it runs, the process's GIL switch interval is at most `SWITCH_INTERVAL`: the engine
+thread waits on the device with the GIL released and must get it back at once when a
+step ends, or the device idles while the event loop runs (Python's default lets another
+thread keep the GIL for 5 ms, a third of a step of a small model).
 
 Admission is bounded: a strategy takes at most its slots plus `max_queue` rows; past it
 `submit` raises `Overloaded` (the server answers 429), and once `stop` is called it
@@ -23,6 +30,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +41,9 @@ import numpy as np
 from relax.relay.engine import Engine, Session, Update
 
 log = logging.getLogger("relax.serve")
+
+SWITCH_INTERVAL = 0.0005
+"""Seconds: the GIL switch interval while a worker runs (`sys.setswitchinterval`)."""
 
 
 class Overloaded(Exception):
@@ -76,8 +87,11 @@ class Row:
 class Worker:
     """Drives one `Session` per strategy on its own thread (see the module docstring)."""
 
-    def __init__(self, strategies: dict, prompt_width: int, steps_per_call: int, max_queue: int):
+    def __init__(self, strategies: dict, prompt_width: int, steps_per_call: int, max_queue: int,
+                 flush: Callable[[], None] = lambda: None):  # fmt: skip
+        """`flush`: called on the engine thread after each turn's `emit` calls."""
         self.strategies = strategies
+        self.flush = flush
         self.prompt_width = prompt_width
         self.steps_per_call = steps_per_call
         self.max_queue = max_queue
@@ -88,6 +102,7 @@ class Worker:
         self._sessions: dict[str, Session] = {}
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._switch_interval: float | None = None  # the process's, restored at the end
         self.failure: BaseException | None = None
 
     # -- the HTTP side ---------------------------------------------------------
@@ -148,6 +163,8 @@ class Worker:
                 t0 = time.perf_counter()
                 self._warm(name)
                 log.info("compiled the %s engine in %.1f s", name, time.perf_counter() - t0)
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL))
         self._thread = threading.Thread(target=self._loop, name="relax-engine", daemon=True)
         self._thread.start()
 
@@ -158,6 +175,9 @@ class Worker:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._switch_interval is not None and not self._thread.is_alive():
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
 
     # -- the engine thread -----------------------------------------------------
 
@@ -190,6 +210,7 @@ class Worker:
             for r in rows:
                 r.done = True
                 r.emit(e)
+            self.flush()
 
     def _turn(self) -> bool:
         """One turn: cancels, admissions, a step of each live session. False: stopped."""
@@ -220,6 +241,7 @@ class Worker:
                 continue
             updates = session.step(self.steps_per_call)
             self._deliver(name, updates)
+        self.flush()
         return True
 
     def _insert(self, row: Row):
