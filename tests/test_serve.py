@@ -361,6 +361,57 @@ def test_answer_text_holds_back_split_characters_and_stops():
     assert answer.completion_tokens == count("Café 🫠 ok, the end")
 
 
+def _spm_tokenizer(folder):
+    """Mistral's SentencePiece model (byte fallback) as a transformers LlamaTokenizer."""
+    import shutil
+
+    import transformers
+
+    from tests.test_command_families import mistral_data
+
+    shutil.copy(os.path.join(mistral_data(), "tokenizer.model.v1"), folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    return transformers.AutoTokenizer.from_pretrained(str(folder))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "sentencepiece"])
+def test_answer_text_decodes_incrementally_as_the_whole_answer(family, tmp_path):
+    """Fed in random runs of 1-6 tokens by random writers, a long answer's text is
+    `decode` of all its tokens (byte-level and SentencePiece spaces and bytes), its pieces
+    join to it without a broken character, and the tokens decoded along the way grow
+    linearly with the answer, not quadratically."""
+    import random
+
+    from tests.test_tokenizer import qwen3_tokenizer_dir
+
+    tok = load_tokenizer(qwen3_tokenizer_dir()) if family == "qwen3" else _spm_tokenizer(tmp_path)
+    text = " ".join(
+        ["Café 🫠 ok, the end .", "直角三角形 a² + b² = c²", "x = 3 ; y = 4 !", "don't , ok"] * 12
+    )
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    decoded = [0]
+    decode = tok.decode
+
+    def counting(token_ids, **kw):
+        decoded[0] += len(token_ids)
+        return decode(token_ids, **kw)
+
+    tok.decode = counting
+    try:
+        rng = random.Random(0)
+        answer, pieces, i = AnswerText(tok), [], 0
+        while i < len(ids):
+            n = rng.randint(1, 6)
+            sources = [rng.choice((2, 4)) for _ in ids[i : i + n]]
+            pieces += answer.feed(ids[i : i + n], sources, final=i + n >= len(ids))
+            i += n
+    finally:
+        tok.decode = decode
+    assert answer.text == decode(ids, skip_special_tokens=True) == "".join(p for p, _ in pieces)
+    assert all("\ufffd" not in p for p, _ in pieces)
+    assert decoded[0] < 12 * len(ids), (decoded[0], len(ids))  # whole-answer decoding: ~N^2/7
+
+
 def test_a_draining_worker_takes_nothing_new():
     """After `stop` (the lifespan's shutdown) a request is refused as Draining (HTTP 503)."""
     fake = Strategy("slm", type("E", (), {"slots": 1})(), None, None)

@@ -9,13 +9,16 @@ the start of a stop string. A stop string ends the answer: the text is cut where
 starts (the stop itself is not returned), and `stopped` tells the caller to cancel the
 engine's row.
 
-Why whole-answer decoding: a token's text depends on its neighbours (SentencePiece
-spaces, byte-level characters split over tokens), so each step decodes the answer so far
-and emits what it added. Each character's writer is the writer of the tokens whose
-decoding produced it.
+Decoding in context, incrementally: a token's text depends on its neighbours
+(SentencePiece spaces, byte-level characters split over tokens), so new tokens are decoded
+together with the tokens of the last settled stretch before them, and their text is what
+that window decodes to past the stretch's own text. Text settles once it ends in a whole
+character; the window then moves up. A step costs its own tokens plus one stretch, not
+the whole answer, and the text is `tokenizer.decode` of all the tokens (a decoder that
+rewrites earlier text falls back to decoding everything). Each character's writer is the
+writer of the tokens whose decoding produced it.
 
-Not done here: log-probs, and detokenizing cheaply past a few thousand tokens (each step
-decodes the whole answer: linear per step, quadratic per answer).
+Not done here: log-probs.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ class AnswerText:
         self.tokens: list[int] = []
         self.sources: list[int] = []
         self._full = ""  # the whole decoded answer so far
+        # The decoding window: tokens[_prefix:_read] is the last settled stretch, whose text
+        # ends _full[:_settled]; tokens from _read on are decoded with it as context.
+        self._prefix = self._read = self._settled = 0
         self._writer = []  # per character of _full: "slm" or "llm"
         self.text = ""
         self.spans: list[list[int]] = []  # [start, end) character spans of `text` the LLM wrote
@@ -54,6 +60,22 @@ class AnswerText:
     def _decode(self, ids):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def _decode_new(self):
+        """The whole answer's text (`decode(tokens)`), decoding only the tokens after the
+        settled stretch with that stretch as context."""
+        p, r = self._prefix, self._read
+        stretch = self._decode(self.tokens[p:r])
+        window = self._decode(self.tokens[p:])
+        if window.startswith(stretch):
+            full = self._full[: self._settled] + window[len(stretch) :]
+        else:  # the decoder rewrote the stretch's text: decode everything, settle afresh
+            full = self._decode(self.tokens)
+            self._prefix = self._read = self._settled = 0
+            r = 0
+        if not full.endswith(REPLACEMENT):  # whole characters: the window moves up
+            self._prefix, self._read, self._settled = r, len(self.tokens), len(full)
+        return full
+
     def _extend(self, tokens, sources):
         """Decode after each run of tokens of one writer; the new characters are its."""
         runs = []
@@ -66,7 +88,7 @@ class AnswerText:
         self.sources.extend(sources)
         for who, ids in runs:
             self.tokens.extend(ids)
-            full = self._decode(self.tokens)
+            full = self._decode_new()
             common = (
                 len(self._full) if full.startswith(self._full) else _common_prefix(full, self._full)
             )
